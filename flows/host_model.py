@@ -1,0 +1,111 @@
+"""The ``host_model`` flow: a checkpoint in, a verified NIM endpoint out.
+
+It reads like the recipe: download, import fine-tuned weights, compile, upload, deploy, verify.
+Each stage is a task in ``tasks/``; this module only wires them and reports.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from nimflow.records import HostingRecord
+from nimflow.spec import load_spec
+from tasks.compile import compile_engine
+from tasks.deploy import deploy_nim
+from tasks.download import download_checkpoint
+from tasks.finetune import import_finetune
+from tasks.upload import upload_engine
+from tasks.verify import verify_endpoint
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[stage] = round(time.monotonic() - started, 3)
+
+
+@flow(name="host_model", log_prints=False)
+def host_model(config_path: str, revision: str | None = None) -> dict:
+    """Host the model described by a hosting spec and return where it is served.
+
+    Args:
+        config_path: the hosting spec (YAML) on the machine that runs the flow.
+        revision: overrides ``source.revision`` (e.g. the commit a checkpoint event names).
+    """
+    spec = load_spec(config_path)
+    if revision:
+        spec = spec.model_copy(update={"source": spec.source.model_copy(update={"revision": revision})})
+    cache_dir = str(Path(spec.deploy.cache_dir).resolve())
+    timings: dict[str, float] = {}
+
+    with _timed(timings, "download"):
+        checkpoint = download_checkpoint(spec.source, cache_dir)
+    model_path, weights_identity = checkpoint.path, checkpoint.identity
+
+    if spec.finetune is not None:
+        with _timed(timings, "finetune"):
+            weights = import_finetune(spec.finetune, checkpoint, cache_dir)
+        model_path, weights_identity = weights.path, f"{checkpoint.identity}+ft:sha256:{weights.digest}"
+
+    engine = published = None
+    if spec.build is not None and spec.cache is not None:
+        with _timed(timings, "compile"):
+            engine = compile_engine(spec.build, spec.cache, model_path, weights_identity, cache_dir)
+        with _timed(timings, "upload"):
+            published = upload_engine(engine, spec.cache)
+        model_path = engine.path
+
+    labels = {"nimflow.weights": weights_identity[:200]}
+    if engine is not None:
+        labels["nimflow.engine-key"] = engine.engine_key
+    with _timed(timings, "deploy"):
+        deployment = deploy_nim(spec.deploy, spec.name, spec.container_name, model_path, labels)
+    with _timed(timings, "verify"):
+        health = verify_endpoint(deployment, spec.deploy.health_deadline_seconds, spec.deploy.completion_prompt)
+
+    record = HostingRecord(
+        name=spec.name,
+        endpoint=deployment.endpoint,
+        served_model_name=deployment.served_model_name,
+        container_id=deployment.container_id,
+        model_path=model_path,
+        revision_sha=checkpoint.revision_sha,
+        engine_key=engine.engine_key if engine else None,
+        engine_origin=engine.origin if engine else None,
+        engine_uri=published.manifest_uri if published else None,
+        downloaded_files=checkpoint.downloaded_files,
+        uploaded_files=published.uploaded_files if published else 0,
+        completion=health.completion,
+        timings=timings,
+    )
+    create_markdown_artifact(markdown=render_record(record), key=f"host-model-{spec.name}", description="Hosted endpoint")
+    get_run_logger().info("%s serves %s at %s", spec.name, record.served_model_name, record.endpoint)
+    return record.model_dump()
+
+
+def render_record(record: HostingRecord) -> str:
+    """The flow's markdown artifact: endpoint, provenance and per-stage timings."""
+    rows = [
+        ("endpoint", record.endpoint),
+        ("served model name", record.served_model_name),
+        ("container", record.container_id[:12]),
+        ("revision sha", record.revision_sha or "(local checkpoint)"),
+        ("engine key", record.engine_key or "(no engine: weights served directly)"),
+        ("engine", f"{record.engine_origin} — {record.engine_uri}" if record.engine_key else "-"),
+        ("files downloaded / uploaded", f"{record.downloaded_files} / {record.uploaded_files}"),
+        ("completion", record.completion.replace("|", "\\|")[:300]),
+    ]
+    table = "\n".join(f"| {k} | `{v}` |" if k != "completion" else f"| {k} | {v} |" for k, v in rows)
+    stages = "\n".join(f"| {stage} | {seconds:.2f} |" for stage, seconds in record.timings.items())
+    return (
+        f"# {record.name}\n\n| | |\n|---|---|\n{table}\n\n## Stage timings (s)\n\n| stage | seconds |\n|---|---|\n{stages}\n"
+    )

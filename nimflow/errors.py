@@ -1,0 +1,253 @@
+"""Every error nimflow raises, split into transient and permanent faults.
+
+This module is the single place where faults are classified. Task retry conditions ask only
+:func:`is_transient`; library exceptions (huggingface_hub, botocore, docker, httpx) are mapped
+here by :func:`classify` and turned into nimflow errors at each task's edge by
+:func:`translated_errors`.
+
+Exception tree::
+
+    NimflowError
+    ├── TransientError              retry with backoff: the same call may succeed later
+    │   ├── ServiceUnavailable      5xx, throttling, connection resets, timeouts, daemon hiccups
+    │   └── TransientBuildError     a build that failed for a reason outside the inputs (driver glitch)
+    └── PermanentError              fail at once: retrying cannot help, the message names the fix
+        ├── ConfigError             the hosting spec is invalid (carries per-field problems)
+        ├── CheckpointNotFound      repo, revision or file does not exist, or no access (gated/private)
+        ├── InvalidWeights          the checkpoint or fine-tuned weights are not what the build expects
+        ├── BuildFailed             the engine build failed deterministically (bad config, build OOM)
+        ├── EngineStoreError        the engine store refused the request (no bucket, access denied)
+        ├── DeploymentError         the container could not be started (port in use, no GPU runtime)
+        └── EndpointUnhealthy       the NIM never became ready / does not list or answer the model
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+class NimflowError(Exception):
+    """Root of every error nimflow raises on purpose."""
+
+
+class TransientError(NimflowError):
+    """A fault that may go away by itself; tasks retry these with backoff."""
+
+
+class PermanentError(NimflowError):
+    """A fault that retrying cannot fix; tasks fail at once and the message names the cause."""
+
+
+class ServiceUnavailable(TransientError):
+    """A remote service (hub, S3, Docker daemon, NIM) answered 5xx/429, timed out or reset."""
+
+
+class TransientBuildError(TransientError):
+    """An engine build failed for a reason outside its inputs (e.g. a CUDA driver glitch)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a configuration file: where it is and what is wrong."""
+
+    location: str
+    message: str
+
+
+class ConfigError(PermanentError):
+    """A hosting spec or parameter is invalid; ``problems`` lists each field and what to fix."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p.location}: {p.message}" for p in problems))
+
+
+class CheckpointNotFound(PermanentError):
+    """The repo, revision or file does not exist, or the token cannot see it (gated or private)."""
+
+
+class InvalidWeights(PermanentError):
+    """Weights are not usable for the build (an engine directory, unknown format, mismatched shapes)."""
+
+
+class BuildFailed(PermanentError):
+    """The engine build failed in a way that a retry with the same inputs would repeat."""
+
+
+class EngineStoreError(PermanentError):
+    """The engine store refused the request (missing bucket, access denied, corrupt artifact)."""
+
+
+class DeploymentError(PermanentError):
+    """The NIM container could not be created or started."""
+
+
+class EndpointUnhealthy(PermanentError):
+    """The deployed NIM did not become ready, or did not list or answer the served model."""
+
+
+# --- classification of library exceptions ------------------------------------------------------
+
+_TRANSIENT_HTTP_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_TRANSIENT_S3_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+    }
+)
+# Docker answers 500 for some deterministic refusals too; these are not daemon hiccups.
+_PERMANENT_DOCKER_MESSAGES = (
+    "port is already allocated",
+    "address already in use",
+    "could not select device driver",
+    "no such image",
+    "invalid reference format",
+    "conflict",
+    "invalid mount config",
+    "bind source path does not exist",
+)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """Yield ``exc`` and the exceptions it was raised from (cause, then context)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def classify(exc: BaseException) -> type[NimflowError] | None:
+    """Map any exception to the nimflow error class it stands for, or None if unknown.
+
+    Args:
+        exc: the exception raised by a library call or by nimflow itself.
+
+    Returns:
+        The most specific nimflow error class, or None when nothing matches (callers treat an
+        unknown exception as permanent: retrying an unknown bug only hides it).
+    """
+    for item in _chain(exc):
+        found = _classify_one(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _classify_one(exc: BaseException) -> type[NimflowError] | None:  # noqa: PLR0911, PLR0912
+    if isinstance(exc, NimflowError):
+        return type(exc)
+
+    module = type(exc).__module__ or ""
+
+    if module.startswith("huggingface_hub"):
+        from huggingface_hub import errors as hf
+
+        if isinstance(exc, (hf.RepositoryNotFoundError, hf.RevisionNotFoundError)):
+            return CheckpointNotFound  # includes GatedRepoError
+        if isinstance(exc, hf.EntryNotFoundError) and not isinstance(exc, hf.LocalEntryNotFoundError):
+            return CheckpointNotFound
+        if isinstance(exc, hf.LocalEntryNotFoundError):
+            # Raised when the hub could not be reached and nothing is cached: a network fault.
+            return ServiceUnavailable
+        if isinstance(exc, hf.HfHubHTTPError):
+            status = _http_status(exc)
+            if status is None or status in _TRANSIENT_HTTP_STATUS:
+                return ServiceUnavailable
+            return CheckpointNotFound if status in (401, 403, 404) else PermanentError
+
+    if module.startswith("botocore") or module.startswith("boto3") or module.startswith("s3transfer"):
+        from botocore import exceptions as bc
+
+        if isinstance(exc, bc.ClientError):
+            error = exc.response.get("Error", {})
+            meta = exc.response.get("ResponseMetadata", {})
+            code = str(error.get("Code", ""))
+            status = meta.get("HTTPStatusCode")
+            if code in _TRANSIENT_S3_CODES or (isinstance(status, int) and status in _TRANSIENT_HTTP_STATUS):
+                return ServiceUnavailable
+            if code.isdigit() and int(code) in _TRANSIENT_HTTP_STATUS:
+                return ServiceUnavailable
+            return EngineStoreError
+        if isinstance(exc, (bc.HTTPClientError, bc.ConnectionError)):
+            return ServiceUnavailable  # resets, timeouts, endpoint unreachable
+        if isinstance(exc, (bc.NoCredentialsError, bc.PartialCredentialsError, bc.ParamValidationError)):
+            return EngineStoreError
+
+    if module.startswith("docker"):
+        from docker import errors as de
+
+        if isinstance(exc, (de.ImageNotFound, de.NotFound)):
+            return DeploymentError
+        if isinstance(exc, de.APIError):
+            text = str(exc).lower()
+            if any(m in text for m in _PERMANENT_DOCKER_MESSAGES):
+                return DeploymentError
+            return ServiceUnavailable if exc.is_server_error() else DeploymentError
+        if isinstance(exc, de.DockerException):
+            # "Error while fetching server API version": the daemon socket is not answering.
+            return ServiceUnavailable
+
+    if module.startswith("httpx"):  # httpx, and httpx2 which huggingface_hub 2.x uses
+        import importlib
+
+        lib = importlib.import_module(module.split(".")[0])
+        if isinstance(exc, lib.TransportError):
+            return ServiceUnavailable
+        if isinstance(exc, lib.HTTPStatusError):
+            return ServiceUnavailable if exc.response.status_code in _TRANSIENT_HTTP_STATUS else None
+
+    if module.startswith("requests") or module.startswith("urllib3"):
+        import requests
+
+        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+            return ServiceUnavailable
+
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
+        return ServiceUnavailable
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the call that raised ``exc`` may succeed."""
+    found = classify(exc)
+    return found is not None and issubclass(found, TransientError)
+
+
+@contextlib.contextmanager
+def translated_errors(action: str) -> Iterator[None]:
+    """Re-raise library exceptions as nimflow errors that say what was being done.
+
+    nimflow errors pass through unchanged. Anything else becomes the class :func:`classify`
+    picks (``PermanentError`` when unknown), with ``action`` and the original message, and
+    keeps the original as ``__cause__`` for debugging.
+
+    Raises:
+        NimflowError: for every exception raised inside the block.
+    """
+    try:
+        yield
+    except NimflowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - this is the translation boundary
+        kind = classify(exc) or PermanentError
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise kind(f"{action}: {detail}") from exc

@@ -1,0 +1,71 @@
+"""The one place nimflow reads environment variables.
+
+Secrets are held as :class:`pydantic.SecretStr` so they never print; they are handed to the
+client that needs them (huggingface_hub, the NIM container) and nowhere else. AWS credentials
+and ``AWS_ENDPOINT_URL`` are left to boto3's own credential chain, which reads them itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+#: Names whose values must never reach logs, artifacts, parameters or events.
+SECRET_ENV_VARS: tuple[str, ...] = (
+    "HF_TOKEN",
+    "NGC_API_KEY",
+    "NGC_CLI_API_KEY",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process-wide settings taken from the environment."""
+
+    hf_endpoint: str | None
+    hf_token: SecretStr | None
+    ngc_api_key: SecretStr | None
+    s3_endpoint_url: str | None
+    max_retries: int
+    retry_delay_seconds: float
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Read settings from ``environ`` (default: ``os.environ``)."""
+        env = os.environ if environ is None else environ
+
+        def secret(*names: str) -> SecretStr | None:
+            for name in names:
+                if env.get(name):
+                    return SecretStr(env[name])
+            return None
+
+        return cls(
+            hf_endpoint=env.get("HF_ENDPOINT") or None,
+            hf_token=secret("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+            ngc_api_key=secret("NGC_CLI_API_KEY", "NGC_API_KEY"),  # NIM: NGC_CLI_API_KEY wins
+            s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            max_retries=int(env.get("NIMFLOW_MAX_RETRIES", "3")),
+            retry_delay_seconds=float(env.get("NIMFLOW_RETRY_DELAY_SECONDS", "2")),
+        )
+
+
+def get_settings() -> Settings:
+    """Settings for this call. Read on each call (cheap) so a test or a worker can change the env."""
+    return Settings.from_env()
+
+
+def secret_values(environ: dict[str, str] | None = None) -> list[str]:
+    """The values of every secret env var that is set, for redaction checks."""
+    env = os.environ if environ is None else environ
+    return [env[name] for name in SECRET_ENV_VARS if env.get(name)]
+
+
+def default_cache_dir() -> Path:
+    """Where nimflow keeps checkpoints and engines when the spec does not say (``NIMFLOW_CACHE_DIR``)."""
+    return Path(os.environ.get("NIMFLOW_CACHE_DIR", "~/.cache/nimflow")).expanduser()

@@ -1,0 +1,307 @@
+"""The hosting spec: one YAML file per hosted model, loaded into one pydantic model.
+
+``load_spec(path)`` is the only way configs enter nimflow. Every problem is reported as
+``CONFIG: field.path: message`` through :class:`nimflow.errors.ConfigError`, never as a traceback.
+Relative paths in a spec are resolved against the directory of the spec file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nimflow.errors import ConfigError, Problem
+from nimflow.settings import SECRET_ENV_VARS
+
+#: Where NIM looks for its cache inside the container; the deploy cache dir is mounted here.
+NIM_CACHE_MOUNT = "/opt/nim/.cache"
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?\s*([kmgt]i?b?)?$", re.IGNORECASE)
+# Set by nimflow from the spec: letting `deploy.env` override them would silently fork the truth.
+_RESERVED_ENV = ("NIM_MODEL_NAME", "NIM_SERVED_MODEL_NAME", "NIM_CACHE_PATH", "NIM_FT_MODEL")
+
+
+
+def _gpu_ids(value: Any) -> list[int] | Literal["all"] | None:
+    """Accept `[4, 5]`, `"4,5"`, `"device=4,5"` (the docker CLI form), `all`, or nothing."""
+    if value is None or value == "all" or value == []:
+        return value or None
+    if isinstance(value, str):
+        text = value.strip().strip("'\"").removeprefix("device=")
+        value = [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, list) and all(str(v).isdigit() for v in value):
+        ids = [int(v) for v in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"GPU ids must not repeat: {ids}")
+        return ids
+    raise ValueError(f"{value!r} is not a GPU selection; use a list of ids like [4, 5, 6, 7], 'all', or leave it out")
+
+
+GpuIds = Annotated[list[int] | Literal["all"] | None, BeforeValidator(_gpu_ids)]
+
+
+class _Spec(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Spec):
+    """Where the base checkpoint comes from: a Hugging Face repo or a local directory."""
+
+    repo_id: str | None = Field(None, description="Hugging Face repo id, e.g. `meta-llama/Llama-3.2-1B-Instruct`.")
+    revision: str = Field("main", description="Branch, tag or commit sha; resolved to a sha and recorded.")
+    allow_patterns: list[str] | None = Field(
+        None, description="Only download files matching these glob patterns (all files when absent)."
+    )
+    local_dir: Path | None = Field(None, description="A local Hugging Face-style checkpoint directory instead of a repo.")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id_shape(cls, value: str | None) -> str | None:
+        if value is not None and not _REPO_ID.match(value):
+            raise ValueError(f"{value!r} is not a repo id; expected 'org/name', e.g. 'meta-llama/Llama-3.2-1B-Instruct'")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SourceSpec:
+        if (self.repo_id is None) == (self.local_dir is None):
+            raise ValueError("set exactly one of `repo_id` (Hugging Face) or `local_dir` (a local checkpoint)")
+        return self
+
+
+class FinetuneSpec(_Spec):
+    """Fine-tuned weights to serve (or build) instead of the base checkpoint's weights."""
+
+    path: str = Field(description="A local directory or an `s3://bucket/prefix` holding safetensors/bin weights.")
+    endpoint_url: str | None = Field(None, description="S3 endpoint for an `s3://` path (MinIO, a test server).")
+
+    @field_validator("path")
+    @classmethod
+    def _path_shape(cls, value: str) -> str:
+        if value.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", value):
+            raise ValueError(f"{value!r} is not a valid s3:// URI; expected s3://bucket/prefix")
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class BuildSpec(_Spec):
+    """How to compile the TensorRT-LLM engine. Absent: serve the weights without an engine."""
+
+    backend: Literal["nim-jit", "nim-optimize"] = Field(
+        description="`nim-jit`: NIM builds at start-up from NIM_FT_MODEL (NIM >= 1.8); "
+        "`nim-optimize`: run `nim-optimize` with a build config rendered from this spec."
+    )
+    image: str = Field(description="The NIM 1.x image that runs the build (engines only exist in NIM 1.x).")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Engine precision.")
+    tp_size: int = Field(1, ge=1, le=64, description="Tensor-parallel size: one rank file per GPU.")
+    pp_size: int = Field(1, ge=1, le=64, description="Pipeline-parallel size.")
+    max_seq_len: int = Field(8192, ge=1, description="Longest sequence (prompt + output) the engine accepts.")
+    max_batch_size: int = Field(64, ge=1, description="Largest batch the engine is built for.")
+    max_num_tokens: int = Field(8192, ge=1, description="Tokens per forward pass; bounds the build's GPU workspace.")
+    gpus: GpuIds = Field(None, description="GPU ids for the build container, `all`, or none (CPU-only hosts).")
+    shm_size: str = Field("16g", description="Shared memory for the build container.")
+    timeout_seconds: float = Field(7200, gt=0, description="Give up on a build that takes longer than this.")
+
+    @field_validator("shm_size")
+    @classmethod
+    def _shm(cls, value: str) -> str:
+        return _check_size(value)
+
+    @model_validator(mode="after")
+    def _limits(self) -> BuildSpec:
+        if self.max_num_tokens > self.max_batch_size * self.max_seq_len:
+            raise ValueError(
+                f"max_num_tokens ({self.max_num_tokens}) must be <= max_batch_size x max_seq_len "
+                f"({self.max_batch_size * self.max_seq_len})"
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Number of engine rank files (and serving GPUs): tp x pp."""
+        return self.tp_size * self.pp_size
+
+
+class CacheSpec(_Spec):
+    """The engine store shared by every host: engines are built once and published here."""
+
+    uri: str = Field(description="`s3://bucket/prefix` under which engines are stored by engine key.")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, a test server); AWS when absent.")
+    region: str | None = Field(None, description="S3 region; boto3's default chain when absent.")
+    max_concurrency: int = Field(8, ge=1, le=64, description="Parallel part uploads/downloads per file.")
+    multipart_chunk_mib: int = Field(64, ge=5, le=5120, description="Multipart part size in MiB.")
+
+    @field_validator("uri")
+    @classmethod
+    def _s3_uri(cls, value: str) -> str:
+        if not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^/].*)?/?$", value):
+            raise ValueError(f"{value!r} is not an S3 URI; expected s3://bucket or s3://bucket/prefix")
+        return value.rstrip("/")
+
+    @property
+    def bucket(self) -> str:
+        """The bucket part of :attr:`uri`."""
+        return self.uri[len("s3://") :].split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix part of :attr:`uri` (no leading or trailing slash)."""
+        parts = self.uri[len("s3://") :].split("/", 1)
+        return parts[1].strip("/") if len(parts) > 1 else ""
+
+
+class DeploySpec(_Spec):
+    """How to run the NIM container that serves the model."""
+
+    image: str = Field(description="The NIM image to run, e.g. `nvcr.io/nim/meta/llama-3.3-70b-instruct:1.8.0`.")
+    served_model_name: str = Field(
+        min_length=1, description="Name listed by /v1/models and used in requests (NIM_SERVED_MODEL_NAME)."
+    )
+    gpus: GpuIds = Field(None, description="GPU ids (the guide's `device=4,5,6,7` is [4, 5, 6, 7]), `all`, or none.")
+    shm_size: str = Field("16g", description="Shared memory (`--shm-size`); NIM needs it for multi-GPU serving.")
+    host: str = Field("127.0.0.1", description="Host address the NIM port is published on.")
+    host_port: int = Field(8000, ge=1, le=65535, description="Host port published to the container's port 8000.")
+    cache_dir: Path = Field(description=f"Host directory mounted at {NIM_CACHE_MOUNT}; checkpoints and engines live here.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the NIM container.")
+    user: str | None = Field(None, description="User to run the container as (the guide uses `root`).")
+    container_name: str | None = Field(None, description="Container name; `nimflow-<name>` when absent.")
+    health_deadline_seconds: float = Field(
+        1800, gt=0, description="How long the NIM may take to become ready (loading or JIT building included)."
+    )
+    completion_prompt: str = Field("Say hello in one short sentence.", description="Prompt of the verifying completion.")
+
+    @field_validator("shm_size")
+    @classmethod
+    def _shm(cls, value: str) -> str:
+        return _check_size(value)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key in _RESERVED_ENV:
+                raise ValueError(f"{key} is set by nimflow from the spec; remove it from deploy.env")
+            if key in SECRET_ENV_VARS:
+                raise ValueError(
+                    f"{key} is a secret: do not write it in a config; export it where nimflow runs "
+                    "and nimflow passes it to the container"
+                )
+        return value
+
+
+class HostingSpec(_Spec):
+    """Everything needed to host one model: source, optional fine-tune and build, cache, deploy."""
+
+    name: str = Field(description="Deployment name: lowercase letters, digits and dashes (labels, container name).")
+    source: SourceSpec
+    finetune: FinetuneSpec | None = None
+    build: BuildSpec | None = None
+    cache: CacheSpec | None = None
+    deploy: DeploySpec
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"{value!r} must be lowercase letters, digits and dashes (at most 63), e.g. 'llama-3-8b'")
+        return value
+
+    @model_validator(mode="after")
+    def _cache_for_build(self) -> HostingSpec:
+        if self.build is not None and self.cache is None:
+            raise ValueError("`build` needs `cache` (an s3:// engine store) so no host compiles the same engine twice")
+        return self
+
+    @property
+    def container_name(self) -> str:
+        """The NIM container's name."""
+        return self.deploy.container_name or f"nimflow-{self.name}"
+
+
+def _check_size(value: str) -> str:
+    if not _SIZE.match(value.strip()):
+        raise ValueError(f"{value!r} is not a size; use e.g. '16g', '512m' or '16GB'")
+    return value.strip()
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif "[" in str(item) or str(item).startswith("function-"):
+            continue  # pydantic's union-branch tags (`list[int]`, `literal['all']`) say nothing to a user
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    def fix(section: Any, key: str) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            path = Path(section[key]).expanduser()
+            section[key] = str(path if path.is_absolute() else (base / path).resolve())
+
+    fix(data.get("source"), "local_dir")
+    fix(data.get("deploy"), "cache_dir")
+    finetune = data.get("finetune")
+    if isinstance(finetune, dict) and not str(finetune.get("path", "")).startswith("s3://"):
+        fix(finetune, "path")
+
+
+def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) -> HostingSpec:
+    """Validate an already-parsed mapping as a :class:`HostingSpec`.
+
+    Raises:
+        ConfigError: listing every problem as ``source: field.path: message``.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(source, [Problem("(top level)", "expected a mapping of sections (name, source, deploy, ...)")])
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    if base_dir is not None:
+        _resolve_paths(data, base_dir)
+    try:
+        return HostingSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown field (check the spelling; see the config reference in README.md)"
+            elif err["type"] == "missing":
+                message = "required field is missing"
+            problems.append(Problem(_location(tuple(err["loc"])), message))
+        raise ConfigError(source, problems) from None
+
+
+def load_spec(path: str | Path) -> HostingSpec:
+    """Load and validate a hosting spec from a YAML file.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or does not describe a valid spec.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, [Problem("(file)", "no such file")]) from None
+    except OSError as exc:
+        raise ConfigError(source, [Problem("(file)", f"cannot read: {exc.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [Problem(where, f"not valid YAML: {reason}")]) from None
+    return parse_spec(data, source, base_dir=path.resolve().parent)
