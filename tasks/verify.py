@@ -34,11 +34,11 @@ def check_endpoint(deployment: Deployment, *, deadline_seconds: float, prompt: s
             )
         completion = chat_completion(deployment.endpoint, deployment.served_model_name, prompt)
     except EndpointUnhealthy as exc:
-        logs = last_log_lines(client, deployment.container_id, 20)
         # A NIM that cannot serve must not hold GPUs or the port; it stays for `docker logs`.
         container = client.containers.get(deployment.container_id)
         if container.status == "running":
             container.stop(timeout=10)
+        logs = last_log_lines(client, deployment.container_id, 20)
         raise EndpointUnhealthy(
             f"{exc}\nContainer {deployment.container_name} ({deployment.container_id[:12]}) was stopped; "
             f"its last log lines:\n{logs}"

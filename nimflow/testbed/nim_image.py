@@ -1,0 +1,223 @@
+"""Build the CPU stand-in for the NIM container (``nimflow/nim-standin:local``) with no registry.
+
+Nothing can be pulled on the test bed, so ``FROM <image>`` is impossible. Following testbed.md §2,
+the rootfs is the host's *Debian* ``python3.11`` (not a pyenv build: its stdlib lives in
+``/usr/lib/python3.11`` and its libraries are the system ones) plus the ``ldd`` closure of the
+interpreter and its extension modules, written straight into a tar and ``docker import``-ed
+(about 60 MB, no shell, no apt). ``deployments/nim-standin/nim_standin.py`` goes to
+``/opt/nim/nim_standin.py``; ``start-server``, ``nim-optimize`` and ``list-model-profiles`` are
+symlinks to it (it dispatches on ``argv[0]``), so they work without a shell.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import docker
+from docker.errors import APIError, ImageNotFound
+
+from nimflow.testbed import TestbedError
+
+STANDIN_IMAGE = "nimflow/nim-standin:local"
+STANDIN_SOURCE = Path(__file__).resolve().parents[2] / "deployments" / "nim-standin" / "nim_standin.py"
+# Bump when the image recipe below changes: it is part of the cache key (the source-hash label).
+RECIPE_VERSION = "nim-standin-image/1"
+HOST_PYTHON = Path("/usr/bin/python3.11")
+HOST_STDLIB = Path("/usr/lib/python3.11")
+# Not needed at run time; config-3.11-* alone is the 25 MB static libpython.
+_STDLIB_EXCLUDE = {"test", "tests", "idlelib", "tkinter", "turtledemo", "ensurepip", "__pycache__",
+                   "dist-packages", "site-packages"}
+COMMANDS = ("start-server", "nim-optimize", "list-model-profiles")
+CHANGES = [
+    "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "ENV NIM_CACHE_PATH=/opt/nim/.cache",
+    "ENV PYTHONUNBUFFERED=1",
+    "ENV PYTHONDONTWRITEBYTECODE=1",  # the stdlib is read-only in spirit; no stray .pyc layers
+    "ENV LANG=C.UTF-8",
+    "WORKDIR /",
+    "EXPOSE 8000",
+    'CMD ["/usr/local/bin/start-server"]',
+    "LABEL nimflow.stand-in=true",
+    'LABEL org.opencontainers.image.description="CPU stand-in for NVIDIA NIM (test bed only)"',
+    "LABEL nimflow.nim-api=1.x",  # behaves like a NIM 1.x image: TRT-LLM engines, nim-optimize, JIT
+]
+
+
+def source_hash(source: Path = STANDIN_SOURCE) -> str:
+    """The cache key: sha256 of the stand-in source plus this builder's recipe version."""
+    return hashlib.sha256(source.read_bytes() + RECIPE_VERSION.encode()).hexdigest()
+
+
+def _ensure_host_python() -> None:
+    """Debian's python3.11 is the image's interpreter; install it if this machine lacks it."""
+    if HOST_PYTHON.is_file() and HOST_STDLIB.is_dir():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise TestbedError(f"{HOST_PYTHON} (Debian's python3.11) is missing: run "
+                           "`sudo apt-get install -y python3.11`")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "python3.11"]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise TestbedError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
+
+
+def _shared_libs() -> list[str]:
+    """Absolute paths of the libraries the interpreter and its extension modules load (ldd)."""
+    targets = [str(HOST_PYTHON)] + sorted(str(p) for p in (HOST_STDLIB / "lib-dynload").glob("*.so"))
+    proc = subprocess.run(["ldd", *targets], capture_output=True, text=True)
+    libs = set(re.findall(r"(?<![\w.-])(/[^\s:]+\.so[^\s:]*)", proc.stdout))
+    # ldd also prints each argument as a header line; those are already in the stdlib tree.
+    return sorted(lib for lib in libs if not lib.startswith(str(HOST_STDLIB)) and os.path.exists(lib))
+
+
+class _RootfsTar:
+    """A tar of a rootfs, owned by root, with every parent directory present."""
+
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self.tar, self.dirs = tar, {""}
+
+    def mkdir(self, path: str, mode: int = 0o755) -> None:
+        path = path.strip("/")
+        if path in self.dirs:
+            return
+        self.mkdir(os.path.dirname(path))
+        info = tarfile.TarInfo(path)
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, mode, 0
+        self.tar.addfile(info)
+        self.dirs.add(path)
+
+    def add_file(self, src: str | Path, dest: str, mode: int | None = None) -> None:
+        """Copy ``src`` (symlinks followed: the rootfs must not point outside itself) to ``dest``."""
+        dest = dest.strip("/")
+        self.mkdir(os.path.dirname(dest))
+        info = self.tar.gettarinfo(os.path.realpath(src), arcname=dest)
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        if mode is not None:
+            info.mode = mode
+        with open(os.path.realpath(src), "rb") as fh:
+            self.tar.addfile(info, fh)
+
+    def add_bytes(self, data: bytes, dest: str, mode: int = 0o644) -> None:
+        dest = dest.strip("/")
+        self.mkdir(os.path.dirname(dest))
+        info = tarfile.TarInfo(dest)
+        info.size, info.mode, info.mtime = len(data), mode, 0
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def add_symlink(self, target: str, dest: str) -> None:
+        dest = dest.strip("/")
+        self.mkdir(os.path.dirname(dest))
+        info = tarfile.TarInfo(dest)
+        info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, 0
+        self.tar.addfile(info)
+
+
+def write_rootfs_tar(out: Path, source: Path = STANDIN_SOURCE) -> None:
+    """Write the stand-in image's rootfs as an uncompressed tar at ``out``."""
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        fs = _RootfsTar(tar)
+        fs.add_file(HOST_PYTHON, "usr/bin/python3.11")
+        fs.add_symlink("python3.11", "usr/bin/python3")
+        for dirpath, dirnames, filenames in os.walk(HOST_STDLIB):
+            # config-3.11-<arch> holds the static libpython (25 MB), only needed to embed Python.
+            dirnames[:] = sorted(d for d in dirnames
+                                 if d not in _STDLIB_EXCLUDE and not d.startswith("config-"))
+            rel = os.path.relpath(dirpath, "/")
+            fs.mkdir(rel)
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                if os.path.islink(path):
+                    target = os.readlink(path)
+                    if not os.path.isabs(target) and os.path.exists(path):  # keep in-tree links
+                        fs.add_symlink(target, f"{rel}/{name}")
+                    continue  # e.g. sitecustomize.py -> /etc/python3.11/... (host-only apport hook)
+                fs.add_file(path, f"{rel}/{name}")
+        for lib in _shared_libs():
+            fs.add_file(lib, lib)
+        fs.add_bytes(b"root:x:0:0:root:/root:/usr/sbin/nologin\n"
+                     b"nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n", "etc/passwd")
+        fs.add_bytes(b"root:x:0:\nnogroup:x:65534:\n", "etc/group")
+        fs.mkdir("tmp", 0o1777)
+        fs.mkdir("root", 0o700)
+        fs.mkdir("opt/nim/.cache", 0o777)  # NIM containers run with -u <uid>: cache must be writable
+        fs.add_file(source, "opt/nim/nim_standin.py", mode=0o755)
+        for command in COMMANDS:  # dispatch on basename(argv[0]); the shebang is /usr/bin/python3
+            fs.add_symlink("/opt/nim/nim_standin.py", f"usr/local/bin/{command}")
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    repo, sep, name = tag.rpartition(":")
+    return (repo, name) if sep and "/" not in name else (tag, "latest")
+
+
+def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *,
+                        force: bool = False) -> str:
+    """Build (or reuse) the NIM stand-in image and return its id.
+
+    Cached by tag: an image whose ``nimflow.source-hash`` label equals :func:`source_hash` is
+    returned as is unless ``force``. A superseded image is removed when no container uses it.
+    """
+    if not STANDIN_SOURCE.is_file():
+        raise TestbedError(f"stand-in source not found at {STANDIN_SOURCE} (run from a nimflow checkout)")
+    digest = source_hash()
+    old_id = None
+    try:
+        old = client.images.get(tag)
+        if old.labels.get("nimflow.source-hash") == digest and not force:
+            return str(old.id)
+        old_id = old.id
+    except ImageNotFound:
+        pass
+    _ensure_host_python()
+    repo, name = _split_tag(tag)
+    with tempfile.TemporaryDirectory(prefix="nimflow-standin-") as tmp:
+        tar_path = Path(tmp) / "rootfs.tar"
+        write_rootfs_tar(tar_path)
+        try:
+            client.api.import_image_from_file(
+                str(tar_path), repository=repo, tag=name,
+                changes=[*CHANGES, f"LABEL nimflow.source-hash={digest}"])
+        except APIError as exc:
+            raise TestbedError(f"docker import of {tag} failed: {exc}") from exc
+    image_id = str(client.images.get(tag).id)
+    if old_id and old_id != image_id:
+        with contextlib.suppress(APIError):  # now untagged: drop it unless a container holds it
+            client.images.remove(old_id)
+    return image_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nimflow.testbed.nim_image [--tag T] [--force]``: ensure Docker, build, report."""
+    from nimflow.testbed.docker_engine import ensure_docker_engine
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tag", default=STANDIN_IMAGE)
+    parser.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    args = parser.parse_args(argv)
+    try:
+        client = ensure_docker_engine()
+        start = time.monotonic()
+        image_id = build_standin_image(client, args.tag, force=args.force)
+    except TestbedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    size = client.images.get(image_id).attrs.get("Size", 0) / 1e6
+    print(f"{args.tag} {image_id} ({size:.0f} MB) in {time.monotonic() - start:.2f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""A tiny but well-formed Llama checkpoint, written with the standard library only.
+
+The files look like a real Hugging Face Llama repository (config, generation config, a real
+``tokenizers`` ``tokenizer.json``, safetensors weights with the real tensor names and shapes), so the
+download, conversion-planning and upload code paths see the same layout as with a real model, at a
+few hundred KiB.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Union
+
+__all__ = [
+    "DEFAULT_VOCAB_WORDS",
+    "SAFETENSORS_DTYPES",
+    "TensorData",
+    "read_safetensors_header",
+    "write_safetensors",
+    "write_tiny_llama",
+]
+
+#: safetensors dtype name -> bytes per element.
+SAFETENSORS_DTYPES: dict[str, int] = {"F16": 2, "BF16": 2, "F32": 4}
+_TORCH_TO_ST = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+
+#: Tensor payload: the raw little-endian bytes, or a zero-argument callable producing them (as bytes
+#: or as an iterable of byte chunks) so large tensors are generated only while being written.
+TensorData = Union[bytes, bytearray, memoryview, Callable[[], Union[bytes, Iterable[bytes]]]]
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+_PUNCTUATION = ". , ! ? ; : ' \" ( ) - / %".split()
+_COMMON = """
+the of and to a in is it you that he was for on are with as his they be at one have this from or
+had by hot word but what some we can out other were all there when up use your how said an each she
+which do their time if will way about many then them write would like so these her long make thing
+see him two has look more day could go come did number sound no most people my over know water than
+call first who may down side been now find any new work part take get place made live where after
+back little only round man year came show every good me give our under name very through just form
+sentence great think say help low line differ turn cause much mean before move right boy old too same
+tell does set three want air well also play small end put home read hand port large spell add even land
+here must big high such follow act why ask men change went light kind off need house picture try us
+again animal point mother world near build self earth father head stand own page should country found
+answer school grow study still learn plant cover food sun four between state keep eye never last let
+thought city tree cross farm hard start might story saw far sea draw left late run while press close
+night real life few north open seem together next white children begin got walk example ease paper
+group always music those both mark often letter until mile river car feet care second book carry took
+science eat room friend began idea fish mountain stop once base hear horse cut sure watch color face
+wood main enough plain girl usual young ready above ever red list though feel talk bird soon body dog
+family direct pose leave song measure door product black short numeral class wind question happen
+complete ship area half rock order fire south problem piece told knew pass since top whole king space
+model engine token layer weight hello
+""".split()
+_DIGITS = [str(i) for i in range(10)]
+
+#: The default word list: punctuation, digits and a few hundred common English words.
+DEFAULT_VOCAB_WORDS: tuple[str, ...] = tuple(dict.fromkeys([*_PUNCTUATION, *_DIGITS, *_COMMON]))
+
+
+def _header_bytes(header: dict) -> bytes:
+    """Encode a safetensors JSON header, space-padded so the data section starts 8-byte aligned."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _iter_chunks(data: TensorData) -> Iterator[bytes]:
+    payload = data() if callable(data) else data
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        yield bytes(payload)
+    else:
+        yield from payload
+
+
+def write_safetensors(
+    path: Path,
+    tensors: Iterable[tuple[str, str, list[int], TensorData]],
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a safetensors file tensor by tensor, never holding more than one tensor in memory.
+
+    ``tensors`` yields ``(name, dtype, shape, data)`` with dtype one of :data:`SAFETENSORS_DTYPES`.
+    ``data`` may be a callable (see :data:`TensorData`), so only the names and shapes are needed up
+    front: the offsets follow from dtype and shape, and each payload's length is checked on write.
+    """
+    path = Path(path)
+    specs = list(tensors)
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for name, dtype, shape, _ in specs:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"unsupported safetensors dtype {dtype!r} for {name}")
+        if name in header:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        nbytes = SAFETENSORS_DTYPES[dtype]
+        for dim in shape:
+            nbytes *= int(dim)
+        header[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = _header_bytes(header)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for name, _, _, data in specs:
+            start, end = header[name]["data_offsets"]  # type: ignore[index]
+            written = 0
+            for chunk in _iter_chunks(data):
+                f.write(chunk)
+                written += len(chunk)
+            if written != end - start:
+                raise ValueError(f"tensor {name}: got {written} bytes, shape needs {end - start}")
+    return path
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and return the JSON header of a safetensors file (``__metadata__`` included).
+
+    Checks that the tensors' byte ranges are contiguous and cover the data section exactly.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path}: too short for a safetensors file")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > min(size - 8, 100 * 1024 * 1024):
+            raise ValueError(f"{path}: implausible safetensors header length {n}")
+        header = json.loads(f.read(n))
+    ranges = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    expected = 0
+    for start, end in ranges:
+        if start != expected or end < start:
+            raise ValueError(f"{path}: tensor data offsets are not contiguous at byte {start}")
+        expected = end
+    if 8 + n + expected != size:
+        raise ValueError(f"{path}: data section is {size - 8 - n} bytes, tensors cover {expected}")
+    return header
+
+
+def _tensor_bytes(seed: int, name: str, count: int, dtype: str, *, scale: float, offset: float) -> Iterator[bytes]:
+    """Deterministic pseudo-random values ``offset + scale * U(-1, 1)``, in chunks, for one tensor."""
+    # A string seed is hashed with SHA-512 by `random`, so it is stable across runs and PYTHONHASHSEED.
+    rng = random.Random(f"nimflow-tiny-llama:{seed}:{name}")
+    chunk = 1 << 16
+    for start in range(0, count, chunk):
+        n = min(chunk, count - start)
+        values = [offset + scale * (2.0 * rng.random() - 1.0) for _ in range(n)]
+        if dtype == "F16":
+            yield struct.pack(f"<{n}e", *values)
+        else:
+            f32 = struct.pack(f"<{n}f", *values)
+            if dtype == "F32":
+                yield f32
+            else:  # BF16 = the high half of each little-endian float32 (truncation)
+                out = bytearray(2 * n)
+                out[0::2], out[1::2] = f32[2::4], f32[3::4]
+                yield bytes(out)
+
+
+def _tokenizer_json(vocab: dict[str, int]) -> dict:
+    """A ``tokenizers`` WordLevel tokenizer with a Whitespace pre-tokenizer that prepends ``<s>``."""
+    added = [
+        {"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for i, tok in enumerate(SPECIAL_TOKENS)
+    ]
+    bos = SPECIAL_TOKENS[BOS_ID]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [BOS_ID], "tokens": [bos]}},
+        },
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": SPECIAL_TOKENS[UNK_ID]},
+    }
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_tiny_llama(
+    directory: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_words: Sequence[str] | None = None,
+    dtype: str = "float16",
+    shards: int = 1,
+) -> Path:
+    """Write a tiny Llama checkpoint into ``directory`` (created if needed) and return it.
+
+    Weights are deterministic per ``seed`` (a different seed gives different bytes). With
+    ``shards > 1`` the weights go to ``model-0000i-of-0000N.safetensors`` plus
+    ``model.safetensors.index.json``; otherwise to ``model.safetensors``.
+    """
+    if dtype not in _TORCH_TO_ST:
+        raise ValueError(f"dtype must be one of {sorted(_TORCH_TO_ST)}, not {dtype!r}")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+    if min(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, shards) < 1:
+        raise ValueError("sizes and shards must be positive")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    st_dtype = _TORCH_TO_ST[dtype]
+
+    words = [w for w in dict.fromkeys(vocab_words if vocab_words is not None else DEFAULT_VOCAB_WORDS)
+             if w not in SPECIAL_TOKENS]
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words])}
+    vocab_size = len(vocab)
+    head_dim = hidden_size // num_heads
+    kv_dim = num_kv_heads * head_dim
+
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "torch_dtype": dtype,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": None,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "transformers_version": "4.46.0",
+    }
+    _write_json(directory / "config.json", config)
+    _write_json(directory / "generation_config.json", {
+        "_from_model_config": True, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+        "do_sample": False, "max_new_tokens": 64, "transformers_version": "4.46.0",
+    })
+    _write_json(directory / "tokenizer.json", _tokenizer_json(vocab))
+    unk, bos, eos = SPECIAL_TOKENS
+    _write_json(directory / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": None,
+        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": 2048,
+        "added_tokens_decoder": {
+            str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True}
+            for i, tok in enumerate(SPECIAL_TOKENS)
+        },
+    })
+    _write_json(directory / "special_tokens_map.json", {"bos_token": bos, "eos_token": eos, "unk_token": unk})
+
+    # (name, shape, scale, offset): norms start near 1.0 like a trained RMSNorm, matrices near 0.
+    shapes: list[tuple[str, list[int], float, float]] = [("model.embed_tokens.weight", [vocab_size, hidden_size], 0.05, 0.0)]
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "self_attn.q_proj.weight", [hidden_size, hidden_size], 0.05, 0.0),
+            (p + "self_attn.k_proj.weight", [kv_dim, hidden_size], 0.05, 0.0),
+            (p + "self_attn.v_proj.weight", [kv_dim, hidden_size], 0.05, 0.0),
+            (p + "self_attn.o_proj.weight", [hidden_size, hidden_size], 0.05, 0.0),
+            (p + "mlp.gate_proj.weight", [intermediate_size, hidden_size], 0.05, 0.0),
+            (p + "mlp.up_proj.weight", [intermediate_size, hidden_size], 0.05, 0.0),
+            (p + "mlp.down_proj.weight", [hidden_size, intermediate_size], 0.05, 0.0),
+            (p + "input_layernorm.weight", [hidden_size], 0.01, 1.0),
+            (p + "post_attention_layernorm.weight", [hidden_size], 0.01, 1.0),
+        ]
+    shapes += [("model.norm.weight", [hidden_size], 0.01, 1.0), ("lm_head.weight", [vocab_size, hidden_size], 0.05, 0.0)]
+
+    def entry(name: str, shape: list[int], scale: float, offset: float) -> tuple[str, str, list[int], TensorData]:
+        count = _prod(shape)
+        return name, st_dtype, shape, lambda: _tensor_bytes(seed, name, count, st_dtype, scale=scale, offset=offset)
+
+    tensors = [entry(*s) for s in shapes]
+    for old in [*directory.glob("model-*-of-*.safetensors"), directory / "model.safetensors",
+                directory / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)  # a rewrite with another shard count must not leave stale weights
+    if shards == 1:
+        write_safetensors(directory / "model.safetensors", tensors)
+        return directory
+
+    # Contiguous groups of roughly equal byte size, like transformers' max_shard_size splitting.
+    nbytes = [SAFETENSORS_DTYPES[st_dtype] * _prod(shape) for _, shape, _, _ in shapes]
+    total = sum(nbytes)
+    groups: list[list[int]] = [[] for _ in range(shards)]
+    acc = 0
+    for idx, size in enumerate(nbytes):
+        g = min(shards - 1, acc * shards // total)
+        groups[g].append(idx)
+        acc += size
+    groups = [g for g in groups if g] or [[]]
+    n = len(groups)
+    weight_map: dict[str, str] = {}
+    for k, group in enumerate(groups, start=1):
+        fname = f"model-{k:05d}-of-{n:05d}.safetensors"
+        write_safetensors(directory / fname, [tensors[i] for i in group])
+        weight_map.update({tensors[i][0]: fname for i in group})
+    _write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return directory
+
+
+def _prod(shape: Sequence[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out

@@ -1,0 +1,175 @@
+"""The host_model flow end to end on the real local test bed.
+
+Real Docker engine, real S3 server (moto), a real Hugging Face Hub endpoint, a real Prefect API;
+the only stand-in is the NIM container (a locally built CPU image honouring the NIM contract).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import boto3
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+from flows.host_model import host_model
+from nimflow.testbed.hub_server import publish
+from nimflow.testbed.services import free_port
+from nimflow.testbed.tiny_model import write_tiny_llama
+from tests.conftest import ENGINE_BUCKET, write_spec
+
+pytestmark = pytest.mark.testbed
+
+
+def make_spec(
+    tmp_path: Path, name: str, repo_id: str, image: str, *, build: str | None = "nim-optimize", **deploy: Any
+) -> dict[str, Any]:
+    """A hosting spec for the test bed: unique name, port, cache dir and engine prefix."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "source": {"repo_id": repo_id, "revision": "main"},
+        "deploy": {
+            "image": image,
+            "served_model_name": f"test/{name}",
+            "host_port": free_port(),
+            "cache_dir": str(tmp_path / "nim-cache"),
+            "health_deadline_seconds": 60,
+            "env": {"NIMSTANDIN_READY_DELAY": "0.5"},
+            **deploy,
+        },
+    }
+    if build:
+        spec["build"] = {"backend": build, "image": image, "max_seq_len": 1024, "max_batch_size": 4, "max_num_tokens": 1024,
+                         "timeout_seconds": 120}
+        spec["cache"] = {"uri": f"s3://{ENGINE_BUCKET}/{name}"}
+    return spec
+
+
+def publish_tiny(hub: Any, repo_id: str, tmp_path: Path, seed: int = 0, **kwargs: Any) -> str:
+    return publish(hub.root, repo_id, write_tiny_llama(tmp_path / f"src-{seed}", seed=seed), **kwargs)
+
+
+def task_runs(flow_run_id: UUID) -> dict[str, Any]:
+    """Task runs of a flow run by task name (Prefect API)."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run for run in runs}
+
+
+def flow_logs(flow_run_id: UUID) -> str:
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    time.sleep(1.0)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def s3_keys(endpoint: str, prefix: str) -> list[str]:
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    return [o["Key"] for o in client.list_objects_v2(Bucket=ENGINE_BUCKET, Prefix=prefix).get("Contents", [])]
+
+
+def test_full_flow_builds_once_and_serves(
+    tmp_path: Path, testbed_env: dict, hub: Any, standin_image: str, unique: str, cleanup_containers: list, docker_client: Any
+) -> None:
+    name, repo = f"full-{unique}", f"org/tiny-{unique}"
+    sha = publish_tiny(hub, repo, tmp_path)
+    spec = make_spec(tmp_path, name, repo, standin_image)
+    config = write_spec(tmp_path / "spec.yaml", spec)
+    cleanup_containers.append(f"nimflow-{name}")
+
+    state = host_model(config_path=str(config), return_state=True)
+    assert state.is_completed(), state.message
+    record = state.result()
+
+    # The endpoint is live and answers as the served model.
+    assert record["revision_sha"] == sha
+    assert record["engine_origin"] == "built" and record["uploaded_files"] > 0 and record["downloaded_files"] > 0
+    models = httpx.get(f"{record['endpoint']}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [f"test/{name}"]
+    assert "received" in record["completion"]
+    container = docker_client.containers.get(record["container_id"])
+    assert container.labels["nimflow.engine-key"] == record["engine_key"]
+    assert container.labels["nimflow.deployment"] == name
+    env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
+    assert env["NIM_MODEL_NAME"] == f"/opt/nim/.cache/engines/{record['engine_key']}"
+    assert env["NIM_SERVED_MODEL_NAME"] == f"test/{name}"
+
+    # Engine in NIM's layout, published to S3 with the manifest; every file's sha256 recorded.
+    engine_dir = Path(spec["deploy"]["cache_dir"]) / "engines" / record["engine_key"]
+    assert (engine_dir / "trtllm_engine" / "rank0.engine").is_file() and (engine_dir / "tokenizer.json").is_file()
+    keys = s3_keys(testbed_env["AWS_ENDPOINT_URL"], f"{name}/{record['engine_key']}/")
+    assert f"{name}/{record['engine_key']}/manifest.json" in keys
+    assert f"{name}/{record['engine_key']}/files/trtllm_engine/rank0.engine" in keys
+    s3 = boto3.client("s3", endpoint_url=testbed_env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    manifest = json.loads(s3.get_object(Bucket=ENGINE_BUCKET, Key=f"{name}/{record['engine_key']}/manifest.json")["Body"].read())
+    assert {f["path"] for f in manifest["files"]} >= {"trtllm_engine/rank0.engine", "trtllm_engine/config.json", "config.json"}
+
+    # Every stage ran as a task against the Prefect API, and the record became an artifact.
+    runs = task_runs(state.state_details.flow_run_id)
+    assert {"download-checkpoint", "compile-engine", "upload-engine", "deploy-nim", "verify-endpoint"} <= set(runs)
+    assert all(run.state.is_completed() for run in runs.values())
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    assert any(record["endpoint"] in (a.data or "") for a in artifacts)
+
+    # Second run, nothing changed: nothing downloaded, built or uploaded; the container is kept.
+    hub.clear_requests()
+    again = host_model(config_path=str(config))
+    assert again["downloaded_files"] == 0 and again["uploaded_files"] == 0
+    assert again["engine_origin"] == "local-cache" and again["engine_key"] == record["engine_key"]
+    assert again["container_id"] == record["container_id"]
+    assert not [r for r in hub.requests if "/resolve/" in r[1] and r[0] == "GET"]
+
+    # Another host (empty cache dir) restores the engine from the store instead of compiling it.
+    spec["deploy"]["cache_dir"] = str(tmp_path / "second-host-cache")
+    other = host_model(config_path=str(write_spec(tmp_path / "spec2.yaml", spec)))
+    assert other["engine_origin"] == "engine-store" and other["engine_key"] == record["engine_key"]
+    assert other["uploaded_files"] == 0
+
+
+def test_finetuned_weights_jit_build(
+    tmp_path: Path, testbed_env: dict, hub: Any, standin_image: str, unique: str, cleanup_containers: list
+) -> None:
+    name, repo = f"ft-{unique}", f"org/base-{unique}"
+    publish_tiny(hub, repo, tmp_path)
+    finetuned = write_tiny_llama(tmp_path / "finetuned", seed=7)
+    for side_file in ("tokenizer.json", "tokenizer_config.json"):
+        (finetuned / side_file).unlink()  # taken from the base checkpoint
+    spec = make_spec(tmp_path, name, repo, standin_image, build="nim-jit")
+    spec["finetune"] = {"path": str(finetuned)}
+    cleanup_containers.append(f"nimflow-{name}")
+
+    record = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+
+    engine_dir = Path(record["model_path"])
+    assert record["engine_origin"] == "built"
+    assert (engine_dir / "local_manifest.yaml").is_file()  # harvested from NIM's local_cache
+    assert (engine_dir / "trtllm_engine" / "rank0.engine").is_file()
+    assert (engine_dir / "tokenizer.json").is_file()
+    assert "received" in record["completion"]
+
+
+def test_served_without_engine(
+    tmp_path: Path, testbed_env: dict, hub: Any, standin_image: str, unique: str, cleanup_containers: list
+) -> None:
+    name, repo = f"hf-{unique}", f"org/hf-{unique}"
+    sha = publish_tiny(hub, repo, tmp_path)
+    spec = make_spec(tmp_path, name, repo, standin_image, build=None)
+    cleanup_containers.append(f"nimflow-{name}")
+
+    record = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+
+    assert record["engine_key"] is None
+    assert record["model_path"].endswith(f"models/{repo.replace('/', '--')}/{sha}")
+    assert "received" in record["completion"]
