@@ -60,14 +60,17 @@ def _host(config: str, revision: str | None) -> int:
 
 
 def _print_record(record: dict) -> None:
-    nothing = "nothing"
+    def count(n: int, verb: str) -> str:
+        return f"{n} files {verb}" if n else f"nothing {verb}"
+
     print(f"endpoint:    {record['endpoint']}  (model {record['served_model_name']!r})")
     print(f"revision:    {record['revision_sha'] or '(local checkpoint)'}")
-    print(f"downloaded:  {record['downloaded_files'] or nothing} files")
+    print(f"download:    {count(record['downloaded_files'], 'downloaded')}")
     if record["engine_key"]:
-        built = "built" if record["engine_origin"] == "built" else f"{nothing} built (engine from {record['engine_origin']})"
+        origin = record["engine_origin"]
+        built = "built by this run" if origin == "built" else f"nothing built (found in {origin})"
         print(f"engine:      {record['engine_key']}: {built}")
-        print(f"uploaded:    {record['uploaded_files'] or nothing} files -> {record['engine_uri']}")
+        print(f"upload:      {count(record['uploaded_files'], 'uploaded')} ({record['engine_uri']})")
     print(f"timings (s): {', '.join(f'{k} {v:.1f}' for k, v in record['timings'].items())}")
     print(f"completion:  {record['completion']}")
 

@@ -1,0 +1,38 @@
+# nimflow: the two set-up commands are `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test venv testbed-up testbed-down validate clean
+
+# The virtual environment, rebuilt when pyproject.toml changes. Debian ships venv separately.
+$(BIN)/nimflow: pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  echo "installing python3-venv (Debian)"; apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[testbed]'
+	@touch $@
+
+venv: $(BIN)/nimflow
+
+# Start the local test bed and host a generated tiny model end to end through the real flow.
+demo: venv
+	$(BIN)/nimflow demo
+
+# The whole test suite against the real local test bed (the tests start what they need).
+test: venv
+	$(BIN)/python -m nimflow.testbed.docker_engine
+	$(BIN)/python -m pytest -q
+
+validate: venv
+	$(BIN)/nimflow validate configs/*.yaml configs/examples/*.yaml
+
+testbed-up: venv
+	$(BIN)/nimflow testbed up
+
+testbed-down: venv
+	$(BIN)/nimflow testbed down
+
+clean: testbed-down
+	rm -rf .testbed
