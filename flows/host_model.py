@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from nimflow import log_filter
 from nimflow.records import HostingRecord
 from nimflow.spec import load_spec
 from tasks.compile import compile_engine
@@ -41,6 +42,7 @@ def host_model(config_path: str, revision: str | None = None) -> dict:
         config_path: the hosting spec (YAML) on the machine that runs the flow.
         revision: overrides ``source.revision`` (e.g. the commit a checkpoint event names).
     """
+    log_filter.install()
     spec = load_spec(config_path)
     if revision:
         spec = spec.model_copy(update={"source": spec.source.model_copy(update={"revision": revision})})

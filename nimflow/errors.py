@@ -249,5 +249,30 @@ def translated_errors(action: str) -> Iterator[None]:
         raise
     except Exception as exc:  # noqa: BLE001 - this is the translation boundary
         kind = classify(exc) or PermanentError
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise kind(f"{action}: {detail}") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = " ".join(lines)[:600] or "(no message)"
+        hint = _hint(exc)
+        raise kind(f"{action}: {type(exc).__name__}: {detail}{f' ({hint})' if hint else ''}") from exc
+
+
+_HINTS = {
+    # huggingface_hub exception names
+    "GatedRepoError": "accept the model's terms on the Hub, then export HF_TOKEN of an account that did",
+    "RepositoryNotFoundError": "check source.repo_id; a private repo needs HF_TOKEN",
+    "RevisionNotFoundError": "check source.revision: a branch, tag or commit sha of the repo",
+    "RemoteEntryNotFoundError": "check source.allow_patterns and the file names in the repo",
+    # botocore exception names and S3 error codes
+    "NoCredentialsError": "export AWS credentials (or use an instance role) where nimflow runs",
+    "NoSuchBucket": "create the bucket or fix the s3:// URI in the spec",
+    "AccessDenied": "the AWS credentials may not use this bucket",
+    "InvalidAccessKeyId": "check the AWS credentials",
+}
+
+
+def _hint(exc: BaseException) -> str | None:
+    """What the user can do about a permanent library error, where we know."""
+    key = type(exc).__name__
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore's ClientError carries the S3 error code
+        key = str(response.get("Error", {}).get("Code", key))
+    return _HINTS.get(key)

@@ -1,0 +1,33 @@
+"""Keep tracebacks out of the logs for user mistakes.
+
+Prefect logs every failed task and flow run with its traceback. For a permanent nimflow error
+(bad config, unknown revision, invalid weights) the message already names the cause and the fix;
+a traceback only buries it. Bugs (any other exception) keep their tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nimflow.errors import PermanentError
+
+_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")
+
+
+class DropUserErrorTracebacks(logging.Filter):
+    """Strip ``exc_info`` from records about :class:`~nimflow.errors.PermanentError`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, PermanentError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def install() -> None:
+    """Attach the filter to Prefect's run loggers (idempotent)."""
+    for name in _LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropUserErrorTracebacks) for f in logger.filters):
+            logger.addFilter(DropUserErrorTracebacks())
