@@ -138,24 +138,26 @@ def check_safetensors(path: Path) -> int:
     if not isinstance(header, dict):
         raise InvalidWeights(f"{path}: safetensors header is not a mapping")
     data_len = size - 8 - header_len
-    end = 0
-    tensors = 0
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            start, stop = info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise InvalidWeights(f"{path}: tensor {name!r} has no data_offsets") from None
-        if not 0 <= start <= stop <= data_len:
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int for v in offsets)):
+            raise InvalidWeights(f"{path}: tensor {name!r} has no valid data_offsets; the file is corrupt")
+        spans.append((offsets[0], offsets[1], name))
+    position = 0
+    for start, stop, name in sorted(spans):
+        # safetensors stores tensors back to back: a gap, overlap or overrun means corruption.
+        if start != position or stop < start or stop > data_len:
             raise InvalidWeights(
-                f"{path}: tensor {name!r} lies outside the file (offsets {start}-{stop}, data {data_len} bytes); "
-                "the file is truncated or corrupt, re-export or re-upload it"
+                f"{path}: tensor {name!r} lies outside its place in the file (offsets {start}-{stop}, "
+                f"data {data_len} bytes); the file is truncated or corrupt, re-export or re-upload it"
             )
-        end = max(end, stop)
-        tensors += 1
-    if end != data_len:
-        raise InvalidWeights(f"{path}: {data_len - end} bytes after the last tensor; the file is corrupt")
+        position = stop
+    if position != data_len:
+        raise InvalidWeights(f"{path}: {data_len - position} bytes after the last tensor; the file is corrupt")
+    tensors = len(spans)
     return tensors
 
 

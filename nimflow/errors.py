@@ -202,9 +202,12 @@ def _classify_one(exc: BaseException) -> type[NimflowError] | None:  # noqa: PLR
             if any(m in text for m in _PERMANENT_DOCKER_MESSAGES):
                 return DeploymentError
             return ServiceUnavailable if exc.is_server_error() else DeploymentError
-        if isinstance(exc, de.DockerException):
-            # "Error while fetching server API version": the daemon socket is not answering.
+        if type(exc) is de.DockerException:
+            # Raised bare for "Error while fetching server API version": the daemon is not answering.
+            # Its subclasses (ContainerError, BuildError, InvalidArgument...) are deterministic.
             return ServiceUnavailable
+        if isinstance(exc, de.DockerException):
+            return DeploymentError
 
     if module.startswith("httpx"):  # httpx, and httpx2 which huggingface_hub 2.x uses
         import importlib
@@ -249,6 +252,8 @@ def translated_errors(action: str) -> Iterator[None]:
         raise
     except Exception as exc:  # noqa: BLE001 - this is the translation boundary
         kind = classify(exc) or PermanentError
+        if kind is ConfigError:  # reached through the exception chain; it needs per-field problems
+            kind = PermanentError
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = " ".join(lines)[:600] or "(no message)"
         hint = _hint(exc)

@@ -297,6 +297,8 @@ def load_spec(path: str | Path) -> HostingSpec:
         raise ConfigError(source, [Problem("(file)", "no such file")]) from None
     except OSError as exc:
         raise ConfigError(source, [Problem("(file)", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [Problem("(file)", f"not UTF-8 text (byte {exc.start}); save it as UTF-8")]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -35,7 +35,8 @@ def model_mount(deploy: DeploySpec, model_path: Path) -> tuple[str, dict[str, di
     cache_dir = Path(deploy.cache_dir).resolve()
     model_path = model_path.resolve()
     if model_path.is_relative_to(cache_dir):
-        return f"{NIM_CACHE_MOUNT}/{model_path.relative_to(cache_dir).as_posix()}".rstrip("/"), {}
+        relative = model_path.relative_to(cache_dir).as_posix()
+        return (NIM_CACHE_MOUNT if relative == "." else f"{NIM_CACHE_MOUNT}/{relative}"), {}
     return _EXTRA_MODEL_MOUNT, {str(model_path): {"bind": _EXTRA_MODEL_MOUNT, "mode": "ro"}}
 
 

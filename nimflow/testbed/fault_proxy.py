@@ -17,14 +17,13 @@ import json
 import logging
 import re
 import socket
-import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from nimflow.testbed import TestbedError
+from nimflow.testbed.background_server import BackgroundServer
 
 __all__ = ["FaultProxy", "FaultResponse", "hub_error", "s3_error"]
 
@@ -80,7 +79,7 @@ class _Fault:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: boto3 and httpx reuse connections
-    server: _Server
+    server: Any  # QuietHTTPServer carrying .proxy
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("proxy %s - %s", self.address_string(), format % args)  # request line only
@@ -206,51 +205,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    proxy: FaultProxy
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
-            return
-        super().handle_error(request, client_address)
-
-
-class FaultProxy:
+class FaultProxy(BackgroundServer):
     """Reverse proxy to ``upstream`` (``http://host:port``) that injects faults on demand.
 
     ``requests`` is a snapshot of ``(method, path, status, injected)``; a dropped connection is
     logged with status 0. Usable as a context manager.
     """
 
+    owner_attr = "proxy"
+    handler = _Handler
+
     def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0, *, timeout: float = 60.0) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
             raise TestbedError(f"FaultProxy needs an http:// upstream, not {upstream!r}")
+        super().__init__(host, port)
         self.upstream = upstream.rstrip("/")
         self._up_host, self._up_port = parts.hostname, parts.port or 80
-        self.host, self.port, self.timeout = host, port, timeout
-        self._lock = threading.Lock()
+        self.timeout = timeout
         self._faults: list[_Fault] = []
-        self._log: list[tuple[str, str, int, bool]] = []
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise TestbedError("FaultProxy is not started")
-        return f"http://{self.host}:{self._server.server_address[1]}"
-
-    @property
-    def requests(self) -> list[tuple[str, str, int, bool]]:
-        with self._lock:
-            return list(self._log)
-
-    def clear_requests(self) -> None:
-        with self._lock:
-            self._log.clear()
 
     def add_fault(self, *, method: str | None = None, path_pattern: str = ".*", status: int = 503,
                   count: int = 1, body: bytes = b"", headers: dict[str, str] | None = None,
@@ -282,37 +255,3 @@ class FaultProxy:
                     return fault
         return None
 
-    def _record(self, method: str, path: str, status: int, injected: bool) -> None:
-        with self._lock:
-            self._log.append((method, path, status, injected))
-
-    def start(self) -> None:
-        """Bind and serve in a daemon thread."""
-        if self._server is not None:
-            return
-        try:
-            server = _Server((self.host, self.port), _Handler)
-        except OSError as e:
-            raise TestbedError(f"fault proxy cannot listen on {self.host}:{self.port}: {e}") from e
-        server.proxy = self
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="fault-proxy", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop serving and close the listening socket."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> FaultProxy:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

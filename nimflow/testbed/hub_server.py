@@ -28,18 +28,18 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from nimflow.testbed import TestbedError
+from nimflow.testbed.background_server import BackgroundServer
 
 __all__ = ["LFS_THRESHOLD", "HubServer", "git_blob_sha1", "main", "publish", "resolve_revision"]
 
@@ -210,7 +210,7 @@ class _HubError(Exception):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: huggingface_hub reuses its httpx connections
-    server: _Server
+    server: Any  # QuietHTTPServer carrying .hub
 
     # --- plumbing -------------------------------------------------------------------------------
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
@@ -426,84 +426,24 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | str | None:
     return (start, end) if start < size and start <= end else None
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    hub: HubServer
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
-            return  # a client hanging up is not a server error
-        super().handle_error(request, client_address)
-
-
-class HubServer:
+class HubServer(BackgroundServer):
     """A Hugging Face Hub endpoint serving model repos from ``root`` (see the module docstring).
 
     ``requests`` is a snapshot of ``(method, path, status)`` for every request answered so far.
     Usable as a context manager (``with HubServer(root) as hub: ... hub.url``).
     """
 
+    owner_attr = "hub"
+    handler = _Handler
+
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port)
         self.root = Path(root)
-        self.host, self.port = host, port
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._log: list[tuple[str, str, int]] = []
         # (repo, sha) -> {path: meta}; a commit's content never changes, so the cache never goes stale.
         self._entries_cache: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
 
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise TestbedError("HubServer is not started")
-        return f"http://{self.host}:{self._server.server_address[1]}"
-
-    @property
-    def requests(self) -> list[tuple[str, str, int]]:
-        with self._lock:
-            return list(self._log)
-
-    def clear_requests(self) -> None:
-        with self._lock:
-            self._log.clear()
-
-    def _record(self, method: str, path: str, status: int) -> None:
-        with self._lock:
-            self._log.append((method, path, status))
-
-    def start(self) -> None:
-        """Bind and serve in a daemon thread."""
-        if self._server is not None:
-            return
+    def _prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            server = _Server((self.host, self.port), _Handler)
-        except OSError as e:
-            raise TestbedError(f"hub server cannot listen on {self.host}:{self.port}: {e}") from e
-        server.hub = self
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="hub-server", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop serving and close the listening socket."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> HubServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _entries(self, repo: Path, sha: str) -> dict[str, dict[str, Any]]:
         """``{path: {size, oid, sha256, lfs, pointer_size}}`` for a commit (manifest or hashed once)."""

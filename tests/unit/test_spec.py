@@ -222,12 +222,6 @@ def test_non_mapping_document(tmp_path: Path, text: str) -> None:
     assert "expected a mapping" in _problem(path, "(top level)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="BUG: load_spec catches only FileNotFoundError/OSError around read_text(); a non-UTF-8 "
-    "file raises UnicodeDecodeError (a ValueError), which escapes as a traceback",
-)
 def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     """A config saved in Latin-1 is reported as a ConfigError, not a UnicodeDecodeError."""
     path = tmp_path / "latin1.yaml"

@@ -1,0 +1,46 @@
+"""prefect.yaml deploys, and a process worker runs host_model from the deployment (the UI's path)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+
+from tests.conftest import write_spec
+from tests.integration.test_host_model import make_spec, publish_tiny
+
+pytestmark = pytest.mark.testbed
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _prefect(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    command = [str(Path(sys.executable).with_name("prefect")), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+    assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_deployment_runs_on_a_process_worker(
+    tmp_path: Path, testbed_env: dict, prefect_api: str, hub: Any, standin_image: str, unique: str, cleanup_containers: list
+) -> None:
+    name, repo = f"deployed-{unique}", f"org/deployed-{unique}"
+    publish_tiny(hub, repo, tmp_path)
+    config = write_spec(tmp_path / "spec.yaml", make_spec(tmp_path, name, repo, standin_image))
+    cleanup_containers.append(f"nimflow-{name}")
+    env = {**os.environ, **testbed_env, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "1", "COLUMNS": "200"}
+
+    _prefect("work-pool", "create", "nimflow-gpu", "--type", "process", "--overwrite", env=env)
+    _prefect("--no-prompt", "deploy", "--all", env=env)
+    run = _prefect("deployment", "run", "host_model/host-model", "--param", f"config_path={config}", env=env)
+    flow_run_id = next(line.split()[-1] for line in run.stdout.splitlines() if "UUID" in line)
+    _prefect("worker", "start", "--pool", "nimflow-gpu", "--run-once", env=env, timeout=240)
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+    assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
+    assert flow_run.parameters["config_path"] == str(config)
