@@ -63,16 +63,6 @@ def render_build_config(build: BuildSpec) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def _secret_env() -> dict[str, str]:
-    settings = get_settings()
-    env = {}
-    if settings.ngc_api_key:
-        env["NGC_API_KEY"] = settings.ngc_api_key.get_secret_value()
-    if settings.hf_token:
-        env["HF_TOKEN"] = settings.hf_token.get_secret_value()
-    return env
-
-
 def _classify_failure(what: str, exit_code: int | None, logs: str) -> Exception:
     message = f"{what} failed (exit code {exit_code}); last log lines:\n{logs}"
     if any(sign in logs for sign in _TRANSIENT_BUILD_SIGNS):
@@ -109,7 +99,7 @@ def build_with_nim_optimize(
         ],
         name=name,
         detach=True,
-        environment=_secret_env(),
+        environment=get_settings().container_secrets(),
         volumes={
             str(model_dir): {"bind": _MODEL_MOUNT, "mode": "ro"},
             str(out_dir): {"bind": _OUTPUT_MOUNT, "mode": "rw"},
@@ -166,7 +156,7 @@ def build_with_nim_jit(
         # Late NIM 1.x: the default PyTorch runtime does not build fine-tuned engines.
         "NIM_USE_TRTLLM_LEGACY_BACKEND": "1",
         "NIM_DISABLE_TRTLLM_PYTORCH_RT": "1",
-        **_secret_env(),
+        **get_settings().container_secrets(),
     }
     container = client.containers.run(
         build.image,

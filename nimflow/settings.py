@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from pydantic import SecretStr
 
@@ -55,17 +54,20 @@ class Settings:
         )
 
 
+    def hf_token_value(self) -> str | None:
+        """The Hugging Face token, for huggingface_hub calls only."""
+        return self.hf_token.get_secret_value() if self.hf_token else None
+
+    def container_secrets(self) -> dict[str, str]:
+        """Secrets a NIM container needs (NGC downloads, gated HF models), as env vars."""
+        env = {}
+        if self.ngc_api_key:
+            env["NGC_API_KEY"] = self.ngc_api_key.get_secret_value()
+        if self.hf_token:
+            env["HF_TOKEN"] = self.hf_token.get_secret_value()
+        return env
+
+
 def get_settings() -> Settings:
     """Settings for this call. Read on each call (cheap) so a test or a worker can change the env."""
     return Settings.from_env()
-
-
-def secret_values(environ: dict[str, str] | None = None) -> list[str]:
-    """The values of every secret env var that is set, for redaction checks."""
-    env = os.environ if environ is None else environ
-    return [env[name] for name in SECRET_ENV_VARS if env.get(name)]
-
-
-def default_cache_dir() -> Path:
-    """Where nimflow keeps checkpoints and engines when the spec does not say (``NIMFLOW_CACHE_DIR``)."""
-    return Path(os.environ.get("NIMFLOW_CACHE_DIR", "~/.cache/nimflow")).expanduser()

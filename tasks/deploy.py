@@ -42,18 +42,13 @@ def model_mount(deploy: DeploySpec, model_path: Path) -> tuple[str, dict[str, di
 
 def container_environment(deploy: DeploySpec, nim_model_name: str) -> dict[str, str]:
     """The NIM container's environment: the spec's env, the model, and secrets from this process."""
-    settings = get_settings()
-    env = {
+    return {
         **deploy.env,
         "NIM_MODEL_NAME": nim_model_name,
         "NIM_SERVED_MODEL_NAME": deploy.served_model_name,
         "NIM_CACHE_PATH": NIM_CACHE_MOUNT,
+        **get_settings().container_secrets(),
     }
-    if settings.ngc_api_key:
-        env["NGC_API_KEY"] = settings.ngc_api_key.get_secret_value()
-    if settings.hf_token:
-        env["HF_TOKEN"] = settings.hf_token.get_secret_value()
-    return env
 
 
 def start_nim(deploy: DeploySpec, name: str, container_name: str, model_path: Path, labels: dict[str, str]) -> Deployment:

@@ -34,8 +34,7 @@ def resolve_revision(repo_id: str, revision: str) -> str:
         ServiceUnavailable: the hub did not answer (retried by the task).
     """
     settings = get_settings()
-    token = settings.hf_token.get_secret_value() if settings.hf_token else None
-    api = HfApi(endpoint=settings.hf_endpoint, token=token)
+    api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token_value())
     with translated_errors(f"resolving {repo_id}@{revision} on {settings.hf_endpoint or 'huggingface.co'}"):
         return str(api.model_info(repo_id, revision=revision).sha)
 
@@ -64,7 +63,6 @@ def fetch_snapshot(repo_id: str, revision: str, allow_patterns: list[str] | None
 
     before = {p: p.stat().st_mtime_ns for p in model_files(target)} if target.exists() else {}
     settings = get_settings()
-    token = settings.hf_token.get_secret_value() if settings.hf_token else None
     with translated_errors(f"downloading {repo_id}@{sha}"):
         snapshot_download(
             repo_id,
@@ -72,7 +70,7 @@ def fetch_snapshot(repo_id: str, revision: str, allow_patterns: list[str] | None
             local_dir=target,
             allow_patterns=allow_patterns,
             endpoint=settings.hf_endpoint,
-            token=token,
+            token=settings.hf_token_value(),
         )
     files = model_files(target)
     if not (target / "config.json").exists():

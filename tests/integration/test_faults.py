@@ -17,6 +17,7 @@ from prefect import flow
 
 from flows.host_model import host_model
 from nimflow.engine_store import write_manifest
+from nimflow.errors import EngineStoreError
 from nimflow.records import Engine
 from nimflow.spec import CacheSpec, SourceSpec
 from nimflow.testbed.fault_proxy import FaultProxy, hub_error, s3_error
@@ -202,3 +203,35 @@ def test_exiting_container_fails_at_once_with_logs(
         state.result()
     message = str(caught.value)
     assert "exit code 1" in message and "last log lines" in message
+
+
+def test_large_engine_files_go_multipart_and_restore_verified(
+    tmp_path: Path, s3_server: Service, testbed_env: dict, unique: str
+) -> None:
+    """A file above the part size is uploaded in parts, streamed; a restore re-hashes every file."""
+    from nimflow.engine_store import EngineStore
+
+    key = (unique * 8)[:64]
+    engine = _engine_dir(tmp_path, key)
+    rank = Path(engine.path) / "trtllm_engine" / "rank0.engine"
+    with rank.open("wb") as handle:  # 12 MiB of varied bytes
+        for block in range(12):
+            handle.write(bytes([block]) * (1024 * 1024))
+    manifest = write_manifest(Path(engine.path), key, {"test": True})
+    cache = CacheSpec(uri=f"s3://{ENGINE_BUCKET}/multipart", multipart_chunk_mib=5, max_concurrency=2)
+
+    state = upload_flow(engine, cache, return_state=True)
+    assert state.is_completed(), state.message
+
+    client = boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1")
+    head = client.head_object(Bucket=ENGINE_BUCKET, Key=f"multipart/{key}/files/trtllm_engine/rank0.engine")
+    assert head["ETag"].strip('"').endswith("-3")  # 5 + 5 + 2 MiB parts
+    store = EngineStore(cache)
+    restored = tmp_path / "restored"
+    files, size = store.restore(store.manifest(key) or {}, restored)
+    assert files == len(manifest["files"]) and (restored / "trtllm_engine" / "rank0.engine").read_bytes() == rank.read_bytes()
+
+    # A corrupted object in the store is refused on restore, not served.
+    client.put_object(Bucket=ENGINE_BUCKET, Key=f"multipart/{key}/files/config.json", Body=b'{"tampered": true}')
+    with pytest.raises(EngineStoreError, match="does not match the manifest"):
+        store.restore(store.manifest(key) or {}, tmp_path / "restored-again")

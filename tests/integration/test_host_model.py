@@ -135,19 +135,26 @@ def test_full_flow_builds_once_and_serves(
     spec["deploy"]["cache_dir"] = str(tmp_path / "second-host-cache")
     other = host_model(config_path=str(write_spec(tmp_path / "spec2.yaml", spec)))
     assert other["engine_origin"] == "engine-store" and other["engine_key"] == record["engine_key"]
+    assert other["container_id"] != record["container_id"]  # a changed deploy spec replaces the container
     assert other["uploaded_files"] == 0
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_finetuned_weights_jit_build(
-    tmp_path: Path, testbed_env: dict, hub: Any, standin_image: str, unique: str, cleanup_containers: list
+    tmp_path: Path, testbed_env: dict, hub: Any, standin_image: str, unique: str, cleanup_containers: list, where: str
 ) -> None:
-    name, repo = f"ft-{unique}", f"org/base-{unique}"
+    name, repo = f"ft-{where}-{unique}", f"org/base-{unique}"
     publish_tiny(hub, repo, tmp_path)
     finetuned = write_tiny_llama(tmp_path / "finetuned", seed=7)
     for side_file in ("tokenizer.json", "tokenizer_config.json"):
         (finetuned / side_file).unlink()  # taken from the base checkpoint
     spec = make_spec(tmp_path, name, repo, standin_image, build="nim-jit")
     spec["finetune"] = {"path": str(finetuned)}
+    if where == "s3":
+        s3 = boto3.client("s3", endpoint_url=testbed_env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+        for path in finetuned.iterdir():
+            s3.upload_file(str(path), ENGINE_BUCKET, f"finetunes/{name}/{path.name}")
+        spec["finetune"] = {"path": f"s3://{ENGINE_BUCKET}/finetunes/{name}"}
     cleanup_containers.append(f"nimflow-{name}")
 
     record = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
