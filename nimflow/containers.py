@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import docker
@@ -93,6 +93,16 @@ def container_state(client: docker.DockerClient, container_id: str) -> tuple[str
     state = container.attrs.get("State", {})
     running = container.status in ("running", "created", "restarting")
     return container.status, None if running else state.get("ExitCode")
+
+
+def exit_watch(client: docker.DockerClient, container_id: str, name: str) -> Callable[[], str | None]:
+    """A check for ``wait_until_ready``'s ``give_up``: says why, once the container has exited."""
+
+    def exited() -> str | None:
+        status, code = container_state(client, container_id)
+        return None if code is None else f"container {name} {status} with exit code {code}"
+
+    return exited
 
 
 def last_log_lines(client: docker.DockerClient, container_id: str, lines: int = 20) -> str:

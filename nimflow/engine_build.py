@@ -29,6 +29,7 @@ from nimflow.containers import (
     LABEL_PREFIX,
     container_state,
     device_requests,
+    exit_watch,
     last_log_lines,
     published_port,
     remove_container,
@@ -176,14 +177,10 @@ def build_with_nim_jit(
     try:
         endpoint = f"http://127.0.0.1:{published_port(client, container.id)}"
 
-        def exited() -> str | None:
-            status, code = container_state(client, container.id)
-            if code is None:
-                return None
-            return f"exited (code {code})"
-
         try:
-            wait_until_ready(endpoint, deadline_seconds=build.timeout_seconds, give_up=exited)
+            wait_until_ready(
+                endpoint, deadline_seconds=build.timeout_seconds, give_up=exit_watch(client, container.id, container.name)
+            )
         except EndpointUnhealthy as exc:
             _, code = container_state(client, container.id)
             raise _classify_failure(f"NIM JIT build ({exc})", code, last_log_lines(client, container.id, 30)) from None

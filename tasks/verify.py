@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from nimflow.containers import container_state, docker_client, last_log_lines
+from nimflow.containers import docker_client, exit_watch, last_log_lines
 from nimflow.errors import EndpointUnhealthy
 from nimflow.nim_api import chat_completion, list_models, wait_until_ready
 from nimflow.records import Deployment, EndpointHealth
@@ -17,15 +17,9 @@ def check_endpoint(deployment: Deployment, *, deadline_seconds: float, prompt: s
         EndpointUnhealthy: with the container's last log lines when it exits or misses the deadline.
     """
     client = docker_client()
-
-    def container_exited() -> str | None:
-        status, code = container_state(client, deployment.container_id)
-        if code is None:
-            return None
-        return f"container {deployment.container_name} {status} with exit code {code}"
-
+    exited = exit_watch(client, deployment.container_id, deployment.container_name)
     try:
-        ready_after = wait_until_ready(deployment.endpoint, deadline_seconds=deadline_seconds, give_up=container_exited)
+        ready_after = wait_until_ready(deployment.endpoint, deadline_seconds=deadline_seconds, give_up=exited)
         models = list_models(deployment.endpoint)
         if deployment.served_model_name not in models:
             raise EndpointUnhealthy(
