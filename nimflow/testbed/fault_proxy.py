@@ -98,22 +98,20 @@ class _Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass  # trailers
                     return
-                left = size
-                while left:
-                    piece = self.rfile.read(min(left, _CHUNK))
-                    if not piece:
-                        raise _ClientGone("client closed mid-body")
-                    left -= len(piece)
-                    yield piece
+                yield from self._read_exactly(size)
                 self.rfile.readline(3)  # CRLF after the chunk
         else:
-            left = int(self.headers.get("Content-Length") or 0)
-            while left:
-                piece = self.rfile.read(min(left, _CHUNK))
-                if not piece:
-                    raise _ClientGone("client closed mid-body")
-                left -= len(piece)
-                yield piece
+            yield from self._read_exactly(int(self.headers.get("Content-Length") or 0))
+
+    def _read_exactly(self, size: int) -> Any:
+        """Yield exactly ``size`` bytes of the request body, in pieces."""
+        left = size
+        while left:
+            piece = self.rfile.read(min(left, _CHUNK))
+            if not piece:
+                raise _ClientGone("client closed mid-body")
+            left -= len(piece)
+            yield piece
 
     # --- dispatch -------------------------------------------------------------------------------
     def _handle(self) -> None:

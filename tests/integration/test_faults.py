@@ -235,3 +235,34 @@ def test_large_engine_files_go_multipart_and_restore_verified(
     client.put_object(Bucket=ENGINE_BUCKET, Key=f"multipart/{key}/files/config.json", Body=b'{"tampered": true}')
     with pytest.raises(EngineStoreError, match="does not match the manifest"):
         store.restore(store.manifest(key) or {}, tmp_path / "restored-again")
+
+
+def test_port_in_use_fails_once_naming_the_field(
+    tmp_path: Path, testbed_env: dict, hub: Any, standin_image: str, unique: str, cleanup_containers: list
+) -> None:
+    import socket
+
+    name, repo = f"port-{unique}", f"org/port-{unique}"
+    publish_tiny(hub, repo, tmp_path)
+    spec = make_spec(tmp_path, name, repo, standin_image, build=None)
+    cleanup_containers.append(f"nimflow-{name}")
+    with socket.socket() as squatter:  # someone else holds the port
+        squatter.bind(("127.0.0.1", spec["deploy"]["host_port"]))
+        squatter.listen()
+        state = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
+
+    with pytest.raises(Exception) as caught:
+        state.result()
+    assert type(caught.value).__name__ == "DeploymentError"
+    assert str(spec["deploy"]["host_port"]) in str(caught.value) and "deploy.host_port" in str(caught.value)
+    assert task_runs(state.state_details.flow_run_id)["deploy-nim"].run_count == 1
+
+
+def test_gated_repo_names_the_fix(tmp_path: Path, testbed_env: dict, hub: Any, unique: str) -> None:
+    from nimflow.errors import CheckpointNotFound
+    from tasks.download import fetch_snapshot
+
+    repo = f"org/gated-{unique}"
+    publish_tiny(hub, repo, tmp_path, gated=True)
+    with pytest.raises(CheckpointNotFound, match="accept the model's terms"):
+        fetch_snapshot(repo, "main", None, tmp_path / "cache")
