@@ -157,8 +157,7 @@ def check_safetensors(path: Path) -> int:
         position = stop
     if position != data_len:
         raise InvalidWeights(f"{path}: {data_len - position} bytes after the last tensor; the file is corrupt")
-    tensors = len(spans)
-    return tensors
+    return len(spans)
 
 
 def read_config(directory: Path) -> dict:

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,12 @@ def publish_local(staged: Path, final: Path) -> Path:
     return final
 
 
+def _for_each_file(entries: list[dict[str, Any]], action: Callable[[dict[str, Any]], None]) -> None:
+    """Run ``action`` on manifest entries, a few files at a time (each file's parts run in parallel too)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(entries)))) as pool:
+        list(pool.map(action, entries))
+
+
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -134,9 +141,7 @@ class EngineStore:
         """
         key = manifest["engine_key"]
         todo = [f for f in manifest["files"] if not self._has_file(key, f)]
-        workers = max(1, min(4, len(todo)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda f: self._put_file(key, engine_dir, f), todo))
+        _for_each_file(todo, lambda f: self._put_file(key, engine_dir, f))
         # The manifest goes last, and only if nobody published this key meanwhile.
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
         try:
@@ -189,7 +194,6 @@ class EngineStore:
                 )
 
         files = manifest["files"]
-        with ThreadPoolExecutor(max_workers=max(1, min(4, len(files)))) as pool:
-            list(pool.map(fetch, files))
+        _for_each_file(files, fetch)
         _write_json_atomic(dest / MANIFEST_NAME, manifest)
         return len(files), sum(f["size"] for f in files)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import httpx
 
-from nimflow.errors import EndpointUnhealthy, ServiceUnavailable, is_transient, translated_errors
+from nimflow.errors import EndpointUnhealthy, NimflowError, TransientError, translated_errors
 
 #: Returns a reason when the server will never become ready (e.g. its container exited), else None.
 GiveUpCheck = Callable[[], "str | None"]
@@ -48,13 +48,6 @@ def wait_until_ready(
             time.sleep(min(poll_seconds, max(0.05, deadline_seconds - elapsed)))
 
 
-def _call(action: str, request: Callable[[], httpx.Response]) -> dict:
-    with translated_errors(action):
-        response = request()
-        response.raise_for_status()
-        return response.json()
-
-
 def list_models(endpoint: str, *, attempts: int = 3) -> list[str]:
     """Model ids served at ``endpoint``; retried a few times on transient faults."""
     body = _retrying(f"listing models at {endpoint}", lambda: httpx.get(f"{endpoint}/v1/models", timeout=30), attempts)
@@ -83,13 +76,23 @@ def chat_completion(endpoint: str, model: str, prompt: str, *, attempts: int = 3
 
 
 def _retrying(action: str, request: Callable[[], httpx.Response], attempts: int) -> dict:
+    """One JSON request, retried on transient faults. Verification is a single non-retried task,
+    so the short retry for a busy-but-ready NIM lives here.
+
+    Raises:
+        EndpointUnhealthy: a permanent answer (4xx: the endpoint is wrong, not slow), or a
+            transient one that outlived ``attempts``.
+    """
     for attempt in range(1, attempts + 1):
         try:
-            return _call(action, request)
-        except ServiceUnavailable as exc:
-            if attempt == attempts or not is_transient(exc):
+            with translated_errors(action):
+                response = request()
+                response.raise_for_status()
+                return response.json()
+        except TransientError as exc:
+            if attempt == attempts:
                 raise EndpointUnhealthy(f"{exc} (after {attempt} attempts)") from exc
             time.sleep(attempt)
-        except Exception as exc:  # permanent: a 4xx answer means the endpoint is wrong, not slow
+        except NimflowError as exc:
             raise EndpointUnhealthy(str(exc)) from exc
     raise AssertionError("unreachable")
