@@ -18,7 +18,7 @@ from nimflow import log_filter
 from nimflow.records import HostingRecord
 from nimflow.spec import load_spec
 from tasks.compile import compile_engine
-from tasks.deploy import deploy_nim
+from tasks.deploy import deploy_nim, deployment_labels
 from tasks.download import download_checkpoint
 from tasks.finetune import import_finetune
 from tasks.upload import upload_engine
@@ -61,16 +61,14 @@ def host_model(config_path: str, revision: str | None = None) -> dict:
     engine = published = None
     if spec.build is not None and spec.cache is not None:
         with _timed(timings, "compile"):
-            engine = compile_engine(spec.build, spec.cache, model_path, weights_identity, cache_dir)
+            engine = compile_engine(spec.build, spec.cache, model_path, weights_identity, cache_dir, spec.deploy)
         with _timed(timings, "upload"):
             published = upload_engine(engine, spec.cache)
         model_path = engine.path
 
-    labels = {"nimflow.weights": weights_identity[:200]}
-    if engine is not None:
-        labels["nimflow.engine-key"] = engine.engine_key
+    labels = deployment_labels(weights_identity, engine.engine_key if engine else None)
     with _timed(timings, "deploy"):
-        deployment = deploy_nim(spec.deploy, spec.name, spec.container_name, model_path, labels)
+        deployment = deploy_nim(spec.deploy, spec.name, spec.container_name, model_path, labels, engine)
     with _timed(timings, "verify"):
         health = verify_endpoint(deployment, spec.deploy.health_deadline_seconds, spec.deploy.completion_prompt)
 

@@ -66,10 +66,20 @@ def sha256_file(path: Path) -> str:
 
 def directory_digest(directory: Path, files: Iterable[Path] | None = None) -> str:
     """sha256 over the relative names and contents of a directory's model files."""
+    chosen = files if files is not None else model_files(directory)
+    return files_digest({path.relative_to(directory).as_posix(): path for path in chosen})
+
+
+def files_digest(files: dict[str, Path]) -> str:
+    """sha256 over (relative name, content sha256) of files that would form one directory.
+
+    The same value :func:`directory_digest` gives once the files are copied into one place, so a
+    staged directory's digest can be known before staging (``nimflow plan``).
+    """
     digest = hashlib.sha256()
-    for path in files if files is not None else model_files(directory):
-        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
-        digest.update(sha256_file(path).encode() + b"\n")
+    for name in sorted(files, key=lambda n: n.split("/")):  # Path order: component by component
+        digest.update(name.encode() + b"\0")
+        digest.update(sha256_file(files[name]).encode() + b"\n")
     return digest.hexdigest()
 
 

@@ -1,7 +1,9 @@
 """The ``nimflow`` command.
 
     nimflow validate CONFIG...        check hosting specs; exit 2 listing `CONFIG: field.path: message`
+    nimflow plan CONFIG               which stages a run would do and which are hits, with the engine key
     nimflow host CONFIG [--revision]  run the host_model flow against the configured Prefect API
+    nimflow cache ls|explain|gc       list, explain and clean the engine store
     nimflow testbed up|down           start/stop the local test bed (Docker, S3, hub, Prefect)
     nimflow demo                      test bed up + host configs/demo.yaml end to end
 
@@ -15,8 +17,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from nimflow.errors import ConfigError, NimflowError
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from nimflow.errors import ConfigError, NimflowError, Problem
 from nimflow.testbed import TestbedError
+
+if TYPE_CHECKING:
+    from nimflow.engine_store import EngineStore
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -56,6 +65,66 @@ def _host(config: str, revision: str | None) -> int:
         print(f"nimflow: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     _print_record(record)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from nimflow.plan import make_plan
+    from nimflow.spec import load_spec
+
+    spec = load_spec(args.config)
+    print(make_plan(spec).render(f"plan for {args.config} ({spec.name}):"))
+    return 0
+
+
+def _store(args: argparse.Namespace) -> EngineStore:
+    """The engine store named by --store (with --endpoint-url) or by a spec's `cache` section."""
+    from nimflow.engine_store import EngineStore
+    from nimflow.spec import CacheSpec, load_spec
+
+    if args.config:
+        spec = load_spec(args.config)
+        if spec.cache is None:
+            raise ConfigError(args.config, [Problem("cache", "this spec has no engine store (`cache` section)")])
+        return EngineStore(spec.cache)
+    if not args.store:
+        raise ConfigError("nimflow cache", [Problem("--store", "give the store as --store s3://bucket/prefix or --config SPEC")])
+    try:
+        cache = CacheSpec(uri=args.store, endpoint_url=args.endpoint_url)
+    except ValidationError as exc:
+        raise ConfigError("nimflow cache", [Problem("--store", exc.errors()[0]["msg"].removeprefix("Value error, "))]) from None
+    return EngineStore(cache)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from nimflow import cache_admin
+    from nimflow.containers import docker_client
+    from nimflow.errors import translated_errors
+
+    store = _store(args)
+    with translated_errors(f"reading the engine store {store.cache.uri}"):
+        if args.action == "ls":
+            print(cache_admin.list_entries(store))
+        elif args.action == "explain":
+            print(cache_admin.explain(store, args.key, args.other))
+        else:
+            if (args.keep is None) == (args.older_than is None):
+                raise ConfigError("nimflow cache gc", [Problem("--keep/--older-than", "give exactly one of --keep N or --older-than D")])
+            if args.keep is not None and args.keep < 1:
+                raise ConfigError("nimflow cache gc", [Problem("--keep", "must be at least 1")])
+            older = cache_admin.parse_duration(args.older_than, option="--older-than") if args.older_than else None
+            abandoned = cache_admin.parse_duration(args.abandoned_after, option="--abandoned-after")
+            try:
+                in_use = cache_admin.engines_in_use(docker_client())
+            except Exception as exc:  # noqa: BLE001 - without Docker nothing on this host can use an engine
+                print(f"nimflow cache gc: cannot see this host's containers ({type(exc).__name__}); "
+                      "engines served here are not protected", file=sys.stderr)
+                in_use = {}
+            plan = cache_admin.plan_gc(
+                store, keep=args.keep, older_than=older, abandoned_after=abandoned, in_use=in_use,
+                lease_seconds=store.cache.build_lease_seconds,
+            )
+            print(cache_admin.run_gc(store, plan, dry_run=args.dry_run))
     return 0
 
 
@@ -105,6 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check hosting specs")
     validate.add_argument("configs", nargs="+", metavar="CONFIG")
     validate.set_defaults(run=_validate)
+
+    plan = sub.add_parser("plan", help="show which stages a run would do and which are hits, with the engine key")
+    plan.add_argument("config", metavar="CONFIG")
+    plan.set_defaults(run=_plan)
+
+    cache = sub.add_parser("cache", help="list, explain and clean the engine store")
+    cache_sub = cache.add_subparsers(dest="action", required=True)
+    for action, text in (("ls", "list engines"), ("explain", "show a key's inputs, or what differs between two keys"),
+                         ("gc", "remove old engines and abandoned uploads")):
+        command = cache_sub.add_parser(action, help=text)
+        command.add_argument("--store", help="engine store s3://bucket/prefix (or take it from --config)")
+        command.add_argument("--endpoint-url", help="S3 endpoint (MinIO, a test server); default AWS_ENDPOINT_URL or AWS")
+        command.add_argument("--config", help="a hosting spec whose `cache` section names the store")
+        command.set_defaults(run=_cache)
+        if action == "explain":
+            command.add_argument("key", metavar="KEY", help="an engine key or a unique prefix of one")
+            command.add_argument("other", metavar="KEY2", nargs="?", help="a second key: show only what differs")
+        if action == "gc":
+            command.add_argument("--keep", type=int, help="keep the N newest engines of each model and GPU")
+            command.add_argument("--older-than", help="remove engines created longer ago than this (e.g. 30d, 12h)")
+            command.add_argument("--abandoned-after", default="24h",
+                                 help="remove uploads no manifest names once untouched this long (default 24h)")
+            command.add_argument("--dry-run", action="store_true", help="only print what would be removed")
 
     host = sub.add_parser("host", help="run the host_model flow for a hosting spec")
     host.add_argument("config", metavar="CONFIG")

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import docker
 from docker.types import DeviceRequest
 
-from nimflow.errors import DeploymentError
+from nimflow.errors import DeploymentError, ServiceUnavailable, is_transient
+
+logger = logging.getLogger(__name__)
 
 #: Label keys nimflow puts on every container it creates.
 LABEL_PREFIX = "nimflow."
@@ -113,3 +117,102 @@ def last_log_lines(client: docker.DockerClient, container_id: str, lines: int = 
         return "(container is gone; no logs)"
     text = raw.decode("utf-8", "replace").rstrip()
     return text or "(no output)"
+
+
+def remove_container_quietly(client: docker.DockerClient, name_or_id: str, stop_timeout: int = 10) -> None:
+    """:func:`remove_container` for clean-up paths: a failure is logged, never raised over the real error."""
+    try:
+        remove_container(client, name_or_id, stop_timeout=stop_timeout)
+    except Exception as exc:  # noqa: BLE001 - clean-up must not hide the error being handled
+        logger.warning("could not remove container %s (%s: %s); remove it by hand", name_or_id, type(exc).__name__, exc)
+
+
+def start_container(client: docker.DockerClient, image: str, *, name: str, **options: Any) -> str:
+    """Create and start a detached container; return its id.
+
+    The daemon can create a container and then fail to start it (a port taken, no GPU runtime):
+    that husk is removed here before the error propagates, so nothing is left behind.
+    """
+    container = client.containers.create(image, name=name, detach=True, **options)
+    try:
+        container.start()
+    except Exception:
+        remove_container_quietly(client, container.id)
+        raise
+    return str(container.id)
+
+
+@dataclass(frozen=True)
+class ContainerExit:
+    """How a one-shot container ended."""
+
+    exit_code: int | None = None  # None: the deadline passed first
+    logs: str = ""
+
+    @property
+    def timed_out(self) -> bool:
+        """True when the container was still running at the deadline."""
+        return self.exit_code is None
+
+
+def wait_for_exit(
+    client: Any, container_id: str, deadline_seconds: float, *, daemon_grace_seconds: float = 60.0, poll_seconds: float = 30.0
+) -> int | None:
+    """Wait for a container to exit; return its exit code, or None once the deadline has passed.
+
+    A Docker daemon that stops answering (a restart, a hiccup) is not a timeout: the wait goes on
+    for the same container once the daemon is back, so a long build is neither lost nor blamed.
+
+    Raises:
+        ServiceUnavailable: the daemon did not answer for ``daemon_grace_seconds`` in a row.
+    """
+    deadline = time.monotonic() + deadline_seconds
+    outage_since: float | None = None
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            return int(client.api.wait(container_id, timeout=max(1, min(remaining, poll_seconds)))["StatusCode"])
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc):
+                raise
+            # The docker SDK reports its own read timeout (container still running) like a lost
+            # daemon; asking for the container's state tells the two apart.
+            try:
+                state = client.api.inspect_container(container_id)["State"]
+            except Exception as probe_exc:  # noqa: BLE001
+                if not is_transient(probe_exc):
+                    raise
+                outage_since = outage_since or time.monotonic()
+                if time.monotonic() - outage_since > daemon_grace_seconds:
+                    raise ServiceUnavailable(
+                        f"the Docker daemon has not answered for {daemon_grace_seconds:g}s while waiting for "
+                        f"container {container_id[:12]} ({type(probe_exc).__name__}); check `systemctl status docker`"
+                    ) from probe_exc
+                time.sleep(min(2.0, max(0.05, deadline - time.monotonic())))
+                continue
+            outage_since = None
+            if not state.get("Running") and state.get("Status") not in ("created", "restarting"):
+                return int(state.get("ExitCode", -1))
+    return None
+
+
+def run_to_exit(
+    client: docker.DockerClient,
+    image: str,
+    command: list[str],
+    *,
+    name: str,
+    deadline_seconds: float,
+    log_lines: int = 40,
+    **options: Any,
+) -> ContainerExit:
+    """Run a one-shot container to its end and return its exit code and last log lines.
+
+    The container is removed on every path (success, failure, deadline, a daemon error), so a
+    failed build or probe leaves nothing behind.
+    """
+    try:
+        container_id = start_container(client, image, name=name, command=command, **options)
+        code = wait_for_exit(client, container_id, deadline_seconds)
+        return ContainerExit(exit_code=code, logs=last_log_lines(client, container_id, log_lines))
+    finally:
+        remove_container_quietly(client, name)

@@ -1,29 +1,43 @@
-"""Compile a TensorRT-LLM engine inside a NIM 1.x container on the Docker engine.
+"""Compile a TensorRT-LLM engine in a container on the Docker engine, with one of three backends.
 
-Two backends, both producing NIM's layout in ``out_dir``::
+Every backend produces NIM's layout in ``out_dir``::
 
     config.json, generation_config.json, tokenizer*      the model's files
     trtllm_engine/config.json, trtllm_engine/rank{N}.engine
 
-* ``nim-optimize``: run ``nim-optimize --model_dir --build_config --output_engine_dir`` with the
-  build YAML rendered from the spec, and wait for the container to exit.
-* ``nim-jit``: start NIM with ``NIM_FT_MODEL`` + ``NIM_CUSTOM_MODEL_NAME``; NIM builds at start-up
-  and reports ready when done. Then harvest ``$NIM_CACHE_PATH/local_cache/<name>`` and
-  ``local_manifest.yaml``.
+* ``nim-optimize``: ``nim-optimize --model_dir --build_config --output_engine_dir`` in the NIM
+  image, with the build YAML rendered from the spec.
+* ``nim-jit``: NIM itself, started with ``NIM_FT_MODEL`` + ``NIM_CUSTOM_MODEL_NAME``; it builds at
+  start-up and reports ready when done. ``local_cache/<name>`` and ``local_manifest.yaml`` are
+  then harvested.
+* ``trtllm-build``: ``convert_checkpoint.py`` then ``trtllm-build`` in a TensorRT-LLM release
+  image, every limit explicit and the timing cache written to scratch.
 
+Whatever happens, the build containers and the scratch directories are removed before this
+module returns or raises, and scratch is private to the user running nimflow. The engine's own
+``trtllm_engine/config.json`` is then checked against the spec (:mod:`nimflow.build_config`).
 Nothing here imports tensorrt_llm: the build runs in the container, on the GPU host.
 """
 
 from __future__ import annotations
 
 import shutil
-import time
+import stat
 import uuid
 from pathlib import Path
+from typing import Any
 
 import docker
-import yaml
 
+from nimflow.build_config import (
+    check_built_engine,
+    convert_arguments,
+    convert_script,
+    jit_environment,
+    read_engine_config,
+    render_nim_optimize_config,
+    trtllm_build_arguments,
+)
 from nimflow.containers import (
     CONTAINER_PORT,
     LABEL_PREFIX,
@@ -32,178 +46,193 @@ from nimflow.containers import (
     exit_watch,
     last_log_lines,
     published_port,
-    remove_container,
+    remove_container_quietly,
+    run_to_exit,
+    start_container,
 )
-from nimflow.errors import BuildFailed, EndpointUnhealthy, TransientBuildError
+from nimflow.errors import BuildFailed, EndpointUnhealthy, classify_build_failure
 from nimflow.nim_api import wait_until_ready
 from nimflow.settings import get_settings
 from nimflow.spec import BuildSpec
 
 _MODEL_MOUNT = "/workspace/model"
 _OUTPUT_MOUNT = "/workspace/output"
+_WORK_MOUNT = "/workspace/work"
 _JIT_CACHE_MOUNT = "/opt/nim/.cache"
-# Build failures that a retry (ideally on another node) can fix, per TensorRT-LLM's issue history.
-_TRANSIENT_BUILD_SIGNS = (
-    "cudaMemGetInfo",
-    "Unexpected error from cudaGetDeviceCount",
-    "NCCL error",
-    "MPI_Init",
+#: The model's own files NIM reads next to ``trtllm_engine/`` (tokenizer, generation defaults).
+MODEL_SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
 )
 
 
-def render_build_config(build: BuildSpec) -> str:
-    """The ``nim-optimize --build_config`` YAML for a build spec."""
-    config = {
-        "dtype": build.dtype,
-        "tp_size": build.tp_size,
-        "pp_size": build.pp_size,
-        "max_seq_len": build.max_seq_len,
-        "max_batch_size": build.max_batch_size,
-        "max_num_tokens": build.max_num_tokens,
+def _container_options(build: BuildSpec, labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "environment": {**build.env, **get_settings().container_secrets()},
+        "device_requests": device_requests(build.gpus),
+        "shm_size": build.shm_size,
+        "user": "root",
+        "labels": {**labels, f"{LABEL_PREFIX}role": "build"},
     }
-    return yaml.safe_dump(config, sort_keys=False)
 
 
-def _classify_failure(what: str, exit_code: int | None, logs: str) -> Exception:
-    message = f"{what} failed (exit code {exit_code}); last log lines:\n{logs}"
-    if any(sign in logs for sign in _TRANSIENT_BUILD_SIGNS):
-        return TransientBuildError(message)
-    if exit_code == 137 or "Killed" in logs:
-        return BuildFailed(message + "\nThe host ran out of memory: build on a node with more RAM.")
-    if "OutOfMemory" in logs or "could not be allocated" in logs:
-        return BuildFailed(
-            message + "\nThe GPU ran out of memory: lower max_num_tokens/max_batch_size/max_seq_len or raise tp_size."
+def _run_step(
+    client: docker.DockerClient, build: BuildSpec, what: str, command: list[str], volumes: dict[str, dict[str, str]],
+    labels: dict[str, str],
+) -> None:
+    """Run one build step to its end; raise the classified failure unless it exited 0."""
+    options = _container_options(build, labels)
+    ended = run_to_exit(
+        client, build.image, command, name=f"nimflow-build-{uuid.uuid4().hex[:12]}",
+        deadline_seconds=build.timeout_seconds, volumes=volumes, **options,
+    )
+    if ended.timed_out:
+        raise BuildFailed(
+            f"{what} did not finish within {build.timeout_seconds:g}s; last log lines:\n{ended.logs}\n"
+            "Raise build.timeout_seconds or shrink the build."
         )
-    return BuildFailed(message)
+    if ended.exit_code != 0:
+        raise classify_build_failure(what, ended.exit_code, ended.logs)
 
 
 def build_with_nim_optimize(
-    client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, labels: dict[str, str]
+    client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, work: Path, labels: dict[str, str]
 ) -> None:
-    """Run ``nim-optimize`` in the build image; ``out_dir`` receives the engine in NIM's layout.
-
-    Raises:
-        BuildFailed: the build exited non-zero for a deterministic reason (logs included).
-        TransientBuildError: it failed for a reason outside its inputs (driver, NCCL, MPI).
-    """
-    work = out_dir.parent / f".work-{out_dir.name}"
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "build_config.yaml").write_text(render_build_config(build))
-    name = f"nimflow-build-{uuid.uuid4().hex[:12]}"
-    container = client.containers.run(
-        build.image,
-        command=[
-            "nim-optimize",
-            "--model_dir", _MODEL_MOUNT,
-            "--build_config", "/workspace/build_config.yaml",
-            "--output_engine_dir", _OUTPUT_MOUNT,
-        ],
-        name=name,
-        detach=True,
-        environment=get_settings().container_secrets(),
-        volumes={
+    """Run ``nim-optimize`` in the build image; ``out_dir`` receives the engine in NIM's layout."""
+    config = work / "build_config.yaml"
+    config.write_text(render_nim_optimize_config(build))
+    _run_step(
+        client, build, "nim-optimize",
+        ["nim-optimize", "--model_dir", _MODEL_MOUNT, "--build_config", f"{_WORK_MOUNT}/build_config.yaml",
+         "--output_engine_dir", _OUTPUT_MOUNT],
+        {
             str(model_dir): {"bind": _MODEL_MOUNT, "mode": "ro"},
             str(out_dir): {"bind": _OUTPUT_MOUNT, "mode": "rw"},
-            str(work / "build_config.yaml"): {"bind": "/workspace/build_config.yaml", "mode": "ro"},
+            str(work): {"bind": _WORK_MOUNT, "mode": "ro"},
         },
-        device_requests=device_requests(build.gpus),
-        shm_size=build.shm_size,
-        user="root",
-        labels={**labels, f"{LABEL_PREFIX}role": "build"},
+        labels,
     )
-    try:
-        try:
-            result = container.wait(timeout=build.timeout_seconds)
-        except Exception:  # requests' ReadTimeout: the build outlived its budget
-            raise BuildFailed(
-                f"nim-optimize did not finish within {build.timeout_seconds:g}s; last log lines:\n"
-                f"{last_log_lines(client, container.id)}\nRaise build.timeout_seconds or shrink the build."
-            ) from None
-        exit_code = int(result.get("StatusCode", -1))
-        if exit_code != 0:
-            raise _classify_failure("nim-optimize", exit_code, last_log_lines(client, container.id, 30))
-    finally:
-        remove_container(client, container.id, stop_timeout=10)
-        shutil.rmtree(work, ignore_errors=True)
-    if not list((out_dir / "trtllm_engine").glob("rank*.engine")):
-        raise BuildFailed(f"nim-optimize exited 0 but wrote no trtllm_engine/rank*.engine under {out_dir}")
+
+
+def build_with_trtllm(
+    client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, work: Path, labels: dict[str, str],
+    model_config: dict[str, Any],
+) -> None:
+    """``convert_checkpoint.py`` then ``trtllm-build`` in a TensorRT-LLM image, laid out for NIM."""
+    checkpoint = f"{_WORK_MOUNT}/checkpoint"
+    _run_step(
+        client, build, "convert_checkpoint.py",
+        ["python3", convert_script(build, model_config), *convert_arguments(build, _MODEL_MOUNT, checkpoint)],
+        {str(model_dir): {"bind": _MODEL_MOUNT, "mode": "ro"}, str(work): {"bind": _WORK_MOUNT, "mode": "rw"}},
+        labels,
+    )
+    _run_step(
+        client, build, "trtllm-build",
+        ["trtllm-build", *trtllm_build_arguments(
+            build, checkpoint, f"{_OUTPUT_MOUNT}/trtllm_engine", f"{_WORK_MOUNT}/timing.cache")],
+        {str(work): {"bind": _WORK_MOUNT, "mode": "rw"}, str(out_dir): {"bind": _OUTPUT_MOUNT, "mode": "rw"}},
+        labels,
+    )
+    for name in MODEL_SIDE_FILES:  # NIM serves the engine with the model's config and tokenizer
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out_dir / name)
 
 
 def build_with_nim_jit(
-    client: docker.DockerClient,
-    build: BuildSpec,
-    model_dir: Path,
-    out_dir: Path,
-    labels: dict[str, str],
+    client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, work: Path, labels: dict[str, str],
     custom_model_name: str,
 ) -> None:
-    """Let NIM JIT-build the engine at start-up, then harvest it into ``out_dir``.
-
-    Raises:
-        BuildFailed: the container exited or never became ready (logs included).
-        TransientBuildError: it failed for a reason outside its inputs.
-    """
-    scratch = out_dir.parent / f".jit-{out_dir.name}"
-    scratch.mkdir(parents=True, exist_ok=True)
-    scratch.chmod(0o777)  # NIM may run as a non-root user and must write its cache here
+    """Let NIM JIT-build the engine at start-up, then harvest it into ``out_dir``."""
     env = {
+        **build.env,
+        **jit_environment(build),
         "NIM_FT_MODEL": _MODEL_MOUNT,
         "NIM_CUSTOM_MODEL_NAME": custom_model_name,
         "NIM_SERVED_MODEL_NAME": custom_model_name,
         "NIM_CACHE_PATH": _JIT_CACHE_MOUNT,
-        "NIM_TENSOR_PARALLEL_SIZE": str(build.tp_size),
-        "NIM_PIPELINE_PARALLEL_SIZE": str(build.pp_size),
-        "NIM_MAX_MODEL_LEN": str(build.max_seq_len),
         # Late NIM 1.x: the default PyTorch runtime does not build fine-tuned engines.
         "NIM_USE_TRTLLM_LEGACY_BACKEND": "1",
         "NIM_DISABLE_TRTLLM_PYTORCH_RT": "1",
         **get_settings().container_secrets(),
     }
-    container = client.containers.run(
-        build.image,
-        name=f"nimflow-jit-{uuid.uuid4().hex[:12]}",
-        detach=True,
-        environment=env,
-        volumes={
-            str(model_dir): {"bind": _MODEL_MOUNT, "mode": "ro"},
-            str(scratch): {"bind": _JIT_CACHE_MOUNT, "mode": "rw"},
-        },
-        ports={CONTAINER_PORT: ("127.0.0.1", None)},
-        device_requests=device_requests(build.gpus),
-        shm_size=build.shm_size,
-        user="root",
-        labels={**labels, f"{LABEL_PREFIX}role": "build"},
-    )
+    options = _container_options(build, labels)
+    options["environment"] = env
+    name = f"nimflow-jit-{uuid.uuid4().hex[:12]}"
     try:
-        endpoint = f"http://127.0.0.1:{published_port(client, container.id)}"
-
+        container_id = start_container(
+            client, build.image, name=name,
+            volumes={str(model_dir): {"bind": _MODEL_MOUNT, "mode": "ro"}, str(work): {"bind": _JIT_CACHE_MOUNT, "mode": "rw"}},
+            ports={CONTAINER_PORT: ("127.0.0.1", None)},
+            **options,
+        )
+        endpoint = f"http://127.0.0.1:{published_port(client, container_id)}"
         try:
-            wait_until_ready(
-                endpoint, deadline_seconds=build.timeout_seconds, give_up=exit_watch(client, container.id, container.name)
-            )
+            wait_until_ready(endpoint, deadline_seconds=build.timeout_seconds, give_up=exit_watch(client, container_id, name))
         except EndpointUnhealthy as exc:
-            _, code = container_state(client, container.id)
-            raise _classify_failure(f"NIM JIT build ({exc})", code, last_log_lines(client, container.id, 30)) from None
+            _, code = container_state(client, container_id)
+            raise classify_build_failure(f"NIM JIT build ({exc})", code, last_log_lines(client, container_id, 40)) from None
     finally:
-        remove_container(client, container.id, stop_timeout=30)
-    built = scratch / "local_cache" / custom_model_name
-    if not list((built / "trtllm_engine").glob("rank*.engine")):
+        remove_container_quietly(client, name, stop_timeout=30)
+    built = work / "local_cache" / custom_model_name
+    if not (built / "trtllm_engine").is_dir():
         raise BuildFailed(f"NIM reported ready but wrote no engine under local_cache/{custom_model_name}")
     for item in built.iterdir():
         shutil.move(str(item), out_dir / item.name)
-    manifest = scratch / "local_cache" / "local_manifest.yaml"
+    manifest = work / "local_cache" / "local_manifest.yaml"
     if manifest.exists():
         shutil.move(str(manifest), out_dir / "local_manifest.yaml")
-    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _refuse_special_files(out_dir: Path) -> None:
+    """A build's output is published fleet-wide: only regular files and directories may be in it."""
+    for path in out_dir.rglob("*"):
+        mode = path.lstat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise BuildFailed(f"{path}: the build left a link or special file in its output; refusing to publish it")
 
 
 def build_engine(
-    client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, labels: dict[str, str], key: str
-) -> float:
-    """Build with the spec's backend into ``out_dir``; return the build's wall time in seconds."""
-    started = time.monotonic()
+    client: docker.DockerClient,
+    build: BuildSpec,
+    model_dir: Path,
+    out_dir: Path,
+    work: Path,
+    *,
+    key: str,
+    labels: dict[str, str],
+    model_config: dict[str, Any],
+    trtllm_version: str | None,
+) -> dict[str, Any]:
+    """Build with the spec's backend into ``out_dir`` and check the result.
+
+    Args:
+        work: a private scratch directory for this build; the caller removes it.
+        trtllm_version: the image's TensorRT-LLM version, which the engine must record.
+
+    Returns:
+        What was built, read from the engine's own config (recorded in the manifest).
+
+    Raises:
+        BuildFailed: a deterministic failure (bad config, OOM, unsupported model), a timeout,
+            or an engine whose shape differs from the spec (both values named).
+        TransientBuildError: a failure outside the inputs (CUDA, NCCL or MPI initialisation).
+    """
     if build.backend == "nim-optimize":
-        build_with_nim_optimize(client, build, model_dir, out_dir, labels)
+        build_with_nim_optimize(client, build, model_dir, out_dir, work, labels)
+    elif build.backend == "trtllm-build":
+        build_with_trtllm(client, build, model_dir, out_dir, work, labels, model_config)
     else:
-        build_with_nim_jit(client, build, model_dir, out_dir, labels, custom_model_name=f"nimflow-{key[:16]}")
-    return time.monotonic() - started
+        build_with_nim_jit(client, build, model_dir, out_dir, work, labels, custom_model_name=f"nimflow-{key[:16]}")
+    _refuse_special_files(out_dir)
+    built = read_engine_config(out_dir)
+    check_built_engine(build, built, trtllm_version=trtllm_version)
+    return built
+
+
+def remove_stale_build_containers(client: docker.DockerClient, key: str) -> int:
+    """Remove build containers of ``key`` left by an earlier attempt on this host (this run holds the lease)."""
+    stale = client.containers.list(all=True, filters={"label": [f"{LABEL_PREFIX}engine-key={key}", f"{LABEL_PREFIX}role=build"]})
+    for container in stale:
+        remove_container_quietly(client, container.id)
+    return len(stale)
+

@@ -1,9 +1,16 @@
 """The engine key: a content address for a compiled engine.
 
 Two builds with the same key produce interchangeable engines, so a key that is already in the
-engine store is never built again. The key hashes everything the engine depends on that nimflow
-knows today: the weights' identity, the build parameters, and the exact image (by id, not tag).
-Later versions add GPU model and TensorRT versions (see docs/engine-key.md when it lands).
+engine store is never built again, and an engine is never restored where its key differs. The key
+is the sha256 of the canonical JSON of everything that makes an engine valid:
+
+* the weights' identity (``hf:<repo>@<sha>`` or a content digest, plus the fine-tune digest);
+* the normalised build config (backend, every field it honours, the build env);
+* the build image id (not its tag) and the TensorRT-LLM version in that image;
+* the build GPU: product name, compute capability and PCI device id (not which GPU ids, nor how many:
+  tp x pp is in the build config).
+
+Everything else (ports, shm, timeouts, GPU ids on the same model) leaves the key unchanged.
 """
 
 from __future__ import annotations
@@ -12,19 +19,22 @@ import hashlib
 import json
 from typing import Any
 
+from nimflow.build_config import normalized_build_config
+from nimflow.gpu_identity import TargetIdentity
 from nimflow.spec import BuildSpec
 
 #: Bump when the key's inputs change meaning, so old keys are never mistaken for new ones.
-KEY_SCHEMA = "nimflow-engine-key/1"
+KEY_SCHEMA = "nimflow-engine-key/2"
 
 
-def engine_key_inputs(*, weights_identity: str, build: BuildSpec, image_id: str) -> dict[str, Any]:
+def engine_key_inputs(*, weights_identity: str, build: BuildSpec, image_id: str, target: TargetIdentity) -> dict[str, Any]:
     """The canonical inputs of an engine key (also recorded in the engine manifest)."""
     return {
         "schema": KEY_SCHEMA,
         "weights": weights_identity,
+        "build": normalized_build_config(build),
         "image_id": image_id,
-        "build": build.model_dump(mode="json", exclude={"image", "gpus", "shm_size", "timeout_seconds"}),
+        **target.key_inputs(),
     }
 
 
@@ -32,3 +42,16 @@ def engine_key(inputs: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of ``inputs``, as 64 hex characters."""
     canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def differing_inputs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The leaf inputs that differ between two keys' inputs, as (dotted path, a's value, b's value)."""
+    found: list[tuple[str, Any, Any]] = []
+    for name in sorted(set(a) | set(b)):
+        left, right = a.get(name), b.get(name)
+        path = f"{prefix}{name}"
+        if isinstance(left, dict) and isinstance(right, dict):
+            found.extend(differing_inputs(left, right, f"{path}."))
+        elif left != right:
+            found.append((path, left, right))
+    return found

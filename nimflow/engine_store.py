@@ -2,23 +2,34 @@
 
 Layout in the store::
 
-    s3://bucket/prefix/<engine_key>/files/<relative path>   every file of the engine directory
-    s3://bucket/prefix/<engine_key>/manifest.json           written LAST: names, sizes, sha256
+    s3://bucket/prefix/<engine_key>/uploads/<upload_id>/<path>   the files of one upload, never shared
+    s3://bucket/prefix/<engine_key>/manifest.json                written LAST, once: names the upload
+    s3://bucket/prefix/<engine_key>/lease.json                   while one host builds the key (build_lease)
 
-An engine exists in the store only when its manifest does, so an interrupted upload is never
-taken for a complete one. Locally, engines are built or restored into a temporary directory and
-renamed into ``<cache_dir>/engines/<engine_key>`` once their manifest is written.
+Engine builds are not byte-reproducible, so two hosts that build the same key upload different
+bytes. Each upload therefore has its own prefix (the upload id is a digest of its files, so a
+retried upload resumes file by file), and the manifest, created with ``IfNoneMatch="*"``, names
+the one upload that won. A restore reads only that upload's files and re-hashes every byte; the
+loser of a race removes its own upload, and ``gc`` removes uploads a crash left behind. An engine
+exists in the store only when its manifest does.
+
+Locally, engines are built or restored into a temporary directory and renamed into
+``<cache_dir>/engines/<engine_key>`` once their manifest is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +37,13 @@ from botocore.exceptions import ClientError
 
 from nimflow.checkpoint import model_files, sha256_file
 from nimflow.errors import EngineStoreError
-from nimflow.s3 import s3_client, transfer_config
+from nimflow.s3 import list_keys, s3_client, transfer_config
 from nimflow.spec import CacheSpec
 
 MANIFEST_NAME = "nimflow-manifest.json"
-MANIFEST_SCHEMA = "nimflow-engine-manifest/1"
+MANIFEST_SCHEMA = "nimflow-engine-manifest/2"
+STORE_MANIFEST = "manifest.json"
+UPLOADS = "uploads"
 
 
 # --- local engine directories -------------------------------------------------------------------
@@ -46,15 +59,32 @@ def local_engine_path(cache_dir: Path, key: str) -> Path:
     return engines_dir(cache_dir) / key
 
 
-def staging_dir(cache_dir: Path, key: str) -> Path:
-    """A fresh temporary directory next to the final one (same filesystem, so rename is atomic)."""
+def scratch_dir(cache_dir: Path, purpose: str) -> Path:
+    """A fresh private (0700) temporary directory under the engines dir (same filesystem, so rename is atomic)."""
     root = engines_dir(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{purpose}-", dir=root))
 
 
-def write_manifest(engine_dir: Path, key: str, key_inputs: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file of ``engine_dir`` and write its manifest; return the manifest."""
+def upload_id_of(files: list[dict[str, Any]]) -> str:
+    """The upload id of an engine: a digest of its files' names and contents.
+
+    The same local engine always gets the same id (a retried upload resumes file by file); two
+    builds of one key get different ids because their bytes differ.
+    """
+    digest = hashlib.sha256()
+    for entry in sorted(files, key=lambda f: f["path"]):
+        digest.update(f"{entry['path']}\0{entry['sha256']}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def write_manifest(engine_dir: Path, key: str, key_inputs: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file of ``engine_dir`` and write its manifest; return the manifest.
+
+    Args:
+        key_inputs: what the key was computed from (weights, build config, image, GPU, TensorRT-LLM).
+        engine: what was actually built, read from the engine's own config.
+    """
     files = [
         {"path": p.relative_to(engine_dir).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in model_files(engine_dir)
@@ -65,6 +95,9 @@ def write_manifest(engine_dir: Path, key: str, key_inputs: dict[str, Any]) -> di
         "schema": MANIFEST_SCHEMA,
         "engine_key": key,
         "key_inputs": key_inputs,
+        "engine": engine,
+        "upload_id": upload_id_of(files),
+        "built_by": socket.gethostname(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": files,
     }
@@ -82,6 +115,7 @@ def read_local_manifest(engine_dir: Path) -> dict[str, Any] | None:
 
 def publish_local(staged: Path, final: Path) -> Path:
     """Move a complete staged engine into place; if another run got there first, keep theirs."""
+    staged.chmod(0o755)  # scratch directories are private; the NIM container may run as another user
     try:
         os.rename(staged, final)
     except OSError:
@@ -106,6 +140,27 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 # --- the shared store ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class UploadOutcome:
+    """What an upload did: files and bytes sent, and whether its manifest became the published one."""
+
+    files: int
+    bytes: int
+    published: bool
+    upload_id: str
+
+
+@dataclass(frozen=True)
+class AbandonedUpload:
+    """An upload no manifest names (a lost race or a crash), with its size and last write."""
+
+    engine_key: str
+    upload_id: str
+    objects: int
+    bytes: int
+    last_modified: datetime
+
+
 class EngineStore:
     """The engine store of one :class:`~nimflow.spec.CacheSpec` (an S3 prefix)."""
 
@@ -113,87 +168,162 @@ class EngineStore:
         self.cache = cache
         self.bucket = cache.bucket
         self.prefix = cache.prefix
-        self._client = s3_client(
+        self.client = s3_client(
             endpoint_url=cache.endpoint_url, region=cache.region, max_pool=max(16, cache.max_concurrency * 2)
         )
         self._transfer = transfer_config(chunk_mib=cache.multipart_chunk_mib, max_concurrency=cache.max_concurrency)
 
-    def _key(self, engine_key: str, *parts: str) -> str:
+    def object_key(self, engine_key: str, *parts: str) -> str:
+        """The S3 object key of an engine's object (or of its prefix)."""
         return "/".join(p for p in (self.prefix, engine_key, *parts) if p)
 
     def uri(self, engine_key: str, *parts: str) -> str:
         """s3:// URI of an engine (or of one of its objects)."""
-        return f"s3://{self.bucket}/{self._key(engine_key, *parts)}"
+        return f"s3://{self.bucket}/{self.object_key(engine_key, *parts)}"
 
     def manifest(self, engine_key: str) -> dict[str, Any] | None:
         """The engine's manifest, or None when the store does not (fully) hold it."""
         try:
-            body = self._client.get_object(Bucket=self.bucket, Key=self._key(engine_key, "manifest.json"))["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=self.object_key(engine_key, STORE_MANIFEST))["Body"]
             return json.loads(body.read())
-        except self._client.exceptions.NoSuchKey:
+        except self.client.exceptions.NoSuchKey:
             return None
 
-    def upload(self, engine_dir: Path, manifest: dict[str, Any]) -> tuple[int, int]:
-        """Upload an engine directory, then its manifest; return (files, bytes) actually sent.
+    def upload(self, engine_dir: Path, manifest: dict[str, Any]) -> UploadOutcome:
+        """Upload an engine under its own upload prefix, then try to publish its manifest.
 
-        Files already in the store with the same sha256 (from an interrupted earlier upload) are
-        not sent again.
+        Files already uploaded under this upload id with the same sha256 (an interrupted earlier
+        attempt) are not sent again. If another host published the key first, this upload is
+        removed again and the store keeps the winner's engine, whole.
         """
-        key = manifest["engine_key"]
-        todo = [f for f in manifest["files"] if not self._has_file(key, f)]
-        _for_each_file(todo, lambda f: self._put_file(key, engine_dir, f))
-        # The manifest goes last, and only if nobody published this key meanwhile.
+        key, upload_id = manifest["engine_key"], manifest["upload_id"]
+        todo = [f for f in manifest["files"] if not self._has_file(key, upload_id, f)]
+        _for_each_file(todo, lambda f: self._put_file(key, upload_id, engine_dir, f))
+        sent = (len(todo), sum(f["size"] for f in todo))
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
         try:
-            self._client.put_object(
+            self.client.put_object(
                 Bucket=self.bucket,
-                Key=self._key(key, "manifest.json"),
+                Key=self.object_key(key, STORE_MANIFEST),
                 Body=body,
                 ContentType="application/json",
-                IfNoneMatch="*",
+                IfNoneMatch="*",  # the first publisher wins; nobody overwrites a published engine
             )
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":
                 raise
-        return len(todo), sum(f["size"] for f in todo)
+            winner = self.manifest(key) or {}
+            if winner.get("upload_id") != upload_id:
+                self.delete_upload(key, upload_id)
+            return UploadOutcome(*sent, published=False, upload_id=upload_id)
+        return UploadOutcome(*sent, published=True, upload_id=upload_id)
 
-    def _has_file(self, key: str, entry: dict[str, Any]) -> bool:
+    def _file_key(self, key: str, upload_id: str, path: str) -> str:
+        return self.object_key(key, UPLOADS, upload_id, path)
+
+    def _has_file(self, key: str, upload_id: str, entry: dict[str, Any]) -> bool:
         try:
-            head = self._client.head_object(Bucket=self.bucket, Key=self._key(key, "files", entry["path"]))
+            head = self.client.head_object(Bucket=self.bucket, Key=self._file_key(key, upload_id, entry["path"]))
         except ClientError as exc:
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return False
             raise
         return head.get("Metadata", {}).get("sha256") == entry["sha256"] and head["ContentLength"] == entry["size"]
 
-    def _put_file(self, key: str, engine_dir: Path, entry: dict[str, Any]) -> None:
-        self._client.upload_file(
+    def _put_file(self, key: str, upload_id: str, engine_dir: Path, entry: dict[str, Any]) -> None:
+        self.client.upload_file(
             str(engine_dir / entry["path"]),
             self.bucket,
-            self._key(key, "files", entry["path"]),
+            self._file_key(key, upload_id, entry["path"]),
             ExtraArgs={"Metadata": {"sha256": entry["sha256"]}},
             Config=self._transfer,
         )
 
     def restore(self, manifest: dict[str, Any], dest: Path) -> tuple[int, int]:
-        """Download an engine into ``dest`` and verify every file's sha256 against the manifest.
+        """Download the manifest's upload into ``dest`` and verify every file's sha256.
 
         Raises:
             EngineStoreError: a file's content does not match the manifest (corrupt store object).
         """
-        key = manifest["engine_key"]
+        key, upload_id = manifest["engine_key"], manifest["upload_id"]
 
         def fetch(entry: dict[str, Any]) -> None:
             target = dest / entry["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._client.download_file(self.bucket, self._key(key, "files", entry["path"]), str(target), Config=self._transfer)
+            source = self._file_key(key, upload_id, entry["path"])
+            self.client.download_file(self.bucket, source, str(target), Config=self._transfer)
             if sha256_file(target) != entry["sha256"]:
                 raise EngineStoreError(
-                    f"{self.uri(key, 'files', entry['path'])}: content does not match the manifest's sha256; "
-                    "the stored engine is corrupt: delete the manifest to have it rebuilt"
+                    f"s3://{self.bucket}/{source}: content does not match the manifest's sha256; "
+                    f"the stored engine is corrupt: `nimflow cache gc` cannot fix it, delete {self.uri(key)} to have it rebuilt"
                 )
 
         files = manifest["files"]
         _for_each_file(files, fetch)
         _write_json_atomic(dest / MANIFEST_NAME, manifest)
         return len(files), sum(f["size"] for f in files)
+
+    # --- listing and removal (nimflow cache ls / explain / gc) ----------------------------------
+
+    def engine_keys(self) -> list[str]:
+        """Every engine key with anything under it (published or not)."""
+        base = f"{self.prefix}/" if self.prefix else ""
+        keys = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
+            keys.extend(item["Prefix"][len(base) :].rstrip("/") for item in page.get("CommonPrefixes", []))
+        return [key for key in keys if len(key) == 64 and all(c in "0123456789abcdef" for c in key)]
+
+    def manifests(self) -> list[dict[str, Any]]:
+        """The manifests of every published engine, newest first."""
+        found = [m for m in (self.manifest(key) for key in self.engine_keys()) if m is not None]
+        return sorted(found, key=lambda m: m.get("created_at", ""), reverse=True)
+
+    def resolve_key(self, prefix: str) -> str:
+        """The full engine key a unique prefix (as `cache ls` shows) names.
+
+        Raises:
+            EngineStoreError: no key, or more than one, starts with ``prefix``.
+        """
+        matches = [key for key in self.engine_keys() if key.startswith(prefix.lower())]
+        if len(matches) != 1:
+            found = "no engine" if not matches else f"{len(matches)} engines"
+            raise EngineStoreError(f"{found} in {self.cache.uri} with a key starting {prefix!r}; give more of the key")
+        return matches[0]
+
+    def delete_upload(self, engine_key: str, upload_id: str) -> int:
+        """Delete every object of one upload; return how many."""
+        return self._delete_prefix(self.object_key(engine_key, UPLOADS, upload_id) + "/")
+
+    def delete_engine(self, engine_key: str) -> int:
+        """Unpublish an engine (manifest first, so it vanishes at once), then delete its files."""
+        self.client.delete_object(Bucket=self.bucket, Key=self.object_key(engine_key, STORE_MANIFEST))
+        return 1 + self._delete_prefix(self.object_key(engine_key) + "/")
+
+    def _delete_prefix(self, prefix: str) -> int:
+        keys = [key for key, _ in list_keys(self.client, self.bucket, prefix)]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": key} for key in keys[start : start + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
+
+    def abandoned_uploads(self) -> list[AbandonedUpload]:
+        """Uploads that no manifest names: race losers that could not clean up, and crashed uploads.
+
+        An upload still in progress is also listed here; callers keep recent ones (see ``gc``).
+        """
+        found = []
+        for key in self.engine_keys():
+            published = (self.manifest(key) or {}).get("upload_id")
+            base = self.object_key(key, UPLOADS) + "/"
+            uploads: dict[str, list[dict[str, Any]]] = {}
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                for item in page.get("Contents", []):
+                    upload_id = item["Key"][len(base) :].split("/", 1)[0]
+                    uploads.setdefault(upload_id, []).append(item)
+            for upload_id, items in uploads.items():
+                if upload_id != published:
+                    found.append(AbandonedUpload(
+                        engine_key=key, upload_id=upload_id, objects=len(items), bytes=sum(i["Size"] for i in items),
+                        last_modified=max(i["LastModified"] for i in items).astimezone(timezone.utc),
+                    ))
+        return found

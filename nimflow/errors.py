@@ -17,6 +17,7 @@ Exception tree::
         ├── InvalidWeights          the checkpoint or fine-tuned weights are not what the build expects
         ├── BuildFailed             the engine build failed deterministically (bad config, build OOM)
         ├── EngineStoreError        the engine store refused the request (no bucket, access denied)
+        ├── EngineIncompatible      an engine was built for another GPU or TensorRT-LLM version
         ├── DeploymentError         the container could not be started (port in use, no GPU runtime)
         └── EndpointUnhealthy       the NIM never became ready / does not list or answer the model
 """
@@ -80,6 +81,14 @@ class BuildFailed(PermanentError):
 
 class EngineStoreError(PermanentError):
     """The engine store refused the request (missing bucket, access denied, corrupt artifact)."""
+
+
+class EngineIncompatible(PermanentError):
+    """An engine was built for a different GPU or TensorRT-LLM version than the target's.
+
+    TensorRT plans are bound to the GPU's compute capability and the exact TensorRT version; NIM
+    would refuse to load such an engine after minutes of start-up.
+    """
 
 
 class DeploymentError(PermanentError):
@@ -281,3 +290,75 @@ def _hint(exc: BaseException) -> str | None:
     if isinstance(response, dict):  # botocore's ClientError carries the S3 error code
         key = str(response.get("Error", {}).get("Code", key))
     return _HINTS.get(key)
+
+
+# --- classification of engine build failures ----------------------------------------------------
+
+# TensorRT-LLM ends every failed build with "Engine building failed, please check error log.";
+# the cause is in the lines before it. Each sign maps to (class, cause and likely fix). Permanent
+# signs are checked first: an OOM reported through a CUDA call is still an OOM.
+_PERMANENT_BUILD_SIGNS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (
+        ("OutOfMemory", "could not be allocated", "CUDA out of memory"),
+        "the GPU ran out of memory for this build config: lower build.max_num_tokens, "
+        "build.max_batch_size or build.max_seq_len, raise build.tp_size, or build on a GPU with more memory",
+    ),
+    (
+        ("Unsupported model architecture",),
+        "this architecture is not supported by the build backend: check the backend's support matrix, "
+        "or serve the checkpoint without `build` (NIM's vLLM backend)",
+    ),
+    (
+        ("expecting compute", "incompatible device", "Version tag does not match",
+         "not compatible with this version of TensorRT", "Tensor names in engine are not the same as expected"),
+        "an engine or timing cache made for another GPU or TensorRT version was used: rebuild for the target",
+    ),
+    (
+        ("is not supported on SM", "not supported on compute capability", "quantization is not supported on SM"),
+        "the build GPU cannot run this precision/quantization: change build.dtype or build on a newer GPU",
+    ),
+    (
+        ("rope_scaling` must be a dictionary",),
+        "the image's transformers is too old for this checkpoint's rope_scaling: use a newer build image",
+    ),
+    (
+        ("GPTQ with desc_act=True is not implemented",),
+        "GPTQ checkpoints with desc_act=True cannot be built: re-quantize without desc_act",
+    ),
+)
+_TRANSIENT_BUILD_SIGNS = (
+    "cudaMemGetInfo",
+    "Unexpected error from cudaGetDeviceCount",
+    "NCCL error",
+    "MPI_Init",
+    "ncclSystemError",
+    "ncclUnhandledCudaError",
+)
+#: Exit codes of a build that was stopped from outside (SIGTERM: preemption, a node drain).
+_PREEMPTED_EXIT_CODES = frozenset({143})
+
+
+def classify_build_failure(what: str, exit_code: int | None, logs: str) -> NimflowError:
+    """The error for a failed engine build, from its exit code and last log lines.
+
+    Args:
+        what: the build step, e.g. ``"trtllm-build"``.
+        exit_code: the container's exit code (None when it is unknown).
+        logs: the container's last log lines; they are included in the message.
+
+    Returns:
+        :class:`BuildFailed` (permanent, naming the cause and likely fix) for out-of-memory,
+        unsupported architectures, precision/device and version mismatches and unknown failures;
+        :class:`TransientBuildError` for CUDA, NCCL or MPI initialisation faults and preemption.
+    """
+    message = f"{what} failed (exit code {exit_code}); last log lines:\n{logs}"
+    if exit_code == 137 or "\nKilled" in f"\n{logs}":
+        return BuildFailed(f"{message}\nThe host ran out of memory (killed): build on a node with more RAM.")
+    for signs, cause in _PERMANENT_BUILD_SIGNS:
+        if any(sign in logs for sign in signs):
+            return BuildFailed(f"{message}\nCause: {cause}.")
+    if any(sign in logs for sign in _TRANSIENT_BUILD_SIGNS):
+        return TransientBuildError(f"{message}\nA CUDA/NCCL/MPI initialisation fault: retried, preferably on another node.")
+    if exit_code in _PREEMPTED_EXIT_CODES:
+        return TransientBuildError(f"{message}\nThe build was stopped from outside (SIGTERM): retried.")
+    return BuildFailed(message)

@@ -46,6 +46,11 @@ class Engine(_Record):
     )
     files: int
     bytes: int
+    gpu: str | None = Field(None, description="The GPU model the engine was built for.")
+    trtllm_version: str | None = Field(None, description="The TensorRT-LLM version that built it.")
+    build_lease: str | None = Field(
+        None, description="Token of the build lease this run holds until the engine is published (built engines only)."
+    )
 
 
 class PublishedEngine(_Record):
@@ -56,6 +61,9 @@ class PublishedEngine(_Record):
     manifest_uri: str = Field(description="s3:// URI of the manifest, written last.")
     uploaded_files: int = Field(0, description="Files uploaded by this run (0 when the store already had it).")
     uploaded_bytes: int = 0
+    published_by_this_run: bool = Field(
+        False, description="False when the store already had the key (another host won the race: its engine is kept)."
+    )
 
 
 class Deployment(_Record):
@@ -66,6 +74,9 @@ class Deployment(_Record):
     endpoint: str = Field(description="Base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000.")
     served_model_name: str
     reused: bool = Field(False, description="True when an identical container was already running.")
+    forced_despite: list[str] = Field(
+        default_factory=list, description="Engine/target differences that deploy.force overrode (normally empty)."
+    )
 
 
 class EndpointHealth(_Record):

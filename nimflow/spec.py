@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from nimflow.errors import ConfigError, Problem
 from nimflow.settings import SECRET_ENV_VARS
@@ -93,36 +102,135 @@ class FinetuneSpec(_Spec):
         return value
 
 
+BuildBackend = Literal["nim-optimize", "nim-jit", "trtllm-build"]
+
+#: What each backend can set. A field a backend cannot honour is refused, never silently hashed.
+BACKEND_FIELDS: dict[str, frozenset[str]] = {
+    # nim-optimize --build_config YAML keys
+    "nim-optimize": frozenset({"dtype", "tp_size", "pp_size", "max_seq_len", "max_batch_size", "max_num_tokens"}),
+    # trtllm-build flags, plus dtype/tp/pp on convert_checkpoint.py
+    "trtllm-build": frozenset(
+        {"dtype", "tp_size", "pp_size", "max_seq_len", "max_batch_size", "max_num_tokens", "convert_script"}
+    ),
+    # NIM_TENSOR_PARALLEL_SIZE, NIM_PIPELINE_PARALLEL_SIZE, NIM_MAX_MODEL_LEN; NIM takes the precision
+    # from the checkpoint and has no setting for batch size or tokens per pass.
+    "nim-jit": frozenset({"tp_size", "pp_size", "max_seq_len"}),
+}
+_OPTIONAL_BUILD_FIELDS = ("dtype", "max_seq_len", "max_batch_size", "max_num_tokens", "convert_script")
+#: Explicit limits for the backends that take them (TensorRT-LLM's own defaults changed between releases).
+_BUILD_DEFAULTS: dict[str, Any] = {"dtype": "float16", "max_seq_len": 8192, "max_batch_size": 64, "max_num_tokens": 8192}
+#: Precisions each backend builds (NIM profiles are fp16/bf16; convert_checkpoint.py also takes float32).
+BACKEND_DTYPES: dict[str, tuple[str, ...]] = {
+    "nim-optimize": ("float16", "bfloat16"),
+    "trtllm-build": ("float16", "bfloat16", "float32"),
+    "nim-jit": (),
+}
+# Set by nimflow from the build spec for build containers.
+_RESERVED_BUILD_ENV = (
+    "NIM_FT_MODEL", "NIM_CUSTOM_MODEL_NAME", "NIM_SERVED_MODEL_NAME", "NIM_CACHE_PATH",
+    "NIM_TENSOR_PARALLEL_SIZE", "NIM_PIPELINE_PARALLEL_SIZE", "NIM_MAX_MODEL_LEN",
+)
+
+
+def _check_env(value: dict[str, str], reserved: tuple[str, ...], section: str) -> dict[str, str]:
+    for key in value:
+        if key in reserved:
+            raise ValueError(f"{key} is set by nimflow from the spec; remove it from {section}.env")
+        if key in SECRET_ENV_VARS:
+            raise ValueError(
+                f"{key} is a secret: do not write it in a config; export it where nimflow runs "
+                "and nimflow passes it to the container"
+            )
+    return value
+
+
 class BuildSpec(_Spec):
     """How to compile the TensorRT-LLM engine. Absent: serve the weights without an engine."""
 
-    backend: Literal["nim-jit", "nim-optimize"] = Field(
-        description="`nim-jit`: NIM builds at start-up from NIM_FT_MODEL (NIM >= 1.8); "
-        "`nim-optimize`: run `nim-optimize` with a build config rendered from this spec."
+    backend: BuildBackend = Field(
+        description="`nim-optimize`: run `nim-optimize` with a build config rendered from this spec; "
+        "`nim-jit`: NIM builds at start-up from NIM_FT_MODEL (NIM >= 1.8); "
+        "`trtllm-build`: `convert_checkpoint.py` then `trtllm-build` in a TensorRT-LLM release image."
     )
-    image: str = Field(description="The NIM 1.x image that runs the build (engines only exist in NIM 1.x).")
-    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Engine precision.")
+    image: str = Field(
+        description="The image that runs the build: a NIM 1.x image (engines only exist in NIM 1.x), "
+        "or for `trtllm-build` a TensorRT-LLM release image (`nvcr.io/nvidia/tensorrt-llm/release:<x.y.z>`, < 1.3)."
+    )
+    dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
+        None, description="Engine precision (default float16). Not with nim-jit, which takes it from the checkpoint."
+    )
     tp_size: int = Field(1, ge=1, le=64, description="Tensor-parallel size: one rank file per GPU.")
     pp_size: int = Field(1, ge=1, le=64, description="Pipeline-parallel size.")
-    max_seq_len: int = Field(8192, ge=1, description="Longest sequence (prompt + output) the engine accepts.")
-    max_batch_size: int = Field(64, ge=1, description="Largest batch the engine is built for.")
-    max_num_tokens: int = Field(8192, ge=1, description="Tokens per forward pass; bounds the build's GPU workspace.")
+    max_seq_len: int | None = Field(
+        None, ge=1, description="Longest sequence (prompt + output) the engine accepts (default 8192; nim-jit: NIM's default)."
+    )
+    max_batch_size: int | None = Field(None, ge=1, description="Largest batch the engine is built for (default 64; not nim-jit).")
+    max_num_tokens: int | None = Field(
+        None, ge=1, description="Tokens per forward pass; bounds the build's GPU workspace (default 8192; not nim-jit)."
+    )
+    convert_script: str | None = Field(
+        None,
+        description="trtllm-build only: path of convert_checkpoint.py in the image "
+        "(default: the one for the checkpoint's architecture under /app/tensorrt_llm/examples/models/core/).",
+    )
     gpus: GpuIds = Field(None, description="GPU ids for the build container, `all`, or none (CPU-only hosts).")
     shm_size: str = Field("16g", description="Shared memory for the build container.")
     timeout_seconds: float = Field(7200, gt=0, description="Give up on a build that takes longer than this.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment for build containers (part of the engine key; no secrets)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_defaults(cls, data: Any) -> Any:
+        # Backends that take explicit limits always get them, so the key hashes what is built.
+        if isinstance(data, dict) and data.get("backend") in ("nim-optimize", "trtllm-build"):
+            data = {**_BUILD_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
+        return data
+
+    @field_validator(*_OPTIONAL_BUILD_FIELDS)
+    @classmethod
+    def _honoured_by_backend(cls, value: Any, info: ValidationInfo) -> Any:
+        backend = info.data.get("backend")
+        if value is not None and backend in BACKEND_FIELDS and info.field_name not in BACKEND_FIELDS[backend]:
+            others = sorted(b for b, fields in BACKEND_FIELDS.items() if info.field_name in fields)
+            raise ValueError(
+                f"the {backend} backend cannot set {info.field_name}; remove it, or use backend "
+                f"{' or '.join(others)}"
+            )
+        if info.field_name == "dtype" and value is not None and backend in BACKEND_DTYPES:
+            if value not in BACKEND_DTYPES[backend]:
+                raise ValueError(f"{value} is not a precision the {backend} backend builds; use one of {list(BACKEND_DTYPES[backend])}")
+        return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _one_gpu_per_rank(cls, value: Any, info: ValidationInfo) -> Any:
+        world = info.data.get("tp_size", 1) * info.data.get("pp_size", 1)
+        if isinstance(value, list) and len(value) != world:
+            raise ValueError(
+                f"{len(value)} GPU(s) given but tp_size x pp_size = {world}: a build needs one GPU per rank"
+            )
+        return value
 
     @field_validator("shm_size")
     @classmethod
     def _shm(cls, value: str) -> str:
         return _check_size(value)
 
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_env(value, _RESERVED_BUILD_ENV, "build")
+
     @model_validator(mode="after")
     def _limits(self) -> BuildSpec:
-        if self.max_num_tokens > self.max_batch_size * self.max_seq_len:
-            raise ValueError(
-                f"max_num_tokens ({self.max_num_tokens}) must be <= max_batch_size x max_seq_len "
-                f"({self.max_batch_size * self.max_seq_len})"
-            )
+        if self.max_num_tokens and self.max_batch_size and self.max_seq_len:
+            if self.max_num_tokens > self.max_batch_size * self.max_seq_len:
+                raise ValueError(
+                    f"max_num_tokens ({self.max_num_tokens}) must be <= max_batch_size x max_seq_len "
+                    f"({self.max_batch_size * self.max_seq_len})"
+                )
         return self
 
     @property
@@ -139,6 +247,11 @@ class CacheSpec(_Spec):
     region: str | None = Field(None, description="S3 region; boto3's default chain when absent.")
     max_concurrency: int = Field(8, ge=1, le=64, description="Parallel part uploads/downloads per file.")
     multipart_chunk_mib: int = Field(64, ge=5, le=5120, description="Multipart part size in MiB.")
+    build_lease_seconds: float = Field(
+        300, ge=2, le=86400,
+        description="How long a build lease lives without renewal: one host builds a key while others wait; "
+        "a crashed builder blocks the others at most this long.",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -178,6 +291,11 @@ class DeploySpec(_Spec):
         1800, gt=0, description="How long the NIM may take to become ready (loading or JIT building included)."
     )
     completion_prompt: str = Field("Say hello in one short sentence.", description="Prompt of the verifying completion.")
+    force: bool = Field(
+        False,
+        description="Deploy an engine even where this host's GPU or TensorRT-LLM version differs from the one it "
+        "was built for (NIM will most likely refuse to load it). Off: such an engine is refused before any container starts.",
+    )
 
     @field_validator("shm_size")
     @classmethod
@@ -187,15 +305,7 @@ class DeploySpec(_Spec):
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if key in _RESERVED_ENV:
-                raise ValueError(f"{key} is set by nimflow from the spec; remove it from deploy.env")
-            if key in SECRET_ENV_VARS:
-                raise ValueError(
-                    f"{key} is a secret: do not write it in a config; export it where nimflow runs "
-                    "and nimflow passes it to the container"
-                )
-        return value
+        return _check_env(value, _RESERVED_ENV, "deploy")
 
 
 class HostingSpec(_Spec):
@@ -219,6 +329,11 @@ class HostingSpec(_Spec):
     def _cache_for_build(self) -> HostingSpec:
         if self.build is not None and self.cache is None:
             raise ValueError("`build` needs `cache` (an s3:// engine store) so no host compiles the same engine twice")
+        if self.build is not None and isinstance(self.deploy.gpus, list) and len(self.deploy.gpus) != self.build.world_size:
+            raise ValueError(
+                f"deploy.gpus: {len(self.deploy.gpus)} GPU(s) given but the engine has tp_size x pp_size = "
+                f"{self.build.world_size} ranks; NIM serves an engine on exactly one GPU per rank"
+            )
         return self
 
     @property

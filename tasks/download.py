@@ -39,7 +39,8 @@ def resolve_revision(repo_id: str, revision: str) -> str:
         return str(api.model_info(repo_id, revision=revision).sha)
 
 
-def _completed(target: Path, allow_patterns: list[str] | None) -> bool:
+def completed_snapshot(target: Path, allow_patterns: list[str] | None) -> bool:
+    """True when ``target`` holds a complete download of these patterns (its marker was written last)."""
     try:
         marker = json.loads((target / COMPLETE_MARKER).read_text())
     except (OSError, ValueError):
@@ -58,7 +59,7 @@ def fetch_snapshot(repo_id: str, revision: str, allow_patterns: list[str] | None
     """
     sha = revision if _SHA.match(revision) else resolve_revision(repo_id, revision)
     target = snapshot_path(cache_dir, repo_id, sha)
-    if _completed(target, allow_patterns):
+    if completed_snapshot(target, allow_patterns):
         return Checkpoint(path=str(target), identity=f"hf:{repo_id}@{sha}", repo_id=repo_id, revision=revision, revision_sha=sha)
 
     before = {p: p.stat().st_mtime_ns for p in model_files(target)} if target.exists() else {}

@@ -6,15 +6,19 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from nimflow.engine_store import EngineStore, read_local_manifest
-from nimflow.errors import EngineStoreError, translated_errors
+from nimflow.build_lease import BuildLeases
+from nimflow.engine_store import STORE_MANIFEST, EngineStore, read_local_manifest
+from nimflow.errors import EngineStoreError, is_transient, translated_errors
 from nimflow.records import Engine, PublishedEngine
 from nimflow.retries import transient_retries
 from nimflow.spec import CacheSpec
 
 
 def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
-    """Upload the engine's files, then its manifest; skip what the store already holds.
+    """Upload the engine under its own upload prefix, then create its manifest; skip what the store holds.
+
+    The build lease taken by the compile stage is kept alive during the upload and released once
+    the manifest exists, so hosts waiting for this engine restore it instead of building it.
 
     Raises:
         EngineStoreError: no local manifest, or the store refused (missing bucket, access denied).
@@ -25,12 +29,32 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
         raise EngineStoreError(f"{engine.path}: no engine manifest; the engine directory is incomplete")
     store = EngineStore(cache)
     key = engine.engine_key
-    published = PublishedEngine(engine_key=key, uri=store.uri(key), manifest_uri=store.uri(key, "manifest.json"))
-    with translated_errors(f"publishing engine {key} to {store.uri(key)}"):
-        if store.manifest(key) is not None:
-            return published
-        files, size = store.upload(Path(engine.path), manifest)
-    return published.model_copy(update={"uploaded_files": files, "uploaded_bytes": size})
+    published = PublishedEngine(engine_key=key, uri=store.uri(key), manifest_uri=store.uri(key, STORE_MANIFEST))
+    leases = BuildLeases(store, cache.build_lease_seconds)
+    lease = None
+    try:
+        with translated_errors(f"publishing engine {key} to {store.uri(key)}"):
+            lease = leases.adopt(key, engine.build_lease) if engine.build_lease else None
+            if store.manifest(key) is not None:
+                outcome = None
+            elif lease is None:
+                outcome = store.upload(Path(engine.path), manifest)
+            else:
+                with leases.kept_alive(lease) as held:
+                    outcome = store.upload(Path(engine.path), manifest)
+                lease = held.lease
+    except Exception as exc:
+        # A transient fault is retried by this task: keep the lease so nobody starts a second build.
+        if lease is not None and not is_transient(exc):
+            leases.release(lease)
+        raise
+    if lease is not None:
+        leases.release(lease)
+    if outcome is None:
+        return published
+    return published.model_copy(update={
+        "uploaded_files": outcome.files, "uploaded_bytes": outcome.bytes, "published_by_this_run": outcome.published,
+    })
 
 
 @task(name="upload-engine", **transient_retries())
@@ -38,8 +62,12 @@ def upload_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
     """Stage 4: the engine in the shared store, manifest written last."""
     published = publish_engine(engine, cache)
     logger = get_run_logger()
-    if published.uploaded_files:
+    if published.published_by_this_run:
         logger.info("Uploaded %s files (%s bytes) to %s", published.uploaded_files, published.uploaded_bytes, published.uri)
+    elif published.uploaded_files:
+        logger.warning(
+            "Another host published %s first: its engine is kept and this run's upload was removed", published.manifest_uri
+        )
     else:
         logger.info("Engine store already holds %s: nothing uploaded", published.manifest_uri)
     return published

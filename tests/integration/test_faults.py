@@ -16,7 +16,7 @@ import pytest
 from prefect import flow
 
 from flows.host_model import host_model
-from nimflow.engine_store import write_manifest
+from nimflow.engine_store import read_local_manifest, write_manifest
 from nimflow.errors import EngineStoreError
 from nimflow.records import Engine
 from nimflow.spec import CacheSpec, SourceSpec
@@ -83,7 +83,7 @@ def _engine_dir(root: Path, key: str) -> Engine:
     (engine / "trtllm_engine" / "rank0.engine").write_bytes(b"engine-bytes" * 1000)
     (engine / "trtllm_engine" / "config.json").write_text("{}")
     (engine / "config.json").write_text('{"model_type": "llama"}')
-    manifest = write_manifest(engine, key, {"test": True})
+    manifest = write_manifest(engine, key, {"test": True}, {"tp_size": 1})
     return Engine(engine_key=key, path=str(engine), origin="built", files=len(manifest["files"]), bytes=1)
 
 
@@ -106,7 +106,8 @@ def test_s3_put_503_is_retried_to_success(
     assert task_runs(state.state_details.flow_run_id)["upload-engine"].run_count == task_attempts
     client = boto3.client("s3", endpoint_url=s3_proxy.url, region_name="us-east-1")
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=ENGINE_BUCKET, Prefix=f"faults/{key}/")["Contents"]}
-    assert keys == {f"faults/{key}/manifest.json", *(f"faults/{key}/files/{p}" for p in
+    upload_id = read_local_manifest(Path(engine.path))["upload_id"]  # type: ignore[index]
+    assert keys == {f"faults/{key}/manifest.json", *(f"faults/{key}/uploads/{upload_id}/{p}" for p in
                     ("trtllm_engine/rank0.engine", "trtllm_engine/config.json", "config.json"))}
 
 
@@ -217,14 +218,15 @@ def test_large_engine_files_go_multipart_and_restore_verified(
     with rank.open("wb") as handle:  # 12 MiB of varied bytes
         for block in range(12):
             handle.write(bytes([block]) * (1024 * 1024))
-    manifest = write_manifest(Path(engine.path), key, {"test": True})
+    manifest = write_manifest(Path(engine.path), key, {"test": True}, {"tp_size": 1})
     cache = CacheSpec(uri=f"s3://{ENGINE_BUCKET}/multipart", multipart_chunk_mib=5, max_concurrency=2)
+    files_prefix = f"multipart/{key}/uploads/{manifest['upload_id']}"
 
     state = upload_flow(engine, cache, return_state=True)
     assert state.is_completed(), state.message
 
     client = boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1")
-    head = client.head_object(Bucket=ENGINE_BUCKET, Key=f"multipart/{key}/files/trtllm_engine/rank0.engine")
+    head = client.head_object(Bucket=ENGINE_BUCKET, Key=f"{files_prefix}/trtllm_engine/rank0.engine")
     assert head["ETag"].strip('"').endswith("-3")  # 5 + 5 + 2 MiB parts
     store = EngineStore(cache)
     restored = tmp_path / "restored"
@@ -232,7 +234,7 @@ def test_large_engine_files_go_multipart_and_restore_verified(
     assert files == len(manifest["files"]) and (restored / "trtllm_engine" / "rank0.engine").read_bytes() == rank.read_bytes()
 
     # A corrupted object in the store is refused on restore, not served.
-    client.put_object(Bucket=ENGINE_BUCKET, Key=f"multipart/{key}/files/config.json", Body=b'{"tampered": true}')
+    client.put_object(Bucket=ENGINE_BUCKET, Key=f"{files_prefix}/config.json", Body=b'{"tampered": true}')
     with pytest.raises(EngineStoreError, match="does not match the manifest"):
         store.restore(store.manifest(key) or {}, tmp_path / "restored-again")
 

@@ -45,8 +45,9 @@ def make_spec(
         },
     }
     if build:
-        spec["build"] = {"backend": build, "image": image, "max_seq_len": 1024, "max_batch_size": 4, "max_num_tokens": 1024,
-                         "timeout_seconds": 120}
+        spec["build"] = {"backend": build, "image": image, "max_seq_len": 1024, "timeout_seconds": 120}
+        if build != "nim-jit":  # NIM's JIT build takes no batch size or tokens per pass
+            spec["build"].update(max_batch_size=4, max_num_tokens=1024)
         spec["cache"] = {"uri": f"s3://{ENGINE_BUCKET}/{name}"}
     return spec
 
@@ -108,10 +109,14 @@ def test_full_flow_builds_once_and_serves(
     assert (engine_dir / "trtllm_engine" / "rank0.engine").is_file() and (engine_dir / "tokenizer.json").is_file()
     keys = s3_keys(testbed_env["AWS_ENDPOINT_URL"], f"{name}/{record['engine_key']}/")
     assert f"{name}/{record['engine_key']}/manifest.json" in keys
-    assert f"{name}/{record['engine_key']}/files/trtllm_engine/rank0.engine" in keys
     s3 = boto3.client("s3", endpoint_url=testbed_env["AWS_ENDPOINT_URL"], region_name="us-east-1")
     manifest = json.loads(s3.get_object(Bucket=ENGINE_BUCKET, Key=f"{name}/{record['engine_key']}/manifest.json")["Body"].read())
+    assert f"{name}/{record['engine_key']}/uploads/{manifest['upload_id']}/trtllm_engine/rank0.engine" in keys
     assert {f["path"] for f in manifest["files"]} >= {"trtllm_engine/rank0.engine", "trtllm_engine/config.json", "config.json"}
+    # The manifest records what the key hashed and what was actually built.
+    assert manifest["key_inputs"]["schema"] == "nimflow-engine-key/2" and manifest["key_inputs"]["gpu"]["name"]
+    assert manifest["engine"]["max_num_tokens"] == 1024 and manifest["engine"]["max_batch_size"] == 4
+    assert not [k for k in keys if k.endswith("lease.json")]  # released once published
 
     # Every stage ran as a task against the Prefect API, and the record became an artifact.
     runs = task_runs(state.state_details.flow_run_id)

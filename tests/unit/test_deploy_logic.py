@@ -1,4 +1,4 @@
-"""Pure deploy/build helpers: GPU requests, model mounts, container environment, spec hash, build failures."""
+"""Pure deploy helpers: GPU requests, model mounts, container environment, spec hash."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from typing import Any
 import pytest
 
 from nimflow.containers import device_requests, spec_hash
-from nimflow.engine_build import _classify_failure
-from nimflow.errors import BuildFailed, TransientBuildError
 from nimflow.spec import NIM_CACHE_MOUNT, DeploySpec
 from tasks.deploy import container_environment, model_mount
 
@@ -158,45 +156,3 @@ def test_spec_hash_of_paths() -> None:
     """Non-JSON values (paths) are hashed by their text, not rejected."""
     assert spec_hash({"cache": Path("/a")}) == spec_hash({"cache": "/a"})
     assert spec_hash({"cache": Path("/a")}) != spec_hash({"cache": Path("/b")})
-
-
-# --- _classify_failure --------------------------------------------------------------------------
-
-
-def test_cuda_driver_glitch_is_transient() -> None:
-    """cudaMemGetInfo failures are a node problem: transient, logs included."""
-    logs = "[TRT-LLM] [E] CUDA runtime error in cudaMemGetInfo(&free, &total): unknown error"
-    error = _classify_failure("nim-optimize", 1, logs)
-    assert isinstance(error, TransientBuildError)
-    assert "exit code 1" in str(error)
-    assert logs in str(error)
-
-
-@pytest.mark.parametrize("logs", ["NCCL error in: ncclCommInitRank", "MPI_Init failed"])
-def test_other_transient_signs(logs: str) -> None:
-    """NCCL and MPI start-up failures are transient too."""
-    assert isinstance(_classify_failure("nim-optimize", 1, logs), TransientBuildError)
-
-
-def test_exit_137_is_host_oom() -> None:
-    """Exit code 137 (SIGKILL by the OOM killer) is a permanent failure asking for more RAM."""
-    error = _classify_failure("nim-optimize", 137, "[TRT-LLM] building layer 12")
-    assert type(error) is BuildFailed
-    assert "RAM" in str(error)
-    assert "exit code 137" in str(error)
-
-
-def test_gpu_oom_suggests_lower_max_num_tokens() -> None:
-    """A GPU OutOfMemory is permanent and suggests shrinking max_num_tokens."""
-    error = _classify_failure("nim-optimize", 1, "[TRT] [E] 2: [virtualMemoryBuffer.cpp] OutOfMemory: Requested size")
-    assert type(error) is BuildFailed
-    assert "max_num_tokens" in str(error)
-    assert "RAM" not in str(error)
-
-
-def test_other_failure_is_plain_build_failed() -> None:
-    """An unrecognised failure is permanent with the logs and no memory advice."""
-    error = _classify_failure("nim-optimize", 2, "ValueError: unsupported architecture Foo")
-    assert type(error) is BuildFailed
-    assert "unsupported architecture Foo" in str(error)
-    assert "memory" not in str(error)

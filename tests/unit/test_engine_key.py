@@ -1,113 +1,136 @@
-"""The engine key: equal inputs give equal keys, and only what the engine depends on changes it."""
+"""The engine key: every input that makes an engine valid changes it, nothing else does."""
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
 import pytest
-import yaml
 
-from nimflow.engine_build import render_build_config
-from nimflow.engine_key import KEY_SCHEMA, engine_key, engine_key_inputs
-from nimflow.spec import BuildSpec
+from nimflow.engine_key import KEY_SCHEMA, differing_inputs, engine_key, engine_key_inputs
+from nimflow.gpu_identity import GpuIdentity, TargetIdentity
+from nimflow.spec import parse_spec
 
 WEIGHTS = "hf:org/tiny-llama@0123456789abcdef0123456789abcdef01234567"
 IMAGE_ID = "sha256:" + "a" * 64
-BUILD: dict[str, Any] = {
-    "backend": "nim-optimize",
-    "image": "nvcr.io/nim/meta/llama:1.8.0",
-    "dtype": "float16",
-    "tp_size": 1,
-    "max_seq_len": 2048,
-    "max_batch_size": 8,
-    "max_num_tokens": 2048,
+H100 = GpuIdentity(name="NVIDIA H100 80GB HBM3", compute_capability="9.0", pci_device_id="0x233010de")
+SPEC: dict[str, Any] = {
+    "name": "tiny",
+    "source": {"repo_id": "org/tiny-llama"},
+    "build": {"backend": "nim-optimize", "image": "nvcr.io/nim/meta/llama:1.8.0", "dtype": "float16", "tp_size": 1,
+              "max_seq_len": 2048, "max_batch_size": 8, "max_num_tokens": 2048, "gpus": [0]},
+    "cache": {"uri": "s3://engines/nim"},
+    "deploy": {"image": "nvcr.io/nim/meta/llama:1.8.0", "served_model_name": "tiny", "cache_dir": "/tmp/nim-cache",
+               "gpus": [0], "host_port": 8000},
 }
 
 
-def _key(weights: str = WEIGHTS, image_id: str = IMAGE_ID, **build: Any) -> str:
-    """The engine key of the base inputs with ``build`` fields overridden."""
-    spec = BuildSpec(**{**BUILD, **build})
-    return engine_key(engine_key_inputs(weights_identity=weights, build=spec, image_id=image_id))
+def key_of(
+    spec: dict[str, Any] = SPEC, *, weights: str = WEIGHTS, image_id: str = IMAGE_ID, gpu: GpuIdentity = H100,
+    trtllm_version: str | None = "0.17.0",
+) -> str:
+    """The engine key a host computes for ``spec`` with these probed/inspected values."""
+    parsed = parse_spec(spec)
+    assert parsed.build is not None
+    target = TargetIdentity(gpus=[gpu] * parsed.build.world_size, trtllm_version=trtllm_version)
+    return engine_key(engine_key_inputs(weights_identity=weights, build=parsed.build, image_id=image_id, target=target))
+
+
+def changed(section: str, **fields: Any) -> dict[str, Any]:
+    """SPEC with ``fields`` of ``section`` replaced."""
+    spec = copy.deepcopy(SPEC)
+    spec[section].update(fields)
+    return spec
+
+
+def with_deploy_gpus(spec: dict[str, Any], gpus: Any) -> dict[str, Any]:
+    """``spec`` serving on ``gpus`` (one per rank)."""
+    spec["deploy"]["gpus"] = gpus
+    return spec
 
 
 def test_same_inputs_same_key() -> None:
     """The key is deterministic and 64 lowercase hex characters."""
-    key = _key()
+    key = key_of()
     assert re.fullmatch(r"[0-9a-f]{64}", key)
-    assert _key() == key
+    assert key_of() == key
 
 
-def test_key_ignores_dict_order() -> None:
-    """The key hashes canonical JSON: the order of input keys does not matter."""
-    inputs = engine_key_inputs(weights_identity=WEIGHTS, build=BuildSpec(**BUILD), image_id=IMAGE_ID)
+KEY_INPUTS = {
+    "weights revision": lambda: key_of(weights="hf:org/tiny-llama@" + "f" * 40),
+    "fine-tune digest": lambda: key_of(weights=WEIGHTS + "+ft:sha256:" + "b" * 64),
+    "image id": lambda: key_of(image_id="sha256:" + "b" * 64),
+    "trtllm version": lambda: key_of(trtllm_version="0.16.0"),
+    "gpu name": lambda: key_of(gpu=H100.model_copy(update={"name": "NVIDIA H100 PCIe"})),
+    "compute capability": lambda: key_of(gpu=H100.model_copy(update={"compute_capability": "8.9"})),
+    "pci device id": lambda: key_of(gpu=H100.model_copy(update={"pci_device_id": "0x233110de"})),
+    "dtype": lambda: key_of(changed("build", dtype="bfloat16")),
+    "tp_size": lambda: key_of(with_deploy_gpus(changed("build", tp_size=2, gpus=[0, 1]), [0, 1])),
+    "pp_size": lambda: key_of(with_deploy_gpus(changed("build", pp_size=2, gpus=None), None)),
+    "max_seq_len": lambda: key_of(changed("build", max_seq_len=4096)),
+    "max_batch_size": lambda: key_of(changed("build", max_batch_size=16)),
+    "max_num_tokens": lambda: key_of(changed("build", max_num_tokens=1024)),
+    "backend": lambda: key_of(changed("build", backend="trtllm-build")),
+    "build env": lambda: key_of(changed("build", env={"NIM_LOG_LEVEL": "DEBUG"})),
+}
+
+
+@pytest.mark.parametrize("name", list(KEY_INPUTS))
+def test_every_key_input_changes_the_key(name: str) -> None:
+    """Changing any single input that makes an engine valid gives another key."""
+    assert KEY_INPUTS[name]() != key_of()
+
+
+NOT_KEY_INPUTS = {
+    "deploy.host_port": changed("deploy", host_port=9000),
+    "deploy.shm_size": changed("deploy", shm_size="64g"),
+    "deploy.gpus (same model)": changed("deploy", gpus=[3]),
+    "deploy.env": changed("deploy", env={"NIM_LOG_LEVEL": "DEBUG"}),
+    "deploy.health_deadline_seconds": changed("deploy", health_deadline_seconds=60),
+    "build.shm_size": changed("build", shm_size="64g"),
+    "build.timeout_seconds": changed("build", timeout_seconds=60),
+    "build.gpus (same model)": changed("build", gpus=[5]),
+    "build.image tag (same id)": changed("build", image="nvcr.io/nim/meta/llama:latest"),
+    "cache.uri": changed("cache", uri="s3://other-bucket/x"),
+    "name": {**SPEC, "name": "other-name"},
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_KEY_INPUTS))
+def test_host_details_do_not_change_the_key(name: str) -> None:
+    """Ports, shm, timeouts, which GPU ids (of the same model), tags and names leave the key alone."""
+    assert key_of(NOT_KEY_INPUTS[name]) == key_of()
+
+
+def test_inputs_record_what_the_key_hashes() -> None:
+    """The recorded inputs carry the schema, weights, build config, image, GPU and TensorRT-LLM version."""
+    parsed = parse_spec(SPEC)
+    assert parsed.build is not None
+    inputs = engine_key_inputs(
+        weights_identity=WEIGHTS, build=parsed.build, image_id=IMAGE_ID, target=TargetIdentity(gpus=[H100], trtllm_version="0.17.0")
+    )
+    assert inputs["schema"] == KEY_SCHEMA == "nimflow-engine-key/2"
+    assert inputs["gpu"] == {"name": H100.name, "compute_capability": "9.0", "pci_device_id": "0x233010de"}
+    assert inputs["trtllm_version"] == "0.17.0" and inputs["image_id"] == IMAGE_ID and inputs["weights"] == WEIGHTS
+    assert inputs["build"] == {"backend": "nim-optimize", "dtype": "float16", "tp_size": 1, "pp_size": 1, "max_seq_len": 2048,
+                               "max_batch_size": 8, "max_num_tokens": 2048, "env": {}}
     reordered = dict(reversed(list(inputs.items())))
     assert engine_key(reordered) == engine_key(inputs)
 
 
-def test_inputs_record_schema_and_identity() -> None:
-    """The recorded inputs carry the schema, the weights' identity and the image id."""
-    inputs = engine_key_inputs(weights_identity=WEIGHTS, build=BuildSpec(**BUILD), image_id=IMAGE_ID)
-    assert inputs["schema"] == KEY_SCHEMA
-    assert inputs["weights"] == WEIGHTS
-    assert inputs["image_id"] == IMAGE_ID
-    assert not {"image", "gpus", "shm_size", "timeout_seconds"} & set(inputs["build"])
+def test_jit_key_hashes_only_what_jit_honours() -> None:
+    """A nim-jit build config has no dtype/batch/tokens: NIM cannot be told them, so they are not hashed."""
+    spec = changed("build", backend="nim-jit", dtype=None, max_batch_size=None, max_num_tokens=None)
+    parsed = parse_spec(spec)
+    assert parsed.build is not None
+    inputs = engine_key_inputs(weights_identity=WEIGHTS, build=parsed.build, image_id=IMAGE_ID,
+                               target=TargetIdentity(gpus=[H100], trtllm_version=None))
+    assert inputs["build"] == {"backend": "nim-jit", "tp_size": 1, "pp_size": 1, "max_seq_len": 2048, "env": {}}
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"weights": "hf:org/tiny-llama@" + "f" * 40},
-        {"image_id": "sha256:" + "b" * 64},
-        {"dtype": "bfloat16"},
-        {"tp_size": 2},
-        {"pp_size": 2},
-        {"max_num_tokens": 1024},
-        {"max_seq_len": 4096},
-        {"max_batch_size": 16},
-        {"backend": "nim-jit"},
-    ],
-    ids=lambda c: next(iter(c)),
-)
-def test_engine_inputs_change_the_key(change: dict[str, Any]) -> None:
-    """Anything the engine depends on changes the key."""
-    assert _key(**change) != _key()
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"gpus": [4, 5]},
-        {"gpus": "all"},
-        {"timeout_seconds": 60},
-        {"shm_size": "64g"},
-        {"image": "nvcr.io/nim/meta/llama:latest"},
-    ],
-    ids=["gpus-list", "gpus-all", "timeout", "shm", "image-tag"],
-)
-def test_host_details_do_not_change_the_key(change: dict[str, Any]) -> None:
-    """Which GPUs build it, how long it may take, shm and the image's tag (same id) do not matter."""
-    assert _key(**change) == _key()
-
-
-def test_render_build_config_has_exactly_the_build_keys() -> None:
-    """The nim-optimize build YAML has exactly the engine's parameters, with the spec's values."""
-    spec = BuildSpec(**{**BUILD, "dtype": "bfloat16", "tp_size": 2, "pp_size": 2, "max_num_tokens": 1000,
-                        "gpus": [0, 1, 2, 3], "shm_size": "32g", "timeout_seconds": 99})
-    rendered = yaml.safe_load(render_build_config(spec))
-    assert rendered == {
-        "dtype": "bfloat16",
-        "tp_size": 2,
-        "pp_size": 2,
-        "max_seq_len": 2048,
-        "max_batch_size": 8,
-        "max_num_tokens": 1000,
-    }
-
-
-def test_render_build_config_defaults() -> None:
-    """Spec defaults reach the build YAML unchanged."""
-    spec = BuildSpec(backend="nim-jit", image="x")
-    rendered = yaml.safe_load(render_build_config(spec))
-    assert rendered == {"dtype": "float16", "tp_size": 1, "pp_size": 1, "max_seq_len": 8192,
-                        "max_batch_size": 64, "max_num_tokens": 8192}
+def test_differing_inputs_names_each_leaf() -> None:
+    """`cache explain KEY KEY2` lists the leaf inputs that differ, with both values."""
+    a = {"gpu": {"name": "A", "compute_capability": "8.0"}, "build": {"dtype": "float16"}, "weights": "w"}
+    b = {"gpu": {"name": "B", "compute_capability": "8.0"}, "build": {"dtype": "bfloat16"}, "weights": "w"}
+    assert differing_inputs(a, b) == [("build.dtype", "float16", "bfloat16"), ("gpu.name", "A", "B")]
