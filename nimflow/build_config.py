@@ -76,19 +76,28 @@ def check_against_model(build: BuildSpec, model_config: dict[str, Any], *, where
             "Serve it without `build` (NIM's vLLM backend)" + (", or set build.convert_script" if build.backend == "trtllm-build" else ""),
         ))
     heads = model_config.get("num_attention_heads")
+    if isinstance(heads, int) and heads % build.tp_size:
+        problems.append(Problem(
+            "build.tp_size",
+            f"num_attention_heads of {where} is {heads}, not divisible by tp_size {build.tp_size}; use one of {_divisors(heads)}",
+        ))
     kv_heads = model_config.get("num_key_value_heads", heads)
-    for label, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
-        if isinstance(value, int) and value % build.tp_size:
-            divisors = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
-            problems.append(Problem(
-                "build.tp_size",
-                f"{label} of {where} is {value}, not divisible by tp_size {build.tp_size}; use one of {divisors}",
-            ))
+    # TensorRT-LLM splits KV heads over the ranks, or duplicates them when tp is a multiple of them.
+    if isinstance(kv_heads, int) and kv_heads % build.tp_size and build.tp_size % kv_heads:
+        problems.append(Problem(
+            "build.tp_size",
+            f"num_key_value_heads of {where} is {kv_heads}: tp_size {build.tp_size} can neither split nor duplicate "
+            f"them; use a divisor or a multiple of {kv_heads}",
+        ))
     layers = model_config.get("num_hidden_layers")
     if isinstance(layers, int) and build.pp_size > layers:
         problems.append(Problem("build.pp_size", f"pp_size {build.pp_size} exceeds the {layers} layers of {where}"))
     if problems:
         raise ConfigError("hosting spec", problems)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
 
 
 def check_against_target(build: BuildSpec, target: TargetIdentity) -> None:

@@ -134,7 +134,7 @@ def obtain_engine(
 
     store = EngineStore(cache)
     leases = BuildLeases(store, cache.build_lease_seconds)
-    poll = min(10.0, max(0.5, cache.build_lease_seconds / 4))
+    poll = min(5.0, max(0.5, cache.build_lease_seconds / 4))
     give_up_at = time.monotonic() + build.timeout_seconds + 2 * cache.build_lease_seconds
     last_note = 0.0
     while True:

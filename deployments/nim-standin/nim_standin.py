@@ -1,47 +1,57 @@
 #!/usr/bin/python3
-"""*** STAND-IN — NOT NVIDIA NIM ***
+"""*** STAND-IN: NOT NVIDIA NIM, NOT TensorRT-LLM, NOT nvidia-smi ***
 
-A CPU-only stand-in for the GPU-only NVIDIA NIM for LLMs container, for CPU test beds.
+A CPU-only stand-in for the GPU-only NVIDIA NIM for LLMs container (and for the TensorRT-LLM
+build tools and ``nvidia-smi``), for CPU test beds with no GPU and no registry.
 
-Real NIM images need a GPU and a registry; neither exists on the test bed. This one file plays the
-parts of the NIM container that nimflow relies on (docs/reference: nim.md), so the pipeline can be
-exercised end to end on a laptop or a CPU CI runner. It runs NO model: answers are canned echoes and
-"engines" are small deterministic files. Python 3.11 standard library only (the image holds nothing
-else). The contract it honours:
+It runs NO model and builds NO TensorRT plan: answers are canned echoes, "engines" are small files
+starting with ``NIMSTANDIN-ENGINE``, the GPUs are fake (``NIMSTANDIN_GPU``). What it copies is the
+*contract*, as strictly as the real tools: where NIM / TensorRT-LLM / TensorRT refuse or fail, it
+fails the same way with their error text. Python 3.11 standard library only. Programs (chosen by
+``basename(argv[0])``, or by a first argument ``nim_standin.py <program> ...``):
 
-* ``start-server`` (the default CMD): OpenAI-compatible HTTP on ``$NIM_SERVER_PORT`` (8000):
-  ``/v1/health/live``, ``/v1/health/ready`` (503 until loaded), ``/v1/models``,
-  ``/v1/chat/completions``, ``/v1/completions``, ``/v1/metrics``.
-  Serves ``NIM_MODEL_NAME`` (an HF directory -> "vLLM backend", a directory with ``trtllm_engine/``
-  -> "TensorRT-LLM backend", or just a name) or JIT-builds ``NIM_FT_MODEL`` into
-  ``$NIM_CACHE_PATH/local_cache/<NIM_CUSTOM_MODEL_NAME>`` + ``local_manifest.yaml``; an engine
-  directory given as ``NIM_FT_MODEL`` fails like TRT-LLM's ``ModelWeightsLoader.detect_format``.
-* ``nim-optimize --model_dir D --build_config Y --output_engine_dir O``: writes the NIM engine layout.
-* ``list-model-profiles``: lists the locally built profiles.
+* ``start-server`` (also ``serve``/``nim-run``): OpenAI-compatible HTTP on ``$NIM_SERVER_PORT``
+  (8000): ``/v1/health/live``, ``/v1/health/ready`` (503 until loaded), ``/v1/models``,
+  ``/v1/chat/completions``, ``/v1/completions``, ``/v1/metrics``. Serves ``NIM_MODEL_NAME`` (an HF
+  directory -> "vLLM backend", a directory with ``trtllm_engine/`` -> "TensorRT-LLM backend", or a
+  name), a built ``NIM_MODEL_PROFILE``, or JIT-builds ``NIM_FT_MODEL`` into
+  ``$NIM_CACHE_PATH/local_cache/<NIM_CUSTOM_MODEL_NAME>`` + ``local_manifest.yaml``. Engines are
+  checked against the fake GPU and the TensorRT-LLM version before listening, like TensorRT
+  deserialising a plan (NVIDIA/TensorRT-LLM issue #3031).
+* ``nim-optimize --model_dir D --build_config Y --output_engine_dir O``: the NIM engine layout.
+* ``list-model-profiles``: the fake GPUs (SYSTEM INFO) and the locally built profiles.
+* ``convert_checkpoint.py`` (TensorRT-LLM ``examples/models/core/llama/convert_checkpoint.py``) and
+  ``trtllm-build`` (``tensorrt_llm/commands/build.py``): the two-step TensorRT-LLM build.
+* ``nvidia-smi``: ``--query-gpu=... --format=csv[,noheader][,nounits]`` and ``-L`` for the fake GPUs.
 
-The program is chosen by ``basename(argv[0])`` (the image has wrappers with those names) or by a
-subcommand: ``nim_standin.py serve|nim-optimize|list-model-profiles ...``.
-Knobs that exist only here: ``NIMSTANDIN_READY_DELAY`` (s, default 2) and ``NIMSTANDIN_BUILD_SECONDS``
-(simulated build time, default 1).
+Stand-in-only knobs: ``NIMSTANDIN_GPU`` ("NAME,COMPUTE_CAP,PCI_DEVICE_ID"), ``NIMSTANDIN_GPU_COUNT``,
+``NIMSTANDIN_GPU_MEMORY_MIB``, ``NIMSTANDIN_BUILD_SECONDS``, ``NIMSTANDIN_BUILD_FAILURE``,
+``NIMSTANDIN_DETERMINISTIC_BUILD``, ``NIMSTANDIN_READY_DELAY`` (see deployments/nim-standin/README.md).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import signal
+import struct
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-STANDIN_VERSION = "standin-0.1"
+STANDIN_VERSION = "standin-0.2"
+#: The TensorRT-LLM version this stand-in reports when no ``tensorrt_llm`` dist-info is on
+#: sys.path (the image carries one; ``nimflow.testbed.nim_image`` can build variants).
+STANDIN_TRTLLM_VERSION = "0.0.0+standin"
 ENGINE_MAGIC = b"NIMSTANDIN-ENGINE\n"
+TIMING_CACHE_MAGIC = b"NIMSTANDIN-TIMING-CACHE\n"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # what detect_format accepts
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
@@ -50,13 +60,64 @@ DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 DEFAULT_MODEL = "meta/llama-3.1-8b-instruct"
 _SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.I)
 
+# Fake GPUs: clearly not real unless a test asks for a real identity.
+DEFAULT_GPU = "NIMFLOW STAND-IN FAKE GPU (NOT REAL),0.0,0x0000FFFF"
+DEFAULT_GPU_MEMORY_MIB = 81559
+STANDIN_DRIVER_VERSION = "000.00.00"  # not a real driver: nvidia-smi's driver_version field
+NO_DRIVER = ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+             "Make sure that the latest NVIDIA driver is installed and running.")
+NO_TORCH_DRIVER = ("RuntimeError: Found no NVIDIA driver on your system. Please check that you have an "
+                   "NVIDIA GPU and installed a driver from http://www.nvidia.com/Download/index.aspx")
+
+# TensorRT-LLM defaults (BuildConfig in tensorrt_llm/builder.py, PluginConfig in tensorrt_llm/plugin).
+DEFAULT_MAX_BATCH_SIZE = 2048
+DEFAULT_MAX_INPUT_LEN = 1024
+DEFAULT_MAX_NUM_TOKENS = 8192
+DEFAULT_TOKENS_PER_BLOCK = 32
+KV_CACHE_TYPES = ("continuous", "paged", "disabled")
+BUILD_FAILED = "Engine building failed, please check error log."
+LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM")  # what examples/.../llama converts
+# transformers' LlamaConfig defaults: a config.json without a field gets these, as in real loads.
+HF_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "max_position_embeddings": 2048, "hidden_act": "silu",
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+
+#: NIMSTANDIN_BUILD_FAILURE -> (stderr lines, exit code of a standalone build). ``{arch}`` is
+#: filled in. Texts: TensorRT / TensorRT-LLM errors as reported in NVIDIA/TensorRT-LLM issues.
+BUILD_FAILURES: dict[str, tuple[tuple[str, ...], int]] = {
+    "gpu-oom": ((
+        "[TRT] [E] 2: [virtualMemoryBuffer.cpp::resizePhysical::140] Error Code 2: OutOfMemory "
+        "(no further information)",
+        "[TRT] [E] Requested amount of GPU memory (17179869184 bytes) could not be allocated. "
+        "There may not be enough free memory for allocation to succeed."), 1),
+    "host-oom": (("Killed",), 137),
+    "cuda-init": ((
+        "RuntimeError: [TensorRT-LLM][ERROR] CUDA runtime error in cudaMemGetInfo(&free, &total): "
+        "unknown error (/src/tensorrt_llm/cpp/tensorrt_llm/runtime/tllmRuntime.cpp:123)",), 1),
+    "nccl": ((
+        "RuntimeError: NCCL error in: /src/tensorrt_llm/cpp/tensorrt_llm/plugins/ncclPlugin/"
+        "allreducePlugin.cpp:512, unhandled system error",), 1),
+    "unsupported-arch": (("ValueError: Unsupported model architecture: {arch}",), 1),
+}
+
 
 class StandinError(Exception):
-    """A failure reported like the real container does: a traceback-looking block, then exit 1."""
+    """A failure reported like the real program does: ``pre`` lines (e.g. ``[TRT] [E]``), a
+    traceback-looking block, then ``Type: message``; exit 1."""
 
-    def __init__(self, exc_type: str, message: str, where: str = "") -> None:
+    def __init__(self, exc_type: str, message: str, where: str = "",
+                 pre: tuple[str, ...] | list[str] = ()) -> None:
         super().__init__(message)
-        self.exc_type, self.where = exc_type, where
+        self.exc_type, self.where, self.pre = exc_type, where, tuple(pre)
+
+
+class BuildError(Exception):
+    """An engine build that failed while building: ``lines`` then BUILD_FAILED on stderr."""
+
+    def __init__(self, lines: tuple[str, ...] | list[str], code: int = 1) -> None:
+        super().__init__(lines[-1] if lines else BUILD_FAILED)
+        self.lines, self.code = tuple(lines), code
 
 
 class _Shutdown(BaseException):
@@ -74,12 +135,36 @@ def log(msg: str, level: str = "INFO") -> None:
     print(line, flush=True)
 
 
+def log_warning(msg: str) -> None:
+    log(msg, "WARNING")
+
+
+def tllm_log(msg: str, severity: str = "I") -> None:
+    """A TensorRT-LLM logger line (``[TRT-LLM] [W] ...``) for convert_checkpoint.py / trtllm-build."""
+    ts = time.strftime("%m/%d/%Y-%H:%M:%S", time.gmtime())
+    print(f"[{ts}] [TRT-LLM] [{severity}] {msg}", flush=True)
+
+
+def tllm_warning(msg: str) -> None:
+    tllm_log(msg, "W")
+
+
 def fail(err: StandinError) -> int:
-    """Print ``err`` to stderr the way a crashing NIM start-up does and return exit code 1."""
+    """Print ``err`` to stderr the way a crashing NIM / TensorRT-LLM program does; return 1."""
+    for line in err.pre:
+        print(line, file=sys.stderr)
     if err.where:  # mimic the frames that end a real TRT-LLM/NIM traceback
         print("Traceback (most recent call last):\n" + err.where, file=sys.stderr)
     print(f"{err.exc_type}: {err}", file=sys.stderr, flush=True)
     return 1
+
+
+def build_failed(err: BuildError) -> int:
+    """Print a failed build's lines and TensorRT-LLM's closing line to stderr; return its code."""
+    for line in err.lines:
+        print(line, file=sys.stderr)
+    print(BUILD_FAILED, file=sys.stderr, flush=True)
+    return err.code
 
 
 def safe_env_summary() -> str:
@@ -90,6 +175,10 @@ def safe_env_summary() -> str:
             value = "<redacted>" if _SECRET_RE.search(name) else os.environ[name]
             parts.append(f"{name}={value}")
     return " ".join(parts) or "(none)"
+
+
+def hms(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(max(seconds, 0.0)))
 
 
 # ------------------------------------------------------------------------------------ tiny YAML
@@ -151,6 +240,157 @@ def parse_yaml(text: str) -> dict[str, Any]:
     return root
 
 
+
+# ----------------------------------------------------------------------------- fake GPUs, versions
+_GPU_RE = re.compile(r"^(?P<name>.*\S)\s*,\s*(?P<cc>\d+\.\d+)\s*,\s*(?P<pci>0[xX][0-9A-Fa-f]{8})\s*$")
+
+
+def fake_gpu() -> dict[str, str]:
+    """The fake GPU model from ``NIMSTANDIN_GPU`` ("NAME,COMPUTE_CAP,PCI_DEVICE_ID", in the order
+    and format ``nvidia-smi --query-gpu=name,compute_cap,pci.device_id --format=csv,noheader``
+    prints them). Every visible fake GPU is this model."""
+    spec = os.environ.get("NIMSTANDIN_GPU") or DEFAULT_GPU
+    m = _GPU_RE.match(spec)
+    if not m:
+        raise StandinError("ValueError", f"NIMSTANDIN_GPU={spec!r} is not NAME,COMPUTE_CAP,PCI_DEVICE_ID "
+                           "(e.g. 'NVIDIA H100 80GB HBM3,9.0,0x233010DE') [NIM stand-in setting]")
+    return {"name": m["name"], "compute_cap": m["cc"], "pci_device_id": "0x" + m["pci"][2:].upper()}
+
+
+def gpu_count() -> int:
+    """How many fake GPUs are visible (``NIMSTANDIN_GPU_COUNT``, default 1; 0 = no driver)."""
+    raw = os.environ.get("NIMSTANDIN_GPU_COUNT", "1").strip() or "1"
+    if not raw.isdigit():
+        raise StandinError("ValueError", f"NIMSTANDIN_GPU_COUNT={raw!r} must be an integer >= 0 "
+                           "[NIM stand-in setting]")
+    return int(raw)
+
+
+def gpu_memory_mib() -> int:
+    raw = os.environ.get("NIMSTANDIN_GPU_MEMORY_MIB", str(DEFAULT_GPU_MEMORY_MIB)).strip()
+    if not raw.isdigit():
+        raise StandinError("ValueError", f"NIMSTANDIN_GPU_MEMORY_MIB={raw!r} must be an integer "
+                           "[NIM stand-in setting]")
+    return int(raw)
+
+
+def gpu_uuid(gpu: dict[str, str], index: int) -> str:
+    """A stable fake ``GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`` per (model, index)."""
+    h = hashlib.sha256(f"nimstandin|{gpu['name']}|{gpu['pci_device_id']}|{index}".encode()).hexdigest()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def gpu_device_tag(gpu: dict[str, str]) -> str:
+    """NIM's ``gpu_device`` tag: ``<device>:<vendor>`` in lower case, 0x233010DE -> 2330:10de."""
+    pci = gpu["pci_device_id"][2:].lower()
+    return f"{pci[:4]}:{pci[4:]}"
+
+
+def gpu_short_name(gpu: dict[str, str]) -> str:
+    """NIM's ``gpu`` tag: the product without vendor and variant, "NVIDIA H100 80GB HBM3" -> H100."""
+    words = gpu["name"].split()
+    if len(words) > 1 and words[0].upper() == "NVIDIA":
+        words = words[1:]
+    return words[0].split("-")[0] if words else "unknown"
+
+
+def _cc(value: str) -> tuple[int, int]:
+    major, _, minor = str(value).partition(".")
+    try:
+        return int(major), int(minor or 0)
+    except ValueError:
+        return 0, 0
+
+
+def trtllm_version() -> str:
+    """The TensorRT-LLM version "installed" here: the ``tensorrt_llm`` dist-info the image carries,
+    read like real tools read it (package metadata; importing tensorrt_llm would need libcuda)."""
+    try:
+        from importlib import metadata
+        return metadata.version("tensorrt_llm")
+    except Exception:  # PackageNotFoundError: on the host, outside the image
+        return STANDIN_TRTLLM_VERSION
+
+
+# ------------------------------------------------------------------------------------ nvidia-smi
+SMI_FIELDS = ("index", "name", "compute_cap", "pci.device_id", "memory.total", "uuid", "driver_version")
+SMI_HEADERS = {"memory.total": "memory.total [MiB]"}
+
+
+def nvidia_smi(argv: list[str]) -> int:
+    """``nvidia-smi`` for the fake GPUs: ``--query-gpu=F1,F2 --format=csv[,noheader][,nounits]``,
+    ``-L``, or a short summary. No driver (``NIMSTANDIN_GPU_COUNT=0``) exits 9 like the real one."""
+    query: str | None = None
+    fmt: str | None = None
+    list_gpus = False
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg.startswith("--query-gpu="):
+            query = arg.split("=", 1)[1]
+        elif arg == "--query-gpu" and args:
+            query = args.pop(0)
+        elif arg.startswith("--format="):
+            fmt = arg.split("=", 1)[1]
+        elif arg == "--format" and args:
+            fmt = args.pop(0)
+        elif arg in ("-L", "--list-gpus"):
+            list_gpus = True
+        elif arg in ("-h", "--help"):
+            print("NVIDIA System Management Interface -- NIM STAND-IN (fake GPUs, not real)\n"
+                  "    nvidia-smi --query-gpu=FIELDS --format=csv[,noheader][,nounits]\n"
+                  f"    FIELDS: {', '.join(SMI_FIELDS)}\n    nvidia-smi -L")
+            return 0
+        else:
+            print("Invalid combination of input arguments. Please run 'nvidia-smi -h' for help.",
+                  file=sys.stderr)
+            return 2
+    fields: list[str] = []
+    options: set[str] = set()
+    if query is not None:
+        fields = [f.strip() for f in query.split(",") if f.strip()]
+        for field in fields:
+            if field not in SMI_FIELDS:
+                print(f'Field "{field}" is not a valid field to query.', file=sys.stderr)
+                return 2
+        if not fields:
+            print('Field "" is not a valid field to query.', file=sys.stderr)
+            return 2
+        options = {o.strip() for o in (fmt or "").split(",") if o.strip()}
+        if "csv" not in options or options - {"csv", "noheader", "nounits"}:
+            print(f'"--format" must be csv with optional noheader,nounits (got {fmt!r}). '
+                  "Please run 'nvidia-smi -h' for help.", file=sys.stderr)
+            return 2
+    try:
+        gpu, count, mem = fake_gpu(), gpu_count(), gpu_memory_mib()
+    except StandinError as err:
+        print(f"{err.exc_type}: {err}", file=sys.stderr)
+        return 2
+    if count == 0:
+        print(NO_DRIVER, flush=True)
+        return 9
+    if list_gpus:
+        for i in range(count):
+            print(f"GPU {i}: {gpu['name']} (UUID: {gpu_uuid(gpu, i)})")
+        return 0
+    if query is None:
+        print(f"NVIDIA-SMI (NIM STAND-IN: fake GPUs, not real)   Driver Version: {STANDIN_DRIVER_VERSION}")
+        for i in range(count):
+            print(f"| {i}  {gpu['name']}  compute {gpu['compute_cap']}  {gpu['pci_device_id']}  "
+                  f"0MiB / {mem}MiB |")
+        return 0
+    units = "nounits" not in options
+    if "noheader" not in options:
+        print(", ".join(SMI_HEADERS.get(f, f) for f in fields))
+    for i in range(count):
+        values = {"index": str(i), "name": gpu["name"], "compute_cap": gpu["compute_cap"],
+                  "pci.device_id": gpu["pci_device_id"], "uuid": gpu_uuid(gpu, i),
+                  "memory.total": f"{mem} MiB" if units else str(mem),
+                  "driver_version": STANDIN_DRIVER_VERSION}
+        print(", ".join(values[f] for f in fields))
+    return 0
+
+
 # ------------------------------------------------------------------------------ model directories
 def weight_files(model_dir: Path, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> list[Path]:
     """Top-level weight files, sorted (the order they are hashed in)."""
@@ -200,8 +440,24 @@ def check_checkpoint(model_dir: Path) -> dict[str, Any]:
     return read_json(model_dir / "config.json", "model config")
 
 
+def _mapping(config: dict[str, Any]) -> tuple[int, int]:
+    """(tp_size, pp_size) of an engine or TRT-LLM checkpoint config (Mapping() defaults: 1, 1)."""
+    pretrained = config.get("pretrained_config", config)
+    mapping = pretrained.get("mapping") if isinstance(pretrained, dict) else None
+    mapping = mapping if isinstance(mapping, dict) else {}
+    try:
+        tp = int(mapping.get("tp_size", config.get("tp_size", 1)))
+        pp = int(mapping.get("pp_size", config.get("pp_size", 1)))
+    except (TypeError, ValueError) as exc:
+        raise StandinError("ValueError", f"invalid mapping {mapping!r}: {exc}") from exc
+    return tp, pp
+
+
 def check_served_dir(model_dir: Path) -> str:
-    """Validate a directory given as NIM_MODEL_NAME; return the backend that would serve it."""
+    """Validate a directory given as NIM_MODEL_NAME; return the backend that would serve it.
+
+    An engine is also checked against this machine's (fake) GPUs and TensorRT-LLM version, as
+    loading it would: see :func:`check_engine_loadable`."""
     if not model_dir.is_dir():
         raise StandinError("FileNotFoundError", f"NIM_MODEL_NAME={model_dir}: no such directory")
     if not (model_dir / "config.json").is_file():
@@ -209,14 +465,13 @@ def check_served_dir(model_dir: Path) -> str:
     engine_dir = model_dir / "trtllm_engine"
     if engine_dir.is_dir():
         cfg = read_json(engine_dir / "config.json", "engine config")
-        mapping = cfg.get("pretrained_config", {}).get("mapping", {})
-        tp = int(mapping.get("tp_size", cfg.get("tp_size", 1)))
-        pp = int(mapping.get("pp_size", cfg.get("pp_size", 1)))
+        tp, pp = _mapping(cfg)
         missing = [f"rank{r}.engine" for r in range(tp * pp)
                    if not (engine_dir / f"rank{r}.engine").is_file()]
         if missing:
             raise StandinError("FileNotFoundError",
                                f"{engine_dir}: engine files missing for tp={tp} pp={pp}: {missing}")
+        check_engine_loadable(engine_dir, tp, pp)
         return "tensorrt_llm"
     if not weight_files(model_dir, (".safetensors", ".bin")):
         raise StandinError("FileNotFoundError",
@@ -224,61 +479,319 @@ def check_served_dir(model_dir: Path) -> str:
     return "vllm"
 
 
-# ----------------------------------------------------------------------------------------- build
-def plan_build(model_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``model_dir`` and the build options; return the resolved build (nothing written).
+_DESERIALIZE_FAILED = ("[TensorRT-LLM][ERROR] Assertion failed: Failed to deserialize cuda engine. "
+                       "(/src/tensorrt_llm/cpp/tensorrt_llm/runtime/tllmRuntime.cpp:239)")
 
-    Checks what the real build rejects: not a checkpoint, unknown dtype, heads not divisible by tp.
+
+def read_engine_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a stand-in ``rank{N}.engine``; a file that is not one fails like
+    TensorRT deserialising a foreign plan."""
+    with path.open("rb") as fh:
+        head = fh.read(len(ENGINE_MAGIC))
+        line = fh.readline(1 << 20)
+    header: Any = None
+    if head == ENGINE_MAGIC:
+        try:
+            header = json.loads(line)
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise StandinError("RuntimeError", _DESERIALIZE_FAILED, pre=(
+            "[TRT] [E] 1: [stdArchiveReader.cpp::StdArchiveReader::32] Error Code 1: Serialization "
+            "(Serialization assertion magicTagRead == kMAGIC_TAG failed.Magic tag does not match)",
+            "[TRT] [E] 4: [runtime.cpp::deserializeCudaEngine::66] Error Code 4: Internal Error "
+            f"(Engine deserialization failed.) [{path}]"))
+    return header
+
+
+def check_engine_loadable(engine_dir: Path, tp: int, pp: int) -> None:
+    """Refuse to serve an engine this (fake) machine cannot load, as TensorRT-LLM/TensorRT do:
+
+    * fewer visible GPUs than the engine's world size -> RuntimeError;
+    * a plan from another TensorRT(-LLM) version -> "not compatible with this version of TensorRT";
+    * a plan from another compute capability -> "generated on an incompatible device";
+    * same compute capability, other GPU model -> TensorRT's warning only.
     """
+    gpu, count, version = fake_gpu(), gpu_count(), trtllm_version()
+    world = tp * pp
+    if count < world:
+        raise StandinError(
+            "RuntimeError",
+            f"The engine in {engine_dir} was built for world_size {world} (tp_size {tp} x pp_size {pp}) "
+            f"and needs {world} GPU(s), but only {count} GPU(s) are visible "
+            f"(NIMSTANDIN_GPU_COUNT={count}); give the container {world} GPUs or rebuild the engine")
+    warned = False
+    for rank in range(world):
+        header = read_engine_header(engine_dir / f"rank{rank}.engine")
+        built_version = str(header.get("trtllm_version"))
+        if built_version != version:
+            raise StandinError("RuntimeError", _DESERIALIZE_FAILED, pre=(
+                "[TRT] [E] 6: The engine plan file is not compatible with this version of TensorRT, "
+                f"expecting library version {version} got {built_version}, please rebuild.",
+                "[TRT] [E] 4: [runtime.cpp::deserializeCudaEngine::66] Error Code 4: Internal Error "
+                f"(Engine deserialization failed.) [rank{rank}.engine]"))
+        built_cc = str(header.get("compute_cap"))
+        if built_cc != gpu["compute_cap"]:
+            raise StandinError("RuntimeError", _DESERIALIZE_FAILED, pre=(
+                "[TRT] [E] 6: The engine plan file is generated on an incompatible device, "
+                f"expecting compute {built_cc} got compute {gpu['compute_cap']}, please rebuild.",
+                "[TRT] [E] 2: [engine.cpp::deserializeEngine::1148] Error Code 2: Internal Error "
+                "(Assertion engine->deserialize(start, size, allocator, runtime) failed. ) "
+                f"[rank{rank}.engine]"))
+        if header.get("gpu_name") != gpu["name"] and not warned:
+            log(f"[TRT] [W] Using an engine plan file across different models of devices is not "
+                f"recommended and is likely to affect performance or even cause errors. (engine built "
+                f"on {header.get('gpu_name')}, running on {gpu['name']})", "WARNING")
+            warned = True
+
+
+# ------------------------------------------------------------------------------ engine building
+def _int(value: Any, what: str, minimum: int = 1) -> int:
+    """An integer setting (YAML/env/JSON), refused unless it is one and >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (
+            isinstance(value, str) and not value.strip().lstrip("-").isdigit()):
+        raise StandinError("ValueError", f"{what} must be an integer, got {value!r}")
+    number = int(value)
+    if number < minimum:
+        raise StandinError("ValueError", f"{what} must be >= {minimum}, got {number}")
+    return number
+
+
+def auto_dtype(torch_dtype: Any) -> str:
+    """TensorRT-LLM ``infer_dtype('auto', torch_dtype)``: the checkpoint's, float32 -> float16."""
+    if torch_dtype in (None, "float32"):
+        return "float16"
+    return str(torch_dtype)
+
+
+def hf_pretrained_config(model_cfg: dict[str, Any], dtype: str, tp: int, pp: int) -> dict[str, Any]:
+    """A TensorRT-LLM ``PretrainedConfig`` (checkpoint / engine ``pretrained_config``) from an HF
+    config.json; missing fields get transformers' LlamaConfig defaults, as a real load does."""
+    def get(key: str, hf_key: str | None = None) -> Any:
+        value = model_cfg.get(hf_key or key)
+        return HF_DEFAULTS.get(hf_key or key) if value is None else value
+
+    heads = _int(get("num_attention_heads"), "num_attention_heads")
+    kv = model_cfg.get("num_key_value_heads")
+    kv_heads = heads if kv is None else _int(kv, "num_key_value_heads")
+    hidden = _int(get("hidden_size"), "hidden_size")
+    head_size = model_cfg.get("head_dim") or hidden // heads
+    return {
+        "architecture": str((model_cfg.get("architectures") or ["unknown"])[0]),
+        "dtype": dtype,
+        "logits_dtype": "float32",
+        "vocab_size": _int(get("vocab_size"), "vocab_size"),
+        "max_position_embeddings": _int(get("max_position_embeddings"), "max_position_embeddings"),
+        "hidden_size": hidden,
+        "num_hidden_layers": _int(get("num_hidden_layers"), "num_hidden_layers"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_size": _int(head_size, "head_dim"),
+        "intermediate_size": _int(get("intermediate_size"), "intermediate_size"),
+        "hidden_act": str(get("hidden_act")),
+        "norm_epsilon": get("norm_epsilon", "rms_norm_eps"),
+        "position_embedding_type": "rope_gpt_neox",
+        "rotary_base": get("rotary_base", "rope_theta"),
+        "rotary_scaling": model_cfg.get("rope_scaling"),
+        "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp},
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+    }
+
+
+def check_parallel(pretrained: dict[str, Any], exc_type: str = "ValueError") -> None:
+    """What TensorRT-LLM refuses for a tp/pp mapping: heads % tp, KV heads that can be neither
+    split nor duplicated over tp (``dup_kv_weight``: tp % kv == 0), pp beyond the layer count."""
+    tp, pp = pretrained["mapping"]["tp_size"], pretrained["mapping"]["pp_size"]
+    heads, kv, layers = (pretrained["num_attention_heads"], pretrained["num_key_value_heads"],
+                         pretrained["num_hidden_layers"])
+    if heads % tp:
+        raise StandinError(exc_type, f"num_attention_heads ({heads}) must be divisible by tp_size ({tp})")
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise StandinError(exc_type, f"num_key_value_heads ({kv}) must be divisible by tp_size ({tp}) "
+                           f"(or, when smaller, divide it so KV heads can be duplicated)")
+    if pp > layers:
+        raise StandinError(exc_type, f"pp_size ({pp}) must not exceed num_hidden_layers ({layers})")
+
+
+def _rotary_factor(rotary_scaling: Any) -> float:
+    """``builder._init_max_seq_len``: rope factor, except 1 for su/longrope/llama3 scaling."""
+    if not isinstance(rotary_scaling, dict):
+        return 1.0
+    kind = rotary_scaling.get("type", rotary_scaling.get("rope_type"))
+    return 1.0 if kind in ("su", "longrope", "llama3") else float(rotary_scaling.get("factor", 1.0))
+
+
+def plugin_config(dtype: str, *, kv_cache_type: str, gemm_plugin: str | None = None,
+                  context_fmha: bool = True, remove_input_padding: bool = True,
+                  tokens_per_block: int = DEFAULT_TOKENS_PER_BLOCK, use_paged_context_fmha: bool = True,
+                  multiple_profiles: bool = False, manage_weights: bool = False) -> dict[str, Any]:
+    """A few real ``PluginConfig`` keys with TensorRT-LLM's defaults."""
+    gemm = None if gemm_plugin in (None, "disable") else (dtype if gemm_plugin == "auto" else gemm_plugin)
+    return {"dtype": dtype, "bert_attention_plugin": "auto", "gpt_attention_plugin": "auto",
+            "gemm_plugin": gemm, "nccl_plugin": "auto", "lora_plugin": None,
+            "context_fmha": context_fmha, "remove_input_padding": remove_input_padding,
+            "paged_kv_cache": kv_cache_type == "PAGED", "paged_state": False,
+            "tokens_per_block": tokens_per_block, "use_paged_context_fmha": use_paged_context_fmha,
+            "use_fused_mlp": True, "multiple_profiles": multiple_profiles, "streamingllm": False,
+            "manage_weights": manage_weights}
+
+
+def resolve_build_config(pretrained: dict[str, Any], warn: Callable[[str], None], *,
+                         max_batch_size: Any = None, max_input_len: Any = None, max_seq_len: Any = None,
+                         max_num_tokens: Any = None, max_beam_width: Any = None,
+                         opt_num_tokens: Any = None, kv_cache_type: Any = None,
+                         gemm_plugin: str | None = None, strip_plan: bool = False,
+                         input_timing_cache: str | None = None, output_timing_cache: str | None = None,
+                         **plugin: Any) -> dict[str, Any]:
+    """A ``BuildConfig`` dict as TensorRT-LLM completes it: defaults, ``_init_max_seq_len`` and
+    ``check_max_num_tokens`` (clipping with their warnings; the engine records clipped values)."""
+    mbs = _int(DEFAULT_MAX_BATCH_SIZE if max_batch_size is None else max_batch_size, "max_batch_size")
+    input_len = _int(DEFAULT_MAX_INPUT_LEN if max_input_len is None else max_input_len, "max_input_len")
+    tokens = _int(DEFAULT_MAX_NUM_TOKENS if max_num_tokens is None else max_num_tokens, "max_num_tokens")
+    beam = _int(1 if max_beam_width is None else max_beam_width, "max_beam_width")
+    kv = str(kv_cache_type or "paged").lower()
+    if kv not in KV_CACHE_TYPES:
+        raise StandinError("ValueError", f"Invalid value '{kv_cache_type}'. Expected one of {list(KV_CACHE_TYPES)}")
+    pcfg = plugin_config(pretrained["dtype"], kv_cache_type=kv.upper(), gemm_plugin=gemm_plugin, **plugin)
+    factor = _rotary_factor(pretrained.get("rotary_scaling"))
+    max_pos = pretrained.get("max_position_embeddings")
+    if max_seq_len is None:
+        seq = int(math.ceil((max_pos or 2048) * factor))
+        if factor != 1:
+            warn(f"max_seq_len is scaled to {seq} by rotary scaling {factor}")
+    else:
+        seq = _int(max_seq_len, "max_seq_len")
+        if max_pos is not None and seq > max_pos * factor:
+            warn(f"max_seq_len {seq} is larger than max_position_embeddings {max_pos} * rotary scaling "
+                 f"{factor}, the model accuracy might be affected")
+    if input_len > seq:
+        warn(f"max_input_len is {input_len} is larger than max_seq_len {seq}, clipping it to max_seq_len")
+        input_len = seq
+    # _common.check_max_num_tokens
+    if not pcfg["remove_input_padding"]:
+        tokens = mbs * seq
+        warn("remove_input_padding is not enabled, the specified max_num_tokens/opt_num_tokens will be ignored.")
+        opt = None if opt_num_tokens is None else _int(opt_num_tokens, "opt_num_tokens")
+    else:
+        opt = (None if pcfg["multiple_profiles"] else min(mbs * beam, tokens)) if opt_num_tokens is None \
+            else _int(opt_num_tokens, "opt_num_tokens")
+        if tokens > 16384:
+            warn("Specifying a `max_num_tokens` larger than 16384 is usually not recommended, we do not "
+                 "expect perf gain with that and too large `max_num_tokens` could possibly exceed the "
+                 f"TensorRT tensor volume, causing runtime errors. Got `max_num_tokens` = {tokens}")
+        if tokens > seq * mbs:
+            warn(f"max_num_tokens ({tokens}) shouldn't be greater than max_seq_len * max_batch_size "
+                 f"({seq * mbs}), specifying to max_seq_len * max_batch_size ({seq * mbs}).")
+            tokens = seq * mbs
+        if tokens < input_len and not pcfg["context_fmha"]:
+            warn(f"When enable_context_fmha is not turned on, max_num_tokens ({tokens}) should be at "
+                 f"least max_input_len ({input_len}), specifying to max_input_len ({input_len}).")
+            tokens = input_len
+        elif tokens < pcfg["tokens_per_block"] and pcfg["context_fmha"]:
+            warn(f"When enable_context_fmha is turned on, max_num_tokens ({tokens}) should be at least "
+                 f"tokens_per_block ({pcfg['tokens_per_block']}), specifying to tokens_per_block "
+                 f"({pcfg['tokens_per_block']}). At this time, you also need to enable context "
+                 "chunking at runtime, otherwise you may encounter errors.")
+            tokens = pcfg["tokens_per_block"]
+        if opt is not None and opt > tokens:
+            opt = tokens
+    return {"max_input_len": input_len, "max_seq_len": seq, "opt_batch_size": 8, "max_batch_size": mbs,
+            "max_beam_width": beam, "max_num_tokens": tokens, "opt_num_tokens": opt,
+            "max_prompt_embedding_table_size": 0, "kv_cache_type": kv.upper(),
+            "gather_context_logits": False, "gather_generation_logits": False, "strongly_typed": True,
+            "use_strip_plan": bool(strip_plan), "input_timing_cache": input_timing_cache,
+            "output_timing_cache": output_timing_cache, "plugin_config": pcfg}
+
+
+def require_gpu() -> dict[str, str]:
+    """Builds time kernels on a GPU: none visible fails like torch.cuda.set_device without a driver."""
+    gpu = fake_gpu()
+    if gpu_count() == 0:
+        raise BuildError((NO_TORCH_DRIVER,))
+    return gpu
+
+
+def check_bf16(dtype: str, gpu: dict[str, str]) -> None:
+    """bfloat16 engines need SM >= 80 (Ampere)."""
+    if dtype == "bfloat16" and _cc(gpu["compute_cap"]) < (8, 0):
+        raise BuildError((f"RuntimeError: bf16 is not supported on compute capability "
+                          f"{gpu['compute_cap']} (needs SM >= 80)",))
+
+
+def run_build(architecture: str, what: str, say: Callable[[str], None]) -> None:
+    """The engine build itself: ``NIMSTANDIN_BUILD_SECONDS`` of simulated work, then the failure
+    ``NIMSTANDIN_BUILD_FAILURE`` asks for, if any. Nothing is written before this returns."""
+    failure = os.environ.get("NIMSTANDIN_BUILD_FAILURE", "").strip()
+    if failure and failure not in BUILD_FAILURES:
+        raise StandinError("ValueError", f"NIMSTANDIN_BUILD_FAILURE={failure!r} is not one of "
+                           f"{sorted(BUILD_FAILURES)} [NIM stand-in setting]")
+    try:
+        delay = float(os.environ.get("NIMSTANDIN_BUILD_SECONDS", "1"))
+    except ValueError as exc:
+        raise StandinError("ValueError", f"NIMSTANDIN_BUILD_SECONDS: {exc}") from exc
+    say(f"Building {what} (stand-in: no TensorRT, {max(delay, 0.0):.1f}s simulated)")
+    time.sleep(max(delay, 0.0))
+    if failure:
+        lines, code = BUILD_FAILURES[failure]
+        raise BuildError(tuple(line.format(arch=architecture) for line in lines), code)
+
+
+def write_engine_dir(engine_dir: Path, pretrained: dict[str, Any], build_cfg: dict[str, Any],
+                     weights_sha256: str, builder: str) -> str:
+    """Write ``config.json`` (``Engine.save`` format) and one ``rank{N}.engine`` per rank; return
+    the build id. Bound to the fake GPU and the TensorRT-LLM version, like a real plan, and not
+    byte-reproducible unless ``NIMSTANDIN_DETERMINISTIC_BUILD=1``."""
+    gpu, version = fake_gpu(), trtllm_version()
+    tp, pp = pretrained["mapping"]["tp_size"], pretrained["mapping"]["pp_size"]
+    if os.environ.get("NIMSTANDIN_DETERMINISTIC_BUILD") == "1":
+        inputs = [builder, version, gpu, pretrained, build_cfg, weights_sha256]
+        build_id = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+    else:  # real builds time tactics: two builds of the same inputs differ in bytes
+        build_id = os.urandom(16).hex()
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    for rank in range(tp * pp):
+        header = {"rank": rank, "world_size": tp * pp, "tp_size": tp, "pp_size": pp,
+                  "dtype": pretrained["dtype"], "trtllm_version": version, "gpu_name": gpu["name"],
+                  "compute_cap": gpu["compute_cap"], "pci_device_id": gpu["pci_device_id"],
+                  "build_id": build_id, "weights_sha256": weights_sha256,
+                  "note": "NIM stand-in engine: not a TensorRT plan"}
+        (engine_dir / f"rank{rank}.engine").write_bytes(
+            ENGINE_MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n")
+    config = {"version": version, "pretrained_config": pretrained, "build_config": build_cfg,
+              "standin": {"note": "NIM stand-in engine: not built by TensorRT-LLM", "builder": builder,
+                          "build_id": build_id, "weights_sha256": weights_sha256, "gpu": gpu}}
+    (engine_dir / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+    return build_id
+
+
+def plan_build(model_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Validate an HF checkpoint and NIM build options (nim-optimize YAML keys / JIT env); return
+    the resolved build (nothing written). Unknown option keys are kept in ``build_config``."""
     model_cfg = check_checkpoint(model_dir)
-    dtype = str(options.get("dtype") or model_cfg.get("torch_dtype") or "float16")
+    dtype = str(options.get("dtype") or auto_dtype(model_cfg.get("torch_dtype")))
     if dtype not in DTYPES:
         raise StandinError("ValueError", f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
-    tp, pp = int(options.get("tp_size") or 1), int(options.get("pp_size") or 1)
-    if tp < 1 or pp < 1:
-        raise StandinError("ValueError", f"tp_size ({tp}) and pp_size ({pp}) must be >= 1")
-    heads = model_cfg.get("num_attention_heads")
-    if isinstance(heads, int) and heads % tp:
-        raise StandinError("ValueError",
-                           f"num_attention_heads ({heads}) must be divisible by tp_size ({tp})")
-    build_cfg = {k: v for k, v in options.items() if k not in ("dtype", "tp_size", "pp_size")}
-    build_cfg.setdefault("max_seq_len", int(model_cfg.get("max_position_embeddings", 4096)))
-    build_cfg.setdefault("max_batch_size", 256)
-    build_cfg.setdefault("max_num_tokens", 8192)
-    return {"dtype": dtype, "tp": tp, "pp": pp, "build_config": build_cfg,
-            "architecture": (model_cfg.get("architectures") or ["unknown"])[0],
-            "num_attention_heads": heads,
+    tp = _int(options.get("tp_size") if options.get("tp_size") is not None else 1, "tp_size")
+    pp = _int(options.get("pp_size") if options.get("pp_size") is not None else 1, "pp_size")
+    pretrained = hf_pretrained_config(model_cfg, dtype, tp, pp)
+    check_parallel(pretrained)
+    known = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "kv_cache_type")
+    build_cfg = resolve_build_config(pretrained, log_warning, **{k: options.get(k) for k in known})
+    for key, value in options.items():  # other keys: kept as given
+        if key not in known and key not in ("dtype", "tp_size", "pp_size"):
+            build_cfg[key] = value
+    return {"dtype": dtype, "tp": tp, "pp": pp, "pretrained": pretrained, "build_config": build_cfg,
+            "architecture": pretrained["architecture"],
             "weights_sha256": hash_files(weight_files(model_dir), model_dir)}
 
 
-def write_engine(model_dir: Path, plan: dict[str, Any], out_dir: Path) -> None:
+def write_engine(model_dir: Path, plan: dict[str, Any], out_dir: Path, builder: str) -> str:
     """Write the NIM engine layout for ``plan`` into the existing, empty ``out_dir``."""
-    delay = float(os.environ.get("NIMSTANDIN_BUILD_SECONDS", "1"))
-    dtype, tp, pp, build_cfg = plan["dtype"], plan["tp"], plan["pp"], plan["build_config"]
-    log(f"Building TensorRT-LLM engine (stand-in): dtype={dtype} tp={tp} pp={pp} "
-        f"weights_sha256={plan['weights_sha256'][:12]}... ({delay:.1f}s simulated)")
-    time.sleep(max(delay, 0.0))
     for name in MODEL_FILES:  # the HF files NIM keeps next to the engine
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out_dir / name)
-    engine_dir = out_dir / "trtllm_engine"
-    engine_dir.mkdir()
-    world = tp * pp
-    (engine_dir / "config.json").write_text(json.dumps({
-        "version": STANDIN_VERSION,
-        "pretrained_config": {
-            "architecture": plan["architecture"], "dtype": dtype,
-            "num_attention_heads": plan["num_attention_heads"],
-            "mapping": {"world_size": world, "tp_size": tp, "pp_size": pp},
-        },
-        "build_config": build_cfg,
-        "standin": {"weights_sha256": plan["weights_sha256"]},
-    }, indent=2, sort_keys=True) + "\n")
-    for rank in range(world):  # deterministic bytes: same inputs, same engine
-        header = {"rank": rank, "world_size": world, "tp_size": tp, "pp_size": pp, "dtype": dtype,
-                  "weights_sha256": plan["weights_sha256"], "build_config": build_cfg}
-        (engine_dir / f"rank{rank}.engine").write_bytes(
-            ENGINE_MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n")
+    return write_engine_dir(out_dir / "trtllm_engine", plan["pretrained"], plan["build_config"],
+                            plan["weights_sha256"], builder)
 
 
 def _rmtree_quiet(path: Path) -> None:
@@ -291,6 +804,15 @@ def cached_engine(cache: Path, name: str) -> Path | None:
     return target if (target / "trtllm_engine" / "config.json").is_file() else None
 
 
+def jit_options() -> dict[str, Any]:
+    """The NIM variables that shape a JIT build."""
+    options: dict[str, Any] = {"tp_size": os.environ.get("NIM_TENSOR_PARALLEL_SIZE") or 1,
+                               "pp_size": os.environ.get("NIM_PIPELINE_PARALLEL_SIZE") or 1}
+    if os.environ.get("NIM_MAX_MODEL_LEN"):
+        options["max_seq_len"] = os.environ["NIM_MAX_MODEL_LEN"]
+    return options
+
+
 def jit_build(ft_model: Path, cache: Path, name: str, served: str) -> Path:
     """NIM_FT_MODEL: build into ``local_cache/<name>`` (reused if present) and register the profile."""
     local_cache = cache / "local_cache"
@@ -298,22 +820,22 @@ def jit_build(ft_model: Path, cache: Path, name: str, served: str) -> Path:
     if cached_engine(cache, name):
         log(f"Found cached engine for NIM_CUSTOM_MODEL_NAME={name} at {target}; skipping the build")
         return target
-    options: dict[str, Any] = {"tp_size": int(os.environ.get("NIM_TENSOR_PARALLEL_SIZE") or 1),
-                               "pp_size": int(os.environ.get("NIM_PIPELINE_PARALLEL_SIZE") or 1)}
-    if os.environ.get("NIM_MAX_MODEL_LEN"):
-        options["max_seq_len"] = int(os.environ["NIM_MAX_MODEL_LEN"])
-    plan = plan_build(ft_model, options)  # validates before anything is created
+    plan = plan_build(ft_model, jit_options())  # validates before anything is created
+    gpu = require_gpu()
+    check_bf16(plan["dtype"], gpu)
+    run_build(plan["architecture"], f"TensorRT-LLM engine for {name} (dtype={plan['dtype']} "
+              f"tp={plan['tp']} pp={plan['pp']})", log)
     tmp = local_cache / f".tmp-{name}-{os.getpid()}"
     profile_id = hashlib.sha256(json.dumps(
-        [name, plan["weights_sha256"], plan["dtype"], plan["tp"], plan["pp"], plan["build_config"]],
-        sort_keys=True).encode()).hexdigest()
+        [name, plan["weights_sha256"], plan["dtype"], plan["tp"], plan["pp"], plan["build_config"],
+         gpu, trtllm_version()], sort_keys=True).encode()).hexdigest()
     try:
         local_cache.mkdir(parents=True, exist_ok=True)
         _rmtree_quiet(tmp)
         tmp.mkdir()
-        write_engine(ft_model, plan, tmp)
+        write_engine(ft_model, plan, tmp, "nim-jit")
         os.rename(tmp, target)  # atomic: a partial build is never visible under <name>
-        update_local_manifest(local_cache / "local_manifest.yaml", profile_id, name, served, plan)
+        update_local_manifest(local_cache / "local_manifest.yaml", profile_id, name, served, plan, gpu)
     except OSError as exc:  # e.g. a cache volume not writable by the container's -u user
         raise StandinError(type(exc).__name__,
                            f"Unable to write to NIM_CACHE_PATH={cache}: {exc}") from exc
@@ -324,7 +846,7 @@ def jit_build(ft_model: Path, cache: Path, name: str, served: str) -> Path:
 
 
 def update_local_manifest(path: Path, profile_id: str, name: str, served: str,
-                          plan: dict[str, Any]) -> None:
+                          plan: dict[str, Any], gpu: dict[str, str]) -> None:
     """Add the built profile to ``local_manifest.yaml`` (NIM model_manifest v1 shape), replacing
     any earlier profile for the same ``model_name``; written atomically."""
     blocks: list[str] = []
@@ -340,9 +862,9 @@ def update_local_manifest(path: Path, profile_id: str, name: str, served: str,
                                       and str(p["tags"].get("model_name")) == name)}
     blocks = [b for b in blocks if b.split(":", 1)[0].strip().strip("\"'") not in stale]
     tags = {"llm_engine": "tensorrt_llm", "precision": DTYPES[plan["dtype"]], "tp": plan["tp"],
-            "pp": plan["pp"], "number_of_gpus": plan["tp"] * plan["pp"], "gpu": "CPU-STANDIN",
-            "profile": "latency", "feat_lora": "false", "model_name": name,
-            "trtllm_buildable": "false"}
+            "pp": plan["pp"], "number_of_gpus": plan["tp"] * plan["pp"], "gpu": gpu_short_name(gpu),
+            "gpu_device": gpu_device_tag(gpu), "profile": "latency", "feat_lora": "false",
+            "model_name": name, "trtllm_buildable": "false"}
     block = [f"{profile_id}:", f"  model: {json.dumps(served)}", f'  release: "{STANDIN_VERSION}"',
              "  tags:"] + [f"    {k}: {json.dumps(str(v))}" for k, v in tags.items()] + [
              "  workspace:", f"    dst: {json.dumps(name)}",
@@ -351,7 +873,6 @@ def update_local_manifest(path: Path, profile_id: str, name: str, served: str,
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(blocks))
     os.replace(tmp, path)
-
 
 # ----------------------------------------------------------------------------------------- server
 class Model:
@@ -525,6 +1046,8 @@ def _find_profile(cache: Path, profile: str) -> Path | None:
     return None
 
 
+
+
 def serve(argv: list[str]) -> int:
     """``start-server``: resolve the model (JIT build if asked), then serve until SIGTERM/SIGINT."""
     def on_signal(signum: int, _frame: Any) -> None:
@@ -546,8 +1069,12 @@ def serve(argv: list[str]) -> int:
 
     httpd: ThreadingHTTPServer | None = None
     try:
-        # Everything that can be checked quickly is checked before listening, so a bad layout
-        # exits 1 at once (like NIM's start-up), with no half-alive server.
+        # Everything that can be checked quickly is checked before listening, so a bad layout or an
+        # engine this machine cannot load exits 1 at once (like NIM's start-up), with no
+        # half-alive server.
+        gpu = fake_gpu()
+        log(f"TensorRT-LLM version: {trtllm_version()}; GPUs (fake): {gpu_count()} x {gpu['name']} "
+            f"(compute {gpu['compute_cap']}, {gpu['pci_device_id']})")
         profile = env.get("NIM_MODEL_PROFILE", "")
         profile_dir = _find_profile(cache, profile) if profile else None
         if profile_dir is None and re.fullmatch(r"[0-9a-f]{64}", profile):
@@ -555,10 +1082,22 @@ def serve(argv: list[str]) -> int:
                                f"{cache}/local_cache/local_manifest.yaml (stand-in has no NGC profiles)")
         if ft_model:
             backend, root = "tensorrt_llm", Path(ft_model)
-            if cached_engine(cache, custom) is None:
+            cached = cached_engine(cache, custom)
+            if cached is not None:
+                check_served_dir(cached)  # a cached engine is loaded, so it is checked now
+            else:
                 if not root.is_dir():
                     raise StandinError("FileNotFoundError", f"NIM_FT_MODEL={root}: no such directory")
                 detect_format(root)
+                options = jit_options()
+                tp, pp = _int(options["tp_size"], "NIM_TENSOR_PARALLEL_SIZE"), \
+                    _int(options["pp_size"], "NIM_PIPELINE_PARALLEL_SIZE")
+                if gpu_count() < tp * pp:
+                    raise StandinError(
+                        "RuntimeError",
+                        f"NIM_TENSOR_PARALLEL_SIZE x NIM_PIPELINE_PARALLEL_SIZE = {tp} x {pp} needs "
+                        f"{tp * pp} GPU(s), but only {gpu_count()} GPU(s) are visible "
+                        f"(NIMSTANDIN_GPU_COUNT={gpu_count()})")
         elif profile_dir is not None:
             root = profile_dir
             backend = check_served_dir(root)
@@ -598,6 +1137,10 @@ def serve(argv: list[str]) -> int:
     except StandinError as err:
         log(f"Start-up failed: {err.exc_type}: {err}", "ERROR")
         return fail(err)
+    except BuildError as err:  # NIM start-up exits 1 whatever killed its build
+        log(f"Start-up failed: the engine build failed: {err}", "ERROR")
+        build_failed(err)
+        return 1
     finally:
         if httpd is not None:
             httpd.shutdown()
@@ -609,8 +1152,8 @@ def optimize(argv: list[str]) -> int:
     """``nim-optimize``: validate, build into ``OUT/.tmp-*``, then move the result into OUT."""
     parser = argparse.ArgumentParser(
         prog="nim-optimize",
-        description="NIM STAND-IN (CPU, test bed only): write a TensorRT-LLM engine layout "
-                    "(config.json, tokenizer files, trtllm_engine/rank*.engine) from an HF checkpoint.")
+        description="NIM STAND-IN (CPU, test bed only; NOT NVIDIA NIM): write a TensorRT-LLM engine "
+                    "layout (config.json, tokenizer files, trtllm_engine/rank*.engine) from an HF checkpoint.")
     parser.add_argument("--model_dir", required=True, help="HF checkpoint: config.json + weights")
     parser.add_argument("--build_config", help="flat YAML: dtype, tp_size, pp_size, max_seq_len, "
                         "max_batch_size, max_num_tokens (other keys are kept)")
@@ -626,13 +1169,16 @@ def optimize(argv: list[str]) -> int:
                 raise StandinError("FileNotFoundError", f"build config: {exc}") from exc
         log(f"nim-optimize (stand-in): {model_dir} -> {out} with {json.dumps(options)}")
         plan = plan_build(model_dir, options)  # every check runs before OUT is touched
+        check_bf16(plan["dtype"], require_gpu())
+        run_build(plan["architecture"], f"TensorRT-LLM engine (dtype={plan['dtype']} tp={plan['tp']} "
+                  f"pp={plan['pp']} weights_sha256={plan['weights_sha256'][:12]}...)", log)
         # OUT may be a bind mount (cannot be renamed), so build inside it and move entries up.
         tmp = out / f".tmp-nim-optimize-{os.getpid()}"
         try:
             out.mkdir(parents=True, exist_ok=True)
             _rmtree_quiet(tmp)
             tmp.mkdir()
-            write_engine(model_dir, plan, tmp)
+            write_engine(model_dir, plan, tmp, "nim-optimize")
             for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "trtllm_engine"):  # engine last
                 dest = out / entry.name
                 if dest.is_dir() and not dest.is_symlink():
@@ -646,34 +1192,263 @@ def optimize(argv: list[str]) -> int:
             _rmtree_quiet(tmp)
     except StandinError as err:
         return fail(err)
+    except BuildError as err:
+        return build_failed(err)
     log(f"Engine written to {out}/trtllm_engine")
     return 0
 
 
 # -------------------------------------------------------------------------- list-model-profiles
 def list_profiles(argv: list[str]) -> int:
-    """``list-model-profiles``: the locally built profiles, plus the generic vLLM one."""
+    """``list-model-profiles``: the fake GPUs, then the locally built profiles (compatible when
+    built for this GPU model and no more GPUs than visible), plus the generic vLLM one."""
     cache = Path(os.environ.get("NIM_CACHE_PATH", "/opt/nim/.cache"))
     manifest = cache / "local_cache" / "local_manifest.yaml"
+    try:
+        gpu, count = fake_gpu(), gpu_count()
+    except StandinError as err:
+        return fail(err)
     profiles = parse_yaml(manifest.read_text()) if manifest.is_file() else {}
-    print("SYSTEM INFO\n- Free GPUs: <None>\n- No GPUs detected (NIM stand-in on CPU)")
-    print("MODEL PROFILES\n- Compatible with system and runnable:")
+    print("SYSTEM INFO")
+    if count:
+        print("- Free GPUs:")
+        for i in range(count):
+            print(f"  -  [{gpu_device_tag(gpu)}] ({i}) {gpu['name']} ({gpu_short_name(gpu)}) "
+                  "[current utilization: 0%]")
+    else:
+        print("- Free GPUs: <None>\n- No GPUs detected (NIM stand-in: NIMSTANDIN_GPU_COUNT=0)")
+    compatible, incompatible = [], []
     for pid, entry in profiles.items():
         tags = entry.get("tags", {}) if isinstance(entry, dict) else {}
-        print(f"  - {pid} ({tags.get('model_name', '?') if isinstance(tags, dict) else '?'})")
+        tags = tags if isinstance(tags, dict) else {}
+        line = f"  - {pid} ({tags.get('model_name', '?')})"
+        device, need = tags.get("gpu_device"), str(tags.get("number_of_gpus", "1"))
+        fits = (device in (None, gpu_device_tag(gpu))) and need.isdigit() and int(need) <= count
+        (compatible if fits else incompatible).append(line)
     generic = hashlib.sha256(b"nim-standin/vllm-fp16-tp1").hexdigest()
-    print(f"  - {generic} (vllm-fp16-tp1)")
-    print("- Incompatible with system:\n  (none: the stand-in accepts every profile it knows)")
+    (compatible if count else incompatible).append(f"  - {generic} (vllm-fp16-tp1)")
+    print("MODEL PROFILES\n- Compatible with system and runnable:")
+    print("\n".join(compatible) if compatible else "  <None>")
+    print("- Incompatible with system:")
+    print("\n".join(incompatible) if incompatible else "  <None>")
+    return 0
+
+
+# ------------------------------------------------------------------ TensorRT-LLM: checkpoints
+def safetensors_bytes(tensors: dict[str, tuple[str, list[int], bytes]], metadata: dict[str, str]) -> bytes:
+    """A valid safetensors file: 8-byte little-endian header length, JSON header (space-padded to
+    8 bytes), then the tensor data."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset, data = 0, b""
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
+        offset, data = offset + len(raw), data + raw
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + data
+
+
+def check_safetensors(path: Path) -> None:
+    """Open a safetensors file like ``safetensors.safe_open`` does (header only)."""
+    if not path.is_file():
+        raise StandinError("FileNotFoundError", f"[Errno 2] No such file or directory: '{path}'")
+    with path.open("rb") as fh:
+        raw = fh.read(8)
+        size = path.stat().st_size
+        problem = None
+        if len(raw) < 8:
+            problem = "HeaderTooSmall"
+        else:
+            n = struct.unpack("<Q", raw)[0]
+            if n > size - 8 or n > 100 << 20:
+                problem = "HeaderTooLarge"
+            else:
+                try:
+                    header = json.loads(fh.read(n))
+                    problem = None if isinstance(header, dict) else "InvalidHeaderDeserialization"
+                except ValueError:
+                    problem = "InvalidHeaderDeserialization"
+    if problem:
+        raise StandinError("safetensors_rust.SafetensorError",
+                           f"Error while deserializing header: {problem} ({path})")
+
+
+def convert_checkpoint(argv: list[str]) -> int:
+    """``examples/models/core/llama/convert_checkpoint.py``: HF Llama -> TensorRT-LLM checkpoint
+    (``config.json`` + ``rank{N}.safetensors``; TP/PP are fixed here)."""
+    parser = argparse.ArgumentParser(
+        prog="convert_checkpoint.py",
+        description="NIM STAND-IN (NOT TensorRT-LLM): convert an HF Llama checkpoint into the "
+                    "TensorRT-LLM checkpoint layout (tiny placeholder rank*.safetensors).")
+    parser.add_argument("--model_dir", type=str, required=True)
+    parser.add_argument("--tp_size", type=int, default=1, help="N-way tensor parallelism size")
+    parser.add_argument("--pp_size", type=int, default=1, help="N-way pipeline parallelism size")
+    parser.add_argument("--dtype", type=str, default="auto",
+                        choices=["auto", "float16", "bfloat16", "float32"],
+                        help="auto: the checkpoint's torch_dtype, float32 becoming float16")
+    parser.add_argument("--output_dir", type=str, default="tllm_checkpoint")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--load_model_on_cpu", action="store_true")
+    parser.add_argument("--use_weight_only", action="store_true", default=False)
+    parser.add_argument("--weight_only_precision", const="int8", type=str, nargs="?", default="int8",
+                        choices=["int8", "int4", "int4_awq"])
+    args = parser.parse_args(argv)
+    tik = time.time()
+    print(f"[TensorRT-LLM] TensorRT-LLM version: {trtllm_version()} (NIM STAND-IN, not TensorRT-LLM)",
+          flush=True)
+    try:
+        model_dir, out = Path(args.model_dir), Path(args.output_dir)
+        model_cfg = check_checkpoint(model_dir)
+        arch = str((model_cfg.get("architectures") or ["unknown"])[0])
+        if arch not in LLAMA_FAMILY:
+            raise StandinError("ValueError", f"Unsupported model architecture: {arch} "
+                               f"(examples/models/core/llama/convert_checkpoint.py converts "
+                               f"{', '.join(LLAMA_FAMILY)})")
+        dtype = auto_dtype(model_cfg.get("torch_dtype")) if args.dtype == "auto" else args.dtype
+        if dtype not in DTYPES:
+            raise StandinError("ValueError", f"Unsupported dtype {dtype!r} in {model_dir}/config.json")
+        tp = _int(args.tp_size, "tp_size")
+        pp = _int(args.pp_size, "pp_size")
+        config = hf_pretrained_config(model_cfg, dtype, tp, pp)
+        check_parallel(config, "AssertionError")
+        if args.use_weight_only:
+            algo = {"int8": "W8A16", "int4": "W4A16", "int4_awq": "W4A16_AWQ"}[args.weight_only_precision]
+            config["quantization"] = {"quant_algo": algo, "kv_cache_quant_algo": None, "group_size": 128}
+        else:
+            config["quantization"] = {"quant_algo": None, "kv_cache_quant_algo": None, "group_size": 128}
+        source = hash_files(weight_files(model_dir), model_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+            for rank in range(tp * pp):
+                digest = hashlib.sha256(json.dumps([source, config, rank], sort_keys=True).encode()).digest()
+                (out / f"rank{rank}.safetensors").write_bytes(safetensors_bytes(
+                    {"transformer.standin.digest": ("U8", [len(digest)], digest)},
+                    {"format": "pt", "standin": "NIM stand-in checkpoint shard: not real weights",
+                     "source_weights_sha256": source, "rank": str(rank)}))
+        except OSError as exc:
+            raise StandinError(type(exc).__name__, str(exc)) from exc
+    except StandinError as err:
+        return fail(err)
+    print(f"Total time of converting checkpoints: {hms(time.time() - tik)}", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------ trtllm-build
+def _enable(value: str) -> bool:
+    return value == "enable"
+
+
+def trtllm_build(argv: list[str]) -> int:
+    """``trtllm-build`` (``tensorrt_llm/commands/build.py``): TensorRT-LLM checkpoint -> engine dir
+    (``config.json`` + ``rank{N}.engine``) and a timing cache."""
+    parser = argparse.ArgumentParser(
+        prog="trtllm-build", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="NIM STAND-IN (NOT TensorRT-LLM): write a stand-in engine from a TensorRT-LLM "
+                    "checkpoint, with TensorRT-LLM's defaults, checks and clipping.")
+    parser.add_argument("--checkpoint_dir", type=str, default=None)
+    parser.add_argument("--output_dir", type=str, default="engine_outputs")
+    parser.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
+    parser.add_argument("--max_input_len", type=int, default=DEFAULT_MAX_INPUT_LEN)
+    parser.add_argument("--max_seq_len", "--max_decoder_seq_len", dest="max_seq_len", type=int, default=None)
+    parser.add_argument("--max_beam_width", type=int, default=1)
+    parser.add_argument("--max_num_tokens", type=int, default=DEFAULT_MAX_NUM_TOKENS)
+    parser.add_argument("--opt_num_tokens", type=int, default=None)
+    parser.add_argument("--kv_cache_type", type=str.lower, choices=list(KV_CACHE_TYPES), default=None)
+    parser.add_argument("--input_timing_cache", type=str, default=None)
+    parser.add_argument("--output_timing_cache", type=str, default="model.cache")
+    parser.add_argument("--strip_plan", action="store_true", default=False)
+    parser.add_argument("--fast_build", action="store_true", default=False)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--log_level", type=str, default="info",
+                        choices=["internal_error", "error", "warning", "info", "verbose", "debug"])
+    plugins = parser.add_argument_group("Plugin config arguments")
+    plugins.add_argument("--gemm_plugin", type=str, default="disable",
+                         choices=["auto", "float16", "float32", "bfloat16", "int32", "fp8", "nvfp4", "disable"])
+    plugins.add_argument("--gpt_attention_plugin", type=str, default="auto",
+                         choices=["auto", "float16", "float32", "bfloat16", "int32", "disable"])
+    for flag in ("context_fmha", "remove_input_padding", "use_paged_context_fmha"):
+        plugins.add_argument(f"--{flag}", type=str, default="enable", choices=["enable", "disable"])
+    plugins.add_argument("--multiple_profiles", type=str, default="disable", choices=["enable", "disable"])
+    plugins.add_argument("--tokens_per_block", type=int, default=DEFAULT_TOKENS_PER_BLOCK)
+    args = parser.parse_args(argv)
+    tik = time.time()
+    print(f"[TensorRT-LLM] TensorRT-LLM version: {trtllm_version()} (NIM STAND-IN, not TensorRT-LLM)",
+          flush=True)
+    try:
+        if args.checkpoint_dir is None:  # build.py: ckpt_dir_or_model_config.lower()
+            raise StandinError("AttributeError", "'NoneType' object has no attribute 'lower'")
+        ckpt = Path(args.checkpoint_dir)
+        if not (ckpt / "config.json").is_file():
+            raise StandinError("FileNotFoundError",
+                               f"[Errno 2] No such file or directory: '{ckpt / 'config.json'}'")
+        config = read_json(ckpt / "config.json", "checkpoint config")
+        tp, pp = _mapping(config)
+        for rank in range(tp * pp):
+            check_safetensors(ckpt / f"rank{rank}.safetensors")
+        pretrained = dict(config)
+        pretrained["dtype"] = str(config.get("dtype") or "float16")
+        pretrained["mapping"] = {**(config.get("mapping") or {}), "world_size": tp * pp,
+                                 "tp_size": tp, "pp_size": pp}
+        quant = config.get("quantization") if isinstance(config.get("quantization"), dict) else {}
+        pretrained["quantization"] = {"quant_algo": None, "kv_cache_quant_algo": None, **quant}
+        arch = str(config.get("architecture") or "unknown")
+        gpu = require_gpu()
+        check_bf16(pretrained["dtype"], gpu)
+        build_cfg = resolve_build_config(
+            pretrained, tllm_warning, max_batch_size=args.max_batch_size,
+            max_input_len=args.max_input_len, max_seq_len=args.max_seq_len,
+            max_num_tokens=args.max_num_tokens, max_beam_width=args.max_beam_width,
+            opt_num_tokens=args.opt_num_tokens, kv_cache_type=args.kv_cache_type,
+            gemm_plugin=args.gemm_plugin, strip_plan=args.strip_plan,
+            input_timing_cache=args.input_timing_cache, output_timing_cache=args.output_timing_cache,
+            context_fmha=_enable(args.context_fmha), remove_input_padding=_enable(args.remove_input_padding),
+            use_paged_context_fmha=_enable(args.use_paged_context_fmha),
+            multiple_profiles=_enable(args.multiple_profiles),
+            tokens_per_block=_int(args.tokens_per_block, "tokens_per_block"),
+            manage_weights=args.fast_build)
+        build_cfg["plugin_config"]["gpt_attention_plugin"] = args.gpt_attention_plugin
+        if args.input_timing_cache is not None and not Path(args.input_timing_cache).is_file():
+            tllm_warning("Invalid timing cache, using freshly created one")
+        weights = hash_files([ckpt / f"rank{r}.safetensors" for r in range(tp * pp)], ckpt)
+        run_build(arch, f"{tp * pp} engine(s) for {arch} ({pretrained['dtype']}, tp={tp}, pp={pp})",
+                  tllm_log)
+        try:  # the timing cache is saved by build() before Engine.save writes the engine
+            cache_path = Path(args.output_timing_cache)
+            cache_path.write_bytes(TIMING_CACHE_MAGIC + json.dumps(
+                {"trtllm_version": trtllm_version(), "gpu": gpu,
+                 "note": "NIM stand-in: not a TensorRT timing cache"}, sort_keys=True).encode() + b"\n")
+            tllm_log(f"Timing cache serialized to {cache_path}")
+        except OSError as exc:
+            raise BuildError((f"{type(exc).__name__}: {exc}",)) from exc
+        out = Path(args.output_dir)
+        try:
+            write_engine_dir(out, pretrained, build_cfg, weights, "trtllm-build")
+            if args.fast_build:  # --fast_build keeps weights out of the plan (managed weights)
+                for rank in range(tp * pp):
+                    (out / f"rank{rank}_managed_weights.safetensors").write_bytes(safetensors_bytes(
+                        {"standin.managed": ("U8", [32], hashlib.sha256(f"{weights}{rank}".encode()).digest())},
+                        {"standin": "NIM stand-in managed weights: not real"}))
+        except OSError as exc:
+            raise StandinError(type(exc).__name__, f"cannot write {out}: {exc}") from exc
+    except StandinError as err:
+        return fail(err)
+    except BuildError as err:
+        return build_failed(err)
+    tllm_log(f"Total time of building all engines: {hms(time.time() - tik)}")
     return 0
 
 
 # ------------------------------------------------------------------------------------- dispatch
-COMMANDS = {"start-server": serve, "serve": serve, "nim-serve": serve, "nim-run": serve,
-            "nim-optimize": optimize, "list-model-profiles": list_profiles}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "start-server": serve, "serve": serve, "nim-serve": serve, "nim-run": serve,
+    "nim-optimize": optimize, "list-model-profiles": list_profiles, "nvidia-smi": nvidia_smi,
+    "trtllm-build": trtllm_build, "convert_checkpoint.py": convert_checkpoint,
+    "convert_checkpoint": convert_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch on the program name (image wrappers) or on a subcommand (host use)."""
+    """Dispatch on the program name (image links) or on a subcommand (host use)."""
     argv = list(sys.argv if argv is None else argv)
     prog = os.path.basename(argv[0]) if argv else ""
     if prog in COMMANDS:

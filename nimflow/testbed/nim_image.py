@@ -5,8 +5,13 @@ the rootfs is the host's *Debian* ``python3.11`` (not a pyenv build: its stdlib 
 ``/usr/lib/python3.11`` and its libraries are the system ones) plus the ``ldd`` closure of the
 interpreter and its extension modules, written straight into a tar and ``docker import``-ed
 (about 60 MB, no shell, no apt). ``deployments/nim-standin/nim_standin.py`` goes to
-``/opt/nim/nim_standin.py``; ``start-server``, ``nim-optimize`` and ``list-model-profiles`` are
-symlinks to it (it dispatches on ``argv[0]``), so they work without a shell.
+``/opt/nim/nim_standin.py``; ``start-server``, ``nim-optimize``, ``list-model-profiles``,
+``nvidia-smi``, ``trtllm-build`` (``/usr/local/bin``) and TensorRT-LLM's
+``/app/tensorrt_llm/examples/models/core/llama/convert_checkpoint.py`` are symlinks to it (it
+dispatches on ``basename(argv[0])``), so they work without a shell. A ``tensorrt_llm-<version>``
+dist-info (metadata only: no module, ``import tensorrt_llm`` fails) in
+``/usr/local/lib/python3.11/dist-packages`` gives the image a TensorRT-LLM version that
+``importlib.metadata.version("tensorrt_llm")`` reports and that the stand-in binds its engines to.
 """
 from __future__ import annotations
 
@@ -32,13 +37,18 @@ from nimflow.testbed import TestbedError
 STANDIN_IMAGE = "nimflow/nim-standin:local"
 STANDIN_SOURCE = Path(__file__).resolve().parents[2] / "deployments" / "nim-standin" / "nim_standin.py"
 # Bump when the image recipe below changes: it is part of the cache key (the source-hash label).
-RECIPE_VERSION = "nim-standin-image/1"
+RECIPE_VERSION = "nim-standin-image/2"
 HOST_PYTHON = Path("/usr/bin/python3.11")
 HOST_STDLIB = Path("/usr/lib/python3.11")
 # Not needed at run time; config-3.11-* alone is the 25 MB static libpython.
 _STDLIB_EXCLUDE = {"test", "tests", "idlelib", "tkinter", "turtledemo", "ensurepip", "__pycache__",
                    "dist-packages", "site-packages"}
-COMMANDS = ("start-server", "nim-optimize", "list-model-profiles")
+COMMANDS = ("start-server", "nim-optimize", "list-model-profiles", "nvidia-smi", "trtllm-build")
+#: Where TensorRT-LLM release images keep the Llama converter (TensorRT-LLM 0.18+ layout).
+CONVERT_CHECKPOINT = "/app/tensorrt_llm/examples/models/core/llama/convert_checkpoint.py"
+#: On Debian's python3.11 sys.path (site.getsitepackages) once the directory exists.
+DIST_PACKAGES = "/usr/local/lib/python3.11/dist-packages"
+_VERSION_RE = re.compile(r"^[0-9][0-9A-Za-z.+!]*$")
 CHANGES = [
     "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "ENV NIM_CACHE_PATH=/opt/nim/.cache",
@@ -54,9 +64,33 @@ CHANGES = [
 ]
 
 
-def source_hash(source: Path = STANDIN_SOURCE) -> str:
-    """The cache key: sha256 of the stand-in source plus this builder's recipe version."""
-    return hashlib.sha256(source.read_bytes() + RECIPE_VERSION.encode()).hexdigest()
+def default_trtllm_version(source: Path = STANDIN_SOURCE) -> str:
+    """``STANDIN_TRTLLM_VERSION`` of the stand-in source (read, not imported)."""
+    m = re.search(r'^STANDIN_TRTLLM_VERSION = "([^"]+)"', source.read_text(), re.M)
+    if not m:
+        raise TestbedError(f"{source}: no STANDIN_TRTLLM_VERSION constant")
+    return m.group(1)
+
+
+def _trtllm_version(version: str | None, source: Path = STANDIN_SOURCE) -> str:
+    version = default_trtllm_version(source) if version is None else version
+    if not _VERSION_RE.match(version):
+        raise TestbedError(f"trtllm_version {version!r} is not a version string (e.g. 0.17.0 or 1.2.1)")
+    return version
+
+
+def source_hash(source: Path = STANDIN_SOURCE, trtllm_version: str | None = None) -> str:
+    """The cache key: sha256 of the stand-in source, this builder's recipe version and the
+    TensorRT-LLM version the image reports (so variant images never pass for each other)."""
+    version = _trtllm_version(trtllm_version, source)
+    return hashlib.sha256(source.read_bytes() + RECIPE_VERSION.encode()
+                          + b"\0tensorrt_llm=" + version.encode()).hexdigest()
+
+
+def dist_info_metadata(version: str) -> bytes:
+    """METADATA of the placeholder ``tensorrt_llm`` distribution (core metadata 2.1)."""
+    return (f"Metadata-Version: 2.1\nName: tensorrt_llm\nVersion: {version}\n"
+            "Summary: NIM STAND-IN placeholder, NOT TensorRT-LLM: metadata only, no module\n").encode()
 
 
 def _ensure_host_python() -> None:
@@ -125,8 +159,9 @@ class _RootfsTar:
         self.tar.addfile(info)
 
 
-def write_rootfs_tar(out: Path, source: Path = STANDIN_SOURCE) -> None:
+def write_rootfs_tar(out: Path, source: Path = STANDIN_SOURCE, trtllm_version: str | None = None) -> None:
     """Write the stand-in image's rootfs as an uncompressed tar at ``out``."""
+    version = _trtllm_version(trtllm_version, source)
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
         fs = _RootfsTar(tar)
         fs.add_file(HOST_PYTHON, "usr/bin/python3.11")
@@ -156,6 +191,10 @@ def write_rootfs_tar(out: Path, source: Path = STANDIN_SOURCE) -> None:
         fs.add_file(source, "opt/nim/nim_standin.py", mode=0o755)
         for command in COMMANDS:  # dispatch on basename(argv[0]); the shebang is /usr/bin/python3
             fs.add_symlink("/opt/nim/nim_standin.py", f"usr/local/bin/{command}")
+        fs.add_symlink("/opt/nim/nim_standin.py", CONVERT_CHECKPOINT)  # run as `python3 <path> ...`
+        dist_info = f"{DIST_PACKAGES}/tensorrt_llm-{version}.dist-info"
+        fs.add_bytes(dist_info_metadata(version), f"{dist_info}/METADATA")
+        fs.add_bytes(b"nimflow-standin\n", f"{dist_info}/INSTALLER")
 
 
 def _split_tag(tag: str) -> tuple[str, str]:
@@ -164,15 +203,19 @@ def _split_tag(tag: str) -> tuple[str, str]:
 
 
 def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *,
-                        force: bool = False) -> str:
+                        force: bool = False, trtllm_version: str | None = None) -> str:
     """Build (or reuse) the NIM stand-in image and return its id.
 
-    Cached by tag: an image whose ``nimflow.source-hash`` label equals :func:`source_hash` is
-    returned as is unless ``force``. A superseded image is removed when no container uses it.
+    ``trtllm_version`` (default: the stand-in's ``STANDIN_TRTLLM_VERSION``) is the TensorRT-LLM
+    version the image reports and binds its engines to; give variants their own ``tag``.
+    Cached by tag: an image whose ``nimflow.source-hash`` label equals :func:`source_hash` (which
+    covers the version) is returned as is unless ``force``. A superseded image is removed when no
+    container uses it.
     """
     if not STANDIN_SOURCE.is_file():
         raise TestbedError(f"stand-in source not found at {STANDIN_SOURCE} (run from a nimflow checkout)")
-    digest = source_hash()
+    version = _trtllm_version(trtllm_version)
+    digest = source_hash(trtllm_version=version)
     old_id = None
     try:
         old = client.images.get(tag)
@@ -185,11 +228,12 @@ def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *
     repo, name = _split_tag(tag)
     with tempfile.TemporaryDirectory(prefix="nimflow-standin-") as tmp:
         tar_path = Path(tmp) / "rootfs.tar"
-        write_rootfs_tar(tar_path)
+        write_rootfs_tar(tar_path, trtllm_version=version)
         try:
             client.api.import_image_from_file(
                 str(tar_path), repository=repo, tag=name,
-                changes=[*CHANGES, f"LABEL nimflow.source-hash={digest}"])
+                changes=[*CHANGES, f"LABEL nimflow.source-hash={digest}",
+                         f"LABEL nimflow.trtllm-version={version}"])
         except APIError as exc:
             raise TestbedError(f"docker import of {tag} failed: {exc}") from exc
     image_id = str(client.images.get(tag).id)
@@ -206,11 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tag", default=STANDIN_IMAGE)
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    parser.add_argument("--trtllm-version", default=None,
+                        help="TensorRT-LLM version the image reports (default: the stand-in's own)")
     args = parser.parse_args(argv)
     try:
         client = ensure_docker_engine()
         start = time.monotonic()
-        image_id = build_standin_image(client, args.tag, force=args.force)
+        image_id = build_standin_image(client, args.tag, force=args.force, trtllm_version=args.trtllm_version)
     except TestbedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -30,16 +30,32 @@ from nimflow.testbed.nim_image import STANDIN_IMAGE, build_standin_image, source
 
 STANDIN = Path(__file__).resolve().parents[2] / "deployments" / "nim-standin" / "nim_standin.py"
 NOT_IMPLEMENTED = "NotImplementedError: Only safetensors/pickle/binary directories are supported."
+BUILD_FAILED = "Engine building failed, please check error log."
 SECRET = "nvapi-DO-NOT-LOG-ME"
+H100 = "NVIDIA H100 80GB HBM3,9.0,0x233010DE"
+H100_PCIE = "NVIDIA H100 PCIe,9.0,0x233110DE"  # same compute capability, another model
+A100 = "NVIDIA A100-SXM4-80GB,8.0,0x20B210DE"
+T4 = "Tesla T4,7.5,0x1EB810DE"
+DEFAULT_TRTLLM = "0.0.0+standin"
+
+
+def _load_standin() -> Any:
+    spec = importlib.util.spec_from_file_location("nim_standin_mod", STANDIN)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # ------------------------------------------------------------------------------------- helpers
-def make_model(root: Path, heads: int = 4) -> Path:
+def make_model(root: Path, heads: int = 4, kv_heads: int = 2, layers: int = 2, dtype: str = "float16",
+               arch: str = "LlamaForCausalLM", **extra: Any) -> Path:
     """A tiny HF-like checkpoint: configs, tokenizer files and a (fake but well-formed) safetensors."""
     root.mkdir(parents=True)
     (root / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "num_attention_heads": heads,
-        "torch_dtype": "bfloat16", "max_position_embeddings": 2048}))
+        "architectures": [arch], "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "num_hidden_layers": layers, "hidden_size": 16 * heads, "intermediate_size": 128,
+        "vocab_size": 300, "torch_dtype": dtype, "max_position_embeddings": 2048, **extra}))
     (root / "generation_config.json").write_text('{"temperature": 0.6}')
     (root / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"hello": 0, "world": 1}}}))
     (root / "tokenizer_config.json").write_text("{}")
@@ -81,14 +97,14 @@ def wait_for(url: str, status: int = 200, timeout: float = 15.0) -> float:
 
 
 def standin_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NIM")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIM") and k != "PYTHONPATH"}
     env.update({"NIMSTANDIN_BUILD_SECONDS": "0.2", "NGC_API_KEY": SECRET, "HF_TOKEN": SECRET, **extra})
     return env
 
 
-def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-S", str(STANDIN), *args], env=standin_env(**env),
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, cwd=cwd)
 
 
 @contextlib.contextmanager
@@ -106,9 +122,44 @@ def server(**env: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
         proc.wait(timeout=10)
 
 
+def serve_once(**env: str) -> subprocess.CompletedProcess[str]:
+    """Start the server expecting it to exit at once (start-up failure)."""
+    return run_cli("serve", **{"NIM_SERVER_PORT": str(free_port()), "NIMSTANDIN_READY_DELAY": "0", **env})
+
+
 def chat(base: str, model: str, text: str = "hello world") -> tuple[int, Any]:
     return http(f"{base}/v1/chat/completions",
                 {"model": model, "messages": [{"role": "user", "content": text}]})
+
+
+def optimize(model_dir: Path, out: Path, config: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    args = ["nim-optimize", "--model_dir", str(model_dir), "--output_engine_dir", str(out)]
+    if config is not None:
+        args += ["--build_config", str(config)]
+    return run_cli(*args, **env)
+
+
+def fake_trtllm(root: Path, version: str) -> str:
+    """A PYTHONPATH entry holding a ``tensorrt_llm`` dist-info of ``version`` (what the image has)."""
+    info = root / f"tensorrt_llm-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tensorrt_llm\nVersion: {version}\n")
+    return str(root)
+
+
+def engine_header(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    assert data.startswith(b"NIMSTANDIN-ENGINE\n")
+    return json.loads(data.splitlines()[1])
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    assert len(data) == 8 + size + end  # the data section is exactly what the header describes
+    return header
 
 
 @pytest.fixture
@@ -161,11 +212,47 @@ def test_serve_plain_name_and_bad_paths(tmp_path: Path, model_dir: Path) -> None
         assert http(f"{base}/v1/models")[1]["data"][0]["id"] == "meta/llama-3.1-8b-instruct"
         assert chat(base, "meta/llama-3.1-8b-instruct")[0] == 200
 
-    missing = run_cli("serve", NIM_MODEL_NAME=str(tmp_path / "nope"), NIM_SERVER_PORT=str(free_port()))
+    missing = serve_once(NIM_MODEL_NAME=str(tmp_path / "nope"))
     assert missing.returncode == 1 and "no such directory" in missing.stderr
     (model_dir / "model.safetensors").unlink()
-    no_weights = run_cli("serve", NIM_MODEL_NAME=str(model_dir), NIM_SERVER_PORT=str(free_port()))
+    no_weights = serve_once(NIM_MODEL_NAME=str(model_dir))
     assert no_weights.returncode == 1 and "safetensors" in no_weights.stderr
+
+
+# ----------------------------------------------------------------------------- host: nvidia-smi
+def test_nvidia_smi_query_list_and_failures() -> None:
+    default = run_cli("nvidia-smi", "--query-gpu=name,compute_cap,pci.device_id", "--format=csv,noheader")
+    assert default.returncode == 0
+    assert default.stdout == "NIMFLOW STAND-IN FAKE GPU (NOT REAL), 0.0, 0x0000FFFF\n"
+
+    two = run_cli("nvidia-smi", "--query-gpu=index,name,compute_cap,pci.device_id,memory.total",
+                  "--format=csv", NIMSTANDIN_GPU=H100, NIMSTANDIN_GPU_COUNT="2")
+    assert two.returncode == 0
+    assert two.stdout.splitlines() == [
+        "index, name, compute_cap, pci.device_id, memory.total [MiB]",
+        "0, NVIDIA H100 80GB HBM3, 9.0, 0x233010DE, 81559 MiB",
+        "1, NVIDIA H100 80GB HBM3, 9.0, 0x233010DE, 81559 MiB"]
+    nounits = run_cli("nvidia-smi", "--query-gpu=memory.total,driver_version,uuid",
+                      "--format=csv,noheader,nounits", NIMSTANDIN_GPU_MEMORY_MIB="40960")
+    mem, driver, uuid = nounits.stdout.strip().split(", ")
+    assert (mem, nounits.returncode) == ("40960", 0) and driver and uuid.startswith("GPU-")
+
+    listing = run_cli("nvidia-smi", "-L", NIMSTANDIN_GPU=A100, NIMSTANDIN_GPU_COUNT="2")
+    lines = listing.stdout.splitlines()
+    assert listing.returncode == 0 and len(lines) == 2
+    assert lines[0].startswith("GPU 0: NVIDIA A100-SXM4-80GB (UUID: GPU-") and lines[1].startswith("GPU 1: ")
+    assert lines[0].split("UUID: ")[1] != lines[1].split("UUID: ")[1]  # one uuid per GPU
+    assert uuid in run_cli("nvidia-smi", "-L").stdout  # stable across runs
+
+    bad = run_cli("nvidia-smi", "--query-gpu=name,foo", "--format=csv")
+    assert bad.returncode == 2 and 'Field "foo" is not a valid field to query.' in bad.stderr
+    assert bad.stdout == ""
+    no_driver = run_cli("nvidia-smi", "--query-gpu=name", "--format=csv,noheader", NIMSTANDIN_GPU_COUNT="0")
+    assert no_driver.returncode == 9
+    assert "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver." in no_driver.stdout
+    assert run_cli("nvidia-smi", "--query-gpu=name", "--format=json").returncode == 2
+    assert run_cli("nvidia-smi", "--bogus").returncode == 2
+    assert run_cli("nvidia-smi", "-L", NIMSTANDIN_GPU="H100 without fields").returncode != 0
 
 
 # ------------------------------------------------------------------------ host: nim-optimize
@@ -180,8 +267,7 @@ def test_nim_optimize_layout_deterministic_and_served(tmp_path: Path, model_dir:
     cfg = write_build_config(tmp_path / "build.yaml", tp=2)
     outs = [tmp_path / "engine-a", tmp_path / "engine-b"]
     for out in outs:
-        proc = run_cli("nim-optimize", "--model_dir", str(model_dir), "--build_config", str(cfg),
-                       "--output_engine_dir", str(out))
+        proc = optimize(model_dir, out, cfg, NIMSTANDIN_DETERMINISTIC_BUILD="1")
         assert proc.returncode == 0, proc.stderr
     out = outs[0]
     assert sorted(p.name for p in out.iterdir()) == [
@@ -190,46 +276,151 @@ def test_nim_optimize_layout_deterministic_and_served(tmp_path: Path, model_dir:
     engine = out / "trtllm_engine"
     assert sorted(p.name for p in engine.iterdir()) == ["config.json", "rank0.engine", "rank1.engine"]
     econf = json.loads((engine / "config.json").read_text())
-    assert econf["pretrained_config"]["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
-    assert econf["pretrained_config"]["dtype"] == "float16"
-    assert econf["build_config"] == {"max_seq_len": 1024, "max_batch_size": 8,
-                                     "max_num_tokens": 2048, "extra_key": "kept # not a comment"}
-    rank1 = (engine / "rank1.engine").read_bytes()
-    assert rank1.startswith(b"NIMSTANDIN-ENGINE\n")
-    assert json.loads(rank1.splitlines()[1])["rank"] == 1
-    for name in ("rank0.engine", "rank1.engine", "config.json"):  # same inputs, same bytes
+    assert econf["version"] == DEFAULT_TRTLLM
+    pretrained, build = econf["pretrained_config"], econf["build_config"]
+    assert pretrained["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
+    assert pretrained["dtype"] == "float16" and pretrained["architecture"] == "LlamaForCausalLM"
+    assert (pretrained["num_hidden_layers"], pretrained["num_attention_heads"], pretrained["num_key_value_heads"],
+            pretrained["hidden_size"], pretrained["vocab_size"], pretrained["max_position_embeddings"]) == (
+        2, 4, 2, 64, 300, 2048)
+    assert pretrained["quantization"] == {"quant_algo": None, "kv_cache_quant_algo": None}
+    assert {k: build[k] for k in ("max_seq_len", "max_batch_size", "max_num_tokens", "max_input_len",
+                                  "max_beam_width", "kv_cache_type")} == {
+        "max_seq_len": 1024, "max_batch_size": 8, "max_num_tokens": 2048, "max_input_len": 1024,
+        "max_beam_width": 1, "kv_cache_type": "PAGED"}
+    assert build["extra_key"] == "kept # not a comment"
+    assert build["plugin_config"]["paged_kv_cache"] is True and build["plugin_config"]["dtype"] == "float16"
+    assert econf["standin"]["gpu"] == {"name": "NIMFLOW STAND-IN FAKE GPU (NOT REAL)", "compute_cap": "0.0",
+                                       "pci_device_id": "0x0000FFFF"}
+    header = engine_header(engine / "rank1.engine")
+    assert {k: header[k] for k in ("rank", "world_size", "tp_size", "pp_size", "dtype", "trtllm_version",
+                                   "gpu_name", "compute_cap", "pci_device_id")} == {
+        "rank": 1, "world_size": 2, "tp_size": 2, "pp_size": 1, "dtype": "float16",
+        "trtllm_version": DEFAULT_TRTLLM, "gpu_name": "NIMFLOW STAND-IN FAKE GPU (NOT REAL)",
+        "compute_cap": "0.0", "pci_device_id": "0x0000FFFF"}
+    assert header["build_id"] == engine_header(engine / "rank0.engine")["build_id"] == econf["standin"]["build_id"]
+    for name in ("rank0.engine", "rank1.engine", "config.json"):  # deterministic mode: same bytes
         assert (engine / name).read_bytes() == (outs[1] / "trtllm_engine" / name).read_bytes()
 
-    with server(NIM_MODEL_NAME=str(out), NIMSTANDIN_READY_DELAY="0") as (base, proc):
+    with server(NIM_MODEL_NAME=str(out), NIMSTANDIN_READY_DELAY="0", NIMSTANDIN_GPU_COUNT="2") as (base, proc):
         wait_for(f"{base}/v1/health/ready")
         assert chat(base, str(out))[0] == 200
     assert "TensorRT-LLM backend" in (proc.stdout.read() if proc.stdout else "")
 
+    too_few = serve_once(NIM_MODEL_NAME=str(out))  # tp=2 engine, one fake GPU
+    assert too_few.returncode == 1 and "RuntimeError" in too_few.stderr
+    assert "world_size 2" in too_few.stderr and "only 1 GPU(s) are visible" in too_few.stderr
+    assert "Listening" not in too_few.stdout
+
     (engine / "rank1.engine").unlink()  # an incomplete engine must not be served
-    broken = run_cli("serve", NIM_MODEL_NAME=str(out), NIM_SERVER_PORT=str(free_port()))
+    broken = serve_once(NIM_MODEL_NAME=str(out), NIMSTANDIN_GPU_COUNT="2")
     assert broken.returncode == 1 and "rank1.engine" in broken.stderr
+
+
+def test_builds_differ_unless_deterministic(tmp_path: Path, model_dir: Path) -> None:
+    """Real engine builds are not byte-reproducible: each build draws its own build_id."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert optimize(model_dir, a).returncode == 0 and optimize(model_dir, b).returncode == 0
+    ids = [json.loads((d / "trtllm_engine" / "config.json").read_text())["standin"]["build_id"] for d in (a, b)]
+    assert ids[0] != ids[1] and all(len(i) == 32 for i in ids)
+    assert (a / "trtllm_engine" / "rank0.engine").read_bytes() != (b / "trtllm_engine" / "rank0.engine").read_bytes()
+    assert engine_header(a / "trtllm_engine" / "rank0.engine")["build_id"] == ids[0]
+    # ... but the same weights (the HF files NIM keeps next to the engine are copied unchanged)
+    assert (a / "config.json").read_bytes() == (b / "config.json").read_bytes()
+
+
+def test_nim_optimize_defaults_are_trtllm_defaults(tmp_path: Path) -> None:
+    model = make_model(tmp_path / "m", dtype="float32", max_position_embeddings=4096)
+    out = tmp_path / "out"
+    proc = optimize(model, out)
+    assert proc.returncode == 0, proc.stderr
+    econf = json.loads((out / "trtllm_engine" / "config.json").read_text())
+    build = econf["build_config"]
+    assert econf["pretrained_config"]["dtype"] == "float16"  # auto: float32 -> float16
+    assert (build["max_batch_size"], build["max_num_tokens"], build["max_seq_len"], build["max_input_len"]) == (
+        2048, 8192, 4096, 1024)
+    assert all(type(build[k]) is int for k in ("max_batch_size", "max_num_tokens", "max_seq_len", "max_input_len"))
+
+    bf16 = make_model(tmp_path / "bf16", dtype="bfloat16")
+    on_a100 = optimize(bf16, tmp_path / "bf16-out", NIMSTANDIN_GPU=A100)
+    assert on_a100.returncode == 0
+    assert json.loads((tmp_path / "bf16-out" / "trtllm_engine" / "config.json").read_text())[
+        "pretrained_config"]["dtype"] == "bfloat16"  # from torch_dtype
+    on_t4 = optimize(bf16, tmp_path / "t4-out", NIMSTANDIN_GPU=T4)
+    assert on_t4.returncode == 1
+    assert "bf16 is not supported on compute capability 7.5 (needs SM >= 80)" in on_t4.stderr
+    assert on_t4.stderr.rstrip().endswith(BUILD_FAILED) and not (tmp_path / "t4-out").exists()
 
 
 def test_nim_optimize_rejects_bad_inputs(tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "out"
-    bad_tp = run_cli("nim-optimize", "--model_dir", str(model_dir), "--build_config",
-                     str(write_build_config(tmp_path / "tp3.yaml", tp=3)), "--output_engine_dir", str(out))
+    bad_tp = optimize(model_dir, out, write_build_config(tmp_path / "tp3.yaml", tp=3))
     assert bad_tp.returncode == 1
     assert "ValueError: num_attention_heads (4) must be divisible by tp_size (3)" in bad_tp.stderr
-    bad_dtype = run_cli("nim-optimize", "--model_dir", str(model_dir), "--build_config",
-                        str(write_build_config(tmp_path / "dt.yaml", 1, "int3")), "--output_engine_dir", str(out))
+    bad_dtype = optimize(model_dir, out, write_build_config(tmp_path / "dt.yaml", 1, "int3"))
     assert bad_dtype.returncode == 1 and "int3" in bad_dtype.stderr
     assert not out.exists()  # validation happens before the output is touched
 
     engine = tmp_path / "engine"
-    assert run_cli("nim-optimize", "--model_dir", str(model_dir), "--output_engine_dir",
-                   str(engine)).returncode == 0
-    again = run_cli("nim-optimize", "--model_dir", str(engine), "--output_engine_dir", str(out))
+    assert optimize(model_dir, engine).returncode == 0
+    again = optimize(engine, out)
     assert again.returncode == 1 and again.stderr.rstrip().endswith(NOT_IMPLEMENTED)
     assert "Traceback" in again.stderr
 
+    no_gpu = optimize(model_dir, out, NIMSTANDIN_GPU_COUNT="0")
+    assert no_gpu.returncode == 1 and "Found no NVIDIA driver" in no_gpu.stderr and not out.exists()
+
     usage = run_cli("nim-optimize", "-h")
     assert usage.returncode == 0 and "--output_engine_dir" in usage.stdout
+
+
+# ------------------------------------------------------------- host: engines bound to GPU/version
+def test_engine_refused_on_another_compute_capability(tmp_path: Path, model_dir: Path) -> None:
+    engine = tmp_path / "engine"
+    assert optimize(model_dir, engine, NIMSTANDIN_GPU=A100).returncode == 0
+    assert engine_header(engine / "trtllm_engine" / "rank0.engine")["compute_cap"] == "8.0"
+    on_h100 = serve_once(NIM_MODEL_NAME=str(engine), NIMSTANDIN_GPU=H100)
+    assert on_h100.returncode == 1
+    assert ("The engine plan file is generated on an incompatible device, expecting compute 8.0 got "
+            "compute 9.0, please rebuild.") in on_h100.stderr
+    assert "Listening" not in on_h100.stdout  # refused before the server starts
+    with server(NIM_MODEL_NAME=str(engine), NIMSTANDIN_GPU=A100, NIMSTANDIN_READY_DELAY="0") as (base, proc):
+        wait_for(f"{base}/v1/health/ready")
+    assert "different models of devices" not in (proc.stdout.read() if proc.stdout else "")
+
+
+def test_engine_on_another_model_same_compute_only_warns(tmp_path: Path, model_dir: Path) -> None:
+    engine = tmp_path / "engine"
+    assert optimize(model_dir, engine, NIMSTANDIN_GPU=H100).returncode == 0
+    with server(NIM_MODEL_NAME=str(engine), NIMSTANDIN_GPU=H100_PCIE, NIMSTANDIN_READY_DELAY="0") as (base, proc):
+        wait_for(f"{base}/v1/health/ready")
+        assert chat(base, str(engine))[0] == 200
+    out = proc.stdout.read() if proc.stdout else ""
+    assert ("WARNING" in out and "Using an engine plan file across different models of devices is not recommended "
+            "and is likely to affect performance or even cause errors.") in out
+
+
+def test_engine_refused_by_another_trtllm_version(tmp_path: Path, model_dir: Path) -> None:
+    engine = tmp_path / "engine"
+    newer = fake_trtllm(tmp_path / "site", "9.9.9")
+    assert optimize(model_dir, engine, PYTHONPATH=newer).returncode == 0
+    econf = json.loads((engine / "trtllm_engine" / "config.json").read_text())
+    assert econf["version"] == "9.9.9" == engine_header(engine / "trtllm_engine" / "rank0.engine")["trtllm_version"]
+    here = serve_once(NIM_MODEL_NAME=str(engine))  # the host has the stand-in's default version
+    assert here.returncode == 1
+    assert ("The engine plan file is not compatible with this version of TensorRT, expecting library version "
+            f"{DEFAULT_TRTLLM} got 9.9.9") in here.stderr
+    with server(NIM_MODEL_NAME=str(engine), PYTHONPATH=newer, NIMSTANDIN_READY_DELAY="0") as (base, _):
+        wait_for(f"{base}/v1/health/ready")
+
+
+def test_foreign_engine_file_is_refused(tmp_path: Path, model_dir: Path) -> None:
+    engine = tmp_path / "engine"
+    assert optimize(model_dir, engine).returncode == 0
+    (engine / "trtllm_engine" / "rank0.engine").write_bytes(b"\x00" * 64)
+    proc = serve_once(NIM_MODEL_NAME=str(engine))
+    assert proc.returncode == 1 and "Magic tag does not match" in proc.stderr
+    assert "Failed to deserialize cuda engine" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- host: JIT build
@@ -239,7 +430,8 @@ def test_jit_build_caches_and_registers_profile(tmp_path: Path, model_dir: Path)
     manifest.parent.mkdir(parents=True)
     manifest.write_text("other-profile:\n  model: x\n  tags: {llm_engine: vllm, model_name: other}\n")
     env = dict(NIM_CACHE_PATH=str(cache), NIM_FT_MODEL=str(model_dir), NIM_CUSTOM_MODEL_NAME="my_ft",
-               NIM_SERVED_MODEL_NAME="acme/ft", NIM_TENSOR_PARALLEL_SIZE="2",
+               NIM_SERVED_MODEL_NAME="acme/ft", NIM_TENSOR_PARALLEL_SIZE="2", NIM_MAX_MODEL_LEN="512",
+               NIMSTANDIN_GPU=H100, NIMSTANDIN_GPU_COUNT="2",
                NIMSTANDIN_BUILD_SECONDS="0.5", NIMSTANDIN_READY_DELAY="0")
     with server(**env) as (base, proc):
         wait_for(f"{base}/v1/health/live")
@@ -253,15 +445,27 @@ def test_jit_build_caches_and_registers_profile(tmp_path: Path, model_dir: Path)
     assert sorted(p.name for p in (built / "trtllm_engine").iterdir()) == [
         "config.json", "rank0.engine", "rank1.engine"]
     assert not [p for p in built.parent.iterdir() if p.name.startswith(".tmp")]
+    econf = json.loads((built / "trtllm_engine" / "config.json").read_text())
+    assert econf["pretrained_config"]["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
+    assert econf["pretrained_config"]["dtype"] == "float16"  # the checkpoint's torch_dtype
+    assert (econf["build_config"]["max_seq_len"], econf["build_config"]["max_batch_size"],
+            econf["build_config"]["max_num_tokens"]) == (512, 2048, 8192)
+    assert econf["standin"]["builder"] == "nim-jit" and econf["standin"]["gpu"]["name"] == "NVIDIA H100 80GB HBM3"
 
     profiles = yaml.safe_load(manifest.read_text())
     assert "other-profile" in profiles  # foreign profiles are kept
     (pid, prof), = [(k, v) for k, v in profiles.items() if v["tags"]["model_name"] == "my_ft"]
     assert len(pid) == 64 and prof["tags"]["llm_engine"] == "tensorrt_llm"
     assert prof["tags"]["tp"] == "2" and prof["tags"]["trtllm_buildable"] == "false"
-    listing = run_cli("list-model-profiles", NIM_CACHE_PATH=str(cache))
-    assert listing.returncode == 0 and f"  - {pid} (my_ft)" in listing.stdout
-    assert "No GPUs detected (NIM stand-in on CPU)" in listing.stdout
+    assert prof["tags"]["gpu"] == "H100" and prof["tags"]["gpu_device"] == "2330:10de"
+    listing = run_cli("list-model-profiles", NIM_CACHE_PATH=str(cache), NIMSTANDIN_GPU=H100, NIMSTANDIN_GPU_COUNT="2")
+    assert listing.returncode == 0
+    compatible = listing.stdout.split("- Incompatible with system:")[0]
+    assert f"  - {pid} (my_ft)" in compatible
+    assert "  -  [2330:10de] (0) NVIDIA H100 80GB HBM3 (H100)" in listing.stdout
+    assert "  -  [2330:10de] (1) NVIDIA H100 80GB HBM3 (H100)" in listing.stdout
+    elsewhere = run_cli("list-model-profiles", NIM_CACHE_PATH=str(cache), NIMSTANDIN_GPU=A100, NIMSTANDIN_GPU_COUNT="2")
+    assert f"  - {pid} (my_ft)" in elsewhere.stdout.split("- Incompatible with system:")[1]
 
     engine_before = (built / "trtllm_engine" / "rank0.engine").stat().st_mtime_ns
     with server(**env) as (base, proc):  # second start: reuse the cache, no rebuild
@@ -270,35 +474,231 @@ def test_jit_build_caches_and_registers_profile(tmp_path: Path, model_dir: Path)
     assert (built / "trtllm_engine" / "rank0.engine").stat().st_mtime_ns == engine_before
     assert len(yaml.safe_load(manifest.read_text())) == 2
 
+    # The cached engine is checked before listening: built for an H100, refused on an A100.
+    on_a100 = serve_once(**{**env, "NIMSTANDIN_GPU": A100})
+    assert on_a100.returncode == 1 and "expecting compute 9.0 got compute 8.0" in on_a100.stderr
+    assert "Listening" not in on_a100.stdout
+
     # NIM_MODEL_PROFILE=<built id> serves the cached engine (how NIMService uses a NIMBuild).
     profile_env = {k: v for k, v in env.items() if k not in ("NIM_FT_MODEL", "NIM_SERVED_MODEL_NAME")}
     with server(**profile_env, NIM_MODEL_PROFILE=pid) as (base, proc):
         wait_for(f"{base}/v1/health/ready")
         assert http(f"{base}/v1/models")[1]["data"][0]["root"] == str(built)
-    unknown = run_cli("serve", **{**profile_env, "NIM_MODEL_PROFILE": "0" * 64,
-                                  "NIM_SERVER_PORT": str(free_port())})
+    one_gpu = serve_once(**{**profile_env, "NIM_MODEL_PROFILE": pid, "NIMSTANDIN_GPU_COUNT": "1"})
+    assert one_gpu.returncode == 1 and "needs 2 GPU(s), but only 1 GPU(s) are visible" in one_gpu.stderr
+    unknown = serve_once(**{**profile_env, "NIM_MODEL_PROFILE": "0" * 64})
     assert unknown.returncode == 1 and "local_manifest.yaml" in unknown.stderr
+
+
+def test_jit_refuses_before_building(tmp_path: Path, model_dir: Path) -> None:
+    cache = tmp_path / "cache"
+    too_few = serve_once(NIM_FT_MODEL=str(model_dir), NIM_CACHE_PATH=str(cache), NIM_TENSOR_PARALLEL_SIZE="2")
+    assert too_few.returncode == 1 and "needs 2 GPU(s), but only 1 GPU(s) are visible" in too_few.stderr
+    assert "Listening" not in too_few.stdout and not (cache / "local_cache").exists()
 
 
 def test_jit_rejects_engine_dir(tmp_path: Path, model_dir: Path) -> None:
     engine = tmp_path / "engine"
-    assert run_cli("nim-optimize", "--model_dir", str(model_dir), "--output_engine_dir",
-                   str(engine)).returncode == 0
+    assert optimize(model_dir, engine).returncode == 0
     for ft in (engine, engine / "trtllm_engine"):  # the NGC layout, and the bare rank*.engine dir
-        proc = run_cli("serve", NIM_FT_MODEL=str(ft), NIM_CACHE_PATH=str(tmp_path / "cache"),
-                       NIM_SERVER_PORT=str(free_port()))
+        proc = serve_once(NIM_FT_MODEL=str(ft), NIM_CACHE_PATH=str(tmp_path / "cache"))
         assert proc.returncode == 1 and proc.stderr.rstrip().endswith(NOT_IMPLEMENTED)
     assert not (tmp_path / "cache" / "local_cache" / "custom_1").exists()
 
 
+# ------------------------------------------------------------------- host: injected build failures
+FAILURES = {
+    "gpu-oom": (1, ["[TRT] [E] 2: [virtualMemoryBuffer.cpp::resizePhysical::140] Error Code 2: OutOfMemory "
+                    "(no further information)",
+                    "[TRT] [E] Requested amount of GPU memory (17179869184 bytes) could not be allocated. "
+                    "There may not be enough free memory for allocation to succeed."]),
+    "host-oom": (137, ["Killed"]),
+    "cuda-init": (1, ["RuntimeError: [TensorRT-LLM][ERROR] CUDA runtime error in cudaMemGetInfo(&free, &total): "
+                      "unknown error (/src/tensorrt_llm/cpp/tensorrt_llm/runtime/tllmRuntime.cpp:123)"]),
+    "nccl": (1, ["RuntimeError: NCCL error in: /src/tensorrt_llm/cpp/tensorrt_llm/plugins/ncclPlugin/"
+                 "allreducePlugin.cpp:512, unhandled system error"]),
+    "unsupported-arch": (1, ["ValueError: Unsupported model architecture: LlamaForCausalLM"]),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+def test_nim_optimize_build_failures(tmp_path: Path, model_dir: Path, failure: str) -> None:
+    code, lines = FAILURES[failure]
+    out = tmp_path / "out"
+    proc = optimize(model_dir, out, NIMSTANDIN_BUILD_FAILURE=failure, NIMSTANDIN_BUILD_SECONDS="0")
+    assert proc.returncode == code
+    stderr = proc.stderr.splitlines()
+    assert stderr[-1] == BUILD_FAILED and stderr[:-1] == lines
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("failure", ["gpu-oom", "host-oom", "nccl"])
+def test_jit_build_failures_exit_1_and_leave_no_cache_entry(tmp_path: Path, model_dir: Path, failure: str) -> None:
+    cache = tmp_path / "cache"
+    with server(NIM_FT_MODEL=str(model_dir), NIM_CACHE_PATH=str(cache), NIM_CUSTOM_MODEL_NAME="ft",
+                NIMSTANDIN_BUILD_FAILURE=failure, NIMSTANDIN_BUILD_SECONDS="0.5") as (base, proc):
+        wait_for(f"{base}/v1/health/live")  # live while building, as NIM
+        assert proc.wait(timeout=10) == 1
+        stderr = proc.stderr.read() if proc.stderr else ""
+    assert stderr.rstrip().endswith(BUILD_FAILED) and FAILURES[failure][1][0] in stderr
+    local = cache / "local_cache"
+    assert not local.exists() or [p.name for p in local.iterdir()] == []
+
+
+def test_unknown_build_failure_is_refused(tmp_path: Path, model_dir: Path) -> None:
+    proc = optimize(model_dir, tmp_path / "out", NIMSTANDIN_BUILD_FAILURE="disk-full")
+    assert proc.returncode == 1 and "NIMSTANDIN_BUILD_FAILURE='disk-full'" in proc.stderr
+
+
+# ----------------------------------------------------------- host: convert_checkpoint + trtllm-build
+def convert(model: Path, ckpt: Path, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("convert_checkpoint.py", "--model_dir", str(model), "--output_dir", str(ckpt), *flags, **env)
+
+
+def trtllm_build(ckpt: Path, out: Path, *flags: str, cwd: Path | None = None,
+                 **env: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("trtllm-build", "--checkpoint_dir", str(ckpt), "--output_dir", str(out), *flags, cwd=cwd, **env)
+
+
+def test_convert_checkpoint_writes_trtllm_checkpoint(tmp_path: Path) -> None:
+    model = make_model(tmp_path / "m", heads=8, kv_heads=2, layers=4, dtype="bfloat16")
+    ckpt = tmp_path / "ckpt"
+    proc = convert(model, ckpt, "--tp_size", "2", "--pp_size", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "Total time of converting checkpoints: 00:00:0" in proc.stdout
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "config.json", "rank0.safetensors", "rank1.safetensors", "rank2.safetensors", "rank3.safetensors"]
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["architecture"] == "LlamaForCausalLM" and config["dtype"] == "bfloat16"  # auto
+    assert config["mapping"] == {"world_size": 4, "tp_size": 2, "pp_size": 2}
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"],
+            config["hidden_size"], config["vocab_size"]) == (4, 8, 2, 128, 300)
+    assert config["quantization"]["quant_algo"] is None
+    header = read_safetensors_header(ckpt / "rank3.safetensors")
+    assert header["__metadata__"]["rank"] == "3"
+    assert (ckpt / "rank0.safetensors").read_bytes() != (ckpt / "rank1.safetensors").read_bytes()
+
+    fp32 = make_model(tmp_path / "fp32", dtype="float32")
+    assert convert(fp32, tmp_path / "c32").returncode == 0
+    assert json.loads((tmp_path / "c32" / "config.json").read_text())["dtype"] == "float16"  # auto: fp32 -> fp16
+    assert convert(fp32, tmp_path / "c32b", "--dtype", "float32").returncode == 0
+    assert json.loads((tmp_path / "c32b" / "config.json").read_text())["dtype"] == "float32"
+    woq = convert(model, tmp_path / "woq", "--use_weight_only", "--weight_only_precision", "int4")
+    assert woq.returncode == 0
+    assert json.loads((tmp_path / "woq" / "config.json").read_text())["quantization"]["quant_algo"] == "W4A16"
+    kv_dup = convert(model, tmp_path / "kvdup", "--tp_size", "4")  # 2 KV heads duplicated over tp 4
+    assert kv_dup.returncode == 0
+
+
+def test_convert_checkpoint_refusals(tmp_path: Path, model_dir: Path) -> None:
+    bad_heads = convert(model_dir, tmp_path / "c1", "--tp_size", "3")
+    assert bad_heads.returncode == 1
+    assert "AssertionError: num_attention_heads (4) must be divisible by tp_size (3)" in bad_heads.stderr
+    kv = convert(make_model(tmp_path / "kv3", heads=12, kv_heads=3), tmp_path / "c2", "--tp_size", "2")
+    assert kv.returncode == 1 and "AssertionError: num_key_value_heads (3)" in kv.stderr
+    pp = convert(model_dir, tmp_path / "c3", "--pp_size", "3")
+    assert pp.returncode == 1 and "pp_size (3) must not exceed num_hidden_layers (2)" in pp.stderr
+    gpt2 = convert(make_model(tmp_path / "gpt2", arch="GPT2LMHeadModel"), tmp_path / "c4")
+    assert gpt2.returncode == 1 and "Unsupported model architecture: GPT2LMHeadModel" in gpt2.stderr
+    engine = tmp_path / "engine"
+    assert optimize(model_dir, engine).returncode == 0
+    not_ckpt = convert(engine / "trtllm_engine", tmp_path / "c5")
+    assert not_ckpt.returncode == 1 and not_ckpt.stderr.rstrip().endswith(NOT_IMPLEMENTED)
+    assert not any((tmp_path / f"c{i}").exists() for i in range(1, 6))
+    assert convert(model_dir, tmp_path / "c6", "--dtype", "int8").returncode == 2  # argparse choices
+
+
+def test_trtllm_build_defaults_timing_cache_and_serving(tmp_path: Path) -> None:
+    model = make_model(tmp_path / "m", max_position_embeddings=4096)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "engine" / "trtllm_engine"
+    assert convert(model, ckpt, "--tp_size", "2").returncode == 0
+    work = tmp_path / "cwd"
+    work.mkdir()
+    proc = trtllm_build(ckpt, out, cwd=work, NIMSTANDIN_GPU=A100)
+    assert proc.returncode == 0, proc.stderr
+    assert "Total time of building all engines" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "rank0.engine", "rank1.engine"]
+    assert (work / "model.cache").is_file()  # --output_timing_cache defaults to model.cache in CWD
+    econf = json.loads((out / "config.json").read_text())
+    build = econf["build_config"]
+    assert (build["max_batch_size"], build["max_input_len"], build["max_seq_len"], build["max_num_tokens"]) == (
+        2048, 1024, 4096, 8192)
+    assert econf["version"] == DEFAULT_TRTLLM and econf["standin"]["builder"] == "trtllm-build"
+    assert econf["pretrained_config"]["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
+    assert engine_header(out / "rank1.engine")["compute_cap"] == "8.0"
+
+    # served by NIM as an engine directory next to the HF files
+    for name in ("config.json", "tokenizer.json"):
+        (out.parent / name).write_bytes((model / name).read_bytes())
+    with server(NIM_MODEL_NAME=str(out.parent), NIMSTANDIN_GPU=A100, NIMSTANDIN_GPU_COUNT="2",
+                NIMSTANDIN_READY_DELAY="0") as (base, _):
+        wait_for(f"{base}/v1/health/ready")
+    on_h100 = serve_once(NIM_MODEL_NAME=str(out.parent), NIMSTANDIN_GPU=H100, NIMSTANDIN_GPU_COUNT="2")
+    assert on_h100.returncode == 1 and "expecting compute 8.0 got compute 9.0" in on_h100.stderr
+
+
+def test_trtllm_build_clips_and_checks(tmp_path: Path) -> None:
+    model = make_model(tmp_path / "m")
+    ckpt = tmp_path / "ckpt"
+    assert convert(model, ckpt).returncode == 0
+    cache = tmp_path / "scratch" / "timing.cache"
+    cache.parent.mkdir()
+    clipped = trtllm_build(ckpt, tmp_path / "e1", "--max_batch_size", "2", "--max_seq_len", "512",
+                           "--max_input_len", "512", "--max_num_tokens", "4096", "--kv_cache_type", "continuous",
+                           "--output_timing_cache", str(cache))
+    assert clipped.returncode == 0, clipped.stderr
+    assert ("max_num_tokens (4096) shouldn't be greater than max_seq_len * max_batch_size (1024), "
+            "specifying to max_seq_len * max_batch_size (1024).") in clipped.stdout
+    build = json.loads((tmp_path / "e1" / "config.json").read_text())["build_config"]
+    assert (build["max_num_tokens"], build["max_seq_len"], build["max_batch_size"]) == (1024, 512, 2)
+    assert build["kv_cache_type"] == "CONTINUOUS" and build["plugin_config"]["paged_kv_cache"] is False
+    assert cache.read_bytes().startswith(b"NIMSTANDIN-TIMING-CACHE\n")
+
+    input_clipped = trtllm_build(ckpt, tmp_path / "e2", "--max_seq_len", "256", cwd=tmp_path)
+    assert input_clipped.returncode == 0 and "clipping it to max_seq_len" in input_clipped.stdout
+    assert json.loads((tmp_path / "e2" / "config.json").read_text())["build_config"]["max_input_len"] == 256
+
+    bf16_ckpt = tmp_path / "bf16"
+    assert convert(model, bf16_ckpt, "--dtype", "bfloat16").returncode == 0
+    on_t4 = trtllm_build(bf16_ckpt, tmp_path / "e3", cwd=tmp_path, NIMSTANDIN_GPU=T4)
+    assert on_t4.returncode == 1
+    assert "bf16 is not supported on compute capability 7.5 (needs SM >= 80)" in on_t4.stderr
+    assert on_t4.stderr.rstrip().endswith(BUILD_FAILED) and not (tmp_path / "e3").exists()
+    assert trtllm_build(bf16_ckpt, tmp_path / "e3", cwd=tmp_path, NIMSTANDIN_GPU=A100).returncode == 0
+
+    oom = trtllm_build(ckpt, tmp_path / "e4", "--output_timing_cache", str(tmp_path / "oom.cache"),
+                       NIMSTANDIN_BUILD_FAILURE="unsupported-arch")
+    assert oom.returncode == 1
+    assert oom.stderr.splitlines()[-2:] == ["ValueError: Unsupported model architecture: LlamaForCausalLM", BUILD_FAILED]
+    assert not (tmp_path / "e4").exists() and not (tmp_path / "oom.cache").exists()
+    killed = trtllm_build(ckpt, tmp_path / "e5", cwd=tmp_path, NIMSTANDIN_BUILD_FAILURE="host-oom")
+    assert killed.returncode == 137 and "Killed" in killed.stderr and not (tmp_path / "e5").exists()
+
+    no_gpu = trtllm_build(ckpt, tmp_path / "e6", cwd=tmp_path, NIMSTANDIN_GPU_COUNT="0")
+    assert no_gpu.returncode == 1 and "Found no NVIDIA driver" in no_gpu.stderr
+
+    (tmp_path / "tp2").mkdir()
+    assert convert(model, tmp_path / "tp2", "--tp_size", "2").returncode == 0
+    (tmp_path / "tp2" / "rank1.safetensors").unlink()
+    missing = trtllm_build(tmp_path / "tp2", tmp_path / "e7", cwd=tmp_path)
+    assert missing.returncode == 1 and "rank1.safetensors" in missing.stderr and "FileNotFoundError" in missing.stderr
+    (tmp_path / "tp2" / "rank1.safetensors").write_bytes(b"\xff" * 16)
+    corrupt = trtllm_build(tmp_path / "tp2", tmp_path / "e7", cwd=tmp_path)
+    assert corrupt.returncode == 1 and "Error while deserializing header" in corrupt.stderr
+    no_config = trtllm_build(tmp_path / "m", tmp_path / "e8", cwd=tmp_path)  # HF dir: has config.json, no ranks
+    assert no_config.returncode == 1 and "rank0.safetensors" in no_config.stderr
+    nothing = trtllm_build(tmp_path / "nope", tmp_path / "e9", cwd=tmp_path)
+    assert nothing.returncode == 1 and "No such file or directory" in nothing.stderr
+    assert not any((tmp_path / f"e{i}").exists() for i in (6, 7, 8, 9))
+
+
 def test_yaml_parser() -> None:
-    spec = importlib.util.spec_from_file_location("nim_standin_mod", STANDIN)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_standin()
     text = 'a: 1\nb: "x: y"  # c\nnested:\n  tags:\n    tp: "2"\n    on: true\n  f: {k: v, n: 3}\n'
     assert mod.parse_yaml(text) == {"a": 1, "b": "x: y", "nested": {
         "tags": {"tp": "2", "on": True}, "f": {"k": "v", "n": 3}}}
+    assert mod.STANDIN_TRTLLM_VERSION == DEFAULT_TRTLLM
+    assert mod.gpu_device_tag({"pci_device_id": "0x233010DE"}) == "2330:10de"
 
 
 # -------------------------------------------------------------------- docker engine helper
@@ -376,16 +776,126 @@ def run_container(client: Any, created: list[Any], image: str, command: Any = No
     return c
 
 
+def run_to_end(client: Any, created: list[Any], image: str, command: Any, **kw: Any) -> tuple[int, str, str]:
+    """Run a one-shot container; (exit code, stdout, stderr)."""
+    c = run_container(client, created, image, command, **kw)
+    code = c.wait(timeout=30)["StatusCode"]
+    return code, c.logs(stdout=True, stderr=False).decode(), c.logs(stdout=False, stderr=True).decode()
+
+
 @pytest.mark.testbed
 def test_image_is_cached_by_source_hash(engine_client: Any, standin_image_id: str) -> None:
     image = engine_client.images.get(STANDIN_IMAGE)
     assert image.id == standin_image_id
     assert image.labels["nimflow.stand-in"] == "true"
     assert image.labels["nimflow.source-hash"] == source_hash()
+    assert image.labels["nimflow.trtllm-version"] == DEFAULT_TRTLLM
     assert image.attrs["Config"]["Cmd"] == ["/usr/local/bin/start-server"]
     start = time.monotonic()
     assert build_standin_image(engine_client) == standin_image_id
     assert time.monotonic() - start < 2  # served from the cache, not rebuilt
+    assert source_hash(trtllm_version="1.2.1") != source_hash()  # variants never share a cache key
+
+
+@pytest.mark.testbed
+def test_container_nvidia_smi_and_trtllm_version(engine_client: Any, standin_image_id: str,
+                                                 containers: list[Any]) -> None:
+    code, out, _ = run_to_end(engine_client, containers, standin_image_id,
+                              ["nvidia-smi", "--query-gpu=name,compute_cap,pci.device_id", "--format=csv,noheader"],
+                              environment={"NIMSTANDIN_GPU": H100, "NIMSTANDIN_GPU_COUNT": "2"})
+    assert code == 0 and out == "NVIDIA H100 80GB HBM3, 9.0, 0x233010DE\n" * 2
+    code, out, _ = run_to_end(engine_client, containers, standin_image_id, ["nvidia-smi", "-L"],
+                              environment={"NIMSTANDIN_GPU_COUNT": "0"})
+    assert code == 9 and "couldn't communicate with the NVIDIA driver" in out
+    metadata = ["python3", "-c", "import importlib.metadata as m; print(m.version('tensorrt_llm'))"]
+    code, out, _ = run_to_end(engine_client, containers, standin_image_id, metadata)
+    assert code == 0 and out.strip() == DEFAULT_TRTLLM
+    code, _, err = run_to_end(engine_client, containers, standin_image_id, ["python3", "-c", "import tensorrt_llm"])
+    assert code == 1 and "ModuleNotFoundError" in err  # metadata only: no fake module to import
+
+
+@pytest.mark.testbed
+def test_variant_image_reports_its_trtllm_version(engine_client: Any, standin_image_id: str,
+                                                  containers: list[Any], tmp_path: Path, model_dir: Path) -> None:
+    tag = "nimflow/nim-standin:test-trtllm-9.9.9"
+    try:
+        variant = build_standin_image(engine_client, tag, trtllm_version="9.9.9")
+        assert variant != standin_image_id
+        assert engine_client.images.get(tag).labels["nimflow.source-hash"] == source_hash(trtllm_version="9.9.9")
+        code, out, _ = run_to_end(engine_client, containers, variant, [
+            "python3", "-c", "import importlib.metadata as m; print(m.version('tensorrt_llm'))"])
+        assert code == 0 and out.strip() == "9.9.9"
+        out_dir = tmp_path / "engine"
+        out_dir.mkdir()
+        code, _, err = run_to_end(
+            engine_client, containers, variant,
+            ["nim-optimize", "--model_dir", "/in/model", "--output_engine_dir", "/out"],
+            environment={"NIMSTANDIN_BUILD_SECONDS": "0"},
+            volumes={str(model_dir): {"bind": "/in/model", "mode": "ro"}, str(out_dir): {"bind": "/out", "mode": "rw"}})
+        assert code == 0, err
+        assert json.loads((out_dir / "trtllm_engine" / "config.json").read_text())["version"] == "9.9.9"
+        # the default image (another TensorRT-LLM) refuses it
+        code, _, err = run_to_end(engine_client, containers, standin_image_id, None,
+                                  environment={"NIM_MODEL_NAME": "/engine"},
+                                  volumes={str(out_dir): {"bind": "/engine", "mode": "ro"}})
+        assert code == 1
+        assert f"expecting library version {DEFAULT_TRTLLM} got 9.9.9" in err
+    finally:
+        for c in containers:
+            with contextlib.suppress(Exception):
+                c.remove(force=True)
+        with contextlib.suppress(Exception):
+            engine_client.images.remove(tag, force=True)
+
+
+@pytest.mark.testbed
+def test_container_convert_trtllm_build_and_serve(engine_client: Any, standin_image_id: str,
+                                                  containers: list[Any], tmp_path: Path, model_dir: Path) -> None:
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    env = {"NIMSTANDIN_GPU": A100, "NIMSTANDIN_BUILD_SECONDS": "0"}
+    code, stdout, err = run_to_end(
+        engine_client, containers, standin_image_id,
+        ["python3", "/app/tensorrt_llm/examples/models/core/llama/convert_checkpoint.py", "--model_dir", "/model",
+         "--output_dir", "/work/ckpt", "--dtype", "bfloat16", "--tp_size", "2"],
+        environment=env, volumes={str(model_dir): {"bind": "/model", "mode": "ro"},
+                                  str(work): {"bind": "/work", "mode": "rw"}})
+    assert code == 0, err
+    assert "Total time of converting checkpoints" in stdout
+    assert json.loads((work / "ckpt" / "config.json").read_text())["mapping"]["tp_size"] == 2
+    code, stdout, err = run_to_end(
+        engine_client, containers, standin_image_id,
+        ["trtllm-build", "--checkpoint_dir", "/work/ckpt", "--output_dir", "/out/trtllm_engine",
+         "--max_batch_size", "2", "--max_seq_len", "512", "--max_input_len", "512", "--max_num_tokens", "256",
+         "--output_timing_cache", "/work/timing.cache"],
+        environment=env, volumes={str(work): {"bind": "/work", "mode": "rw"}, str(out): {"bind": "/out", "mode": "rw"}})
+    assert code == 0, err
+    econf = json.loads((out / "trtllm_engine" / "config.json").read_text())
+    assert econf["version"] == DEFAULT_TRTLLM and econf["pretrained_config"]["dtype"] == "bfloat16"
+    assert (econf["build_config"]["max_num_tokens"], econf["build_config"]["max_seq_len"]) == (256, 512)
+    assert (work / "timing.cache").is_file()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((model_dir / name).read_bytes())
+
+    serve_env = {"NIM_MODEL_NAME": "/engine", "NIM_SERVED_MODEL_NAME": "trt", "NIMSTANDIN_READY_DELAY": "0",
+                 "NIMSTANDIN_GPU_COUNT": "2"}
+    c = run_container(engine_client, containers, standin_image_id,
+                      environment={**serve_env, "NIMSTANDIN_GPU": A100},
+                      volumes={str(out): {"bind": "/engine", "mode": "ro"}}, ports={"8000/tcp": ("127.0.0.1", None)})
+    c.reload()
+    base = f"http://127.0.0.1:{c.ports['8000/tcp'][0]['HostPort']}"
+    wait_for(f"{base}/v1/health/ready", timeout=20)
+    assert chat(base, "trt")[0] == 200
+    c.stop(timeout=5)
+
+    code, stdout, err = run_to_end(engine_client, containers, standin_image_id, None,
+                                   environment={**serve_env, "NIMSTANDIN_GPU": H100},
+                                   volumes={str(out): {"bind": "/engine", "mode": "ro"}})
+    assert code == 1
+    assert ("The engine plan file is generated on an incompatible device, expecting compute 8.0 got compute 9.0, "
+            "please rebuild.") in err
+    assert "Listening" not in stdout
 
 
 @pytest.mark.testbed
@@ -420,7 +930,8 @@ def test_container_jit_serve_and_stop(engine_client: Any, standin_image_id: str,
     listing = run_container(engine_client, containers, standin_image_id, "list-model-profiles",
                             volumes={str(cache): {"bind": "/opt/nim/.cache", "mode": "ro"}})
     assert listing.wait(timeout=20)["StatusCode"] == 0
-    assert "(custom_1)" in listing.logs().decode()
+    text = listing.logs().decode()
+    assert "(custom_1)" in text and "[0000:ffff] (0) NIMFLOW STAND-IN FAKE GPU (NOT REAL)" in text
 
 
 @pytest.mark.testbed
@@ -430,13 +941,12 @@ def test_container_nim_optimize_matches_host(engine_client: Any, standin_image_i
     cfg = write_build_config(tmp_path / "build.yaml", tp=2)
     host_out, out = tmp_path / "host-engine", tmp_path / "container-engine"
     out.mkdir()  # a bind-mounted output dir (cannot be renamed into place)
-    assert run_cli("nim-optimize", "--model_dir", str(model_dir), "--build_config", str(cfg),
-                   "--output_engine_dir", str(host_out)).returncode == 0
+    assert optimize(model_dir, host_out, cfg, NIMSTANDIN_DETERMINISTIC_BUILD="1").returncode == 0
     c = run_container(
         engine_client, containers, standin_image_id,
         ["nim-optimize", "--model_dir", "/in/model", "--build_config", "/in/build.yaml",
          "--output_engine_dir", "/out"],
-        environment={"NIMSTANDIN_BUILD_SECONDS": "0"},
+        environment={"NIMSTANDIN_BUILD_SECONDS": "0", "NIMSTANDIN_DETERMINISTIC_BUILD": "1"},
         volumes={str(model_dir): {"bind": "/in/model", "mode": "ro"},
                  str(cfg): {"bind": "/in/build.yaml", "mode": "ro"},
                  str(out): {"bind": "/out", "mode": "rw"}})

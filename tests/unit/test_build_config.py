@@ -97,7 +97,8 @@ def test_valid_specs_pass_and_get_explicit_limits() -> None:
     ("fields", "config", "field", "text"),
     [
         ({"tp_size": 3}, LLAMA, "build.tp_size", "num_attention_heads of m/config.json is 32, not divisible by tp_size 3"),
-        ({"tp_size": 16}, LLAMA, "build.tp_size", "num_key_value_heads of m/config.json is 8, not divisible by tp_size 16"),
+        ({"tp_size": 2}, {**LLAMA, "num_attention_heads": 12, "num_key_value_heads": 3}, "build.tp_size",
+         "num_key_value_heads of m/config.json is 3: tp_size 2 can neither split nor duplicate them"),
         ({"pp_size": 32}, LLAMA, "build.pp_size", "pp_size 32 exceeds the 16 layers"),
         ({}, {**LLAMA, "architectures": ["BertModel"]}, "build.backend", "is a BertModel; the trtllm-build backend builds"),
     ],
@@ -113,6 +114,7 @@ def test_model_rules(fields: dict[str, Any], config: dict[str, Any], field: str,
 def test_model_rules_accept_a_fitting_build() -> None:
     """A tp that divides both head counts, on a supported architecture, passes."""
     check_against_model(build(tp_size=8, pp_size=2), LLAMA, where="m")
+    check_against_model(build(tp_size=16), LLAMA, where="m")  # 8 KV heads duplicated over 16 ranks
 
 
 def test_custom_convert_script_allows_other_architectures() -> None:
