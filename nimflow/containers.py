@@ -99,11 +99,34 @@ def container_state(client: docker.DockerClient, container_id: str) -> tuple[str
     return container.status, None if running else state.get("ExitCode")
 
 
-def exit_watch(client: docker.DockerClient, container_id: str, name: str) -> Callable[[], str | None]:
-    """A check for ``wait_until_ready``'s ``give_up``: says why, once the container has exited."""
+def exit_watch(
+    client: docker.DockerClient, container_id: str, name: str, *, daemon_grace_seconds: float = 60.0
+) -> Callable[[], str | None]:
+    """A check for ``wait_until_ready``'s ``give_up``: says why, once the container has exited.
+
+    A Docker daemon that briefly stops answering is not a reason to give up on the container (a
+    JIT build keeps running through a daemon restart with live-restore); one silent for
+    ``daemon_grace_seconds`` is.
+
+    Raises:
+        ServiceUnavailable: (from the returned check) the daemon stayed silent too long.
+    """
+    outage_since: list[float] = []
 
     def exited() -> str | None:
-        status, code = container_state(client, container_id)
+        try:
+            status, code = container_state(client, container_id)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc):
+                raise
+            if not outage_since:  # the first silence starts the clock
+                outage_since.append(time.monotonic())
+            elif time.monotonic() - outage_since[0] > daemon_grace_seconds:
+                raise ServiceUnavailable(
+                    f"the Docker daemon has not answered for {daemon_grace_seconds:g}s while watching container {name}"
+                ) from exc
+            return None
+        outage_since.clear()
         return None if code is None else f"container {name} {status} with exit code {code}"
 
     return exited

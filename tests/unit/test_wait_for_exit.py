@@ -81,3 +81,36 @@ def test_deadline_passes_while_running() -> None:
     """A build still running at its deadline returns None (the caller reports the timeout)."""
     daemon = ScriptedDaemon([READ_TIMEOUT] * 5, [RUNNING] * 5)
     assert wait_for_exit(daemon, "c", 0.0) is None
+
+
+class ScriptedContainers:
+    """``client.containers.get`` answering from a script, for :func:`exit_watch`."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.containers = self
+        self._answers = iter(answers)
+
+    def get(self, container_id: str) -> Any:
+        answer = next(self._answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+class FakeContainer:
+    def __init__(self, status: str, code: int | None) -> None:
+        self.status = status
+        self.attrs = {"State": {"ExitCode": code}}
+
+
+def test_exit_watch_rides_out_a_daemon_hiccup() -> None:
+    """While the daemon is silent the watch keeps waiting; an exit seen afterwards is reported."""
+    from nimflow.containers import exit_watch
+
+    watch = exit_watch(ScriptedContainers([REFUSED, FakeContainer("running", None), FakeContainer("exited", 1)]), "c", "jit")
+    assert watch() is None and watch() is None
+    assert watch() == "container jit exited with exit code 1"
+    silent = exit_watch(ScriptedContainers([REFUSED, REFUSED]), "c", "jit", daemon_grace_seconds=0.0)
+    assert silent() is None  # the first silence starts the clock
+    with pytest.raises(ServiceUnavailable, match="has not answered"):
+        silent()
