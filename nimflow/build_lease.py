@@ -113,9 +113,8 @@ class BuildLeases:
         if held is None:  # released between our two calls: try once more next round
             return LeaseHolder("(released just now)", 0.0, self.ttl)
         body, etag, age = held
-        ttl = float(body.get("ttl_seconds") or self.ttl)
-        if age <= ttl:
-            return LeaseHolder(str(body.get("holder", "?")), age, ttl)
+        if (holder := self._live(body, age)) is not None:
+            return holder
         try:  # expired: its holder stopped renewing (crashed). Exactly one taker wins this write.
             lease = Lease(engine_key, token, self._put(engine_key, token, IfMatch=etag), self.ttl)
         except ClientError as exc:
@@ -124,6 +123,15 @@ class BuildLeases:
             return LeaseHolder("(taken over just now)", 0.0, self.ttl)
         logger.warning("took over the build lease of %s from %s (not renewed for %.0fs)", engine_key, body.get("holder"), age)
         return lease
+
+    def _live(self, body: dict[str, Any], age: float) -> LeaseHolder | None:
+        ttl = float(body.get("ttl_seconds") or self.ttl)
+        return LeaseHolder(str(body.get("holder", "?")), age, ttl) if age <= ttl else None
+
+    def live_holder(self, engine_key: str) -> LeaseHolder | None:
+        """Who is building ``engine_key`` now; None when nobody is, or the lease expired (a crashed holder)."""
+        held = self.current(engine_key)
+        return None if held is None else self._live(held[0], held[2])
 
     def adopt(self, engine_key: str, token: str) -> Lease | None:
         """The lease this run took earlier (by its token, e.g. in another task), if still held."""

@@ -175,7 +175,8 @@ def plan_gc(
     now = now or datetime.now(timezone.utc)
     plan = GcPlan()
     groups: dict[tuple[str, str], int] = {}
-    for manifest in store.manifests():  # newest first
+    manifests = store.manifests()
+    for manifest in manifests:  # newest first
         row = entry_row(manifest)
         group = (row["MODEL"], row["GPU"])
         groups[group] = groups.get(group, 0) + 1
@@ -190,12 +191,10 @@ def plan_gc(
             plan.engines.append(manifest)
     removed_keys = {m["engine_key"] for m in plan.engines}
     leases = BuildLeases(store, lease_seconds)
-    for upload in store.abandoned_uploads():
+    for upload in store.abandoned_uploads(manifests):
         if upload.engine_key in removed_keys:
             continue  # goes with its engine
-        lease = leases.current(upload.engine_key)
-        live_lease = lease is not None and lease[2] <= float(lease[0].get("ttl_seconds") or lease_seconds)
-        if now - upload.last_modified < abandoned_after or live_lease:
+        if now - upload.last_modified < abandoned_after or leases.live_holder(upload.engine_key) is not None:
             plan.kept_in_progress.append(upload)
         else:
             plan.uploads.append(upload)

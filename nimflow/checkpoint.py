@@ -20,7 +20,8 @@ from nimflow.errors import InvalidWeights
 WeightFormat = Literal["safetensors", "pickle", "binary"]
 
 CHUNK = 8 * 1024 * 1024
-#: Model files NIM needs next to the weights (copied from the base checkpoint when a fine-tune lacks them).
+#: Model files NIM needs next to the weights or an engine (copied from the base checkpoint when a
+#: fine-tune lacks them, and next to ``trtllm_engine/`` after a trtllm-build).
 MODEL_SIDE_FILES = (
     "config.json",
     "generation_config.json",
@@ -28,6 +29,8 @@ MODEL_SIDE_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
 )
 #: config.json keys a fine-tune must share with its base model, or the build/serving breaks.
 ARCHITECTURE_KEYS = (

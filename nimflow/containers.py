@@ -18,6 +18,7 @@ import docker
 from docker.types import DeviceRequest
 
 from nimflow.errors import DeploymentError, ServiceUnavailable, is_transient
+from nimflow.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,18 @@ CONTAINER_PORT = "8000/tcp"
 
 
 def docker_client() -> docker.DockerClient:
-    """A client for the Docker engine named by ``DOCKER_HOST`` (default: the local socket)."""
-    return docker.from_env(timeout=120)
+    """A client for the Docker engine named by ``DOCKER_HOST`` (default: the local socket).
+
+    Raises:
+        ServiceUnavailable: the daemon does not answer (naming where nimflow looked and how to start it).
+    """
+    try:
+        return docker.from_env(timeout=120)
+    except docker.errors.DockerException as exc:
+        raise ServiceUnavailable(
+            f"the Docker daemon at {get_settings().docker_host} does not answer ({exc}); start it (`systemctl start docker`, or `dockerd &`) "
+            "or point DOCKER_HOST at a running one"
+        ) from None
 
 
 def device_requests(gpus: list[int] | Literal["all"] | None) -> list[DeviceRequest]:
@@ -99,6 +110,35 @@ def container_state(client: docker.DockerClient, container_id: str) -> tuple[str
     return container.status, None if running else state.get("ExitCode")
 
 
+class DaemonSilence:
+    """How long the Docker daemon has failed to answer in a row, for waits that ride out a restart.
+
+    The first silence starts the clock; one that lasts longer than ``grace_seconds`` is raised as
+    :class:`ServiceUnavailable` naming ``what`` was being waited for.
+    """
+
+    def __init__(self, grace_seconds: float, what: str) -> None:
+        self.grace_seconds = grace_seconds
+        self.what = what
+        self._since: float | None = None
+
+    def heard(self) -> None:
+        """The daemon answered: the silence is over."""
+        self._since = None
+
+    def silent(self, exc: BaseException) -> None:
+        """The daemon did not answer with ``exc``; re-raise what is not a daemon fault, or a silence too long."""
+        if not is_transient(exc):
+            raise exc
+        if self._since is None:
+            self._since = time.monotonic()
+        elif time.monotonic() - self._since > self.grace_seconds:
+            raise ServiceUnavailable(
+                f"the Docker daemon has not answered for {self.grace_seconds:g}s while {self.what} "
+                f"({type(exc).__name__}); check `systemctl status docker`"
+            ) from exc
+
+
 def exit_watch(
     client: docker.DockerClient, container_id: str, name: str, *, daemon_grace_seconds: float = 60.0
 ) -> Callable[[], str | None]:
@@ -111,22 +151,15 @@ def exit_watch(
     Raises:
         ServiceUnavailable: (from the returned check) the daemon stayed silent too long.
     """
-    outage_since: list[float] = []
+    silence = DaemonSilence(daemon_grace_seconds, f"watching container {name}")
 
     def exited() -> str | None:
         try:
             status, code = container_state(client, container_id)
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient(exc):
-                raise
-            if not outage_since:  # the first silence starts the clock
-                outage_since.append(time.monotonic())
-            elif time.monotonic() - outage_since[0] > daemon_grace_seconds:
-                raise ServiceUnavailable(
-                    f"the Docker daemon has not answered for {daemon_grace_seconds:g}s while watching container {name}"
-                ) from exc
+        except Exception as exc:  # noqa: BLE001 - DaemonSilence classifies it
+            silence.silent(exc)
             return None
-        outage_since.clear()
+        silence.heard()
         return None if code is None else f"container {name} {status} with exit code {code}"
 
     return exited
@@ -190,7 +223,7 @@ def wait_for_exit(
         ServiceUnavailable: the daemon did not answer for ``daemon_grace_seconds`` in a row.
     """
     deadline = time.monotonic() + deadline_seconds
-    outage_since: float | None = None
+    silence = DaemonSilence(daemon_grace_seconds, f"waiting for container {container_id[:12]}")
     while (remaining := deadline - time.monotonic()) > 0:
         try:
             return int(client.api.wait(container_id, timeout=max(1, min(remaining, poll_seconds)))["StatusCode"])
@@ -201,18 +234,11 @@ def wait_for_exit(
             # daemon; asking for the container's state tells the two apart.
             try:
                 state = client.api.inspect_container(container_id)["State"]
-            except Exception as probe_exc:  # noqa: BLE001
-                if not is_transient(probe_exc):
-                    raise
-                outage_since = outage_since or time.monotonic()
-                if time.monotonic() - outage_since > daemon_grace_seconds:
-                    raise ServiceUnavailable(
-                        f"the Docker daemon has not answered for {daemon_grace_seconds:g}s while waiting for "
-                        f"container {container_id[:12]} ({type(probe_exc).__name__}); check `systemctl status docker`"
-                    ) from probe_exc
+            except Exception as probe_exc:  # noqa: BLE001 - DaemonSilence classifies it
+                silence.silent(probe_exc)
                 time.sleep(min(2.0, max(0.05, deadline - time.monotonic())))
                 continue
-            outage_since = None
+            silence.heard()
             if not state.get("Running") and state.get("Status") not in ("created", "restarting"):
                 return int(state.get("ExitCode", -1))
     return None

@@ -50,6 +50,7 @@ from nimflow.containers import (
     run_to_exit,
     start_container,
 )
+from nimflow.checkpoint import MODEL_SIDE_FILES
 from nimflow.errors import BuildFailed, EndpointUnhealthy, classify_build_failure
 from nimflow.nim_api import wait_until_ready
 from nimflow.settings import get_settings
@@ -59,11 +60,6 @@ _MODEL_MOUNT = "/workspace/model"
 _OUTPUT_MOUNT = "/workspace/output"
 _WORK_MOUNT = "/workspace/work"
 _JIT_CACHE_MOUNT = "/opt/nim/.cache"
-#: The model's own files NIM reads next to ``trtllm_engine/`` (tokenizer, generation defaults).
-MODEL_SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-)
 
 
 def _container_options(build: BuildSpec, labels: dict[str, str]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from nimflow.engine_store import (
     write_manifest,
 )
 from nimflow.errors import TransientBuildError, translated_errors
-from nimflow.gpu_identity import TargetIdentity, check_servable, probe_target
+from nimflow.gpu_identity import TargetIdentity, check_serving_target, probe_target
 from nimflow.records import Engine
 from nimflow.spec import BuildSpec, CacheSpec, DeploySpec
 
@@ -78,9 +78,7 @@ def plan_engine(
     differences: list[str] = []
     if deploy is not None and (deploy.image, deploy.gpus, deploy.env) != (build.image, build.gpus, build.env):
         # Serving elsewhere than the build ran: refuse now rather than after the build.
-        with translated_errors(f"probing the serving GPU with {deploy.image}"):
-            serving = probe_target(client, deploy.image, deploy.gpus, deploy.env, field="deploy.gpus")
-        differences = check_servable(inputs, serving, engine_key=key, force=deploy.force)
+        differences = check_serving_target(client, deploy, inputs, engine_key=key)
     return EnginePlan(key=key, inputs=inputs, target=target, model_config=model_config, serving_differences=differences)
 
 

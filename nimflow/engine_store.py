@@ -306,14 +306,20 @@ class EngineStore:
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(keys)
 
-    def abandoned_uploads(self) -> list[AbandonedUpload]:
+    def abandoned_uploads(self, manifests: list[dict[str, Any]] | None = None) -> list[AbandonedUpload]:
         """Uploads that no manifest names: race losers that could not clean up, and crashed uploads.
 
         An upload still in progress is also listed here; callers keep recent ones (see ``gc``).
+
+        Args:
+            manifests: every published manifest, when the caller has just read them (saves a read per key).
         """
+        if manifests is None:
+            manifests = self.manifests()
+        published_uploads = {m["engine_key"]: m.get("upload_id") for m in manifests}
         found = []
         for key in self.engine_keys():
-            published = (self.manifest(key) or {}).get("upload_id")
+            published = published_uploads.get(key)
             base = self.object_key(key, UPLOADS) + "/"
             uploads: dict[str, list[dict[str, Any]]] = {}
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):

@@ -20,7 +20,8 @@ import docker
 from pydantic import BaseModel, ConfigDict, Field
 
 from nimflow.containers import device_requests, run_to_exit
-from nimflow.errors import ConfigError, DeploymentError, EngineIncompatible, Problem
+from nimflow.errors import ConfigError, DeploymentError, EngineIncompatible, Problem, translated_errors
+from nimflow.spec import DeploySpec
 
 NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=name,compute_cap,pci.device_id", "--format=csv,noheader"]
 _MARKER = "NIMFLOW-PROBE "
@@ -218,3 +219,21 @@ def check_servable(built: dict[str, Any], target: TargetIdentity, *, engine_key:
             "and GPUs as deploy), or set deploy.force: true to try anyway"
         )
     return problems
+
+
+def check_serving_target(client: docker.DockerClient, deploy: DeploySpec, built: dict[str, Any], *, engine_key: str) -> list[str]:
+    """Probe the deployment's image, GPUs and env, and refuse an engine that was not built for them.
+
+    Args:
+        built: the engine's key inputs (as computed, or as recorded in its manifest).
+
+    Returns:
+        The differences ``deploy.force`` overrode (empty when the engine matches).
+
+    Raises:
+        EngineIncompatible: naming both GPUs / versions, unless ``deploy.force``.
+        ConfigError / DeploymentError / ServiceUnavailable: as :func:`probe_target`.
+    """
+    with translated_errors(f"probing the serving GPU with {deploy.image}"):
+        target = probe_target(client, deploy.image, deploy.gpus, deploy.env, field="deploy.gpus")
+    return check_servable(built, target, engine_key=engine_key, force=deploy.force)

@@ -103,7 +103,7 @@ def make_plan(spec: HostingSpec) -> Plan:
         store = EngineStore(spec.cache)
         with translated_errors(f"looking up engine {key} in {spec.cache.uri}"):
             stored = store.manifest(key)
-            lease = None if stored is not None else BuildLeases(store, spec.cache.build_lease_seconds).current(key)
+            lease = None if stored is not None else BuildLeases(store, spec.cache.build_lease_seconds).live_holder(key)
         on_target = f"on {engine.target.gpu.describe()}, TensorRT-LLM {engine.target.trtllm_version}"
         if read_local_manifest(engine_path) is not None:
             plan.add("compile", "hit", f"engine is on this host ({engine_path})")
@@ -111,7 +111,7 @@ def make_plan(spec: HostingSpec) -> Plan:
             size = sum(f["size"] for f in stored["files"])
             plan.add("compile", "restore", f"from {store.uri(key)} ({len(stored['files'])} files, {size} bytes), nothing to build")
         elif lease is not None:
-            plan.add("compile", "wait", f"{lease[0].get('holder', '?')} is building it now; then restore")
+            plan.add("compile", "wait", f"{lease.holder} is building it now; then restore")
         else:
             plan.add("compile", "build", f"with {spec.build.backend} {on_target}")
         if stored is not None:

@@ -30,6 +30,7 @@ class Settings:
     hf_token: SecretStr | None
     ngc_api_key: SecretStr | None
     s3_endpoint_url: str | None
+    docker_host: str
     max_retries: int
     retry_delay_seconds: float
 
@@ -49,6 +50,8 @@ class Settings:
             hf_token=secret("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
             ngc_api_key=secret("NGC_CLI_API_KEY", "NGC_API_KEY"),  # NIM: NGC_CLI_API_KEY wins
             s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            # The docker SDK reads DOCKER_HOST itself; this copy only names the daemon in messages.
+            docker_host=env.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
             max_retries=int(env.get("NIMFLOW_MAX_RETRIES", "3")),
             retry_delay_seconds=float(env.get("NIMFLOW_RETRY_DELAY_SECONDS", "2")),
         )

@@ -20,7 +20,7 @@ from nimflow.containers import (
 )
 from nimflow.engine_store import read_local_manifest
 from nimflow.errors import DeploymentError, EngineStoreError, translated_errors
-from nimflow.gpu_identity import check_servable, probe_target
+from nimflow.gpu_identity import check_serving_target
 from nimflow.records import Deployment, Engine
 from nimflow.retries import transient_retries
 from nimflow.settings import get_settings
@@ -96,9 +96,7 @@ def guard_engine(client: docker.DockerClient, deploy: DeploySpec, engine: Engine
     manifest = read_local_manifest(Path(engine.path))
     if manifest is None:
         raise EngineStoreError(f"{engine.path}: no engine manifest; cannot tell which GPU the engine was built for")
-    with translated_errors(f"probing the serving GPU with {deploy.image}"):
-        target = probe_target(client, deploy.image, deploy.gpus, deploy.env, field="deploy.gpus")
-    return check_servable(manifest["key_inputs"], target, engine_key=engine.engine_key, force=deploy.force)
+    return check_serving_target(client, deploy, manifest["key_inputs"], engine_key=engine.engine_key)
 
 
 def start_nim(

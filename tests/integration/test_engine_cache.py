@@ -122,7 +122,8 @@ def test_interrupted_upload_resumes_file_by_file(tmp_path: Path, testbed_env: di
 def test_build_lease_is_exclusive_renewed_and_expires(testbed_env: dict, unique: str) -> None:
     """One holder at a time; renewal keeps it; a holder that stops renewing loses it after its TTL."""
     key = hashlib.sha256(f"lease-{unique}".encode()).hexdigest()
-    leases = BuildLeases(EngineStore(CacheSpec(uri=f"s3://{ENGINE_BUCKET}/lease-{unique}")), ttl_seconds=2)
+    # A 3 s TTL renewed every second leaves room for a loaded machine; the store's clock has 1 s steps.
+    leases = BuildLeases(EngineStore(CacheSpec(uri=f"s3://{ENGINE_BUCKET}/lease-{unique}")), ttl_seconds=3)
 
     mine = leases.try_acquire(key)
     assert isinstance(mine, Lease)
@@ -130,11 +131,11 @@ def test_build_lease_is_exclusive_renewed_and_expires(testbed_env: dict, unique:
     assert isinstance(theirs, LeaseHolder) and "pid" in theirs.holder
 
     with leases.kept_alive(mine) as held:  # renewed every TTL/3: still ours after several TTLs
-        time.sleep(5)
+        time.sleep(7)
         assert isinstance(leases.try_acquire(key), LeaseHolder) and not held.lost
     assert leases.adopt(key, mine.token) is not None
 
-    time.sleep(3.5)  # no renewal for longer than the TTL: the holder counts as crashed
+    time.sleep(5)  # no renewal for longer than the TTL: the holder counts as crashed
     taker = leases.try_acquire(key)
     assert isinstance(taker, Lease) and taker.token != mine.token
     assert leases.renew(held.lease) is None  # the old holder learns it lost the lease

@@ -156,3 +156,16 @@ def test_spec_hash_of_paths() -> None:
     """Non-JSON values (paths) are hashed by their text, not rejected."""
     assert spec_hash({"cache": Path("/a")}) == spec_hash({"cache": "/a"})
     assert spec_hash({"cache": Path("/a")}) != spec_hash({"cache": Path("/b")})
+
+
+def test_docker_daemon_down_is_one_clear_transient_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No daemon behind DOCKER_HOST: a transient ServiceUnavailable naming the socket and how to start it."""
+    from nimflow.containers import docker_client
+    from nimflow.errors import ServiceUnavailable, is_transient
+
+    socket = f"unix://{tmp_path}/no-daemon.sock"
+    monkeypatch.setenv("DOCKER_HOST", socket)
+    with pytest.raises(ServiceUnavailable) as caught:
+        docker_client()
+    assert f"the Docker daemon at {socket} does not answer" in str(caught.value)
+    assert "systemctl start docker" in str(caught.value) and is_transient(caught.value)
