@@ -36,6 +36,15 @@ class FinetunedWeights(_Record):
     staged_files: int = Field(0, description="Files copied by this run (0 when already staged).")
 
 
+class StagedAdapters(_Record):
+    """LoRA adapters checked against the base and staged as one NIM_PEFT_SOURCE directory."""
+
+    path: str = Field(description="Host directory with one sub-directory per adapter (its served name).")
+    names: list[str] = Field(description="Adapter names, as listed by /v1/models.")
+    digest: str = Field(description="sha256 over the staged adapters' names and contents.")
+    staged_files: int = Field(0, description="Files copied by this run (0 when already staged).")
+
+
 class Engine(_Record):
     """A compiled TensorRT-LLM engine directory in NIM's layout, named by its engine key."""
 
@@ -67,24 +76,39 @@ class PublishedEngine(_Record):
 
 
 class Deployment(_Record):
-    """A running NIM container."""
+    """A NIM container nimflow started (or kept) for a deployment: the candidate of a rollout."""
 
+    name: str = Field(description="The deployment (spec) name; every container of it carries label nimflow.deployment=<name>.")
     container_id: str
     container_name: str
-    endpoint: str = Field(description="Base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000.")
+    endpoint: str = Field(description="Base URL of this container's own API (verification talks to it directly).")
+    stable_endpoint: str = Field(description="The URL users call (the front proxy on deploy.host_port).")
     served_model_name: str
-    reused: bool = Field(False, description="True when an identical container was already running.")
+    model_root: str = Field(
+        description="What the NIM was told to serve (NIM_MODEL_NAME / NIM_MODEL_PATH value); /v1/models `root` "
+        "(1.x) or /v1/metadata (2.x) must name it."
+    )
+    nim_api: Literal["1.x", "2.x"] = "1.x"
+    api: Literal["chat", "completions"] = Field("chat", description="Which inference API verification uses.")
+    adapters: list[str] = Field(default_factory=list, description="LoRA adapter names served next to the base model.")
+    strategy: Literal["blue-green", "recreate"] = "blue-green"
+    previous_container_id: str | None = Field(
+        None, description="The container that served before this rollout (kept until this one is verified)."
+    )
+    reused: bool = Field(False, description="True when an identical container was already serving: nothing changed.")
     forced_despite: list[str] = Field(
         default_factory=list, description="Engine/target differences that deploy.force overrode (normally empty)."
     )
 
 
 class EndpointHealth(_Record):
-    """What verification saw: ready, the model listed, a real completion."""
+    """What verification saw, level by level: live, ready, model, answer, golden, latency."""
 
     ready_after_seconds: float
     models: list[str]
-    completion: str
+    completion: str = Field(description="The answer to the verifying prompt.")
+    checks: list[str] = Field(default_factory=list, description="The verification levels passed, in order.")
+    latency_seconds: float | None = Field(None, description="Slowest verifying request.")
 
 
 class HostingRecord(_Record):

@@ -33,7 +33,10 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?\s*([kmgt]i?b?)?$", re.IGNORECASE)
 # Set by nimflow from the spec: letting `deploy.env` override them would silently fork the truth.
-_RESERVED_ENV = ("NIM_MODEL_NAME", "NIM_SERVED_MODEL_NAME", "NIM_CACHE_PATH", "NIM_FT_MODEL")
+_RESERVED_ENV = (
+    "NIM_MODEL_NAME", "NIM_SERVED_MODEL_NAME", "NIM_CACHE_PATH", "NIM_FT_MODEL", "NIM_MODEL_PATH", "NIM_PEFT_SOURCE",
+    "NIM_MAX_LORA_RANK",
+)
 
 
 
@@ -71,6 +74,14 @@ class SourceSpec(_Spec):
         None, description="Only download files matching these glob patterns (all files when absent)."
     )
     local_dir: Path | None = Field(None, description="A local Hugging Face-style checkpoint directory instead of a repo.")
+    manifest: Path | None = Field(
+        None,
+        description="Guide §1: a `model_manifest.yaml` taken from another model's NIM image; nimflow builds an image "
+        "FROM `deploy.image` with it at /etc/nim/config/model_manifest.yaml, and NIM fetches that model itself.",
+    )
+    model_name: str | None = Field(
+        None, description="With `manifest`: the model the manifest describes (NIM_MODEL_NAME), e.g. `mistralai/mistral-7b-instruct-v0.3`."
+    )
 
     @field_validator("repo_id")
     @classmethod
@@ -81,24 +92,95 @@ class SourceSpec(_Spec):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SourceSpec:
-        if (self.repo_id is None) == (self.local_dir is None):
-            raise ValueError("set exactly one of `repo_id` (Hugging Face) or `local_dir` (a local checkpoint)")
+        given = [k for k in ("repo_id", "local_dir", "manifest") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of `repo_id` (Hugging Face), `local_dir` (a local checkpoint) or `manifest` "
+                f"(another NIM model's model_manifest.yaml); found {given or 'none'}"
+            )
+        if (self.manifest is None) != (self.model_name is None):
+            raise ValueError("`manifest` and `model_name` go together: the manifest's model is served as `model_name`")
         return self
+
+    @property
+    def watched(self) -> str:
+        """What this source names, for logs: `org/repo@rev`, a directory, or a manifest."""
+        if self.repo_id is not None:
+            return f"{self.repo_id}@{self.revision}"
+        return str(self.local_dir or self.manifest)
+
+
+#: `hf://org/repo` or `hf://org/repo@revision`.
+_HF_URI = re.compile(r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._/-]*)?$")
+_S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+
+
+def _weights_location(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    if value.startswith("s3://") and not _S3_URI.match(value):
+        raise ValueError(f"{value!r} is not a valid s3:// URI; expected s3://bucket/prefix")
+    if value.startswith("hf://") and not _HF_URI.match(value):
+        raise ValueError(f"{value!r} is not a valid hf:// URI; expected hf://org/repo or hf://org/repo@revision")
+    if "://" in value and not value.startswith(("s3://", "hf://")):
+        raise ValueError(f"{value!r}: only local directories, s3://bucket/prefix and hf://org/repo@revision are supported")
+    return value
 
 
 class FinetuneSpec(_Spec):
-    """Fine-tuned weights to serve (or build) instead of the base checkpoint's weights."""
+    """Fully fine-tuned weights to serve (or build) instead of the base checkpoint's weights."""
 
-    path: str = Field(description="A local directory or an `s3://bucket/prefix` holding safetensors/bin weights.")
+    path: str = Field(
+        description="A local directory, an `s3://bucket/prefix` or `hf://org/repo@revision` holding the fine-tuned "
+        "weights (*.safetensors; *.bin / *.pth only with `allow_pickle`). A LoRA adapter belongs in `lora`."
+    )
     endpoint_url: str | None = Field(None, description="S3 endpoint for an `s3://` path (MinIO, a test server).")
+    allow_pickle: bool = Field(
+        False,
+        description="Accept PyTorch pickles (*.bin, *.pth). Loading a pickle can run code, so they are refused "
+        "unless this is set; then they are converted to safetensors (without unpickling code) before use.",
+    )
 
-    @field_validator("path")
+    _path_shape = field_validator("path")(lambda cls, value: _weights_location(value))
+
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class LoraAdapterSpec(_Spec):
+    """One LoRA adapter, served by name next to the base model."""
+
+    name: str = Field(description="The adapter's model name in /v1/models and in requests (its directory in NIM_PEFT_SOURCE).")
+    path: str = Field(
+        description="A local directory, `s3://bucket/prefix` or `hf://org/repo@revision` with adapter_config.json "
+        "and adapter_model.safetensors."
+    )
+
+    @field_validator("name")
     @classmethod
-    def _path_shape(cls, value: str) -> str:
-        if value.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", value):
-            raise ValueError(f"{value!r} is not a valid s3:// URI; expected s3://bucket/prefix")
-        if not value.strip():
-            raise ValueError("must not be empty")
+    def _name_shape(cls, value: str) -> str:
+        if not _ADAPTER_NAME.match(value):
+            raise ValueError(f"{value!r}: use letters, digits, '.', '_' and '-' (it becomes a directory name)")
+        return value
+
+    _path_shape = field_validator("path")(lambda cls, value: _weights_location(value))
+
+
+class LoraSpec(_Spec):
+    """LoRA adapters served the NIM way: NIM_PEFT_SOURCE, one directory per adapter, on the base model."""
+
+    adapters: list[LoraAdapterSpec] = Field(min_length=1, description="The adapters to serve.")
+    max_rank: int = Field(32, ge=1, le=1024, description="Largest adapter rank NIM loads (NIM_MAX_LORA_RANK).")
+    endpoint_url: str | None = Field(None, description="S3 endpoint for `s3://` adapter paths.")
+    allow_pickle: bool = Field(False, description="Accept adapter_model.bin (a pickle); converted to safetensors before use.")
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique(cls, value: list[LoraAdapterSpec]) -> list[LoraAdapterSpec]:
+        names = [a.name for a in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must be unique: {names}")
         return value
 
 
@@ -287,10 +369,11 @@ class DeploySpec(_Spec):
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the NIM container.")
     user: str | None = Field(None, description="User to run the container as (the guide uses `root`).")
     container_name: str | None = Field(None, description="Container name; `nimflow-<name>` when absent.")
-    health_deadline_seconds: float = Field(
-        1800, gt=0, description="How long the NIM may take to become ready (loading or JIT building included)."
+    nim_api: Literal["auto", "1.x", "2.x"] = Field(
+        "auto",
+        description="The image's NIM generation: 1.x (NIM_MODEL_NAME, TensorRT-LLM engines) or 2.x (NIM_MODEL_PATH, "
+        "no engines). `auto` reads the image's labels and entrypoint.",
     )
-    completion_prompt: str = Field("Say hello in one short sentence.", description="Prompt of the verifying completion.")
     force: bool = Field(
         False,
         description="Deploy an engine even where this host's GPU or TensorRT-LLM version differs from the one it "
@@ -308,15 +391,66 @@ class DeploySpec(_Spec):
         return _check_env(value, _RESERVED_ENV, "deploy")
 
 
+class GoldenPrompt(_Spec):
+    """A prompt whose answer must contain given text."""
+
+    prompt: str = Field(min_length=1, description="The prompt sent (chat or completion, as `verify.api`).")
+    expect: list[str] = Field(min_length=1, description="Substrings the answer must contain (all of them).")
+
+
+class VerifySpec(_Spec):
+    """How a new container proves it serves the model before it takes traffic."""
+
+    deadline_seconds: float = Field(
+        1800, gt=0, description="How long the NIM may take to become ready (loading or JIT building included)."
+    )
+    api: Literal["auto", "chat", "completions"] = Field(
+        "auto",
+        description="`chat` (/v1/chat/completions, needs a chat_template in the tokenizer), `completions`, or `auto`: "
+        "chat when the model has a chat template, else completions.",
+    )
+    prompt: str = Field("Say hello in one short sentence.", min_length=1, description="Prompt of the verifying request.")
+    golden: list[GoldenPrompt] = Field(default_factory=list, description="Optional prompts with expected substrings.")
+    max_latency_seconds: float | None = Field(
+        None, gt=0, description="Optional budget for one verifying request; slower fails the `latency` check."
+    )
+    progress_seconds: float = Field(
+        30, gt=0, description="While waiting for ready, report the container's state and latest log line this often."
+    )
+
+
+class RolloutSpec(_Spec):
+    """How a changed deployment replaces the running one."""
+
+    strategy: Literal["auto", "blue-green", "recreate"] = Field(
+        "auto",
+        description="`blue-green`: start the new container beside the old one, verify it, switch the endpoint, "
+        "retire the old one (zero downtime; needs room for both). `recreate`: stop the old, start the new, "
+        "verify; on failure start the old one again. `auto`: blue-green unless deploy.gpus lists GPUs and "
+        "no `standby_gpus` are given.",
+    )
+    standby_gpus: GpuIds = Field(
+        None,
+        description="GPU ids for the new container during a blue-green rollout when deploy.gpus are in use by the "
+        "old one; the two sets alternate between rollouts.",
+    )
+    drain_seconds: float = Field(
+        60, ge=0, description="After the switch, how long requests still running on the old container may take."
+    )
+
+
 class HostingSpec(_Spec):
     """Everything needed to host one model: source, optional fine-tune and build, cache, deploy."""
 
     name: str = Field(description="Deployment name: lowercase letters, digits and dashes (labels, container name).")
     source: SourceSpec
     finetune: FinetuneSpec | None = None
+    lora: LoraSpec | None = None
     build: BuildSpec | None = None
     cache: CacheSpec | None = None
     deploy: DeploySpec
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
 
     @field_validator("name")
     @classmethod
@@ -334,7 +468,44 @@ class HostingSpec(_Spec):
                 f"deploy.gpus: {len(self.deploy.gpus)} GPU(s) given but the engine has tp_size x pp_size = "
                 f"{self.build.world_size} ranks; NIM serves an engine on exactly one GPU per rank"
             )
+        if self.source.manifest is not None:
+            extra = [k for k in ("finetune", "lora", "build") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(
+                    f"source.manifest serves the manifest's model as NIM fetches it; remove {', '.join(extra)} "
+                    "(to serve your own weights use source.repo_id or source.local_dir)"
+                )
+        if self.lora is not None and self.build is not None:
+            raise ValueError(
+                "lora with build: a LoRA-capable TensorRT-LLM engine (--lora_plugin) is not built by nimflow; "
+                "remove `build` to serve the adapters on the base weights, or merge the adapter into a fine-tune"
+            )
+        if self.lora is not None and self.deploy.served_model_name in {a.name for a in self.lora.adapters}:
+            raise ValueError(f"lora.adapters: {self.deploy.served_model_name!r} is the base model's served name; rename the adapter")
+        if self.build is not None and self.deploy.nim_api == "2.x":
+            raise ValueError(
+                "build with deploy.nim_api 2.x: NIM 2.x has no TensorRT-LLM engine path; remove `build` "
+                "(NIM 2.x serves the weights through NIM_MODEL_PATH) or deploy with a NIM 1.x image"
+            )
+        standby = self.rollout.standby_gpus
+        if isinstance(standby, list):
+            if not isinstance(self.deploy.gpus, list):
+                raise ValueError("rollout.standby_gpus needs deploy.gpus as a list of GPU ids to alternate with")
+            if len(standby) != len(self.deploy.gpus) or set(standby) & set(self.deploy.gpus):
+                raise ValueError(
+                    f"rollout.standby_gpus {standby} must be as many GPUs as deploy.gpus {self.deploy.gpus} "
+                    "and none of the same ids"
+                )
         return self
+
+    @property
+    def rollout_strategy(self) -> Literal["blue-green", "recreate"]:
+        """The strategy `auto` resolves to: blue-green where the new container has GPUs of its own (or needs none)."""
+        if self.rollout.strategy != "auto":
+            return self.rollout.strategy
+        if self.deploy.gpus is None or self.rollout.standby_gpus is not None:
+            return "blue-green"
+        return "recreate"
 
     @property
     def container_name(self) -> str:
@@ -367,10 +538,17 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             section[key] = str(path if path.is_absolute() else (base / path).resolve())
 
     fix(data.get("source"), "local_dir")
+    fix(data.get("source"), "manifest")
     fix(data.get("deploy"), "cache_dir")
     finetune = data.get("finetune")
-    if isinstance(finetune, dict) and not str(finetune.get("path", "")).startswith("s3://"):
+    if isinstance(finetune, dict) and "://" not in str(finetune.get("path", "")):
         fix(finetune, "path")
+    lora = data.get("lora")
+    if isinstance(lora, dict) and isinstance(lora.get("adapters"), list):
+        lora["adapters"] = [dict(a) if isinstance(a, dict) else a for a in lora["adapters"]]
+        for adapter in lora["adapters"]:
+            if isinstance(adapter, dict) and "://" not in str(adapter.get("path", "")):
+                fix(adapter, "path")
 
 
 def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) -> HostingSpec:
