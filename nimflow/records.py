@@ -75,6 +75,17 @@ class PublishedEngine(_Record):
     )
 
 
+class ServingImage(_Record):
+    """The image a deployment runs and how to talk to it, decided before any download or build."""
+
+    image: str = Field(description="The image to run: deploy.image, or the image derived from it (guide §1 manifest).")
+    nim_api: Literal["1.x", "2.x"] = Field(description="1.x: NIM_MODEL_NAME and engines; 2.x: NIM_MODEL_PATH, no engines.")
+    detected_by: str = Field(description="How the generation was found (spec, an image label, the entrypoint...).")
+    model_name: str | None = Field(None, description="Manifest mode: the NIM_MODEL_NAME baked into the derived image.")
+    derived_from: str | None = Field(None, description="Manifest mode: the NIM image the derived image is built FROM.")
+    built: bool = Field(False, description="True when this run built the derived image (False: reused by content hash).")
+
+
 class Deployment(_Record):
     """A NIM container nimflow started (or kept) for a deployment: the candidate of a rollout."""
 
