@@ -164,7 +164,7 @@ def test_never_ready_fails_at_deadline_with_logs(
 ) -> None:
     name, repo = f"slow-{unique}", f"org/slow-{unique}"
     publish_tiny(hub, repo, tmp_path)
-    spec = make_spec(tmp_path, name, repo, standin_image, build=None, health_deadline_seconds=4,
+    spec = make_spec(tmp_path, name, repo, standin_image, build=None, deadline_seconds=4,
                      env={"NIMSTANDIN_READY_DELAY": "3600"})
     cleanup_containers.append(f"nimflow-{name}")
 
@@ -192,7 +192,7 @@ def test_exiting_container_fails_at_once_with_logs(
     model = write_tiny_llama(tmp_path / "model", seed=1)
     for weights in model.glob("*.safetensors"):
         weights.unlink()  # NIM (and the stand-in) refuse a checkpoint without weights
-    spec = make_spec(tmp_path, name, "org/unused", standin_image, build=None, health_deadline_seconds=300)
+    spec = make_spec(tmp_path, name, "org/unused", standin_image, build=None, deadline_seconds=300)
     spec["source"] = {"local_dir": str(model)}
     cleanup_containers.append(f"nimflow-{name}")
 

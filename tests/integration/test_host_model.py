@@ -28,7 +28,8 @@ pytestmark = pytest.mark.testbed
 
 
 def make_spec(
-    tmp_path: Path, name: str, repo_id: str, image: str, *, build: str | None = "nim-optimize", **deploy: Any
+    tmp_path: Path, name: str, repo_id: str, image: str, *, build: str | None = "nim-optimize",
+    deadline_seconds: float = 60, **deploy: Any
 ) -> dict[str, Any]:
     """A hosting spec for the test bed: unique name, port, cache dir and engine prefix."""
     spec: dict[str, Any] = {
@@ -39,10 +40,10 @@ def make_spec(
             "served_model_name": f"test/{name}",
             "host_port": free_port(),
             "cache_dir": str(tmp_path / "nim-cache"),
-            "health_deadline_seconds": 60,
             "env": {"NIMSTANDIN_READY_DELAY": "0.5"},
             **deploy,
         },
+        "verify": {"deadline_seconds": deadline_seconds},
     }
     if build:
         spec["build"] = {"backend": build, "image": image, "max_seq_len": 1024, "timeout_seconds": 120}

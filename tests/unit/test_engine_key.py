@@ -87,7 +87,7 @@ NOT_KEY_INPUTS = {
     "deploy.shm_size": changed("deploy", shm_size="64g"),
     "deploy.gpus (same model)": changed("deploy", gpus=[3]),
     "deploy.env": changed("deploy", env={"NIM_LOG_LEVEL": "DEBUG"}),
-    "deploy.health_deadline_seconds": changed("deploy", health_deadline_seconds=60),
+    "verify.deadline_seconds": {**SPEC, "verify": {"deadline_seconds": 60}},
     "build.shm_size": changed("build", shm_size="64g"),
     "build.timeout_seconds": changed("build", timeout_seconds=60),
     "build.gpus (same model)": changed("build", gpus=[5]),
