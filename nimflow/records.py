@@ -126,15 +126,22 @@ class HostingRecord(_Record):
     """The flow's result: enough to call the endpoint and to audit what was done."""
 
     name: str
-    endpoint: str
+    endpoint: str = Field(description="The stable endpoint users call (it answered throughout a blue-green rollout).")
     served_model_name: str
-    container_id: str
-    model_path: str
+    container_id: str = Field(description="The container serving now.")
+    image: str = Field("", description="The image it runs (derived from deploy.image for a guide §1 manifest).")
+    nim_api: str = "1.x"
+    model_path: str | None = Field(None, description="Host path of what is served (None: NIM fetched the model itself).")
     revision_sha: str | None
+    adapters: list[str] = Field(default_factory=list, description="LoRA adapters served next to the base model.")
     engine_key: str | None = None
     engine_origin: str | None = None
     engine_uri: str | None = None
     downloaded_files: int = 0
     uploaded_files: int = 0
+    strategy: str = Field("blue-green", description="How the container was rolled out.")
+    replaced_container_id: str | None = Field(None, description="The container this rollout retired (None: first or unchanged).")
+    unchanged: bool = Field(False, description="True when the same container already served this model: nothing was touched.")
+    checks: list[str] = Field(default_factory=list, description="Verification levels passed.")
     completion: str
     timings: dict[str, float] = Field(description="Seconds spent in each stage.")
