@@ -1,7 +1,9 @@
 """The ``host_model`` flow: a checkpoint in, a verified NIM endpoint out.
 
-It reads like the recipe: download, import fine-tuned weights, compile, upload, deploy, verify.
-Each stage is a task in ``tasks/``; this module only wires them and reports.
+It reads like the recipe: download, import fine-tuned weights (and LoRA adapters), compile, upload,
+deploy, verify; the deploy is a rollout (start the new container, verify it, switch the endpoint to it),
+so a new version that fails verification never takes traffic. Each stage is a task in ``tasks/``;
+this module only wires them and reports.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from nimflow import log_filter
 from nimflow.records import HostingRecord
 from nimflow.spec import load_spec
 from tasks.compile import compile_engine
-from tasks.deploy import deploy_nim, deployment_labels
+from tasks.deploy import abort_rollout, deploy_nim, deployment_labels, promote_deployment
 from tasks.download import download_checkpoint
-from tasks.finetune import import_finetune
+from tasks.finetune import import_finetune, import_lora, verify_api
+from tasks.prepare import prepare_serving_image
 from tasks.upload import upload_engine
 from tasks.verify import verify_endpoint
 
@@ -49,41 +52,70 @@ def host_model(config_path: str, revision: str | None = None) -> dict:
     cache_dir = str(Path(spec.deploy.cache_dir).resolve())
     timings: dict[str, float] = {}
 
-    with _timed(timings, "download"):
-        checkpoint = download_checkpoint(spec.source, cache_dir)
-    model_path, weights_identity = checkpoint.path, checkpoint.identity
+    # Which image, which NIM generation: settled before any byte is downloaded or GPU second spent.
+    with _timed(timings, "prepare"):
+        serving = prepare_serving_image(spec.source, spec.deploy, spec.build, spec.name)
 
-    if spec.finetune is not None:
-        with _timed(timings, "finetune"):
-            weights = import_finetune(spec.finetune, checkpoint, cache_dir)
-        model_path, weights_identity = weights.path, f"{checkpoint.identity}+ft:sha256:{weights.digest}"
+    checkpoint = weights = adapters = engine = published = None
+    model_path: str | None = None
+    weights_identity = f"nim:{spec.source.model_name}"  # guide §1: NIM fetches the model itself
+    if spec.source.manifest is None:
+        with _timed(timings, "download"):
+            checkpoint = download_checkpoint(spec.source, cache_dir)
+        model_path, weights_identity = checkpoint.path, checkpoint.identity
 
-    engine = published = None
-    if spec.build is not None and spec.cache is not None:
+        if spec.finetune is not None:
+            with _timed(timings, "finetune"):
+                weights = import_finetune(spec.finetune, checkpoint, cache_dir)
+            model_path, weights_identity = weights.path, f"{checkpoint.identity}+ft:sha256:{weights.digest}"
+        if spec.lora is not None:
+            with _timed(timings, "lora"):
+                adapters = import_lora(spec.lora, checkpoint, cache_dir)
+    api = verify_api(spec.verify, model_path)
+
+    if spec.build is not None and spec.cache is not None and model_path is not None:
         with _timed(timings, "compile"):
             engine = compile_engine(spec.build, spec.cache, model_path, weights_identity, cache_dir, spec.deploy)
         with _timed(timings, "upload"):
             published = upload_engine(engine, spec.cache)
         model_path = engine.path
 
-    labels = deployment_labels(weights_identity, engine.engine_key if engine else None)
+    labels = deployment_labels(weights_identity, engine.engine_key if engine else None, adapters.digest if adapters else None)
     with _timed(timings, "deploy"):
-        deployment = deploy_nim(spec.deploy, spec.name, spec.container_name, model_path, labels, engine)
+        candidate = deploy_nim(
+            spec.deploy, spec.rollout, spec.rollout_strategy, spec.name, spec.container_name, serving,
+            model_path, adapters.path if adapters else None, adapters.names if adapters else [], api, labels, engine,
+            spec.lora.max_rank if spec.lora else 32,
+        )
+    # A candidate that fails verification never takes traffic: it is removed, the old one serves on.
     with _timed(timings, "verify"):
-        health = verify_endpoint(deployment, spec.deploy.health_deadline_seconds, spec.deploy.completion_prompt)
+        try:
+            health = verify_endpoint(candidate, spec.verify)
+        except Exception:
+            abort_rollout(candidate)
+            raise
+    with _timed(timings, "switch"):
+        deployment = promote_deployment(candidate, spec.rollout)
 
     record = HostingRecord(
         name=spec.name,
-        endpoint=deployment.endpoint,
+        endpoint=deployment.stable_endpoint,
         served_model_name=deployment.served_model_name,
         container_id=deployment.container_id,
+        image=serving.image,
+        nim_api=serving.nim_api,
         model_path=model_path,
-        revision_sha=checkpoint.revision_sha,
+        revision_sha=checkpoint.revision_sha if checkpoint else None,
+        adapters=deployment.adapters,
         engine_key=engine.engine_key if engine else None,
         engine_origin=engine.origin if engine else None,
         engine_uri=published.manifest_uri if published else None,
-        downloaded_files=checkpoint.downloaded_files,
+        downloaded_files=checkpoint.downloaded_files if checkpoint else 0,
         uploaded_files=published.uploaded_files if published else 0,
+        strategy=deployment.strategy,
+        replaced_container_id=candidate.previous_container_id,
+        unchanged=candidate.reused,
+        checks=health.checks,
         completion=health.completion,
         timings=timings,
     )
@@ -94,11 +126,18 @@ def host_model(config_path: str, revision: str | None = None) -> dict:
 
 def render_record(record: HostingRecord) -> str:
     """The flow's markdown artifact: endpoint, provenance and per-stage timings."""
+    rollout = "unchanged: the same container already served this model" if record.unchanged else (
+        f"{record.strategy}" + (f", replaced {record.replaced_container_id[:12]}" if record.replaced_container_id else ", first")
+    )
     rows = [
         ("endpoint", record.endpoint),
         ("served model name", record.served_model_name),
+        ("LoRA adapters", ", ".join(record.adapters) or "-"),
         ("container", record.container_id[:12]),
-        ("revision sha", record.revision_sha or "(local checkpoint)"),
+        ("image", f"{record.image} (NIM {record.nim_api})"),
+        ("rollout", rollout),
+        ("checks passed", ", ".join(record.checks)),
+        ("revision sha", record.revision_sha or "(local checkpoint or NIM-fetched model)"),
         ("engine key", record.engine_key or "(no engine: weights served directly)"),
         ("engine", f"{record.engine_origin} — {record.engine_uri}" if record.engine_key else "-"),
         ("files downloaded / uploaded", f"{record.downloaded_files} / {record.uploaded_files}"),
