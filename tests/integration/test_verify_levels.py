@@ -1,0 +1,113 @@
+"""Verification levels against real containers of the NIM stand-in (started with the docker SDK).
+
+Each test starts its own container the way nimflow's rollout does (restart policy, published
+port, read-only model mount), builds the :class:`Deployment` record the deploy task would hand
+over, and checks what verification says and that it leaves the container alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nimflow.errors import EndpointUnhealthy
+from nimflow.records import Deployment
+from nimflow.spec import VerifySpec
+from nimflow.testbed.services import free_port
+from nimflow.testbed.tiny_model import write_tiny_llama
+from nimflow.verification import verify_deployment
+
+pytestmark = pytest.mark.testbed
+MODEL_MOUNT = "/model"
+
+
+def start_standin(client: Any, image: str, name: str, cleanup: list[str], env: dict[str, str], *,
+                  model_dir: Path | None = None, restart: str | None = "unless-stopped") -> Deployment:
+    """Run the stand-in like a NIM candidate and return the deployment record for it."""
+    port = free_port()
+    cleanup.append(name)
+    volumes = {str(model_dir): {"bind": MODEL_MOUNT, "mode": "ro"}} if model_dir else {}
+    container = client.containers.run(
+        image, name=name, detach=True, environment={"NIMSTANDIN_READY_DELAY": "0.5", **env},
+        ports={"8000/tcp": ("127.0.0.1", port)}, volumes=volumes, labels={"nimflow.test": "verify-levels"},
+        restart_policy={"Name": restart} if restart else None,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    return Deployment(
+        name=name, container_id=container.id, container_name=name, endpoint=endpoint, stable_endpoint=endpoint,
+        served_model_name=env.get("NIM_SERVED_MODEL_NAME", "test/served"),
+        model_root=env.get("NIM_MODEL_NAME") or env.get("NIM_FT_MODEL") or "meta/llama-3.1-8b-instruct",
+    )
+
+
+def test_all_levels_pass_and_the_container_keeps_running(
+    tmp_path: Path, docker_client: Any, standin_image: str, unique: str, cleanup_containers: list, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = write_tiny_llama(tmp_path / "tiny")
+    dep = start_standin(docker_client, standin_image, f"verify-ok-{unique}", cleanup_containers,
+                        {"NIM_MODEL_NAME": MODEL_MOUNT, "NIM_SERVED_MODEL_NAME": "test/tiny",
+                         "NIMSTANDIN_READY_DELAY": "2"}, model_dir=model)
+    dep = dep.model_copy(update={"api": "completions"})
+    spec = VerifySpec(deadline_seconds=120, progress_seconds=0.5, max_latency_seconds=60,
+                      golden=[{"prompt": "Name a colour.", "expect": ["test/tiny", "Name a colour."]}])
+    log = logging.getLogger("test.verify_levels")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        health = verify_deployment(docker_client, dep, spec, log=log)
+
+    assert health.checks == ["live", "ready", "model", "answer", "golden", "latency"]
+    assert health.models == ["test/tiny"] and "received: " + spec.prompt in health.completion
+    assert docker_client.containers.get(dep.container_id).status == "running"
+    # While not ready, progress named the container's state and what it last printed.
+    progress = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert progress and "latest log line:" in progress[0] and "restarts 0" in progress[0]
+
+
+def test_container_that_exits_while_starting_fails_at_ready_at_once(
+    tmp_path: Path, docker_client: Any, standin_image: str, unique: str, cleanup_containers: list
+) -> None:
+    # A JIT build that fails after the server is live: NIM exits 1 before it is ready.
+    model = write_tiny_llama(tmp_path / "tiny")
+    dep = start_standin(docker_client, standin_image, f"verify-exit-{unique}", cleanup_containers,
+                        {"NIM_FT_MODEL": MODEL_MOUNT, "NIMSTANDIN_BUILD_FAILURE": "gpu-oom", "NIMSTANDIN_BUILD_SECONDS": "4"},
+                        model_dir=model, restart=None)
+    with pytest.raises(EndpointUnhealthy) as caught:
+        verify_deployment(docker_client, dep, VerifySpec(deadline_seconds=300), poll_seconds=0.2)
+    message = str(caught.value)
+    assert message.startswith(f"verification failed at ready: container {dep.container_name} exited with exit code 1")
+    assert f"{dep.container_name} ({dep.container_id[:12]})" in message
+    assert "Engine building failed" in message or "out of memory" in message.lower()  # the container's own words
+    assert docker_client.containers.get(dep.container_id).status == "exited"  # left for the rollout to remove
+
+
+def test_container_that_restarts_while_starting_fails_at_ready_at_once(
+    tmp_path: Path, docker_client: Any, standin_image: str, unique: str, cleanup_containers: list
+) -> None:
+    model = write_tiny_llama(tmp_path / "tiny")
+    dep = start_standin(docker_client, standin_image, f"verify-restart-{unique}", cleanup_containers,
+                        {"NIM_FT_MODEL": MODEL_MOUNT, "NIMSTANDIN_BUILD_FAILURE": "gpu-oom", "NIMSTANDIN_BUILD_SECONDS": "4"},
+                        model_dir=model, restart="unless-stopped")
+    with pytest.raises(EndpointUnhealthy) as caught:
+        verify_deployment(docker_client, dep, VerifySpec(deadline_seconds=300), poll_seconds=0.2)
+    message = str(caught.value)
+    assert message.startswith(f"verification failed at ready: container {dep.container_name} restarted")
+    assert docker_client.containers.get(dep.container_id).status in ("running", "restarting")  # not stopped
+
+
+def test_served_model_that_is_not_the_mounted_one_fails_at_model(
+    tmp_path: Path, docker_client: Any, standin_image: str, unique: str, cleanup_containers: list
+) -> None:
+    # A model-specific NIM image serves its bundled model whatever NIM_MODEL_NAME says; the
+    # stand-in does the same with NIMSTANDIN_IGNORE_MODEL=1 (bundled root meta/llama-3.1-8b-instruct).
+    model = write_tiny_llama(tmp_path / "tiny")
+    dep = start_standin(docker_client, standin_image, f"verify-wrong-{unique}", cleanup_containers,
+                        {"NIM_MODEL_NAME": MODEL_MOUNT, "NIM_SERVED_MODEL_NAME": "test/tiny", "NIMSTANDIN_IGNORE_MODEL": "1"},
+                        model_dir=model)
+    with pytest.raises(EndpointUnhealthy) as caught:
+        verify_deployment(docker_client, dep, VerifySpec(deadline_seconds=120), poll_seconds=0.2)
+    message = str(caught.value)
+    assert message.startswith("verification failed at model: ")
+    assert "meta/llama-3.1-8b-instruct" in message and MODEL_MOUNT in message
+    assert docker_client.containers.get(dep.container_id).status == "running"
