@@ -4,7 +4,8 @@
 A CPU-only stand-in for the GPU-only NVIDIA NIM for LLMs container (and for the TensorRT-LLM
 build tools and ``nvidia-smi``), for CPU test beds with no GPU and no registry.
 
-It runs NO model and builds NO TensorRT plan: answers are canned echoes, "engines" are small files
+It runs NO model and builds NO TensorRT plan: answers are canned echoes naming the weights served
+(``[NIM stand-in] <model> (weights <digest16>[+lora <digest16>]) received: <text>``), "engines" are small files
 starting with ``NIMSTANDIN-ENGINE``, the GPUs are fake (``NIMSTANDIN_GPU``). What it copies is the
 *contract*, as strictly as the real tools: where NIM / TensorRT-LLM / TensorRT refuse or fail, it
 fails the same way with their error text. Python 3.11 standard library only. Programs (chosen by
@@ -18,6 +19,11 @@ fails the same way with their error text. Python 3.11 standard library only. Pro
   ``$NIM_CACHE_PATH/local_cache/<NIM_CUSTOM_MODEL_NAME>`` + ``local_manifest.yaml``. Engines are
   checked against the fake GPU and the TensorRT-LLM version before listening, like TensorRT
   deserialising a plan (NVIDIA/TensorRT-LLM issue #3031).
+  Weights are checked at load as vLLM / TensorRT-LLM load them (safetensors headers only), chat
+  needs a chat template, ``NIM_PEFT_SOURCE`` LoRA adapters are served and checked, a model name is
+  looked up in the bundled manifest (/etc/nim/config/model_manifest.yaml).
+* ``nim-serve`` (NIM 2.x image): serves ``NIM_MODEL_PATH`` (absolute dir) or the bundled model;
+  answers ``/v1/version`` and ``/v1/metadata``; no TensorRT-LLM engines.
 * ``nim-optimize --model_dir D --build_config Y --output_engine_dir O``: the NIM engine layout.
 * ``list-model-profiles``: the fake GPUs (SYSTEM INFO) and the locally built profiles.
 * ``convert_checkpoint.py`` (TensorRT-LLM ``examples/models/core/llama/convert_checkpoint.py``) and
@@ -26,7 +32,8 @@ fails the same way with their error text. Python 3.11 standard library only. Pro
 
 Stand-in-only knobs: ``NIMSTANDIN_GPU`` ("NAME,COMPUTE_CAP,PCI_DEVICE_ID"), ``NIMSTANDIN_GPU_COUNT``,
 ``NIMSTANDIN_GPU_MEMORY_MIB``, ``NIMSTANDIN_BUILD_SECONDS``, ``NIMSTANDIN_BUILD_FAILURE``,
-``NIMSTANDIN_DETERMINISTIC_BUILD``, ``NIMSTANDIN_READY_DELAY`` (see deployments/nim-standin/README.md).
+``NIMSTANDIN_DETERMINISTIC_BUILD``, ``NIMSTANDIN_READY_DELAY``, ``NIMSTANDIN_IGNORE_MODEL`` (see
+deployments/nim-standin/README.md).
 """
 from __future__ import annotations
 
@@ -52,12 +59,69 @@ STANDIN_VERSION = "standin-0.2"
 STANDIN_TRTLLM_VERSION = "0.0.0+standin"
 ENGINE_MAGIC = b"NIMSTANDIN-ENGINE\n"
 TIMING_CACHE_MAGIC = b"NIMSTANDIN-TIMING-CACHE\n"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # what detect_format accepts
+#: What TRT-LLM ``ModelWeightsLoader.detect_format`` accepts, top level only (not ``*.pt``).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt")
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "chat_template.json")
 MODEL_FILES = ("config.json", "generation_config.json") + TOKENIZER_FILES
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 DEFAULT_MODEL = "meta/llama-3.1-8b-instruct"
+#: Where NIM 1.x (1.1.0 docs) keeps the bundled manifest; ``NIM_MANIFEST_PATH`` replaces it.
+MANIFEST_PATH = "/etc/nim/config/model_manifest.yaml"
+#: The NIM 2.x release this stand-in reports on /v1/version (2.x mode only).
+STANDIN_NIM2_RELEASE = "2.0.0+standin"
+#: NIM's default NIM_MAX_LORA_RANK.
+DEFAULT_MAX_LORA_RANK = 32
+#: The bundled model's config (Llama 3.1 8B): what LoRA adapters for it are checked against.
+BUNDLED_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 128256, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+#: The image's /etc/nim/config/model_manifest.yaml (NIM model_manifest v1 format, with its YAML
+#: tags). Also used on the host when that file is absent. Not real profiles: stand-in ids.
+BUNDLED_MANIFEST = """\
+# NIM STAND-IN bundled manifest (model_manifest v1 format; not NVIDIA's profiles)
+7a8c5e0f1d2b3c4a5968778695a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6:
+  model: meta/llama-3.1-8b-instruct
+  release: "1.3.0"
+  tags:
+    llm_engine: vllm
+    precision: bf16
+    tp: "1"
+    pp: "1"
+    feat_lora: "true"
+    feat_lora_max_rank: "32"
+  workspace: !workspace
+    components:
+      - dst: ""
+        src:
+          files:
+            - !name config.json
+            - !name tokenizer.json
+            - !name tokenizer_config.json
+            - !name model-00001-of-00004.safetensors
+b1c2d3e4f5a6978877665544332211ffeeddccbbaa99887766554433221100ff:
+  model: meta/llama-3.1-8b-instruct
+  release: "1.3.0"
+  tags:
+    llm_engine: tensorrt_llm
+    precision: bf16
+    tp: "1"
+    pp: "1"
+    gpu: H100
+    gpu_device: "2330:10de"
+    profile: throughput
+    feat_lora: "false"
+    trtllm_buildable: "false"
+  workspace: !workspace
+    components:
+      - dst: trtllm_engine
+        src:
+          files:
+            - !name config.json
+            - !name rank0.engine
+"""
 _SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.I)
 
 # Fake GPUs: clearly not real unless a test asks for a real identity.
@@ -437,7 +501,9 @@ def check_checkpoint(model_dir: Path) -> dict[str, Any]:
     detect_format(model_dir)
     if not (model_dir / "config.json").is_file():
         raise StandinError("FileNotFoundError", f"{model_dir}/config.json not found")
-    return read_json(model_dir / "config.json", "model config")
+    cfg = read_json(model_dir / "config.json", "model config")
+    check_weights(model_dir, cfg, "trtllm")  # what TensorRT-LLM's weight loader would refuse
+    return cfg
 
 
 def _mapping(config: dict[str, Any]) -> tuple[int, int]:
@@ -543,6 +609,395 @@ def check_engine_loadable(engine_dir: Path, tp: int, pp: int) -> None:
                 f"recommended and is likely to affect performance or even cause errors. (engine built "
                 f"on {header.get('gpu_name')}, running on {gpu['name']})", "WARNING")
             warned = True
+
+
+# ------------------------------------------------------------------- weights: what loaders check
+#: safetensors dtypes that hold real numbers (what an unquantized checkpoint may contain).
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+#: vLLM's fused parameters (``stacked_params_mapping`` in vllm/model_executor/models/llama.py).
+VLLM_STACKED = ((".q_proj", ".qkv_proj"), (".k_proj", ".qkv_proj"), (".v_proj", ".qkv_proj"),
+                (".gate_proj", ".gate_up_proj"), (".up_proj", ".gate_up_proj"))
+#: HF Llama name part -> TensorRT-LLM name part (``ModelWeightsLoader.tllm_to_externel_key_dict``).
+TRTLLM_KEYS = (("model.embed_tokens.", "transformer.vocab_embedding."), ("model.norm.", "transformer.ln_f."),
+               ("model.layers.", "transformer.layers."), (".self_attn.q_proj.", ".attention.qkv."),
+               (".self_attn.k_proj.", ".attention.qkv."), (".self_attn.v_proj.", ".attention.qkv."),
+               (".self_attn.o_proj.", ".attention.dense."), (".mlp.gate_proj.", ".mlp.fc."),
+               (".mlp.up_proj.", ".mlp.gate."), (".mlp.down_proj.", ".mlp.proj."),
+               (".post_attention_layernorm.", ".post_layernorm."))
+#: The modules a Llama base accepts LoRA on (vLLM ``supported_lora_modules``, packed ones expanded).
+LLAMA_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                      "embed_tokens", "lm_head"]
+_VLLM_LOADER = ('  File "/opt/nim/llm/.venv/lib/python3.12/site-packages/vllm/model_executor/'
+                'model_loader/default_loader.py", line 277, in load_weights\n    loaded_weights = '
+                'model.load_weights(self.get_all_weights(model_config, model))')
+_TRTLLM_LOADER = ('  File "/usr/local/lib/python3.12/dist-packages/tensorrt_llm/models/'
+                  'model_weights_loader.py", line 358, in fill\n    w_shape = weights[tllm_key].shape')
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The tensors of a safetensors file (header only, never the data), opened like
+    ``safetensors.safe_open``: a malformed header fails with its error text."""
+    if not path.is_file():
+        raise StandinError("FileNotFoundError", f"[Errno 2] No such file or directory: '{path}'")
+    size = path.stat().st_size
+    header: Any = None
+    with path.open("rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            problem = "HeaderTooSmall"
+        else:
+            n = struct.unpack("<Q", raw)[0]
+            if n > size - 8 or n > 100 << 20:
+                problem = "HeaderTooLarge"
+            else:
+                try:
+                    header = json.loads(fh.read(n))
+                    problem = "" if isinstance(header, dict) else "InvalidHeaderDeserialization"
+                except ValueError:
+                    problem = "InvalidHeaderDeserialization"
+    if not problem:
+        for name, info in header.items():
+            if name != "__metadata__" and not (isinstance(info, dict) and isinstance(info.get("shape"), list)
+                                               and isinstance(info.get("dtype"), str)):
+                problem = "InvalidHeaderDeserialization"
+    if problem:
+        raise StandinError("safetensors_rust.SafetensorError",
+                           f"Error while deserializing header: {problem} ({path})")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def check_safetensors(path: Path) -> None:
+    """Open a safetensors file like ``safetensors.safe_open`` does (header only)."""
+    read_safetensors_header(path)
+
+
+def expected_llama_tensors(cfg: dict[str, Any]) -> dict[str, list[int]]:
+    """HF tensor name -> shape for a Llama/Mistral ``config.json`` (transformers' defaults for
+    missing fields; ``head_dim`` from the config or hidden/heads; no ``lm_head`` when tied)."""
+    def get(key: str) -> int:
+        value = cfg.get(key)
+        return _int(HF_DEFAULTS.get(key) if value is None else value, key)
+
+    hidden, heads, inter = get("hidden_size"), get("num_attention_heads"), get("intermediate_size")
+    kv = _int(cfg.get("num_key_value_heads") or heads, "num_key_value_heads")
+    head_dim = _int(cfg.get("head_dim") or hidden // heads, "head_dim")
+    vocab = get("vocab_size")
+    out: dict[str, list[int]] = {"model.embed_tokens.weight": [vocab, hidden]}
+    for i in range(get("num_hidden_layers")):
+        p = f"model.layers.{i}."
+        attn = {"q_proj": [heads * head_dim, hidden], "k_proj": [kv * head_dim, hidden],
+                "v_proj": [kv * head_dim, hidden], "o_proj": [hidden, heads * head_dim]}
+        mlp = {"gate_proj": [inter, hidden], "up_proj": [inter, hidden], "down_proj": [hidden, inter]}
+        out[p + "input_layernorm.weight"] = [hidden]
+        for mod, shape in attn.items():
+            out[f"{p}self_attn.{mod}.weight"] = shape
+            if cfg.get("attention_bias"):
+                out[f"{p}self_attn.{mod}.bias"] = [shape[0]]
+        out[p + "post_attention_layernorm.weight"] = [hidden]
+        for mod, shape in mlp.items():
+            out[f"{p}mlp.{mod}.weight"] = shape
+            if cfg.get("mlp_bias"):
+                out[f"{p}mlp.{mod}.bias"] = [shape[0]]
+    out["model.norm.weight"] = [hidden]
+    if not cfg.get("tie_word_embeddings"):
+        out["lm_head.weight"] = [vocab, hidden]
+    return out
+
+
+def loaded_weight_files(model_dir: Path, loader: str) -> tuple[str, list[Path]]:
+    """(format, files) a loader reads from ``model_dir`` (top level only). vLLM: ``*.safetensors``
+    (only those named by ``model.safetensors.index.json`` when it exists), else ``*.bin``;
+    TensorRT-LLM ``ModelWeightsLoader``: every ``*.safetensors``, else ``*.bin``, else ``*.pth``."""
+    suffixes = (".safetensors", ".bin") if loader == "vllm" else WEIGHT_SUFFIXES
+    for suffix in suffixes:
+        files = weight_files(model_dir, (suffix,))
+        if not files:
+            continue
+        index = model_dir / "model.safetensors.index.json"
+        if loader == "vllm" and suffix == ".safetensors" and index.is_file():
+            weight_map = read_json(index, "safetensors index").get("weight_map") or {}
+            named = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+            files = [f for f in files if f.name in named]
+        return suffix[1:], files
+    return "", []
+
+
+def _size(shape: list[int]) -> str:
+    return f"torch.Size({list(shape)})"
+
+
+def _dtype_error(name: str, dtype: str, where: Path) -> StandinError:
+    return StandinError("TypeError", f"tensor '{name}' in {where} has dtype {dtype}, not a floating-point type, "
+                        "and config.json has no quantization_config [NIM stand-in check: vLLM and "
+                        "TensorRT-LLM would cast it silently and serve garbage]")
+
+
+def check_weights(model_dir: Path, cfg: dict[str, Any], loader: str) -> str:
+    """Check the weights in ``model_dir`` as the loader would load them, reading safetensors
+    headers only; return the format. ``loader`` is ``vllm`` (serving) or ``trtllm`` (builds).
+
+    vLLM (``LlamaForCausalLM.load_weights``, ``default_weight_loader``, ``DefaultModelLoader``):
+    an unknown top-level name -> "There is no module or parameter named ...", an unknown name under
+    ``model.`` -> KeyError, a wrong shape -> "Attempted to load weight ...", missing tensors ->
+    "Following weights were not initialized from checkpoint: {...}". TensorRT-LLM
+    (``ModelWeightsLoader``): names it does not look up are ignored, a missing tensor ->
+    KeyError on the TensorRT-LLM name, a wrong shape -> "Parameter ... has invalid shape ...".
+    Pickled ``.bin``/``.pth`` files cannot be read here (no torch): accepted unchecked."""
+    fmt, files = loaded_weight_files(model_dir, loader)
+    arch = str((cfg.get("architectures") or ["unknown"])[0])
+    if fmt != "safetensors":
+        if fmt:
+            log(f"Weights are pickled *.{fmt} files: the stand-in cannot read them (no torch); tensor "
+                "names and shapes are not checked")
+        return fmt
+    if arch not in LLAMA_FAMILY:
+        log(f"Architecture {arch}: the stand-in knows no tensor layout for it; tensor names and shapes are not checked")
+        return fmt
+    expected = expected_llama_tensors(cfg)
+    quantized = isinstance(cfg.get("quantization_config"), dict)
+    found: dict[str, tuple[str, list[int], Path]] = {}
+    for path in files:
+        for name, info in read_safetensors_header(path).items():
+            found.setdefault(name, (str(info["dtype"]), [int(d) for d in info["shape"]], path))
+    if loader == "vllm":
+        _check_vllm(found, expected, arch, quantized, bool(cfg.get("tie_word_embeddings")))
+    else:
+        _check_trtllm(found, expected, quantized)
+    log(f"Weights checked ({loader} loader): {len(found)} tensors in {len(files)} safetensors file(s) match {arch}")
+    return fmt
+
+
+def _vllm_name(name: str) -> str:
+    for old, new in VLLM_STACKED:
+        if old in name:
+            return name.replace(old, new)
+    return name
+
+
+def _check_vllm(found: dict[str, tuple[str, list[int], Path]], expected: dict[str, list[int]], arch: str,
+                quantized: bool, tied: bool) -> None:
+    for name, (dtype, shape, path) in found.items():
+        if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name or "rotary_emb.sin_cached" in name:
+            continue  # LlamaForCausalLM.load_weights skips these
+        if tied and name.startswith("lm_head."):
+            continue  # AutoWeightsLoader(skip_prefixes=["lm_head."]) with tie_word_embeddings
+        first = name.split(".", 1)[0]
+        if first not in ("model", "lm_head"):
+            raise StandinError("ValueError", f"There is no module or parameter named '{first}' in {arch}", _VLLM_LOADER)
+        if name not in expected:
+            raise StandinError("KeyError", repr(_vllm_name(name)), _VLLM_LOADER)
+        if shape != expected[name]:
+            raise StandinError("AssertionError", f"Attempted to load weight ({_size(shape)}) into parameter "
+                               f"({_size(expected[name])})", _VLLM_LOADER)
+        if dtype not in FLOAT_DTYPES and not quantized:
+            raise _dtype_error(name, dtype, path)
+    missing = sorted({_vllm_name(n) for n in expected if n not in found})
+    if missing:
+        raise StandinError("ValueError", "Following weights were not initialized from checkpoint: {"
+                           + ", ".join(repr(n) for n in missing) + "}", _VLLM_LOADER)
+
+
+def trtllm_key(name: str) -> str:
+    """The TensorRT-LLM parameter an HF Llama tensor loads into (q/k/v -> attention.qkv)."""
+    for old, new in TRTLLM_KEYS:
+        name = name.replace(old, new)
+    return name
+
+
+def _check_trtllm(found: dict[str, tuple[str, list[int], Path]], expected: dict[str, list[int]],
+                  quantized: bool) -> None:
+    ignored = [n for n in found if n not in expected]
+    if ignored:  # ModelWeightsLoader only looks up the names it needs
+        log(f"TensorRT-LLM loader ignores {len(ignored)} tensor(s) it does not use, e.g. {ignored[0]}")
+    groups: dict[str, list[str]] = {}
+    for name in expected:
+        groups.setdefault(trtllm_key(name), []).append(name)
+    for key, names in groups.items():
+        if any(n not in found for n in names):
+            raise StandinError("KeyError", repr(key), _TRTLLM_LOADER)
+        shapes = [found[n][1] for n in names]
+        want = [expected[n] for n in names]
+        if len(names) > 1:  # fused qkv: rows concatenated
+            got_shape = [sum(s[0] for s in shapes)] + shapes[0][1:] if all(s[1:] == shapes[0][1:] for s in shapes) \
+                else shapes[0]
+            want_shape = [sum(s[0] for s in want)] + want[0][1:]
+        else:
+            got_shape, want_shape = shapes[0], want[0]
+        if got_shape != want_shape:
+            raise StandinError(
+                "ValueError", f"Parameter {key} has invalid shape {_size(got_shape)} compared with expected shape "
+                f"{tuple(want_shape)}. Auto padding failed.", pre=(
+                    f"[TRT-LLM] [W] {key} has invalid shape {_size(got_shape)}. Expected {tuple(want_shape)}.",
+                    f"[TRT-LLM] [W] {key} is going to be padded by "
+                    f"{_pad_dims(got_shape, want_shape)}."))
+        for n in names:
+            if found[n][0] not in FLOAT_DTYPES and not quantized:
+                raise _dtype_error(n, found[n][0], found[n][2])
+
+
+def _pad_dims(got: list[int], want: list[int]) -> list[int]:
+    """``ModelWeightsLoader.fill``'s pad list: (0, missing) per dimension, last dimension first."""
+    pad = []
+    for dim in range(min(len(got), len(want))):
+        pad += [0, max(0, want[-1 - dim] - got[-1 - dim])]
+    return pad
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether the tokenizer in ``model_dir`` has a chat template (``chat_template`` in
+    tokenizer_config.json, or chat_template.jinja / chat_template.json next to it)."""
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
+        return True
+    try:
+        tok = json.loads((model_dir / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(tok, dict) and bool(tok.get("chat_template"))
+
+
+def weights_digest(model_dir: Path) -> str:
+    """First 16 hex of the sha256 over the top-level weight files (``hash_files``), what answers
+    show; ``nimflow.testbed.nim_image.standin_weights_digest`` computes the same."""
+    return hash_files(weight_files(model_dir), model_dir)[:16]
+
+
+def name_digest(name: str) -> str:
+    """A bundled / manifest model has no weights here: its digest is the sha256 of its name."""
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- LoRA
+class Adapter:
+    """One LoRA adapter of NIM_PEFT_SOURCE: checked at start-up, its error (if any) kept for the
+    requests that name it (NIM loads adapters on request: a bad one fails the request)."""
+
+    def __init__(self, name: str, path: Path, digest: str, error: str | None) -> None:
+        self.name, self.path, self.digest, self.error = name, path, digest, error
+
+
+def _lora_module(name: str) -> tuple[str, str] | None:
+    """vLLM ``parse_fine_tuned_lora_name``: (module, "A"|"B") or None when it is no LoRA weight."""
+    parts = name.split(".")
+    if parts[:2] == ["base_model", "model"]:
+        parts = parts[2:]
+    if len(parts) >= 3 and parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B"):
+        return ".".join(parts[:-2]), parts[-2][-1]
+    if len(parts) >= 2 and parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
+        return ".".join(parts[:-1]), parts[-1][-1]
+    return None
+
+
+def check_adapter(path: Path, base_cfg: dict[str, Any], max_rank: int) -> None:
+    """Check one adapter like vLLM loading it (``PEFTHelper``, ``LoRAModel.from_local_checkpoint``,
+    ``WorkerLoRAManager._load_adapter``); raise a StandinError with vLLM's text."""
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise StandinError("FileNotFoundError", f"[Errno 2] No such file or directory: '{cfg_path}'")
+    cfg = read_json(cfg_path, "adapter config")
+    missing = {k for k in ("r", "lora_alpha", "target_modules") if k not in cfg}
+    if missing:
+        raise StandinError("ValueError", f"Missing required configuration fields: {missing}")
+    rank = _int(cfg["r"], "r")
+    if rank > max_rank:
+        raise StandinError("ValueError", f"LoRA rank {rank} is greater than max_lora_rank {max_rank}.")
+    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    failed = f"Loading lora {path} failed"
+    expected_modules = LLAMA_LORA_MODULES
+    if st.is_file():
+        tensors = read_safetensors_header(st)
+        unexpected, loras = [], {}
+        for name, info in tensors.items():
+            parsed = _lora_module(name)
+            if parsed is None:
+                raise StandinError("RuntimeError", failed, pre=(f"ValueError: {name} is unsupported LoRA weight",))
+            module, ab = parsed
+            if module.rsplit(".", 1)[-1] not in expected_modules:
+                unexpected.append(module)
+            loras[(module, ab)] = ([int(d) for d in info["shape"]], str(info["dtype"]))
+        if unexpected:
+            raise StandinError("RuntimeError", failed, pre=(
+                f"ValueError: While loading {path}, expected target modules in {expected_modules} but received "
+                f"{unexpected}. Please verify that the loaded LoRA module is correct",))
+        base = expected_llama_tensors(base_cfg) if str((base_cfg.get("architectures") or [""])[0]) in LLAMA_FAMILY else {}
+        for (module, ab), (shape, dtype) in sorted(loras.items()):
+            if dtype not in FLOAT_DTYPES:
+                raise _dtype_error(f"{module}.lora_{ab}", dtype, st)
+            base_shape = base.get(module + ".weight")
+            if base_shape is None:
+                if base:  # e.g. a layer index beyond the base's layers
+                    raise StandinError("RuntimeError", failed, pre=(
+                        f"ValueError: While loading {path}, the base model has no module {module}",))
+                continue
+            out_dim, in_dim = base_shape[0], base_shape[-1]
+            want = [rank, in_dim] if ab == "A" else [out_dim, rank]
+            if module.endswith("embed_tokens"):
+                want = [rank, base_shape[0]] if ab == "A" else [base_shape[1], rank]
+            for dim, (got_d, want_d) in enumerate(zip(shape + [0] * (2 - len(shape)), want)):
+                if got_d != want_d:
+                    raise StandinError("RuntimeError", f"The size of tensor a ({want_d}) must match the size of "
+                                       f"tensor b ({got_d}) at non-singleton dimension {dim}",
+                                       pre=(f"[{module}.lora_{ab}: shape {shape}, the base {module} needs {want}]",))
+    elif binf.is_file():  # vLLM checks a .bin adapter's target_modules from its config
+        targets = cfg["target_modules"] if isinstance(cfg["target_modules"], list) else [cfg["target_modules"]]
+        unexpected = [t for t in targets if str(t).split(".")[-1] not in expected_modules]
+        if unexpected:
+            raise StandinError("RuntimeError", failed, pre=(
+                f"ValueError: While loading {path}, expected target modules in {expected_modules} but received "
+                f"{unexpected}. Please verify that the loaded LoRA module is correct",))
+    else:
+        raise StandinError("ValueError", f"{path} doesn't contain tensors")
+
+
+def load_adapters(source: str, base_cfg: dict[str, Any]) -> dict[str, Adapter]:
+    """NIM_PEFT_SOURCE: one adapter per sub-directory (its name = the directory name)."""
+    root = Path(source)
+    if not root.is_dir():
+        raise StandinError("FileNotFoundError", f"NIM_PEFT_SOURCE={source}: no such directory")
+    raw = os.environ.get("NIM_MAX_LORA_RANK") or str(DEFAULT_MAX_LORA_RANK)
+    max_rank = _int(raw, "NIM_MAX_LORA_RANK")
+    adapters: dict[str, Adapter] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        error = None
+        try:
+            check_adapter(sub, base_cfg, max_rank)
+        except StandinError as err:
+            error = "\n".join([*err.pre, f"{err.exc_type}: {err}"])
+        digest = weights_digest(sub) if weight_files(sub) else name_digest(str(sub))
+        adapters[sub.name] = Adapter(sub.name, sub, digest, error)
+    log(f"LoRA adapters in NIM_PEFT_SOURCE={source} (max rank {max_rank}): "
+        + (", ".join(adapters) if adapters else "none"))
+    return adapters
+
+
+# -------------------------------------------------------------------------- bundled manifest
+def manifest_models(text: str) -> list[str]:
+    """The ``model:`` of each profile in a NIM model_manifest v1 (a tolerant line scan: real
+    manifests carry YAML tags such as ``!workspace`` / ``!name`` that plain loaders refuse)."""
+    models = []
+    for line in text.splitlines():
+        m = re.match(r"^( {2}|\t)model:\s*(.+?)\s*$", _strip_comment(line))
+        if m:
+            value = m.group(2)
+            models.append(value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'" else value)
+    return list(dict.fromkeys(models))
+
+
+def lookup_manifest(model_name: str) -> str:
+    """Resolve a NIM_MODEL_NAME that is not a path in the bundled manifest (``NIM_MANIFEST_PATH``
+    or /etc/nim/config/model_manifest.yaml; the built-in copy on a host without either)."""
+    path = Path(os.environ.get("NIM_MANIFEST_PATH") or MANIFEST_PATH)
+    if path.is_file():
+        text, where = path.read_text(), str(path)
+    elif os.environ.get("NIM_MANIFEST_PATH"):
+        raise StandinError("FileNotFoundError", f"NIM_MANIFEST_PATH={path}: no such file")
+    else:
+        text, where = BUNDLED_MANIFEST, f"{MANIFEST_PATH} (built-in copy: not on this host)"
+    models = manifest_models(text)
+    if model_name not in models:
+        raise StandinError("ValueError", f"Model '{model_name}' (NIM_MODEL_NAME) has no profile in the model "
+                           f"manifest {where}, which lists {models or 'no models'}; give NIM_MODEL_NAME a model "
+                           "of that manifest or an absolute path to a model directory")
+    return where
 
 
 # ------------------------------------------------------------------------------ engine building
@@ -878,8 +1333,11 @@ def update_local_manifest(path: Path, profile_id: str, name: str, served: str,
 class Model:
     """What the server answers for: served name, backend and path (shared by handler threads)."""
 
-    def __init__(self, served: str, root: str, backend: str) -> None:
-        self.served, self.root, self.backend = served, root, backend
+    def __init__(self, served: str, root: str, backend: str, nim_api: str = "1.x") -> None:
+        self.served, self.root, self.backend, self.nim_api = served, root, backend, nim_api
+        self.weights = ""  # digest16 of the weights served (set once loaded)
+        self.chat_template = True  # False: /v1/chat/completions is refused like vLLM does
+        self.adapters: dict[str, Adapter] = {}
         self.ready_at = float("inf")  # monotonic time from which /v1/health/ready says 200
         self.lock = threading.Lock()
         self.counters = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
@@ -899,6 +1357,12 @@ def _text_of(content: Any) -> str:
     if isinstance(content, list):
         return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
     return ""
+
+
+#: vLLM's 400 for /v1/chat/completions when the tokenizer has no chat template (the
+#: ``chat_template`` field doc of vllm/entrypoints/openai/protocol.py; transformers >= 4.44).
+CHAT_TEMPLATE_ERROR = ("As of transformers v4.44, default chat template is no longer allowed, so you must "
+                       "provide a chat template if the tokenizer does not define one.")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -926,8 +1390,11 @@ class Handler(BaseHTTPRequestHandler):
             f"{(time.monotonic() - self._t0) * 1000:.1f}ms")
 
     def _error(self, status: int, message: str, etype: str) -> None:
-        self._send(status, {"object": "error", "error": {
-            "message": message, "type": etype, "param": None, "code": status}})
+        """vLLM's error body: flat (``ErrorResponse`` of the vLLM versions NIM 1.x ships) and
+        nested under ``error`` (newer vLLM / OpenAI), so clients of either shape can read it."""
+        self._send(status, {"object": "error", "message": message, "type": etype, "param": None,
+                            "code": status, "error": {"message": message, "type": etype, "param": None,
+                                                      "code": status}})
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         self._t0 = time.monotonic()
@@ -939,10 +1406,24 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, {"object": "health.response", "message": "Service is ready."})
             else:
                 self._send(503, {"object": "health.response", "message": "Service is not ready."})
-        elif path == "/v1/models":
-            self._send(200, {"object": "list", "data": [{
-                "id": m.served, "object": "model", "created": 0, "owned_by": "system",
-                "root": m.root, "parent": None, "max_model_len": None}]})
+        elif path == "/v1/models":  # vLLM: the base, then one card per LoRA (root = its path)
+            data = [{"id": m.served, "object": "model", "created": 0, "owned_by": "system",
+                     "root": m.root, "parent": None, "max_model_len": None}]
+            data += [{"id": a.name, "object": "model", "created": 0, "owned_by": "system",
+                      "root": str(a.path), "parent": m.served, "max_model_len": None}
+                     for a in m.adapters.values()]
+            self._send(200, {"object": "list", "data": data})
+        elif path == "/v1/version" and m.nim_api == "2.x":
+            self._send(200, {"release": STANDIN_NIM2_RELEASE, "api": "1.0.0"})
+        elif path == "/v1/metadata" and m.nim_api == "2.x":
+            profile = hashlib.sha256(f"nim-standin/vllm/{m.root}".encode()).hexdigest()
+            self._send(200, {
+                "version": STANDIN_NIM2_RELEASE,
+                "modelInfo": [{"modelUrl": m.root, "shortName": m.served}]
+                + [{"modelUrl": str(a.path), "shortName": a.name} for a in m.adapters.values()],
+                "selectedModelProfileId": profile, "repository_override": "", "assetInfo": [],
+                "licenseInfo": {"name": "LICENSE", "path": "/opt/nim/LICENSE", "sha": "",
+                                "size": 0, "url": "", "type": "file"}})
         elif path == "/v1/metrics":
             with m.lock:
                 c = dict(m.counters)
@@ -981,7 +1462,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(400, "Request body must be a JSON object", "BadRequestError")
             return
         m = self.model
-        if req.get("model") != m.served:
+        adapter = m.adapters.get(str(req.get("model"))) if req.get("model") != m.served else None
+        if req.get("model") != m.served and adapter is None:
             self._error(404, f"The model `{req.get('model')}` does not exist.", "NotFoundError")
             return
         if not m.ready():
@@ -993,6 +1475,14 @@ class Handler(BaseHTTPRequestHandler):
             if not isinstance(msgs, list) or not msgs or not all(isinstance(x, dict) for x in msgs):
                 self._error(400, "`messages` must be a non-empty list of objects", "BadRequestError")
                 return
+            if not m.chat_template:  # transformers >= 4.44 via vLLM's apply_hf_chat_template
+                self._error(400, CHAT_TEMPLATE_ERROR, "BadRequestError")
+                return
+        if adapter is not None and adapter.error:  # NIM loads an adapter when a request names it
+            log(f"LoRA adapter {adapter.name} ({adapter.path}) failed to load: {adapter.error}", "ERROR")
+            self._error(400, adapter.error, "BadRequestError")
+            return
+        if chat:
             users = [_text_of(x.get("content")) for x in msgs if x.get("role") == "user"]
             prompt_text = " ".join(_text_of(x.get("content")) for x in msgs)
             last = users[-1] if users else _text_of(msgs[-1].get("content"))
@@ -1004,7 +1494,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._error(400, "`prompt` must be a string or a list of strings", "BadRequestError")
                 return
             prompt_text = last = prompt
-        words = f"[NIM stand-in] {m.served} received: {last}".split(" ")
+        weights = m.weights + (f"+lora {adapter.digest}" if adapter is not None else "")
+        words = f"[NIM stand-in] {req.get('model')} (weights {weights}) received: {last}".split(" ")
         max_tokens = req.get("max_tokens") or req.get("max_completion_tokens")
         finish = "stop"
         if isinstance(max_tokens, int) and 0 < max_tokens < len(words):
@@ -1024,7 +1515,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             body = {"id": f"cmpl-{rid}", "object": "text_completion"}
-        body.update(created=int(time.time()), model=m.served, choices=[choice], usage=usage)
+        body.update(created=int(time.time()), model=str(req.get("model")), choices=[choice], usage=usage)
         if req.get("stream"):  # one content chunk, then [DONE]: enough for streaming clients
             body["object"] += ".chunk" if chat else ""
             if chat:
@@ -1048,8 +1539,63 @@ def _find_profile(cache: Path, profile: str) -> Path | None:
 
 
 
+def engine_weights_digest(model_dir: Path) -> str:
+    """An engine answers with the digest of the weights it was built from (its config's
+    ``standin.weights_sha256``), so HF dir, JIT build and engine of the same weights agree."""
+    try:
+        cfg = read_json(model_dir / "trtllm_engine" / "config.json", "engine config")
+    except StandinError:
+        cfg = {}
+    standin = cfg.get("standin") if isinstance(cfg.get("standin"), dict) else {}
+    digest = str(standin.get("weights_sha256") or "")
+    return digest[:16] if digest else name_digest(str(model_dir))
+
+
+def _dir_config(model_dir: Path) -> dict[str, Any]:
+    try:
+        return read_json(model_dir / "config.json", "model config")
+    except StandinError:
+        return {}
+
+
+_REMOTE_SCHEMES = ("hf://", "s3://", "ngc://", "gs://", "http://", "https://")
+
+
+def check_model_path(value: str) -> Path:
+    """NIM 2.x ``NIM_MODEL_PATH``: an absolute directory served with vLLM; remote URIs cannot be
+    downloaded here; an engine directory is refused (2.x has no TensorRT-LLM engine backend)."""
+    if value.startswith(_REMOTE_SCHEMES):
+        raise StandinError("ValueError", f"NIM_MODEL_PATH={value}: the stand-in cannot download; mount the "
+                           "model and give an absolute path [NIM stand-in limitation]")
+    if not value.startswith("/"):
+        raise StandinError("ValueError", f"NIM_MODEL_PATH={value} must be an absolute path or an hf://, "
+                           "s3://, ngc:// or gs:// URI")
+    root = Path(value)
+    if not root.is_dir():
+        raise StandinError("FileNotFoundError", f"NIM_MODEL_PATH={root}: no such directory")
+    if (root / "trtllm_engine").is_dir() or list(root.glob("rank*.engine")):
+        raise StandinError("ValueError", f"NIM_MODEL_PATH={root} holds a TensorRT-LLM engine: NIM 2.x serves "
+                           "Hugging Face checkpoints with vLLM and has no TensorRT-LLM engine backend; give "
+                           "it the checkpoint the engine was built from")
+    if not (root / "config.json").is_file():
+        raise StandinError("FileNotFoundError", f"{root}/config.json not found")
+    if not weight_files(root, (".safetensors", ".bin")):
+        raise StandinError("FileNotFoundError", f"{root}: no *.safetensors or *.bin weights (vLLM backend)")
+    return root
+
+
 def serve(argv: list[str]) -> int:
-    """``start-server``: resolve the model (JIT build if asked), then serve until SIGTERM/SIGINT."""
+    """``start-server`` (NIM 1.x): resolve the model (JIT build if asked), then serve until
+    SIGTERM/SIGINT."""
+    return _serve("1.x")
+
+
+def serve_v2(argv: list[str]) -> int:
+    """``nim-serve`` (NIM 2.x): serve ``NIM_MODEL_PATH`` (or the bundled model) with vLLM rules."""
+    return _serve("2.x")
+
+
+def _serve(nim_api: str) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not break the clean-up
             signal.signal(sig, signal.SIG_IGN)
@@ -1061,25 +1607,42 @@ def serve(argv: list[str]) -> int:
     env = os.environ
     cache = Path(env.get("NIM_CACHE_PATH", "/opt/nim/.cache"))
     port = int(env.get("NIM_SERVER_PORT") or env.get("NIM_HTTP_API_PORT") or 8000)
-    ft_model, model_name = env.get("NIM_FT_MODEL"), env.get("NIM_MODEL_NAME") or DEFAULT_MODEL
+    ignore = env.get("NIMSTANDIN_IGNORE_MODEL") == "1"  # fault injection: serve the bundled model
+    if nim_api == "2.x":  # NIM_MODEL_NAME / NIM_FT_MODEL were removed in 2.x
+        ft_model, model_name = None, DEFAULT_MODEL
+        model_path = None if ignore else (env.get("NIM_MODEL_PATH") or None)
+    else:
+        ft_model = None if ignore else env.get("NIM_FT_MODEL")
+        model_name = DEFAULT_MODEL if ignore else (env.get("NIM_MODEL_NAME") or DEFAULT_MODEL)
+        model_path = None
     custom = env.get("NIM_CUSTOM_MODEL_NAME") or "custom_1"
-    served = env.get("NIM_SERVED_MODEL_NAME") or (custom if ft_model else model_name)
-    log("=== NIM STAND-IN (CPU, no model is run; NOT NVIDIA NIM) " + STANDIN_VERSION + " ===")
+    served = env.get("NIM_SERVED_MODEL_NAME") or (custom if ft_model else (model_path or model_name))
+    program = "nim-serve (NIM 2.x)" if nim_api == "2.x" else "start-server (NIM 1.x)"
+    log(f"=== NIM STAND-IN (CPU, no model is run; NOT NVIDIA NIM) {STANDIN_VERSION}, {program} ===")
     log(f"Environment: {safe_env_summary()}")
+    if ignore:
+        log("NIMSTANDIN_IGNORE_MODEL=1: ignoring NIM_MODEL_NAME / NIM_FT_MODEL / NIM_MODEL_PATH and serving "
+            f"the bundled model {DEFAULT_MODEL} [NIM stand-in fault injection]", "WARNING")
+    elif nim_api == "2.x" and (env.get("NIM_MODEL_NAME") or env.get("NIM_FT_MODEL")):
+        log("NIM_MODEL_NAME / NIM_FT_MODEL are not NIM 2.x settings (removed in 2.x) and are ignored; "
+            "NIM 2.x reads NIM_MODEL_PATH", "WARNING")
 
     httpd: ThreadingHTTPServer | None = None
     try:
         # Everything that can be checked quickly is checked before listening, so a bad layout or an
         # engine this machine cannot load exits 1 at once (like NIM's start-up), with no
-        # half-alive server.
+        # half-alive server. Weights are checked while loading (after listening), as in NIM.
         gpu = fake_gpu()
         log(f"TensorRT-LLM version: {trtllm_version()}; GPUs (fake): {gpu_count()} x {gpu['name']} "
             f"(compute {gpu['compute_cap']}, {gpu['pci_device_id']})")
-        profile = env.get("NIM_MODEL_PROFILE", "")
+        profile = "" if nim_api == "2.x" else env.get("NIM_MODEL_PROFILE", "")
         profile_dir = _find_profile(cache, profile) if profile else None
         if profile_dir is None and re.fullmatch(r"[0-9a-f]{64}", profile):
             raise StandinError("ValueError", f"NIM_MODEL_PROFILE={profile} is not in "
                                f"{cache}/local_cache/local_manifest.yaml (stand-in has no NGC profiles)")
+        root: Path | None = None
+        load_dir: Path | None = None  # an HF directory whose weights vLLM loads after listening
+        base_cfg: dict[str, Any] = BUNDLED_CONFIG
         if ft_model:
             backend, root = "tensorrt_llm", Path(ft_model)
             cached = cached_engine(cache, custom)
@@ -1098,17 +1661,32 @@ def serve(argv: list[str]) -> int:
                         f"NIM_TENSOR_PARALLEL_SIZE x NIM_PIPELINE_PARALLEL_SIZE = {tp} x {pp} needs "
                         f"{tp * pp} GPU(s), but only {gpu_count()} GPU(s) are visible "
                         f"(NIMSTANDIN_GPU_COUNT={gpu_count()})")
+            base_cfg = _dir_config(root)
+        elif model_path is not None:
+            root = load_dir = check_model_path(model_path)
+            backend, base_cfg = "vllm", _dir_config(root)
         elif profile_dir is not None:
             root = profile_dir
             backend = check_served_dir(root)
+            base_cfg = _dir_config(root)
             if env.get("NIM_SERVED_MODEL_NAME") is None:
                 served = root.name
-        elif model_name.startswith("/") or Path(model_name).is_dir():
+        elif nim_api == "1.x" and (model_name.startswith("/") or Path(model_name).is_dir()):
             root = Path(model_name)
             backend = check_served_dir(root)
-        else:
-            backend, root = "vllm", None
-        model = Model(served, str(root) if root else model_name, backend)
+            base_cfg = _dir_config(root)
+            load_dir = root if backend == "vllm" else None
+        else:  # a model name: the bundled model (2.x) or a model of the bundled manifest (1.x)
+            backend = "vllm"
+            if nim_api == "1.x" and not ignore:
+                log(f"NIM_MODEL_NAME={model_name} found in the model manifest {lookup_manifest(model_name)}")
+        model = Model(served, str(root) if root else model_name, backend, nim_api)
+        if root is None:
+            model.weights = name_digest(model_name)
+        elif backend == "tensorrt_llm" and not ft_model:
+            model.weights, model.chat_template = engine_weights_digest(root), has_chat_template(root)
+        if env.get("NIM_PEFT_SOURCE"):
+            model.adapters = load_adapters(env["NIM_PEFT_SOURCE"], base_cfg)
         handler = type("BoundHandler", (Handler,), {"model": model})
         try:
             httpd = ThreadingHTTPServer(("0.0.0.0", port), handler)
@@ -1123,9 +1701,17 @@ def serve(argv: list[str]) -> int:
             root = jit_build(Path(ft_model), cache, custom, served)
             check_served_dir(root)  # the build must be servable, as NIM loads it next
             model.root = str(root)
+            model.weights, model.chat_template = engine_weights_digest(root), has_chat_template(root)
+        elif load_dir is not None:  # vLLM loads the weights: what it would refuse fails here
+            log(f"Loading weights from {load_dir} (vLLM loader rules)")
+            check_weights(load_dir, base_cfg, "vllm")
+            model.weights, model.chat_template = weights_digest(load_dir), has_chat_template(load_dir)
+        if not model.chat_template:
+            log("The tokenizer has no chat_template: /v1/chat/completions will answer 400 (as vLLM with "
+                "transformers >= 4.44); /v1/completions works", "WARNING")
         backend_name = {"tensorrt_llm": "TensorRT-LLM", "vllm": "vLLM"}[backend]
         log(f"Backend: {backend_name} backend (stand-in); model path: {model.root}; "
-            f"served model name: {served}")
+            f"served model name: {served}; weights {model.weights}")
         delay = float(env.get("NIMSTANDIN_READY_DELAY", "2"))
         model.ready_at = time.monotonic() + max(delay, 0.0)
         log(f"Model loaded; /v1/health/ready answers 200 in {delay:.1f}s")
@@ -1248,31 +1834,6 @@ def safetensors_bytes(tensors: dict[str, tuple[str, list[int], bytes]], metadata
     return struct.pack("<Q", len(head)) + head + data
 
 
-def check_safetensors(path: Path) -> None:
-    """Open a safetensors file like ``safetensors.safe_open`` does (header only)."""
-    if not path.is_file():
-        raise StandinError("FileNotFoundError", f"[Errno 2] No such file or directory: '{path}'")
-    with path.open("rb") as fh:
-        raw = fh.read(8)
-        size = path.stat().st_size
-        problem = None
-        if len(raw) < 8:
-            problem = "HeaderTooSmall"
-        else:
-            n = struct.unpack("<Q", raw)[0]
-            if n > size - 8 or n > 100 << 20:
-                problem = "HeaderTooLarge"
-            else:
-                try:
-                    header = json.loads(fh.read(n))
-                    problem = None if isinstance(header, dict) else "InvalidHeaderDeserialization"
-                except ValueError:
-                    problem = "InvalidHeaderDeserialization"
-    if problem:
-        raise StandinError("safetensors_rust.SafetensorError",
-                           f"Error while deserializing header: {problem} ({path})")
-
-
 def convert_checkpoint(argv: list[str]) -> int:
     """``examples/models/core/llama/convert_checkpoint.py``: HF Llama -> TensorRT-LLM checkpoint
     (``config.json`` + ``rank{N}.safetensors``; TP/PP are fixed here)."""
@@ -1335,6 +1896,21 @@ def convert_checkpoint(argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------ trtllm-build
+def checkpoint_source_weights(ckpt: Path, ranks: int) -> str:
+    """The HF weights a TensorRT-LLM checkpoint was converted from (``source_weights_sha256`` that
+    convert_checkpoint.py records in every shard), so the engine answers with their digest; a
+    checkpoint from elsewhere: the sha256 of its shards."""
+    sources = set()
+    for rank in range(ranks):
+        with (ckpt / f"rank{rank}.safetensors").open("rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            meta = json.loads(fh.read(n)).get("__metadata__") or {}
+        sources.add(meta.get("source_weights_sha256") if isinstance(meta, dict) else None)
+    if len(sources) == 1 and isinstance(next(iter(sources)), str):
+        return str(sources.pop())
+    return hash_files([ckpt / f"rank{r}.safetensors" for r in range(ranks)], ckpt)
+
+
 def _enable(value: str) -> bool:
     return value == "enable"
 
@@ -1410,7 +1986,7 @@ def trtllm_build(argv: list[str]) -> int:
         build_cfg["plugin_config"]["gpt_attention_plugin"] = args.gpt_attention_plugin
         if args.input_timing_cache is not None and not Path(args.input_timing_cache).is_file():
             tllm_warning("Invalid timing cache, using freshly created one")
-        weights = hash_files([ckpt / f"rank{r}.safetensors" for r in range(tp * pp)], ckpt)
+        weights = checkpoint_source_weights(ckpt, tp * pp)
         run_build(arch, f"{tp * pp} engine(s) for {arch} ({pretrained['dtype']}, tp={tp}, pp={pp})",
                   tllm_log)
         try:  # the timing cache is saved by build() before Engine.save writes the engine
@@ -1441,7 +2017,7 @@ def trtllm_build(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------- dispatch
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "start-server": serve, "serve": serve, "nim-serve": serve, "nim-run": serve,
+    "start-server": serve, "serve": serve, "nim-run": serve, "nim-serve": serve_v2,
     "nim-optimize": optimize, "list-model-profiles": list_profiles, "nvidia-smi": nvidia_smi,
     "trtllm-build": trtllm_build, "convert_checkpoint.py": convert_checkpoint,
     "convert_checkpoint": convert_checkpoint}

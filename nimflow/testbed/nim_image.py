@@ -12,12 +12,18 @@ dispatches on ``basename(argv[0])``), so they work without a shell. A ``tensorrt
 dist-info (metadata only: no module, ``import tensorrt_llm`` fails) in
 ``/usr/local/lib/python3.11/dist-packages`` gives the image a TensorRT-LLM version that
 ``importlib.metadata.version("tensorrt_llm")`` reports and that the stand-in binds its engines to.
+The 1.x image also ships the stand-in's bundled ``/etc/nim/config/model_manifest.yaml``.
+
+``nim_api="2.x"`` builds a NIM 2.x variant (label ``nimflow.nim-api=2.x``): CMD ``nim-serve``, no
+``nim-optimize`` / ``trtllm-build`` / ``convert_checkpoint.py`` / TensorRT-LLM dist-info and no
+manifest at the 1.x path (2.x has no TensorRT-LLM engines).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import io
 import os
 import re
@@ -35,15 +41,22 @@ from docker.errors import APIError, ImageNotFound
 from nimflow.testbed import TestbedError
 
 STANDIN_IMAGE = "nimflow/nim-standin:local"
+#: The suggested tag of the NIM 2.x variant (``build_standin_image(..., nim_api="2.x")``).
+STANDIN_IMAGE_2X = "nimflow/nim-standin:2.x"
+NIM_APIS = ("1.x", "2.x")
 STANDIN_SOURCE = Path(__file__).resolve().parents[2] / "deployments" / "nim-standin" / "nim_standin.py"
 # Bump when the image recipe below changes: it is part of the cache key (the source-hash label).
-RECIPE_VERSION = "nim-standin-image/2"
+RECIPE_VERSION = "nim-standin-image/3"
 HOST_PYTHON = Path("/usr/bin/python3.11")
 HOST_STDLIB = Path("/usr/lib/python3.11")
 # Not needed at run time; config-3.11-* alone is the 25 MB static libpython.
 _STDLIB_EXCLUDE = {"test", "tests", "idlelib", "tkinter", "turtledemo", "ensurepip", "__pycache__",
                    "dist-packages", "site-packages"}
 COMMANDS = ("start-server", "nim-optimize", "list-model-profiles", "nvidia-smi", "trtllm-build")
+#: NIM 2.x: ``nim-serve`` replaces start-server; no engine tools.
+COMMANDS_2X = ("nim-serve", "list-model-profiles", "nvidia-smi")
+#: Where the NIM 1.x image keeps its bundled manifest (NIM 1.1.0 docs, profiles.html).
+MANIFEST_PATH = "/etc/nim/config/model_manifest.yaml"
 #: Where TensorRT-LLM release images keep the Llama converter (TensorRT-LLM 0.18+ layout).
 CONVERT_CHECKPOINT = "/app/tensorrt_llm/examples/models/core/llama/convert_checkpoint.py"
 #: On Debian's python3.11 sys.path (site.getsitepackages) once the directory exists.
@@ -57,11 +70,55 @@ CHANGES = [
     "ENV LANG=C.UTF-8",
     "WORKDIR /",
     "EXPOSE 8000",
-    'CMD ["/usr/local/bin/start-server"]',
     "LABEL nimflow.stand-in=true",
     'LABEL org.opencontainers.image.description="CPU stand-in for NVIDIA NIM (test bed only)"',
-    "LABEL nimflow.nim-api=1.x",  # behaves like a NIM 1.x image: TRT-LLM engines, nim-optimize, JIT
 ]
+
+
+def image_changes(nim_api: str = "1.x") -> list[str]:
+    """Dockerfile-style changes for ``docker import``: the common ones, CMD and the API label
+    (1.x: TRT-LLM engines, nim-optimize, JIT; 2.x: nim-serve, NIM_MODEL_PATH, no engines)."""
+    cmd = "nim-serve" if _nim_api(nim_api) == "2.x" else "start-server"
+    return [*CHANGES, f'CMD ["/usr/local/bin/{cmd}"]', f"LABEL nimflow.nim-api={nim_api}"]
+
+
+def _nim_api(nim_api: str) -> str:
+    if nim_api not in NIM_APIS:
+        raise TestbedError(f"nim_api {nim_api!r} is not one of {NIM_APIS}")
+    return nim_api
+
+
+def _standin_module(source: Path = STANDIN_SOURCE) -> object:
+    """The stand-in module, loaded from its file (stdlib only; importing it runs nothing)."""
+    spec = importlib.util.spec_from_file_location("nimflow_nim_standin", source)
+    if spec is None or spec.loader is None:
+        raise TestbedError(f"cannot load {source}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bundled_manifest(source: Path = STANDIN_SOURCE) -> str:
+    """The stand-in's ``BUNDLED_MANIFEST`` (the 1.x image's model_manifest.yaml)."""
+    return str(getattr(_standin_module(source), "BUNDLED_MANIFEST"))
+
+
+def standin_weights_digest(model_dir: Path) -> str:
+    """What the stand-in shows as ``(weights <digest16>)`` for a model directory (or a LoRA
+    adapter directory): the first 16 hex of a sha256 over its top-level weight files
+    (``*.safetensors``, ``*.bin``, ``*.pth``, sorted by name), each as ``name\0size\0`` + bytes.
+    Engines built from those weights (nim-optimize, JIT, convert_checkpoint.py + trtllm-build)
+    answer with the same digest."""
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir()
+                   if p.is_file() and p.name.endswith((".safetensors", ".bin", ".pth")))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.relative_to(model_dir)}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def default_trtllm_version(source: Path = STANDIN_SOURCE) -> str:
@@ -79,12 +136,15 @@ def _trtllm_version(version: str | None, source: Path = STANDIN_SOURCE) -> str:
     return version
 
 
-def source_hash(source: Path = STANDIN_SOURCE, trtllm_version: str | None = None) -> str:
-    """The cache key: sha256 of the stand-in source, this builder's recipe version and the
-    TensorRT-LLM version the image reports (so variant images never pass for each other)."""
+def source_hash(source: Path = STANDIN_SOURCE, trtllm_version: str | None = None,
+                nim_api: str = "1.x") -> str:
+    """The cache key: sha256 of the stand-in source, this builder's recipe version, the
+    TensorRT-LLM version the image reports and the NIM API mode (so variant images never pass for
+    each other)."""
     version = _trtllm_version(trtllm_version, source)
     return hashlib.sha256(source.read_bytes() + RECIPE_VERSION.encode()
-                          + b"\0tensorrt_llm=" + version.encode()).hexdigest()
+                          + b"\0tensorrt_llm=" + version.encode()
+                          + b"\0nim_api=" + _nim_api(nim_api).encode()).hexdigest()
 
 
 def dist_info_metadata(version: str) -> bytes:
@@ -159,9 +219,11 @@ class _RootfsTar:
         self.tar.addfile(info)
 
 
-def write_rootfs_tar(out: Path, source: Path = STANDIN_SOURCE, trtllm_version: str | None = None) -> None:
+def write_rootfs_tar(out: Path, source: Path = STANDIN_SOURCE, trtllm_version: str | None = None,
+                     nim_api: str = "1.x") -> None:
     """Write the stand-in image's rootfs as an uncompressed tar at ``out``."""
     version = _trtllm_version(trtllm_version, source)
+    v2 = _nim_api(nim_api) == "2.x"
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
         fs = _RootfsTar(tar)
         fs.add_file(HOST_PYTHON, "usr/bin/python3.11")
@@ -189,12 +251,15 @@ def write_rootfs_tar(out: Path, source: Path = STANDIN_SOURCE, trtllm_version: s
         fs.mkdir("root", 0o700)
         fs.mkdir("opt/nim/.cache", 0o777)  # NIM containers run with -u <uid>: cache must be writable
         fs.add_file(source, "opt/nim/nim_standin.py", mode=0o755)
-        for command in COMMANDS:  # dispatch on basename(argv[0]); the shebang is /usr/bin/python3
+        for command in COMMANDS_2X if v2 else COMMANDS:  # dispatch on basename(argv[0])
             fs.add_symlink("/opt/nim/nim_standin.py", f"usr/local/bin/{command}")
+        if v2:  # NIM 2.x: no TensorRT-LLM engine tools, no 1.x manifest
+            return
         fs.add_symlink("/opt/nim/nim_standin.py", CONVERT_CHECKPOINT)  # run as `python3 <path> ...`
         dist_info = f"{DIST_PACKAGES}/tensorrt_llm-{version}.dist-info"
         fs.add_bytes(dist_info_metadata(version), f"{dist_info}/METADATA")
         fs.add_bytes(b"nimflow-standin\n", f"{dist_info}/INSTALLER")
+        fs.add_bytes(bundled_manifest(source).encode(), MANIFEST_PATH)
 
 
 def _split_tag(tag: str) -> tuple[str, str]:
@@ -203,11 +268,12 @@ def _split_tag(tag: str) -> tuple[str, str]:
 
 
 def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *,
-                        force: bool = False, trtllm_version: str | None = None) -> str:
+                        force: bool = False, trtllm_version: str | None = None, nim_api: str = "1.x") -> str:
     """Build (or reuse) the NIM stand-in image and return its id.
 
     ``trtllm_version`` (default: the stand-in's ``STANDIN_TRTLLM_VERSION``) is the TensorRT-LLM
     version the image reports and binds its engines to; give variants their own ``tag``.
+    ``nim_api="2.x"`` builds the NIM 2.x variant (suggested tag :data:`STANDIN_IMAGE_2X`).
     Cached by tag: an image whose ``nimflow.source-hash`` label equals :func:`source_hash` (which
     covers the version) is returned as is unless ``force``. A superseded image is removed when no
     container uses it.
@@ -215,7 +281,7 @@ def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *
     if not STANDIN_SOURCE.is_file():
         raise TestbedError(f"stand-in source not found at {STANDIN_SOURCE} (run from a nimflow checkout)")
     version = _trtllm_version(trtllm_version)
-    digest = source_hash(trtllm_version=version)
+    digest = source_hash(trtllm_version=version, nim_api=nim_api)
     old_id = None
     try:
         old = client.images.get(tag)
@@ -228,11 +294,11 @@ def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *
     repo, name = _split_tag(tag)
     with tempfile.TemporaryDirectory(prefix="nimflow-standin-") as tmp:
         tar_path = Path(tmp) / "rootfs.tar"
-        write_rootfs_tar(tar_path, trtllm_version=version)
+        write_rootfs_tar(tar_path, trtllm_version=version, nim_api=nim_api)
         try:
             client.api.import_image_from_file(
                 str(tar_path), repository=repo, tag=name,
-                changes=[*CHANGES, f"LABEL nimflow.source-hash={digest}",
+                changes=[*image_changes(nim_api), f"LABEL nimflow.source-hash={digest}",
                          f"LABEL nimflow.trtllm-version={version}"])
         except APIError as exc:
             raise TestbedError(f"docker import of {tag} failed: {exc}") from exc
@@ -248,20 +314,25 @@ def main(argv: list[str] | None = None) -> int:
     from nimflow.testbed.docker_engine import ensure_docker_engine
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tag", default=STANDIN_IMAGE)
+    parser.add_argument("--tag", default=None,
+                        help=f"default {STANDIN_IMAGE} (1.x) or {STANDIN_IMAGE_2X} (2.x)")
+    parser.add_argument("--nim-api", choices=NIM_APIS, default="1.x",
+                        help="1.x: start-server, engines, manifest; 2.x: nim-serve, NIM_MODEL_PATH")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
     parser.add_argument("--trtllm-version", default=None,
                         help="TensorRT-LLM version the image reports (default: the stand-in's own)")
     args = parser.parse_args(argv)
+    tag = args.tag or (STANDIN_IMAGE_2X if args.nim_api == "2.x" else STANDIN_IMAGE)
     try:
         client = ensure_docker_engine()
         start = time.monotonic()
-        image_id = build_standin_image(client, args.tag, force=args.force, trtllm_version=args.trtllm_version)
+        image_id = build_standin_image(client, tag, force=args.force, trtllm_version=args.trtllm_version,
+                                       nim_api=args.nim_api)
     except TestbedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     size = client.images.get(image_id).attrs.get("Size", 0) / 1e6
-    print(f"{args.tag} {image_id} ({size:.0f} MB) in {time.monotonic() - start:.2f}s")
+    print(f"{tag} {image_id} ({size:.0f} MB) in {time.monotonic() - start:.2f}s")
     return 0
 
 

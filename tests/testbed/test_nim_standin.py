@@ -37,6 +37,7 @@ H100_PCIE = "NVIDIA H100 PCIe,9.0,0x233110DE"  # same compute capability, anothe
 A100 = "NVIDIA A100-SXM4-80GB,8.0,0x20B210DE"
 T4 = "Tesla T4,7.5,0x1EB810DE"
 DEFAULT_TRTLLM = "0.0.0+standin"
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 
 def _load_standin() -> Any:
@@ -58,10 +59,49 @@ def make_model(root: Path, heads: int = 4, kv_heads: int = 2, layers: int = 2, d
         "vocab_size": 300, "torch_dtype": dtype, "max_position_embeddings": 2048, **extra}))
     (root / "generation_config.json").write_text('{"temperature": 0.6}')
     (root / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"hello": 0, "world": 1}}}))
-    (root / "tokenizer_config.json").write_text("{}")
-    header = json.dumps({"w": {"dtype": "BF16", "shape": [4, 4], "data_offsets": [0, 32]}}).encode()
-    (root / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(range(32)))
+    (root / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    write_llama_weights(root / "model.safetensors", json.loads((root / "config.json").read_text()))
     return root
+
+
+def llama_tensors(cfg: dict[str, Any]) -> dict[str, list[int]]:
+    """HF Llama tensor names and shapes for ``cfg`` (what vLLM / TensorRT-LLM look up)."""
+    hidden, heads, inter = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
+    kv, vocab = cfg.get("num_key_value_heads") or heads, cfg["vocab_size"]
+    dim = cfg.get("head_dim") or hidden // heads
+    out = {"model.embed_tokens.weight": [vocab, hidden]}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out.update({p + "self_attn.q_proj.weight": [heads * dim, hidden], p + "self_attn.k_proj.weight": [kv * dim, hidden],
+                    p + "self_attn.v_proj.weight": [kv * dim, hidden], p + "self_attn.o_proj.weight": [hidden, heads * dim],
+                    p + "mlp.gate_proj.weight": [inter, hidden], p + "mlp.up_proj.weight": [inter, hidden],
+                    p + "mlp.down_proj.weight": [hidden, inter], p + "input_layernorm.weight": [hidden],
+                    p + "post_attention_layernorm.weight": [hidden]})
+    out["model.norm.weight"] = [hidden]
+    if not cfg.get("tie_word_embeddings"):
+        out["lm_head.weight"] = [vocab, hidden]
+    return out
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]], fill: int = 0) -> Path:
+    """A well-formed safetensors file (data bytes all ``fill``)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        n = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I8": 1}[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path.write_bytes(struct.pack("<Q", len(head)) + head + bytes([fill]) * offset)
+    return path
+
+
+def write_llama_weights(path: Path, cfg: dict[str, Any], fill: int = 0) -> Path:
+    dtype = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}.get(cfg.get("torch_dtype"), "F16")
+    return write_safetensors(path, {n: (dtype, s) for n, s in llama_tensors(cfg).items()}, fill)
 
 
 def free_port() -> int:
@@ -108,10 +148,11 @@ def run_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Compl
 
 
 @contextlib.contextmanager
-def server(**env: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """Run ``nim_standin.py serve`` on a free port; yield (base URL, process); SIGTERM at the end."""
+def server(_program: str = "serve", **env: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Run ``nim_standin.py serve`` (or ``_program``, e.g. ``nim-serve``) on a free port; yield
+    (base URL, process); SIGTERM at the end."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-S", str(STANDIN), "serve"],
+    proc = subprocess.Popen([sys.executable, "-S", str(STANDIN), _program],
                             env=standin_env(NIM_SERVER_PORT=str(port), **env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -122,9 +163,9 @@ def server(**env: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
         proc.wait(timeout=10)
 
 
-def serve_once(**env: str) -> subprocess.CompletedProcess[str]:
+def serve_once(_program: str = "serve", **env: str) -> subprocess.CompletedProcess[str]:
     """Start the server expecting it to exit at once (start-up failure)."""
-    return run_cli("serve", **{"NIM_SERVER_PORT": str(free_port()), "NIMSTANDIN_READY_DELAY": "0", **env})
+    return run_cli(_program, **{"NIM_SERVER_PORT": str(free_port()), "NIMSTANDIN_READY_DELAY": "0", **env})
 
 
 def chat(base: str, model: str, text: str = "hello world") -> tuple[int, Any]:
