@@ -2,20 +2,23 @@
 
 NIM only finds out late (after the container has started) that it was handed a TensorRT-LLM
 engine directory or an unknown format (``NotImplementedError: Only safetensors/pickle/binary
-directories are supported.``). These checks say it up front, naming what was found and what is
-expected. Files are streamed; no weight file is ever read into memory.
+directories are supported.``), that a tensor is missing or has another shape, or that the
+tokenizer does not fit the embeddings. These checks say it up front from config.json, the
+safetensors headers and the tokenizer files, naming what was found and what is expected. Files
+are streamed; no weight file is ever read into memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 from nimflow.errors import InvalidWeights
+from nimflow.records import Checkpoint
+from nimflow.tensor_inventory import safetensors_header
 
 WeightFormat = Literal["safetensors", "pickle", "binary"]
 
@@ -31,9 +34,14 @@ MODEL_SIDE_FILES = (
     "tokenizer.model",
     "vocab.json",
     "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
 )
+#: Files that carry a tokenizer's vocabulary (tokenizer_config.json alone is not a tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 #: config.json keys a fine-tune must share with its base model, or the build/serving breaks.
 ARCHITECTURE_KEYS = (
+    "architectures",
     "model_type",
     "hidden_size",
     "num_hidden_layers",
@@ -42,7 +50,8 @@ ARCHITECTURE_KEYS = (
     "intermediate_size",
     "vocab_size",
 )
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+#: Weight file suffixes TensorRT-LLM's ``detect_format`` accepts, in its order of preference.
+_FORMATS: tuple[tuple[str, WeightFormat], ...] = ((".safetensors", "safetensors"), (".bin", "binary"), (".pth", "pickle"))
 # Files under these names are bookkeeping, not model content.
 _IGNORED_PARTS = (".cache", ".git")
 _IGNORED_NAMES = (".nimflow-download.json", "nimflow-manifest.json")
@@ -86,12 +95,29 @@ def files_digest(files: dict[str, Path]) -> str:
     return digest.hexdigest()
 
 
+def local_checkpoint(directory: Path) -> Checkpoint:
+    """A local checkpoint directory, identified by the digest of its contents.
+
+    Raises:
+        InvalidWeights: the directory does not exist or has no config.json.
+    """
+    if not (directory / "config.json").is_file():
+        raise InvalidWeights(f"{directory}: source.local_dir must be a checkpoint directory with config.json")
+    return Checkpoint(path=str(directory), identity=f"sha256:{directory_digest(directory)}")
+
+
+# --- weight format -------------------------------------------------------------------------------
+
+
 def detect_weight_format(directory: Path) -> WeightFormat:
-    """Say which weight format a Hugging Face-style checkpoint directory holds.
+    """Say which weight format a checkpoint directory holds, as TensorRT-LLM's ``detect_format`` does.
+
+    Only the top level counts, and only ``*.safetensors`` (safetensors), ``*.bin`` (binary) and
+    ``*.pth`` (pickle), in that order: ``*.pt`` files and sub-folders are never read by the build.
 
     Raises:
         InvalidWeights: the directory is missing, is a TensorRT-LLM engine directory, or holds no
-            safetensors/pickle/binary weights.
+            weights TensorRT-LLM would read (naming what it holds instead).
     """
     if not directory.is_dir():
         raise InvalidWeights(f"{directory}: not a directory; expected a checkpoint directory with *.safetensors weights")
@@ -101,21 +127,26 @@ def detect_weight_format(directory: Path) -> WeightFormat:
         found = ", ".join(engines[:3]) or "config.json with build_config/pretrained_config"
         raise InvalidWeights(
             f"{directory}: this is a TensorRT-LLM engine directory (found {found}), not weights. "
-            "NIM_FT_MODEL and engine builds need Hugging Face weights (*.safetensors, *.bin or *.pt; "
+            "NIM_FT_MODEL and engine builds need Hugging Face weights (*.safetensors, *.bin or *.pth; "
             "NIM would fail with 'Only safetensors/pickle/binary directories are supported'). "
             "Point finetune.path at the checkpoint the engine was built from; to serve a built engine, "
             "let nimflow build it (the `build` section) or set source.local_dir to the engine directory without `finetune`."
         )
-    if any(n.endswith(".safetensors") for n in names):
-        return "safetensors"
-    if any(n.endswith(".bin") for n in names):
-        return "binary"
-    if any(n.endswith((".pt", ".pth")) for n in names):
-        return "pickle"
+    top = [n for n in names if "/" not in n]
+    for suffix, weight_format in _FORMATS:
+        if any(n.endswith(suffix) for n in top):
+            return weight_format
+    ignored = [n for n in names if n.endswith((".pt", ".safetensors", ".bin", ".pth"))]
+    if ignored:
+        raise InvalidWeights(
+            f"{directory}: found {', '.join(ignored[:4])} but no weights TensorRT-LLM reads: it lists only "
+            "*.safetensors, *.bin and *.pth at the top level (not *.pt, not sub-folders). Convert the weights "
+            "to safetensors (model.save_pretrained(dir, safe_serialization=True)) and put them next to config.json."
+        )
     shown = ", ".join(names[:8]) or "nothing"
     raise InvalidWeights(
         f"{directory}: no weights found (found: {shown}); expected *.safetensors (preferred), "
-        "pytorch_model*.bin or *.pt files next to config.json"
+        "pytorch_model*.bin or *.pth files next to config.json"
     )
 
 
@@ -127,50 +158,52 @@ def _is_engine_config(config_path: Path) -> bool:
     return isinstance(config, dict) and ("build_config" in config or "pretrained_config" in config)
 
 
+def pickle_files(directory: Path, weight_format: WeightFormat) -> list[Path]:
+    """The top-level pickle weight files a directory of this format holds (empty for safetensors)."""
+    suffix = {"binary": ".bin", "pickle": ".pth"}.get(weight_format)
+    return sorted(p for p in directory.glob(f"*{suffix}") if p.is_file()) if suffix else []
+
+
+def check_weights(directory: Path, *, allow_pickle: bool = False, setting: str = "finetune.allow_pickle") -> WeightFormat:
+    """Run the format checks on a fine-tuned weights directory; return its format.
+
+    Args:
+        allow_pickle: accept ``*.bin`` / ``*.pth`` (they are converted, never unpickled with code).
+        setting: the spec field that gives consent, named in the refusal.
+
+    Raises:
+        InvalidWeights: a LoRA adapter directory, an engine directory, no readable weights, a
+            pickle without consent, or a corrupt safetensors file, naming the file and the fix.
+    """
+    if (directory / "adapter_config.json").is_file():
+        raise InvalidWeights(
+            f"{directory}: this is a LoRA adapter (found adapter_config.json), not fully fine-tuned weights; "
+            "list it under lora.adapters (name and path) to serve it on the base model, "
+            "or merge it into the base (merge_and_unload) and point finetune.path at the merged model"
+        )
+    weight_format = detect_weight_format(directory)
+    if weight_format != "safetensors" and not allow_pickle:
+        found = ", ".join(p.name for p in pickle_files(directory, weight_format)[:3])
+        raise InvalidWeights(
+            f"{directory}: found {found} (PyTorch pickle) and no *.safetensors. Pickles run code when loaded; "
+            f"convert to safetensors, or set {setting}: true to let nimflow convert them without executing them"
+        )
+    if weight_format == "safetensors":
+        for path in sorted(directory.glob("*.safetensors")):
+            check_safetensors(path)
+    return weight_format
+
+
 def check_safetensors(path: Path) -> int:
     """Check a safetensors file's header against its size; return the number of tensors.
-
-    Only the header is read. A truncated upload or a file that is not safetensors fails here
-    instead of minutes into a GPU build.
 
     Raises:
         InvalidWeights: naming the file and what is wrong with it.
     """
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise InvalidWeights(f"{path}: too short to be safetensors ({size} bytes)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(_MAX_SAFETENSORS_HEADER, size - 8):
-            raise InvalidWeights(f"{path}: not a safetensors file (header length {header_len} exceeds the file)")
-        try:
-            header = json.loads(handle.read(header_len))
-        except ValueError:
-            raise InvalidWeights(f"{path}: safetensors header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise InvalidWeights(f"{path}: safetensors header is not a mapping")
-    data_len = size - 8 - header_len
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int for v in offsets)):
-            raise InvalidWeights(f"{path}: tensor {name!r} has no valid data_offsets; the file is corrupt")
-        spans.append((offsets[0], offsets[1], name))
-    position = 0
-    for start, stop, name in sorted(spans):
-        # safetensors stores tensors back to back: a gap, overlap or overrun means corruption.
-        if start != position or stop < start or stop > data_len:
-            raise InvalidWeights(
-                f"{path}: tensor {name!r} lies outside its place in the file (offsets {start}-{stop}, "
-                f"data {data_len} bytes); the file is truncated or corrupt, re-export or re-upload it"
-            )
-        position = stop
-    if position != data_len:
-        raise InvalidWeights(f"{path}: {data_len - position} bytes after the last tensor; the file is corrupt")
-    return len(spans)
+    return sum(1 for name in safetensors_header(path) if name != "__metadata__")
+
+
+# --- config.json ---------------------------------------------------------------------------------
 
 
 def read_config(directory: Path) -> dict:
@@ -194,6 +227,8 @@ def read_config(directory: Path) -> dict:
 def check_matches_base(finetune_config: dict, base_config: dict, where: str) -> None:
     """Refuse fine-tuned weights whose architecture differs from the base model's.
 
+    Keys only one of the two configs has are not compared.
+
     Raises:
         InvalidWeights: naming each differing key with both values.
     """
@@ -209,14 +244,116 @@ def check_matches_base(finetune_config: dict, base_config: dict, where: str) -> 
         )
 
 
-def check_weights(directory: Path) -> WeightFormat:
-    """Run every GPU-free check on a weights directory; return its format.
+# --- tokenizer -----------------------------------------------------------------------------------
+
+
+def effective_side_files(finetune_dir: Path, base_dir: Path) -> dict[str, Path]:
+    """Which file NIM will get for each model side file: the fine-tune's own, else the base's."""
+    chosen = {}
+    for name in MODEL_SIDE_FILES:
+        for directory in (finetune_dir, base_dir):
+            if (directory / name).is_file():
+                chosen[name] = directory / name
+                break
+    return chosen
+
+
+def check_tokenizer(files: dict[str, Path], config: dict, config_path: Path) -> None:
+    """Refuse a missing tokenizer, or one with more token ids than the model has embedding rows.
+
+    Args:
+        files: side file name -> the file NIM will get (see :func:`effective_side_files`).
+        config: the config.json NIM will get; config_path names it in messages.
 
     Raises:
-        InvalidWeights: the first problem found, naming the file and the fix.
+        InvalidWeights: no tokenizer file at all, or a token id >= ``vocab_size``.
     """
-    weight_format = detect_weight_format(directory)
-    if weight_format == "safetensors":
-        for path in sorted(directory.rglob("*.safetensors")):
-            check_safetensors(path)
-    return weight_format
+    if not any(name in files for name in TOKENIZER_FILES):
+        raise InvalidWeights(
+            f"{config_path.parent}: missing tokenizer: neither the fine-tune nor the base checkpoint has "
+            f"{' / '.join(TOKENIZER_FILES)}; expected the tokenizer saved with the model "
+            "(tokenizer.save_pretrained(dir)) next to config.json"
+        )
+    vocab_size = config.get("vocab_size")
+    if type(vocab_size) is not int:
+        return
+    for name in ("tokenizer.json", "vocab.json"):
+        if name not in files:
+            continue
+        ids = _token_ids(files[name])
+        if "tokenizer_config.json" in files:
+            ids |= _added_token_ids(files["tokenizer_config.json"])
+        if ids and max(ids) >= vocab_size:
+            raise InvalidWeights(
+                f"{files[name]}: the tokenizer has {len(ids)} tokens (highest id {max(ids)}) but "
+                f"{config_path} has vocab_size {vocab_size}; expected every token id < vocab_size (ids beyond it "
+                "have no embedding row). Resize the embeddings (model.resize_token_embeddings(len(tokenizer))) "
+                "before saving, or use the base model's tokenizer."
+            )
+        return
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidWeights(f"{path}: not valid JSON ({exc}); expected the file as the tokenizer saved it") from None
+
+
+def _token_ids(path: Path) -> set[int]:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        return set()
+    if path.name == "vocab.json":  # GPT-2 style: {token: id}
+        return {v for v in data.values() if type(v) is int}
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    vocab = model.get("vocab")
+    ids: set[int] = set()
+    if isinstance(vocab, dict):  # BPE, WordLevel, WordPiece: {token: id}
+        ids = {v for v in vocab.values() if type(v) is int}
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], ids are positions
+        ids = set(range(len(vocab)))
+    for token in data.get("added_tokens") or []:
+        if isinstance(token, dict) and type(token.get("id")) is int:
+            ids.add(token["id"])
+    return ids
+
+
+def _added_token_ids(path: Path) -> set[int]:
+    data = _read_json(path)
+    decoder = data.get("added_tokens_decoder") if isinstance(data, dict) else None
+    return {int(k) for k in decoder if str(k).isdigit()} if isinstance(decoder, dict) else set()
+
+
+def chat_template_present(directory: Path) -> bool:
+    """True when the tokenizer in ``directory`` has a chat template (what /v1/chat/completions needs).
+
+    Looks at ``chat_template`` in tokenizer_config.json and at chat_template.jinja / .json files.
+    """
+    if (directory / "chat_template.jinja").is_file() or (directory / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    return bool(template) and isinstance(template, (str, list))
+
+
+def resolve_verify_api(requested: str, model_dir: Path) -> Literal["chat", "completions"]:
+    """The inference API verification uses: ``auto`` is chat when the model has a chat template.
+
+    Raises:
+        InvalidWeights: ``chat`` was asked for and the tokenizer has no chat template (servers on
+            transformers >= 4.44 reject /v1/chat/completions then).
+    """
+    if requested == "completions":
+        return "completions"
+    present = chat_template_present(model_dir)
+    if requested == "chat" and not present:
+        raise InvalidWeights(
+            f"{model_dir / 'tokenizer_config.json'}: verify.api is chat but the tokenizer has no chat_template "
+            "(none in tokenizer_config.json, no chat_template.jinja); the NIM would reject /v1/chat/completions. "
+            "Set verify.api: completions (or auto), or add a chat template to the tokenizer."
+        )
+    return "chat" if present else "completions"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import struct
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Union
@@ -18,10 +19,15 @@ from typing import Union
 __all__ = [
     "DEFAULT_VOCAB_WORDS",
     "SAFETENSORS_DTYPES",
+    "PickleWriter",
     "TensorData",
     "read_safetensors_header",
+    "torch_state_dict_pickle",
+    "write_lora_adapter",
     "write_safetensors",
     "write_tiny_llama",
+    "write_torch_checkpoint",
+    "write_torch_zip",
 ]
 
 #: safetensors dtype name -> bytes per element.
@@ -209,15 +215,20 @@ def write_tiny_llama(
     vocab_words: Sequence[str] | None = None,
     dtype: str = "float16",
     shards: int = 1,
+    weight_format: str = "safetensors",
 ) -> Path:
     """Write a tiny Llama checkpoint into ``directory`` (created if needed) and return it.
 
     Weights are deterministic per ``seed`` (a different seed gives different bytes). With
     ``shards > 1`` the weights go to ``model-0000i-of-0000N.safetensors`` plus
-    ``model.safetensors.index.json``; otherwise to ``model.safetensors``.
+    ``model.safetensors.index.json``; otherwise to ``model.safetensors``. ``weight_format="pickle"``
+    writes the same tensors as torch.save would: ``pytorch_model.bin`` (or
+    ``pytorch_model-0000i-of-0000N.bin`` plus ``pytorch_model.bin.index.json``).
     """
     if dtype not in _TORCH_TO_ST:
         raise ValueError(f"dtype must be one of {sorted(_TORCH_TO_ST)}, not {dtype!r}")
+    if weight_format not in ("safetensors", "pickle"):
+        raise ValueError(f"weight_format must be 'safetensors' or 'pickle', not {weight_format!r}")
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
     if min(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, shards) < 1:
@@ -302,10 +313,14 @@ def write_tiny_llama(
 
     tensors = [entry(*s) for s in shapes]
     for old in [*directory.glob("model-*-of-*.safetensors"), directory / "model.safetensors",
-                directory / "model.safetensors.index.json"]:
+                directory / "model.safetensors.index.json", *directory.glob("pytorch_model*.bin"),
+                directory / "pytorch_model.bin.index.json"]:
         old.unlink(missing_ok=True)  # a rewrite with another shard count must not leave stale weights
     if shards == 1:
-        write_safetensors(directory / "model.safetensors", tensors)
+        if weight_format == "pickle":
+            write_torch_checkpoint(directory / "pytorch_model.bin", tensors)
+        else:
+            write_safetensors(directory / "model.safetensors", tensors)
         return directory
 
     # Contiguous groups of roughly equal byte size, like transformers' max_shard_size splitting.
@@ -320,11 +335,215 @@ def write_tiny_llama(
     groups = [g for g in groups if g] or [[]]
     n = len(groups)
     weight_map: dict[str, str] = {}
+    stem, suffix = ("pytorch_model", "bin") if weight_format == "pickle" else ("model", "safetensors")
     for k, group in enumerate(groups, start=1):
-        fname = f"model-{k:05d}-of-{n:05d}.safetensors"
-        write_safetensors(directory / fname, [tensors[i] for i in group])
+        fname = f"{stem}-{k:05d}-of-{n:05d}.{suffix}"
+        if weight_format == "pickle":
+            write_torch_checkpoint(directory / fname, [tensors[i] for i in group])
+        else:
+            write_safetensors(directory / fname, [tensors[i] for i in group])
         weight_map.update({tensors[i][0]: fname for i in group})
-    _write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    index = "pytorch_model.bin.index.json" if weight_format == "pickle" else "model.safetensors.index.json"
+    _write_json(directory / index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return directory
+
+
+# --- PyTorch pickle checkpoints (torch.save's zip format), written without torch ------------------
+
+#: safetensors dtype -> the storage class torch.save names in a storage's persistent id.
+_ST_TO_STORAGE = {"F16": "HalfStorage", "BF16": "BFloat16Storage", "F32": "FloatStorage"}
+
+
+class PickleWriter:
+    """Emits pickle protocol 2 opcodes one by one, as torch.save's pickler does for a state dict.
+
+    Only what a state dict needs (and what tests need to build hostile pickles) is here; see
+    ``pickle.py``/``pickletools`` for the opcodes.
+    """
+
+    def __init__(self) -> None:
+        self.out = bytearray(b"\x80\x02")  # PROTO 2
+
+    def global_(self, module: str, name: str) -> PickleWriter:
+        self.out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"  # GLOBAL
+        return self
+
+    def unicode(self, text: str) -> PickleWriter:
+        raw = text.encode()
+        self.out += b"X" + struct.pack("<I", len(raw)) + raw  # BINUNICODE
+        return self
+
+    def int_(self, value: int) -> PickleWriter:
+        if 0 <= value < 256:
+            self.out += b"K" + bytes([value])  # BININT1
+        elif -(2**31) <= value < 2**31:
+            self.out += b"J" + struct.pack("<i", value)  # BININT
+        else:
+            raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+            self.out += b"\x8a" + bytes([len(raw)]) + raw  # LONG1
+        return self
+
+    def bool_(self, value: bool) -> PickleWriter:
+        self.out += b"\x88" if value else b"\x89"  # NEWTRUE / NEWFALSE
+        return self
+
+    def op(self, code: bytes) -> PickleWriter:
+        """A raw opcode: ``(`` MARK, ``t`` TUPLE, ``)`` EMPTY_TUPLE, ``}`` EMPTY_DICT, ``R`` REDUCE,
+        ``u`` SETITEMS, ``s`` SETITEM, ``b`` BUILD, ``Q`` BINPERSID, ``.`` STOP."""
+        self.out += code
+        return self
+
+    def int_tuple(self, values: Sequence[int]) -> PickleWriter:
+        self.op(b"(")
+        for v in values:
+            self.int_(v)
+        return self.op(b"t")
+
+    def empty_ordered_dict(self) -> PickleWriter:
+        return self.global_("collections", "OrderedDict").op(b")R")
+
+    def bytes_(self) -> bytes:
+        return bytes(self.out + b".")
+
+
+def torch_state_dict_pickle(
+    entries: Sequence[tuple[str, str, str, int, list[int], list[int]]],
+    *,
+    ordered: bool = True,
+    parameters: bool = False,
+) -> bytes:
+    """``data.pkl`` of a state dict, as torch.save writes it.
+
+    ``entries`` are ``(name, safetensors dtype, storage key, storage numel, shape, stride)``; each
+    tensor is ``torch._utils._rebuild_tensor_v2(<persistent storage id>, 0, shape, stride, False,
+    OrderedDict())``, the storage id being ``('storage', torch.<Type>Storage, key, 'cpu', numel)``.
+    ``ordered`` wraps them in an OrderedDict with ``_metadata`` (``model.state_dict()``), else a
+    plain dict (what transformers' sharding writes); ``parameters`` wraps each in
+    ``torch._utils._rebuild_parameter``.
+    """
+    w = PickleWriter()
+    if ordered:
+        w.empty_ordered_dict()
+    else:
+        w.op(b"}")
+    w.op(b"(")
+    for name, dtype, key, numel, shape, stride in entries:
+        w.unicode(name)
+        if parameters:
+            w.global_("torch._utils", "_rebuild_parameter")
+            w.op(b"(")
+        w.global_("torch._utils", "_rebuild_tensor_v2")
+        w.op(b"(")
+        w.op(b"(").unicode("storage").global_("torch", _ST_TO_STORAGE[dtype]).unicode(key).unicode("cpu").int_(numel)
+        w.op(b"tQ")
+        w.int_(0).int_tuple(shape).int_tuple(stride).bool_(False).empty_ordered_dict()
+        w.op(b"tR")
+        if parameters:
+            w.bool_(True).empty_ordered_dict().op(b"tR")
+    w.op(b"u")
+    if ordered:  # state_dict()'s _metadata attribute, set through BUILD
+        w.op(b"}").unicode("_metadata").empty_ordered_dict().op(b"(").unicode("").op(b"}")
+        w.unicode("version").int_(1).op(b"s").op(b"us").op(b"b")
+    return w.bytes_()
+
+
+def write_torch_zip(path: Path, data_pkl: bytes, storages: Iterable[tuple[str, TensorData]], *,
+                    archive: str = "archive", byteorder: str = "little") -> Path:
+    """Write a torch.save zip archive: ``<archive>/data.pkl``, ``byteorder``, ``data/<key>``, ``version``.
+
+    Members are stored uncompressed, like torch writes them; storage payloads are streamed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{archive}/data.pkl", data_pkl)
+        zf.writestr(f"{archive}/byteorder", byteorder)
+        for key, data in storages:
+            with zf.open(f"{archive}/data/{key}", "w", force_zip64=True) as member:
+                for chunk in _iter_chunks(data):
+                    member.write(chunk)
+        zf.writestr(f"{archive}/version", "3\n")
+    return path
+
+
+def write_torch_checkpoint(
+    path: Path,
+    tensors: Iterable[tuple[str, str, list[int], TensorData]],
+    *,
+    archive: str = "archive",
+    ordered: bool = True,
+    parameters: bool = False,
+    strides: dict[str, list[int]] | None = None,
+) -> Path:
+    """Write ``tensors`` (as for :func:`write_safetensors`) the way ``torch.save(state_dict, path)`` does.
+
+    ``strides`` overrides a tensor's stride (e.g. a transposed view) to build non-contiguous tensors;
+    the storage then holds the same bytes, read with that stride.
+    """
+    specs = list(tensors)
+    entries, storages = [], []
+    for key, (name, dtype, shape, data) in enumerate(specs):
+        if dtype not in _ST_TO_STORAGE:
+            raise ValueError(f"unsupported dtype {dtype!r} for {name}")
+        contiguous = [_prod(shape[i + 1:]) for i in range(len(shape))]
+        entries.append((name, dtype, str(key), _prod(shape), list(shape), (strides or {}).get(name, contiguous)))
+        storages.append((str(key), data))
+    return write_torch_zip(path, torch_state_dict_pickle(entries, ordered=ordered, parameters=parameters), storages,
+                           archive=archive)
+
+
+# --- LoRA adapters -------------------------------------------------------------------------------
+
+
+def write_lora_adapter(
+    directory: Path,
+    base_dir: Path,
+    *,
+    rank: int = 8,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    alpha: int = 16,
+    seed: int = 0,
+    base_model_name_or_path: str | None = None,
+    weight_format: str = "safetensors",
+    extra_config: dict | None = None,
+) -> Path:
+    """Write a PEFT LoRA adapter for the checkpoint in ``base_dir`` into ``directory`` and return it.
+
+    For every 2-D base weight ``<module>.weight`` whose last name is in ``target_modules``, the
+    adapter holds ``base_model.model.<module>.lora_A.weight`` [rank, in] and ``lora_B.weight``
+    [out, rank] in the base's dtype, and ``adapter_config.json`` says ``r``, ``lora_alpha`` and
+    ``target_modules`` as PEFT saves them. ``weight_format="pickle"`` writes adapter_model.bin.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    base = {}
+    for shard in sorted(Path(base_dir).glob("*.safetensors")):
+        base.update({k: v for k, v in read_safetensors_header(shard).items() if k != "__metadata__"})
+    tensors: list[tuple[str, str, list[int], TensorData]] = []
+    for name in sorted(base):
+        module = name.removesuffix(".weight")
+        if not name.endswith(".weight") or module.rsplit(".", 1)[-1] not in target_modules or len(base[name]["shape"]) != 2:
+            continue
+        out_features, in_features = base[name]["shape"]
+        dtype = base[name]["dtype"]
+        for part, shape in (("lora_A", [rank, in_features]), ("lora_B", [out_features, rank])):
+            tensor = f"base_model.model.{module}.{part}.weight"
+            count = _prod(shape)
+            tensors.append((tensor, dtype, shape,
+                            lambda t=tensor, c=count, d=dtype: _tensor_bytes(seed, t, c, d, scale=0.02, offset=0.0)))
+    if not tensors:
+        raise ValueError(f"no 2-D weights in {base_dir} match target_modules {list(target_modules)}")
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": list(target_modules), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path if base_model_name_or_path is not None else str(base_dir),
+        "modules_to_save": None, "revision": None, **(extra_config or {}),
+    }
+    _write_json(directory / "adapter_config.json", config)
+    if weight_format == "pickle":
+        write_torch_checkpoint(directory / "adapter_model.bin", tensors, ordered=False)
+    else:
+        write_safetensors(directory / "adapter_model.safetensors", tensors)
     return directory
 
 

@@ -1,4 +1,5 @@
-"""GPU-free weight checks: format detection, engine-dir refusal, safetensors headers, base match, digests."""
+"""GPU-free weight checks: format detection, engine-dir refusal, safetensors headers, base match, digests,
+and fine-tune staging (every refusal, reuse of an unchanged source)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,23 @@ from pathlib import Path
 import pytest
 
 from nimflow.checkpoint import (
+    chat_template_present,
     check_matches_base,
     check_safetensors,
     check_weights,
     detect_weight_format,
     directory_digest,
+    local_checkpoint,
+    model_files,
     read_config,
+    resolve_verify_api,
 )
 from nimflow.errors import InvalidWeights
+from nimflow.records import Checkpoint
+from nimflow.spec import FinetuneSpec
+from nimflow.tensor_inventory import DTYPE_SIZES
 from nimflow.testbed.tiny_model import read_safetensors_header, write_safetensors, write_tiny_llama
+from tasks.finetune import stage_finetune
 
 
 @pytest.fixture
@@ -46,18 +55,33 @@ def test_detects_safetensors(tiny: Path) -> None:
     [
         (["pytorch_model.bin"], "binary"),
         (["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"], "binary"),
-        (["consolidated.pt"], "pickle"),
         (["model.pth"], "pickle"),
         (["model.safetensors", "pytorch_model.bin"], "safetensors"),
         (["pytorch_model.bin", "consolidated.pt"], "binary"),
+        (["model.pth", "pytorch_model.bin"], "binary"),
     ],
 )
-def test_detects_bin_and_pt(tmp_path: Path, files: list[str], expected: str) -> None:
-    """bin and pt/pth weights are recognised; safetensors wins when several formats are present."""
+def test_detects_bin_and_pth(tmp_path: Path, files: list[str], expected: str) -> None:
+    """As TensorRT-LLM's detect_format: safetensors, then *.bin (binary), then *.pth (pickle)."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     for name in files:
         (tmp_path / name).write_bytes(b"\0" * 16)
     assert detect_weight_format(tmp_path) == expected
+
+
+@pytest.mark.parametrize("layout", [["consolidated.pt"], ["weights/model.safetensors"]])
+def test_pt_only_or_sub_folder_is_refused(tmp_path: Path, layout: list[str]) -> None:
+    """*.pt files and weights in sub-folders are never read by TensorRT-LLM: refused, naming them."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for name in layout:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"\0" * 16)
+    with pytest.raises(InvalidWeights) as info:
+        detect_weight_format(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path) in message and f"found {layout[0]}" in message
+    assert "*.safetensors, *.bin and *.pth at the top level" in message  # what is expected
+    assert "Convert the weights to safetensors" in message  # the fix
 
 
 def test_engine_directory_is_refused(tmp_path: Path) -> None:
@@ -301,3 +325,225 @@ def test_digest_ignores_bookkeeping(tiny: Path) -> None:
     (tiny / ".cache" / "huggingface" / "model.safetensors.lock").write_text("lock")
     (tiny / ".nimflow-download.json").write_text(json.dumps({"sha": "abc"}))
     assert directory_digest(tiny) == before
+
+
+# --- stage_finetune: every refusal names the file, what was found, what was expected -----------
+
+@pytest.fixture
+def base(tmp_path: Path) -> Checkpoint:
+    return local_checkpoint(write_tiny_llama(tmp_path / "base"))
+
+
+def _finetune(tmp_path: Path, **kwargs: object) -> Path:
+    return write_tiny_llama(tmp_path / "ft", seed=7, **kwargs)  # type: ignore[arg-type]
+
+
+def _rewrite_weights(directory: Path, change: dict[str, tuple[str, list[int]] | None], add: dict[str, tuple[str, list[int]]] | None = None) -> None:
+    """Rewrite model.safetensors with some tensors changed (dtype, shape), dropped (None) or added; zero data."""
+    header = read_safetensors_header(directory / "model.safetensors")
+    specs = [(n, h["dtype"], h["shape"]) for n, h in header.items() if n != "__metadata__"]
+    out = []
+    for name, dtype, shape in specs:
+        if name in change:
+            if change[name] is None:
+                continue
+            dtype, shape = change[name]  # type: ignore[misc]
+        out.append((name, dtype, shape))
+    out += [(n, d, s) for n, (d, s) in (add or {}).items()]
+    meta, offset = {}, 0
+    for name, dtype, shape in out:
+        size = DTYPE_SIZES[dtype]
+        for dim in shape:
+            size *= dim
+        meta[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    _raw_safetensors(directory / "model.safetensors", json.dumps(meta).encode(), b"\0" * offset)
+
+
+def _refusal(ft: Path, base: Checkpoint, tmp_path: Path, **spec: object) -> str:
+    with pytest.raises(InvalidWeights) as info:
+        stage_finetune(FinetuneSpec(path=str(ft), **spec), base, tmp_path / "cache")  # type: ignore[arg-type]
+    assert not list((tmp_path / "cache" / "finetune").glob("[0-9a-f]*"))  # nothing staged
+    return str(info.value)
+
+
+def test_finetune_is_staged_with_base_side_files(tmp_path: Path, base: Checkpoint) -> None:
+    """The fine-tune's files are staged with the base's tokenizer where the fine-tune has none."""
+    ft = _finetune(tmp_path)
+    (ft / "tokenizer.json").unlink()
+    weights = stage_finetune(FinetuneSpec(path=str(ft)), base, tmp_path / "cache")
+    staged = Path(weights.path)
+    assert weights.weight_format == "safetensors" and weights.staged_files == len(model_files(staged))
+    assert (staged / "tokenizer.json").read_bytes() == (Path(base.path) / "tokenizer.json").read_bytes()
+    assert (staged / "model.safetensors").read_bytes() == (ft / "model.safetensors").read_bytes()
+    assert weights.digest == directory_digest(staged)
+
+
+def test_unchanged_local_finetune_is_neither_copied_nor_hashed(tmp_path: Path, base: Checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second call finds the record: nothing copied, no file hashed; a touched file re-stages."""
+    import nimflow.checkpoint as checkpoint
+
+    ft = _finetune(tmp_path)
+    first = stage_finetune(FinetuneSpec(path=str(ft)), base, tmp_path / "cache")
+    hashed: list[Path] = []
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p: hashed.append(p) or real(p))
+    second = stage_finetune(FinetuneSpec(path=str(ft)), base, tmp_path / "cache")
+    assert second.staged_files == 0 and second.path == first.path and second.digest == first.digest
+    assert hashed == []
+    write_tiny_llama(ft, seed=8)  # new content: the fingerprint changes
+    third = stage_finetune(FinetuneSpec(path=str(ft)), base, tmp_path / "cache")
+    assert hashed and third.digest != first.digest and third.staged_files > 0
+
+
+def test_damaged_staged_directory_is_staged_again(tmp_path: Path, base: Checkpoint) -> None:
+    """A staged directory that lost a file is not reused: it is staged again, whole."""
+    ft = _finetune(tmp_path)
+    first = stage_finetune(FinetuneSpec(path=str(ft)), base, tmp_path / "cache")
+    (Path(first.path) / "model.safetensors").unlink()
+    again = stage_finetune(FinetuneSpec(path=str(ft)), base, tmp_path / "cache")
+    assert again.staged_files > 0 and (Path(again.path) / "model.safetensors").is_file()
+
+
+def test_engine_directory_as_finetune(tmp_path: Path, base: Checkpoint) -> None:
+    ft = tmp_path / "engine"
+    (ft / "trtllm_engine").mkdir(parents=True)
+    (ft / "trtllm_engine" / "rank0.engine").write_bytes(b"\0" * 64)
+    message = _refusal(ft, base, tmp_path)
+    assert str(ft) in message and "TensorRT-LLM engine directory" in message and "trtllm_engine/rank0.engine" in message
+
+
+def test_pickle_without_consent(tmp_path: Path, base: Checkpoint) -> None:
+    ft = _finetune(tmp_path, weight_format="pickle")
+    message = _refusal(ft, base, tmp_path)
+    assert str(ft) in message and "found pytorch_model.bin (PyTorch pickle)" in message
+    assert "Pickles run code when loaded" in message
+    assert "convert to safetensors, or set finetune.allow_pickle: true" in message
+
+
+def test_pickle_with_consent_is_converted(tmp_path: Path, base: Checkpoint) -> None:
+    """With allow_pickle the weights arrive as safetensors with the same names and bytes; no pickle is staged."""
+    from safetensors.numpy import load_file
+
+    ft = _finetune(tmp_path, weight_format="pickle", shards=2)
+    reference = _finetune(tmp_path / "ref", shards=1)
+    weights = stage_finetune(FinetuneSpec(path=str(ft), allow_pickle=True), base, tmp_path / "cache")
+    staged = Path(weights.path)
+    assert weights.weight_format == "binary"
+    assert not list(staged.glob("*.bin")) and not (staged / "pytorch_model.bin.index.json").exists()
+    assert (staged / "model.safetensors.index.json").is_file()
+    converted = {}
+    for shard in staged.glob("*.safetensors"):
+        converted.update(load_file(shard))
+    expected = load_file(reference / "model.safetensors")
+    assert set(converted) == set(expected)
+    assert all(converted[k].tobytes() == expected[k].tobytes() and converted[k].dtype == expected[k].dtype for k in expected)
+
+
+def test_pt_only_finetune(tmp_path: Path, base: Checkpoint) -> None:
+    ft = _finetune(tmp_path)
+    (ft / "model.safetensors").rename(ft / "consolidated.pt")
+    message = _refusal(ft, base, tmp_path, allow_pickle=True)
+    assert str(ft) in message and "found consolidated.pt" in message and "not *.pt" in message
+
+
+def test_adapter_given_as_finetune(tmp_path: Path, base: Checkpoint) -> None:
+    from nimflow.testbed.tiny_model import write_lora_adapter
+
+    adapter = write_lora_adapter(tmp_path / "adapter", Path(base.path))
+    message = _refusal(adapter, base, tmp_path)
+    assert str(adapter) in message and "this is a LoRA adapter (found adapter_config.json)" in message
+    assert "list it under lora.adapters" in message
+
+
+def test_shape_mismatch(tmp_path: Path, base: Checkpoint) -> None:
+    ft = _finetune(tmp_path)
+    _rewrite_weights(ft, {"model.layers.1.mlp.up_proj.weight": ("F16", [96, 64])})
+    message = _refusal(ft, base, tmp_path)
+    assert str(ft / "model.safetensors") in message
+    assert "'model.layers.1.mlp.up_proj.weight' has shape [96, 64]" in message
+    assert "has [128, 64]" in message and str(Path(base.path) / "model.safetensors") in message
+
+
+def test_unexpected_tensor_names(tmp_path: Path, base: Checkpoint) -> None:
+    ft = _finetune(tmp_path)
+    lora_name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _rewrite_weights(ft, {}, add={lora_name: ("F16", [8, 64])})
+    message = _refusal(ft, base, tmp_path)
+    assert str(ft / "model.safetensors") in message and "1 tensor(s) the base model does not have" in message
+    assert lora_name in message and "expected only the base's tensor names" in message
+    assert "list the adapter under lora.adapters" in message
+
+
+def test_missing_tensor(tmp_path: Path, base: Checkpoint) -> None:
+    ft = _finetune(tmp_path)
+    _rewrite_weights(ft, {"lm_head.weight": None})
+    message = _refusal(ft, base, tmp_path)
+    assert str(ft) in message and "lacks 1 tensor(s) the base model has: lm_head.weight" in message
+    assert "expected every tensor of the base model" in message
+
+
+def test_integer_dtype(tmp_path: Path, base: Checkpoint) -> None:
+    ft = _finetune(tmp_path)
+    _rewrite_weights(ft, {"model.norm.weight": ("I32", [64])})
+    message = _refusal(ft, base, tmp_path)
+    assert str(ft / "model.safetensors") in message and "'model.norm.weight' has dtype I32" in message
+    assert "expected a floating dtype" in message and "like the base's F16" in message
+
+
+def test_architecture_mismatch_names_config(tmp_path: Path, base: Checkpoint) -> None:
+    ft = _finetune(tmp_path, intermediate_size=96)
+    message = _refusal(ft, base, tmp_path)
+    assert str(ft / "config.json") in message and "intermediate_size: base 128, fine-tune 96" in message
+
+
+def test_tokenizer_beyond_vocab_size(tmp_path: Path, base: Checkpoint) -> None:
+    ft = _finetune(tmp_path)
+    tokenizer = json.loads((ft / "tokenizer.json").read_text())
+    vocab_size = json.loads((ft / "config.json").read_text())["vocab_size"]
+    tokenizer["added_tokens"].append({"id": vocab_size + 2, "content": "<tool>", "special": True})
+    (ft / "tokenizer.json").write_text(json.dumps(tokenizer))
+    message = _refusal(ft, base, tmp_path)
+    assert str(ft / "tokenizer.json") in message
+    assert f"tokens (highest id {vocab_size + 2})" in message and f"vocab_size {vocab_size}" in message
+    assert "resize_token_embeddings" in message
+
+
+def test_missing_tokenizer(tmp_path: Path) -> None:
+    base_dir = write_tiny_llama(tmp_path / "base")
+    (base_dir / "tokenizer.json").unlink()
+    base = local_checkpoint(base_dir)
+    ft = _finetune(tmp_path)
+    (ft / "tokenizer.json").unlink()
+    message = _refusal(ft, base, tmp_path)
+    assert "missing tokenizer" in message and "tokenizer.json" in message and "tokenizer.save_pretrained" in message
+
+
+def test_finetune_path_that_is_not_a_directory(tmp_path: Path, base: Checkpoint) -> None:
+    message = _refusal(tmp_path / "nowhere", base, tmp_path)
+    assert str(tmp_path / "nowhere") in message and "not a directory" in message
+
+
+# --- chat template / verify api -----------------------------------------------------------------
+
+
+def test_chat_template_detection(tiny: Path) -> None:
+    assert not chat_template_present(tiny)  # write_tiny_llama writes no template
+    assert resolve_verify_api("auto", tiny) == "completions"
+    config = json.loads((tiny / "tokenizer_config.json").read_text())
+    (tiny / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ messages }}"}))
+    assert chat_template_present(tiny) and resolve_verify_api("auto", tiny) == "chat"
+    assert resolve_verify_api("completions", tiny) == "completions"
+
+
+def test_chat_template_file(tiny: Path) -> None:
+    (tiny / "chat_template.jinja").write_text("{{ messages }}")
+    assert chat_template_present(tiny) and resolve_verify_api("chat", tiny) == "chat"
+
+
+def test_chat_without_template_is_refused(tiny: Path) -> None:
+    with pytest.raises(InvalidWeights) as info:
+        resolve_verify_api("chat", tiny)
+    message = str(info.value)
+    assert str(tiny / "tokenizer_config.json") in message and "no chat_template" in message
+    assert "verify.api: completions" in message

@@ -1,0 +1,117 @@
+"""Hugging Face Hub snapshots in the NIM cache mount, pinned to a commit sha.
+
+A snapshot lives at ``<cache>/models/<org>--<name>/<sha>``; its marker file is written last, so a
+directory with the marker holds a complete download and is never fetched again. The base checkpoint
+(stage 1) and ``hf://`` fine-tunes and adapters share this one mechanism.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from huggingface_hub import HfApi, snapshot_download
+
+from nimflow.checkpoint import model_files
+from nimflow.errors import InvalidWeights, translated_errors
+from nimflow.records import Checkpoint
+from nimflow.settings import get_settings
+
+SHA = re.compile(r"^[0-9a-f]{40}$")
+#: Written last into a snapshot directory: its presence means the download completed.
+COMPLETE_MARKER = ".nimflow-download.json"
+
+
+def snapshot_path(cache_dir: Path, repo_id: str, sha: str) -> Path:
+    """Where a repo snapshot lives inside the NIM cache mount."""
+    return cache_dir / "models" / repo_id.replace("/", "--") / sha
+
+
+def resolve_revision(repo_id: str, revision: str) -> str:
+    """The commit sha a branch, tag or sha names on the hub.
+
+    Raises:
+        CheckpointNotFound: the repo or revision does not exist, or the token cannot see it.
+        ServiceUnavailable: the hub did not answer (retried by the task).
+    """
+    settings = get_settings()
+    api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token_value())
+    with translated_errors(f"resolving {repo_id}@{revision} on {settings.hf_endpoint or 'huggingface.co'}"):
+        return str(api.model_info(repo_id, revision=revision).sha)
+
+
+def pinned_sha(repo_id: str, revision: str) -> str:
+    """``revision`` itself when it is a full commit sha (no network), else what the hub resolves it to.
+
+    Raises:
+        CheckpointNotFound: the repo or revision does not exist, or the token cannot see it.
+        ServiceUnavailable: the hub did not answer.
+    """
+    return revision if SHA.match(revision) else resolve_revision(repo_id, revision)
+
+
+def completed_snapshot(target: Path, allow_patterns: list[str] | None) -> bool:
+    """True when ``target`` holds a complete download of these patterns (its marker was written last)."""
+    try:
+        marker = json.loads((target / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("allow_patterns") == allow_patterns
+
+
+def fetch_snapshot(
+    repo_id: str,
+    revision: str,
+    allow_patterns: list[str] | None,
+    cache_dir: Path,
+    *,
+    required_file: str | None = "config.json",
+) -> Checkpoint:
+    """Download ``repo_id`` at ``revision`` into the cache; a complete snapshot is not fetched again.
+
+    A revision given as a full sha whose snapshot is complete needs no network at all.
+
+    Args:
+        required_file: a file the snapshot must contain (None: no requirement); a base checkpoint
+            needs config.json, an adapter adapter_config.json.
+
+    Raises:
+        CheckpointNotFound: unknown repo, revision or file; gated or private without a token.
+        ServiceUnavailable: the hub answered 5xx/429 or the connection failed.
+        InvalidWeights: ``required_file`` was not downloaded.
+    """
+    sha = pinned_sha(repo_id, revision)
+    target = snapshot_path(cache_dir, repo_id, sha)
+    if completed_snapshot(target, allow_patterns):
+        return Checkpoint(path=str(target), identity=f"hf:{repo_id}@{sha}", repo_id=repo_id, revision=revision, revision_sha=sha)
+
+    before = {p: p.stat().st_mtime_ns for p in model_files(target)} if target.exists() else {}
+    settings = get_settings()
+    with translated_errors(f"downloading {repo_id}@{sha}"):
+        snapshot_download(
+            repo_id,
+            revision=sha,
+            local_dir=target,
+            allow_patterns=allow_patterns,
+            endpoint=settings.hf_endpoint,
+            token=settings.hf_token_value(),
+        )
+    files = model_files(target)
+    if required_file is not None and not (target / required_file).exists():
+        hint = "check source.allow_patterns" if allow_patterns else f"the repo has no {required_file} at its top level"
+        raise InvalidWeights(f"{repo_id}@{sha}: no {required_file} was downloaded; {hint}")
+    changed = [p for p in files if before.get(p) != p.stat().st_mtime_ns]
+    # The marker is written last, through a temporary name: it is what "complete" means.
+    marker = target / f"{COMPLETE_MARKER}.tmp"
+    marker.write_text(json.dumps({"repo_id": repo_id, "sha": sha, "allow_patterns": allow_patterns, "files": len(files)}))
+    marker.replace(target / COMPLETE_MARKER)
+    return Checkpoint(
+        path=str(target),
+        identity=f"hf:{repo_id}@{sha}",
+        repo_id=repo_id,
+        revision=revision,
+        revision_sha=sha,
+        downloaded_files=len(changed),
+        downloaded_bytes=sum(p.stat().st_size for p in changed),
+    )
