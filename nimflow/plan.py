@@ -50,7 +50,7 @@ def make_plan(spec: HostingSpec) -> Plan:
     # The stage modules own their on-disk layouts; importing them here keeps one definition.
     from tasks.deploy import deployment_identity, deployment_labels, model_mount, running_unchanged
     from tasks.download import completed_snapshot, resolve_revision, snapshot_path
-    from tasks.finetune import finetune_root
+    from nimflow.finetune import finetune_root
 
     plan = Plan()
     cache_dir = Path(spec.deploy.cache_dir).resolve()

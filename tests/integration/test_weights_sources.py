@@ -23,7 +23,7 @@ from nimflow.testbed.fault_proxy import FaultProxy
 from nimflow.testbed.hub_server import publish
 from nimflow.testbed.services import S3_TEST_CREDENTIALS, Service
 from nimflow.testbed.tiny_model import write_lora_adapter, write_tiny_llama
-from tasks.finetune import stage_finetune
+from nimflow.finetune import stage_finetune
 from tests.conftest import ENGINE_BUCKET
 
 pytestmark = pytest.mark.testbed

@@ -27,7 +27,7 @@ from nimflow.records import Checkpoint
 from nimflow.spec import FinetuneSpec
 from nimflow.tensor_inventory import DTYPE_SIZES
 from nimflow.testbed.tiny_model import read_safetensors_header, write_safetensors, write_tiny_llama
-from tasks.finetune import stage_finetune
+from nimflow.finetune import stage_finetune
 
 
 @pytest.fixture
