@@ -203,6 +203,13 @@ def _write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+#: A minimal Llama-style chat template (what an instruct model's tokenizer_config.json carries).
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def write_tiny_llama(
     directory: Path,
     *,
@@ -216,6 +223,7 @@ def write_tiny_llama(
     dtype: str = "float16",
     shards: int = 1,
     weight_format: str = "safetensors",
+    chat_template: bool = True,
 ) -> Path:
     """Write a tiny Llama checkpoint into ``directory`` (created if needed) and return it.
 
@@ -223,7 +231,8 @@ def write_tiny_llama(
     ``shards > 1`` the weights go to ``model-0000i-of-0000N.safetensors`` plus
     ``model.safetensors.index.json``; otherwise to ``model.safetensors``. ``weight_format="pickle"``
     writes the same tensors as torch.save would: ``pytorch_model.bin`` (or
-    ``pytorch_model-0000i-of-0000N.bin`` plus ``pytorch_model.bin.index.json``).
+    ``pytorch_model-0000i-of-0000N.bin`` plus ``pytorch_model.bin.index.json``). An instruct
+    model's tokenizer has a chat template; ``chat_template=False`` writes a base model's, without one.
     """
     if dtype not in _TORCH_TO_ST:
         raise ValueError(f"dtype must be one of {sorted(_TORCH_TO_ST)}, not {dtype!r}")
@@ -282,6 +291,7 @@ def write_tiny_llama(
         "bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": None,
         "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": 2048,
+        **({"chat_template": TINY_CHAT_TEMPLATE} if chat_template else {}),
         "added_tokens_decoder": {
             str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
                      "single_word": False, "special": True}

@@ -527,23 +527,25 @@ def test_finetune_path_that_is_not_a_directory(tmp_path: Path, base: Checkpoint)
 # --- chat template / verify api -----------------------------------------------------------------
 
 
-def test_chat_template_detection(tiny: Path) -> None:
-    assert not chat_template_present(tiny)  # write_tiny_llama writes no template
-    assert resolve_verify_api("auto", tiny) == "completions"
-    config = json.loads((tiny / "tokenizer_config.json").read_text())
-    (tiny / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ messages }}"}))
-    assert chat_template_present(tiny) and resolve_verify_api("auto", tiny) == "chat"
-    assert resolve_verify_api("completions", tiny) == "completions"
+def test_chat_template_detection(tmp_path: Path) -> None:
+    base_model = write_tiny_llama(tmp_path / "base", chat_template=False)
+    assert not chat_template_present(base_model)
+    assert resolve_verify_api("auto", base_model) == "completions"
+    instruct = write_tiny_llama(tmp_path / "instruct")  # an instruct model's tokenizer has one
+    assert chat_template_present(instruct) and resolve_verify_api("auto", instruct) == "chat"
+    assert resolve_verify_api("completions", instruct) == "completions"
 
 
-def test_chat_template_file(tiny: Path) -> None:
-    (tiny / "chat_template.jinja").write_text("{{ messages }}")
-    assert chat_template_present(tiny) and resolve_verify_api("chat", tiny) == "chat"
+def test_chat_template_file(tmp_path: Path) -> None:
+    model = write_tiny_llama(tmp_path / "m", chat_template=False)
+    (model / "chat_template.jinja").write_text("{{ messages }}")
+    assert chat_template_present(model) and resolve_verify_api("chat", model) == "chat"
 
 
-def test_chat_without_template_is_refused(tiny: Path) -> None:
+def test_chat_without_template_is_refused(tmp_path: Path) -> None:
+    model = write_tiny_llama(tmp_path / "m", chat_template=False)
     with pytest.raises(InvalidWeights) as info:
-        resolve_verify_api("chat", tiny)
+        resolve_verify_api("chat", model)
     message = str(info.value)
-    assert str(tiny / "tokenizer_config.json") in message and "no chat_template" in message
+    assert str(model / "tokenizer_config.json") in message and "no chat_template" in message
     assert "verify.api: completions" in message
