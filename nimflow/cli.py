@@ -4,6 +4,8 @@
     nimflow plan CONFIG               which stages a run would do and which are hits, with the engine key
     nimflow host CONFIG [--revision]  run the host_model flow against the configured Prefect API
     nimflow cache ls|explain|gc       list, explain and clean the engine store
+    nimflow status                    the deployments on this Docker host: endpoint, health, what they serve
+    nimflow down NAME                 remove a deployment (front proxy, backends, route); only labelled containers
     nimflow testbed up|down           start/stop the local test bed (Docker, S3, hub, Prefect)
     nimflow demo                      test bed up + host configs/demo.yaml end to end
 
@@ -128,6 +130,24 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from nimflow.containers import docker_client
+    from nimflow.deployments_admin import deployment_status, render_status
+
+    print(render_status(deployment_status(docker_client())))
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from nimflow.containers import docker_client
+    from nimflow.deployments_admin import take_down
+
+    result = take_down(docker_client(), args.name)
+    print(f"removed deployment {args.name}: {', '.join(result.removed)}"
+          + (f"; route {result.route_dir}" if result.route_dir else ""))
+    return 0
+
+
 def _print_record(record: dict) -> None:
     def count(n: int, verb: str) -> str:
         return f"{n} files {verb}" if n else f"nothing {verb}"
@@ -202,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     host.add_argument("config", metavar="CONFIG")
     host.add_argument("--revision", help="override source.revision (branch, tag or sha)")
     host.set_defaults(run=lambda a: _host(a.config, a.revision))
+
+    status = sub.add_parser("status", help="list the nimflow deployments on this Docker host, with their health")
+    status.set_defaults(run=_status)
+
+    down = sub.add_parser("down", help="remove a deployment: its front proxy, backends and route (labelled containers only)")
+    down.add_argument("name", metavar="NAME", help="the deployment (spec) name, as `nimflow status` lists it")
+    down.set_defaults(run=_down)
 
     testbed = sub.add_parser("testbed", help="start or stop the local test bed")
     testbed.add_argument("action", choices=["up", "down"])

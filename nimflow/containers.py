@@ -265,3 +265,86 @@ def run_to_exit(
         return ContainerExit(exit_code=code, logs=last_log_lines(client, container_id, log_lines))
     finally:
         remove_container_quietly(client, name)
+
+
+# --- ownership, networks and restarts (rollouts) -------------------------------------------------
+
+#: The user-defined bridge network every front proxy and backend joins: containers reach each
+#: other by name (Docker's DNS), whatever addresses a restart gives them.
+NETWORK = "nimflow"
+DEPLOYMENT_LABEL = f"{LABEL_PREFIX}deployment"
+ROLE_LABEL = f"{LABEL_PREFIX}role"
+
+
+def describe_container(container: Any) -> str:
+    """``name (id 0123456789ab, image repo:tag)`` for error messages."""
+    image = (container.attrs.get("Config") or {}).get("Image") or "?"
+    return f"{container.name} (id {container.id[:12]}, image {image})"
+
+
+def owned_by(container: Any, deployment: str) -> bool:
+    """True when ``container`` carries ``nimflow.deployment=<deployment>``: only those are nimflow's to stop."""
+    return (container.labels or {}).get(DEPLOYMENT_LABEL) == deployment
+
+
+def owned_container(client: docker.DockerClient, name: str, deployment: str) -> Any | None:
+    """The container named ``name`` if it belongs to ``deployment``; None if there is none.
+
+    Raises:
+        DeploymentError: a container of that name exists and is not this deployment's (naming it
+            and the fix); nimflow never stops or removes it.
+    """
+    container = find_container(client, name)
+    if container is None or owned_by(container, deployment):
+        return container
+    raise DeploymentError(
+        f"container {describe_container(container)} is not part of nimflow deployment {deployment!r} (no label "
+        f"{DEPLOYMENT_LABEL}={deployment}) but has a name this deployment needs; nimflow leaves it alone: remove or "
+        f"rename it (`docker rm -f {container.name}`) or set deploy.container_name to another name"
+    )
+
+
+def port_holders(client: docker.DockerClient, host: str, port: int) -> list[Any]:
+    """Running containers that publish host port ``port`` on ``host`` (or on every address)."""
+    wildcard = ("", "0.0.0.0", "::")
+    holders = []
+    for container in client.containers.list(filters={"publish": str(port)}):
+        for bindings in ((container.attrs.get("NetworkSettings") or {}).get("Ports") or {}).values():
+            if any(str(b.get("HostPort")) == str(port) and (b.get("HostIp") in wildcard or host in wildcard or b.get("HostIp") == host)
+                   for b in bindings or []):
+                holders.append(container)
+                break
+    return holders
+
+
+def ensure_network(client: docker.DockerClient, name: str = NETWORK) -> str:
+    """The id of the user-defined bridge network ``name``, created (labelled) when missing.
+
+    Raises:
+        DeploymentError: the network cannot be created.
+    """
+    def existing() -> str | None:
+        found = [n for n in client.networks.list(names=[name]) if n.name == name]  # `names` also matches prefixes
+        return str(found[0].id) if found else None
+
+    if (network_id := existing()) is not None:
+        return network_id
+    try:
+        return str(client.networks.create(name, driver="bridge", check_duplicate=True,
+                                          labels={f"{LABEL_PREFIX}managed": "true"}).id)
+    except docker.errors.APIError:
+        if (network_id := existing()) is not None:  # another run created it meanwhile
+            return network_id
+        raise
+
+
+def set_restart_policy(client: docker.DockerClient, container_id: str, policy: str) -> None:
+    """Change a container's restart policy (``no``, ``unless-stopped``...) in place."""
+    client.containers.get(container_id).update(restart_policy={"Name": policy, "MaximumRetryCount": 0})
+
+
+def start_existing(client: docker.DockerClient, container_id: str) -> None:
+    """``docker start`` a stopped container (a running one is left as it is)."""
+    container = client.containers.get(container_id)
+    if container.status != "running":
+        container.start()

@@ -1,179 +1,145 @@
-"""Stage 5: run the NIM container that serves the model."""
+"""Stage 5: roll the NIM container out: start a candidate, then switch the stable endpoint to it.
+
+The flow calls :func:`deploy_nim` (start the candidate), verifies the candidate's own endpoint,
+then :func:`promote_deployment` (switch the front proxy, drain and retire the old container), or
+:func:`abort_rollout` when verification failed (remove the candidate; recreate: bring the old one
+back). The mechanisms are in :mod:`nimflow.rollout` and :mod:`nimflow.front_proxy`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import docker
 from prefect import get_run_logger, task
 
-from nimflow.containers import (
-    CONTAINER_PORT,
-    LABEL_PREFIX,
-    device_requests,
-    docker_client,
-    find_container,
-    image_id,
-    remove_container,
-    spec_hash,
-)
-from nimflow.engine_store import read_local_manifest
-from nimflow.errors import DeploymentError, EngineStoreError, translated_errors
-from nimflow.gpu_identity import check_serving_target
-from nimflow.records import Deployment, Engine
+from nimflow.containers import find_container
+from nimflow.front_proxy import ROUTE_DIR_LABEL, read_route, upstream_of
+from nimflow.records import Deployment, Engine, ServingImage
 from nimflow.retries import transient_retries
-from nimflow.settings import get_settings
-from nimflow.spec import NIM_CACHE_MOUNT, DeploySpec
+from nimflow.rollout import (
+    SPEC_HASH_LABEL,
+    abort,
+    backend_identity,
+    container_environment,
+    deployment_labels,
+    guard_engine,
+    model_mount,
+    promote,
+    start_candidate,
+)
+from nimflow.spec import DeploySpec, RolloutSpec
 
-_EXTRA_MODEL_MOUNT = "/opt/nim/model"
-
-
-def model_mount(deploy: DeploySpec, model_path: Path) -> tuple[str, dict[str, dict[str, str]]]:
-    """The in-container path for ``model_path`` and any extra volume it needs.
-
-    Models inside the cache dir are reached through the cache mount (the guide's layout);
-    anything else is mounted read-only on its own.
-    """
-    cache_dir = Path(deploy.cache_dir).resolve()
-    model_path = model_path.resolve()
-    if model_path.is_relative_to(cache_dir):
-        relative = model_path.relative_to(cache_dir).as_posix()
-        return (NIM_CACHE_MOUNT if relative == "." else f"{NIM_CACHE_MOUNT}/{relative}"), {}
-    return _EXTRA_MODEL_MOUNT, {str(model_path): {"bind": _EXTRA_MODEL_MOUNT, "mode": "ro"}}
-
-
-def container_environment(deploy: DeploySpec, nim_model_name: str) -> dict[str, str]:
-    """The NIM container's environment: the spec's env, the model, and secrets from this process."""
-    return {
-        **deploy.env,
-        "NIM_MODEL_NAME": nim_model_name,
-        "NIM_SERVED_MODEL_NAME": deploy.served_model_name,
-        "NIM_CACHE_PATH": NIM_CACHE_MOUNT,
-        **get_settings().container_secrets(),
-    }
-
-
-def deployment_labels(weights_identity: str, engine_key: str | None) -> dict[str, str]:
-    """The provenance labels of a NIM container: what it serves."""
-    labels = {f"{LABEL_PREFIX}weights": weights_identity[:200]}
-    if engine_key is not None:
-        labels[f"{LABEL_PREFIX}engine-key"] = engine_key
-    return labels
+__all__ = [
+    "abort_rollout", "container_environment", "deploy_nim", "deployment_identity", "deployment_labels",
+    "guard_engine", "model_mount", "promote_deployment", "running_unchanged", "start_nim",
+]
 
 
 def deployment_identity(client: docker.DockerClient, deploy: DeploySpec, nim_model_name: str, labels: dict[str, str]) -> str:
-    """The hash of everything that makes a NIM container what it is (secrets excluded: they never leave this process)."""
-    return spec_hash({
-        "image_id": image_id(client, deploy.image),
-        "model": nim_model_name,
-        "deploy": deploy.model_dump(mode="json", exclude={"health_deadline_seconds", "completion_prompt"}),
-        "labels": labels,
-    })
+    """The identity a NIM 1.x backend serving ``nim_model_name`` with the default rollout would have (for `nimflow plan`)."""
+    return backend_identity(client, deploy, RolloutSpec(), deploy.image, {"NIM_MODEL_NAME": nim_model_name}, labels)
 
 
 def running_unchanged(client: docker.DockerClient, container_name: str, identity: str) -> Any | None:
-    """The container under ``container_name`` if it runs with exactly this identity, else None."""
-    existing = find_container(client, container_name)
-    if existing is not None and existing.status == "running" and existing.labels.get(f"{LABEL_PREFIX}spec-hash") == identity:
-        return existing
+    """The routed backend of the deployment whose containers are named after ``container_name``,
+    if it runs with exactly this identity, else None (for `nimflow plan`)."""
+    for name in (f"{container_name}-blue", f"{container_name}-green"):
+        container = find_container(client, name)
+        if container is None or container.status != "running" or container.labels.get(SPEC_HASH_LABEL) != identity:
+            continue
+        directory = container.labels.get(ROUTE_DIR_LABEL)
+        route = read_route(Path(directory)) if directory else None
+        if route is not None and route.upstream == upstream_of(container.name):
+            return container
     return None
 
 
-def guard_engine(client: docker.DockerClient, deploy: DeploySpec, engine: Engine) -> list[str]:
-    """Refuse an engine built for another GPU or TensorRT-LLM version than this deployment's.
-
-    The same probe as the build's, run with the deployment's image, GPUs and env, before any
-    container is started or replaced.
-
-    Returns:
-        The differences ``deploy.force`` overrode (empty when the engine matches).
-
-    Raises:
-        EngineIncompatible: naming both GPUs / versions, unless ``deploy.force``.
-        EngineStoreError: the engine directory has no manifest.
-    """
-    manifest = read_local_manifest(Path(engine.path))
-    if manifest is None:
-        raise EngineStoreError(f"{engine.path}: no engine manifest; cannot tell which GPU the engine was built for")
-    return check_serving_target(client, deploy, manifest["key_inputs"], engine_key=engine.engine_key)
-
-
-def start_nim(
-    deploy: DeploySpec, name: str, container_name: str, model_path: Path, labels: dict[str, str], engine: Engine | None = None
-) -> Deployment:
-    """Start (or keep) the NIM container for this spec and model.
-
-    An identical container that is already running is kept, so a repeated run changes nothing.
-    Otherwise an engine is first checked against this deployment's GPU (:func:`guard_engine`);
-    then a different container under the same name is replaced (blue-green rollouts are a later stage).
+def start_nim(deploy: DeploySpec, name: str, container_name: str, model_path: Path, labels: dict[str, str],
+              engine: Engine | None = None) -> Deployment:
+    """The pre-rollout entry point, kept only for callers still being ported: starts a NIM 1.x
+    candidate for ``model_path`` (blue-green; nothing is switched or removed).
 
     Raises:
         EngineIncompatible: the engine was built for another GPU or TensorRT-LLM version.
-        DeploymentError: the image is missing, the port is taken, or GPUs cannot be attached.
-        ServiceUnavailable: the Docker daemon did not answer.
+        DeploymentError: see :func:`nimflow.rollout.start_candidate`.
     """
-    client = docker_client()
-    nim_model_name, extra_volumes = model_mount(deploy, model_path)
-    Path(deploy.cache_dir).mkdir(parents=True, exist_ok=True)
-    endpoint = f"http://{deploy.host}:{deploy.host_port}"
-    with translated_errors(f"starting NIM container {container_name}"):
-        identity = deployment_identity(client, deploy, nim_model_name, labels)
-        if (kept := running_unchanged(client, container_name, identity)) is not None:
-            return Deployment(
-                container_id=kept.id, container_name=container_name, endpoint=endpoint,
-                served_model_name=deploy.served_model_name, reused=True,
-            )
-        existing = find_container(client, container_name)
-    forced = guard_engine(client, deploy, engine) if engine is not None else []
-    with translated_errors(f"starting NIM container {container_name}"):
-        if existing is not None:
-            remove_container(client, existing.id)
-        try:
-            container = client.containers.run(
-                deploy.image,
-                name=container_name,
-                detach=True,
-                environment=container_environment(deploy, nim_model_name),
-                volumes={str(Path(deploy.cache_dir).resolve()): {"bind": NIM_CACHE_MOUNT, "mode": "rw"}, **extra_volumes},
-                ports={CONTAINER_PORT: (deploy.host, deploy.host_port)},
-                device_requests=device_requests(deploy.gpus),
-                shm_size=deploy.shm_size,
-                user=deploy.user,
-                labels={
-                    **labels,
-                    f"{LABEL_PREFIX}deployment": name,
-                    f"{LABEL_PREFIX}served-model-name": deploy.served_model_name,
-                    f"{LABEL_PREFIX}spec-hash": identity,
-                    f"{LABEL_PREFIX}role": "serve",
-                },
-            )
-        except docker.errors.APIError as exc:
-            # The daemon created the container but could not start it (port taken, no GPU runtime):
-            # remove the husk so the next run starts clean.
-            remove_container(client, container_name)
-            if "port is already allocated" in str(exc) or "address already in use" in str(exc):
-                raise DeploymentError(
-                    f"port {deploy.host}:{deploy.host_port} is already in use; free it or change deploy.host_port"
-                ) from exc
-            raise
-    return Deployment(
-        container_id=container.id, container_name=container_name, endpoint=endpoint,
-        served_model_name=deploy.served_model_name, forced_despite=forced,
-    )
+    serving = ServingImage(image=deploy.image, nim_api="1.x", detected_by="start_nim (pre-rollout caller)")
+    return start_candidate(deploy, RolloutSpec(), "blue-green", name, container_name, serving, str(model_path), None, [],
+                           "chat", labels, engine)
 
 
 @task(name="deploy-nim", **transient_retries())
 def deploy_nim(
-    deploy: DeploySpec, name: str, container_name: str, model_path: str, labels: dict[str, str], engine: Engine | None = None
+    deploy: DeploySpec,
+    rollout: RolloutSpec,
+    strategy: Literal["blue-green", "recreate"],
+    name: str,
+    container_name: str,
+    serving: ServingImage,
+    model_path: str | None,
+    adapters_path: str | None,
+    adapters: list[str],
+    api: Literal["chat", "completions"],
+    labels: dict[str, str],
+    engine: Engine | None = None,
+    lora_max_rank: int = 32,
 ) -> Deployment:
-    """Stage 5: the NIM container serving ``model_path`` (an HF directory or an engine directory)."""
-    deployment = start_nim(deploy, name, container_name, Path(model_path), labels, engine)
+    """Stage 5a: the candidate NIM container (an identical serving one is kept: ``reused``).
+
+    blue-green starts it beside the serving container; recreate stops (not removes) the serving
+    one first. Nothing takes traffic before :func:`promote_deployment`.
+    """
     logger = get_run_logger()
+    deployment = start_candidate(deploy, rollout, strategy, name, container_name, serving, model_path, adapters_path,
+                                 adapters, api, labels, engine, lora_max_rank)
     for difference in deployment.forced_despite:
         logger.warning("deploy.force is set: started despite %s", difference)
     if deployment.reused:
-        logger.info("Container %s already serves this model unchanged: kept", container_name)
-    else:
-        logger.info("Started container %s (%s) for %s", container_name, deployment.container_id[:12], deployment.endpoint)
+        logger.info("%s already serves this model unchanged behind %s: kept", deployment.container_name,
+                    deployment.stable_endpoint)
+        return deployment
+    previous = f", beside {deployment.previous_container_id[:12]}" if deployment.previous_container_id else ""
+    if strategy == "recreate" and deployment.previous_container_id:
+        previous = f", after stopping {deployment.previous_container_id[:12]}"
+    logger.info("Started candidate %s (%s, %s%s) serving %s at %s", deployment.container_name,
+                deployment.container_id[:12], strategy, previous, deployment.model_root, deployment.endpoint)
     return deployment
+
+
+@task(name="promote-deployment", **transient_retries())
+def promote_deployment(deployment: Deployment, rollout: RolloutSpec) -> Deployment:
+    """Stage 5c: the verified candidate takes the stable endpoint; the old container is drained and removed."""
+    logger = get_run_logger()
+    promotion = promote(deployment, rollout)
+    if promotion.front != "kept":
+        logger.info("Front proxy for %s %s", deployment.stable_endpoint, promotion.front)
+    if promotion.switched:
+        logger.info("%s now routes to %s (route generation %d)", deployment.stable_endpoint,
+                    deployment.container_name, promotion.generation)
+    if promotion.still_in_flight:
+        logger.warning("%d request(s) still ran on %s after rollout.drain_seconds=%g; it was stopped anyway",
+                       promotion.still_in_flight, promotion.previous_upstream, rollout.drain_seconds)
+    if promotion.removed:
+        logger.info("Retired %s", ", ".join(promotion.removed))
+    return deployment
+
+
+@task(name="abort-rollout", **transient_retries())
+def abort_rollout(deployment: Deployment, reason: str = "verification failed", deadline_seconds: float = 600.0) -> None:
+    """Stage 5c (failure): remove the candidate that failed; recreate: start the old container again.
+
+    Raises:
+        DeploymentError: the old container could not be brought back (the endpoint is down).
+    """
+    logger = get_run_logger()
+    if deployment.reused:
+        logger.warning("%s serves unchanged but failed (%s); left as it is", deployment.container_name, reason)
+        return
+    outcome = abort(deployment, deadline_seconds=deadline_seconds)
+    if outcome.removed:
+        logger.warning("Removed candidate %s (%s); %s still serves the previous version", outcome.removed, reason,
+                       deployment.stable_endpoint)
+    if outcome.restored:
+        logger.warning("Recreate rolled back: %s started again and answers", outcome.restored)

@@ -1,15 +1,21 @@
-"""Pure deploy helpers: GPU requests, model mounts, container environment, spec hash."""
+"""Pure deploy helpers: GPU requests, model mounts, the NIM environment by mode, rollout choices, spec hash."""
 
 from __future__ import annotations
 
+import json
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nimflow.containers import device_requests, spec_hash
-from nimflow.spec import NIM_CACHE_MOUNT, DeploySpec
-from tasks.deploy import container_environment, model_mount
+from nimflow.errors import DeploymentError
+from nimflow.front_proxy import Route, read_route, upstream_of, url, write_route
+from nimflow.records import ServingImage
+from nimflow.rollout import Names, _port_in_use_outside_docker, candidate_gpus, serving_config
+from nimflow.spec import NIM_CACHE_MOUNT, DeploySpec, RolloutSpec
+from tasks.deploy import container_environment, deployment_labels, model_mount
 
 
 def _deploy(cache_dir: Path, **fields: Any) -> DeploySpec:
@@ -98,7 +104,7 @@ def clean_secrets(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_environment_sets_model_and_keeps_deploy_env(tmp_path: Path, clean_secrets: pytest.MonkeyPatch) -> None:
     """The model names and cache path come from the spec; deploy.env is kept; no secrets unless set."""
     deploy = _deploy(tmp_path, served_model_name="my-model", env={"NIM_LOG_LEVEL": "DEBUG", "FOO": "bar"})
-    env = container_environment(deploy, "/opt/nim/.cache/engines/k")
+    env = container_environment(deploy, {"NIM_MODEL_NAME": "/opt/nim/.cache/engines/k"})
     assert env == {
         "NIM_LOG_LEVEL": "DEBUG",
         "FOO": "bar",
@@ -112,7 +118,7 @@ def test_environment_passes_secrets_from_process(tmp_path: Path, clean_secrets: 
     """NGC_API_KEY and HF_TOKEN exported where nimflow runs reach the container."""
     clean_secrets.setenv("NGC_API_KEY", "nvapi-test-key")
     clean_secrets.setenv("HF_TOKEN", "hf_test_token")
-    env = container_environment(_deploy(tmp_path, env={"A": "1"}), "/opt/nim/model")
+    env = container_environment(_deploy(tmp_path, env={"A": "1"}), {"NIM_MODEL_NAME": "/opt/nim/model"})
     assert env["NGC_API_KEY"] == "nvapi-test-key"
     assert env["HF_TOKEN"] == "hf_test_token"
     assert env["A"] == "1"
@@ -124,9 +130,125 @@ def test_environment_prefers_ngc_cli_api_key(tmp_path: Path, clean_secrets: pyte
     clean_secrets.setenv("NGC_API_KEY", "old")
     clean_secrets.setenv("NGC_CLI_API_KEY", "cli")
     clean_secrets.setenv("HUGGING_FACE_HUB_TOKEN", "hf_legacy")
-    env = container_environment(_deploy(tmp_path), "/opt/nim/model")
+    env = container_environment(_deploy(tmp_path), {"NIM_MODEL_PATH": "/opt/nim/model"})
     assert env["NGC_API_KEY"] == "cli"
     assert env["HF_TOKEN"] == "hf_legacy"
+
+
+# --- serving_config: the model environment by NIM generation and mode ------------------------------
+
+_V1 = ServingImage(image="nim:1.8", nim_api="1.x", detected_by="test")
+_V2 = ServingImage(image="nim:2.0", nim_api="2.x", detected_by="test")
+
+
+def test_nim_1x_is_told_the_model_by_nim_model_name(tmp_path: Path) -> None:
+    """NIM 1.x reads a local model (or engine) directory from NIM_MODEL_NAME."""
+    (tmp_path / "engines" / "k").mkdir(parents=True)
+    config = serving_config(_deploy(tmp_path), _V1, str(tmp_path / "engines" / "k"), None)
+    assert config.environment == {"NIM_MODEL_NAME": "/opt/nim/.cache/engines/k"}
+    assert config.model_root == "/opt/nim/.cache/engines/k" and config.volumes == {}
+
+
+def test_nim_2x_is_told_the_model_by_nim_model_path(tmp_path: Path) -> None:
+    """NIM 2.x reads it from NIM_MODEL_PATH; a model outside the cache dir gets its own read-only mount."""
+    model = tmp_path / "elsewhere" / "m"
+    model.mkdir(parents=True)
+    config = serving_config(_deploy(tmp_path / "cache"), _V2, str(model), None)
+    assert config.environment == {"NIM_MODEL_PATH": "/opt/nim/model"}
+    assert config.volumes == {str(model.resolve()): {"bind": "/opt/nim/model", "mode": "ro"}}
+
+
+def test_manifest_mode_names_the_manifest_model(tmp_path: Path) -> None:
+    """Guide §1: no local model; NIM fetches the manifest's model, named by NIM_MODEL_NAME."""
+    serving = _V1.model_copy(update={"model_name": "mistralai/mistral-7b-instruct-v0.3", "image": "nimflow/derived:x"})
+    config = serving_config(_deploy(tmp_path), serving, None, None)
+    assert config.environment == {"NIM_MODEL_NAME": "mistralai/mistral-7b-instruct-v0.3"}
+    assert config.model_root == "mistralai/mistral-7b-instruct-v0.3"
+
+
+def test_nothing_to_serve_is_a_clear_error(tmp_path: Path) -> None:
+    """Neither a model directory nor a manifest model: refused before any container."""
+    with pytest.raises(DeploymentError, match="nothing to serve"):
+        serving_config(_deploy(tmp_path), _V1, None, None)
+
+
+def test_lora_adapters_add_peft_source_and_rank(tmp_path: Path) -> None:
+    """Adapters in the cache dir are reached through the cache mount; elsewhere they get /opt/nim/loras."""
+    (tmp_path / "cache" / "m").mkdir(parents=True)
+    (tmp_path / "cache" / "loras" / "d").mkdir(parents=True)
+    inside = serving_config(_deploy(tmp_path / "cache"), _V1, str(tmp_path / "cache" / "m"), str(tmp_path / "cache" / "loras" / "d"), 64)
+    assert inside.environment == {"NIM_MODEL_NAME": "/opt/nim/.cache/m", "NIM_PEFT_SOURCE": "/opt/nim/.cache/loras/d",
+                                  "NIM_MAX_LORA_RANK": "64"}
+    (tmp_path / "adapters").mkdir()
+    outside = serving_config(_deploy(tmp_path / "cache"), _V2, str(tmp_path / "cache" / "m"), str(tmp_path / "adapters"))
+    assert outside.environment["NIM_PEFT_SOURCE"] == "/opt/nim/loras" and outside.environment["NIM_MAX_LORA_RANK"] == "32"
+    assert outside.volumes == {str((tmp_path / "adapters").resolve()): {"bind": "/opt/nim/loras", "mode": "ro"}}
+
+
+def test_provenance_labels() -> None:
+    """Weights always; engine key and adapters digest when there are some."""
+    assert deployment_labels("hf:o/r@abc", None) == {"nimflow.weights": "hf:o/r@abc"}
+    assert deployment_labels("w", "k1", "d" * 80) == {"nimflow.weights": "w", "nimflow.engine-key": "k1", "nimflow.adapters": "d" * 64}
+
+
+# --- rollout choices ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "standby", "old", "expected"),
+    [
+        ("blue-green", [2, 3], json.dumps([0, 1]), [2, 3]),  # the old one holds deploy.gpus: use the standby set
+        ("blue-green", [2, 3], json.dumps([2, 3]), [0, 1]),  # the sets alternate
+        ("blue-green", [2, 3], "", [2, 3]),  # a legacy container without the label holds deploy.gpus
+        ("blue-green", [2, 3], None, [0, 1]),  # nothing runs: deploy.gpus
+        ("blue-green", None, json.dumps([0, 1]), [0, 1]),  # no standby set: share (the user asked for blue-green)
+        ("recreate", [2, 3], json.dumps([0, 1]), [0, 1]),  # the old one is stopped first
+    ],
+)
+def test_candidate_gpus(tmp_path: Path, strategy: str, standby: list[int] | None, old: str | None, expected: list[int]) -> None:
+    deploy = _deploy(tmp_path, gpus=[0, 1])
+    assert candidate_gpus(deploy, RolloutSpec(standby_gpus=standby), strategy, old) == expected
+
+
+def test_names_of_a_deployment() -> None:
+    """Front, the two colours, and the legacy name last."""
+    names = Names("demo", "nimflow-demo")
+    assert names.front == "nimflow-demo-front"
+    assert names.backends == ["nimflow-demo-blue", "nimflow-demo-green", "nimflow-demo"]
+    assert upstream_of("nimflow-demo-blue") == "nimflow-demo-blue:8000"
+
+
+@pytest.mark.parametrize(("host", "expected"), [("127.0.0.1", "http://127.0.0.1:9"), ("0.0.0.0", "http://127.0.0.1:9"),
+                                                ("::", "http://[::1]:9"), ("10.0.0.5", "http://10.0.0.5:9")])
+def test_endpoint_urls_reach_wildcard_binds_on_loopback(host: str, expected: str) -> None:
+    assert url(host, 9) == expected
+
+
+def test_route_file_round_trip_leaves_no_temp_files(tmp_path: Path) -> None:
+    """The route is written by rename; only route.json remains, and the proxy's state dir exists."""
+    assert read_route(tmp_path) is None
+    write_route(tmp_path, Route(1, "a:8000"))
+    write_route(tmp_path, Route(2, "b:8000"))
+    assert read_route(tmp_path) == Route(2, "b:8000")
+    assert [p.name for p in (tmp_path / "route").iterdir()] == ["route.json"]
+    assert (tmp_path / "state").is_dir()
+
+
+def test_unreadable_route_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "route").mkdir()
+    (tmp_path / "route" / "route.json").write_text("{not json")
+    with pytest.raises(DeploymentError, match="route.json is unreadable .*; remove it and run nimflow again"):
+        read_route(tmp_path)
+
+
+def test_port_probe_sees_a_listener_outside_docker() -> None:
+    """A port someone listens on is in use; a closed one is not."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert _port_in_use_outside_docker("127.0.0.1", port)
+    assert not _port_in_use_outside_docker("127.0.0.1", port)
 
 
 # --- spec_hash ----------------------------------------------------------------------------------

@@ -1,0 +1,557 @@
+"""Rollouts: start a new NIM container, let it be verified, then switch the stable endpoint to it.
+
+A deployment ``<name>`` with container name ``cn`` (``deploy.container_name``, default
+``nimflow-<name>``) is made of, all labelled ``nimflow.deployment=<name>`` and on network ``nimflow``:
+
+* ``cn-front``: the front proxy (:mod:`nimflow.front_proxy`) on ``deploy.host:deploy.host_port``;
+* ``cn-blue`` / ``cn-green``: backends; the route names the active one, a rollout's candidate takes
+  the other colour. Each publishes port 8000 on a Docker-chosen host port, for verification.
+* ``cn`` (legacy, from nimflow before rollouts): served ``deploy.host_port`` itself. It counts as
+  the active backend and is retired by the first promotion.
+
+The order (the flow's): :func:`start_candidate` -> verify the candidate's own endpoint ->
+:func:`promote` (switch, drain, retire the old) or :func:`abort` (remove the candidate; recreate:
+start the old one again). A candidate that fails verification never takes traffic.
+
+nimflow only stops or removes containers labelled with the deployment's name; anything else with
+one of these names, or holding the port, is reported and left alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import docker
+
+from nimflow.containers import (
+    CONTAINER_PORT,
+    DEPLOYMENT_LABEL,
+    LABEL_PREFIX,
+    NETWORK,
+    ROLE_LABEL,
+    describe_container,
+    device_requests,
+    docker_client,
+    ensure_network,
+    exit_watch,
+    find_container,
+    image_id,
+    last_log_lines,
+    owned_by,
+    owned_container,
+    port_holders,
+    published_port,
+    remove_container,
+    set_restart_policy,
+    spec_hash,
+    start_container,
+    start_existing,
+)
+from nimflow.engine_store import read_local_manifest
+from nimflow.errors import DeploymentError, EngineStoreError, NimflowError, translated_errors
+from nimflow.front_proxy import (
+    ENDPOINT_LABEL,
+    ROUTE_DIR_LABEL,
+    FrontSpec,
+    Route,
+    check_port_free,
+    ensure_front,
+    ensure_proxy_image,
+    front_exit_check,
+    read_route,
+    route_dir,
+    upstream_of,
+    url,
+    wait_applied,
+    wait_drained,
+    write_route,
+)
+from nimflow.gpu_identity import check_serving_target
+from nimflow.nim_api import list_models, wait_until_ready
+from nimflow.records import Deployment, Engine, ServingImage
+from nimflow.settings import get_settings
+from nimflow.spec import NIM_CACHE_MOUNT, DeploySpec, RolloutSpec
+
+SLOTS = ("blue", "green")
+SLOT_LABEL = f"{LABEL_PREFIX}slot"
+SPEC_HASH_LABEL = f"{LABEL_PREFIX}spec-hash"
+SERVED_LABEL = f"{LABEL_PREFIX}served-model-name"
+GPUS_LABEL = f"{LABEL_PREFIX}gpus"
+MODEL_ROOT_LABEL = f"{LABEL_PREFIX}model-root"
+CONTAINER_NAME_LABEL = f"{LABEL_PREFIX}container-name"
+STRATEGY_LABEL = f"{LABEL_PREFIX}strategy"
+#: Where a model outside the cache dir is mounted (read-only).
+EXTRA_MODEL_MOUNT = "/opt/nim/model"
+#: Where LoRA adapters outside the cache dir are mounted (read-only).
+EXTRA_ADAPTERS_MOUNT = "/opt/nim/loras"
+#: How long the old container may take to stop gracefully once drained.
+STOP_TIMEOUT = 30
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Names:
+    """The container names of one deployment."""
+
+    deployment: str
+    container_name: str
+
+    @property
+    def front(self) -> str:
+        """The front proxy's container name."""
+        return f"{self.container_name}-front"
+
+    def backend(self, slot: str) -> str:
+        """The backend container name of a colour."""
+        return f"{self.container_name}-{slot}"
+
+    @property
+    def backends(self) -> list[str]:
+        """Every name a backend of this deployment can have, the legacy one last."""
+        return [self.backend(slot) for slot in SLOTS] + [self.container_name]
+
+
+def claim_names(client: docker.DockerClient, names: Names) -> dict[str, Any]:
+    """This deployment's existing containers by name.
+
+    Raises:
+        DeploymentError: a container with one of the names is not this deployment's. The legacy
+            name is exempt: nimflow never creates it any more, so a foreign one does not collide.
+    """
+    found = {}
+    for name in [names.front, names.backend("blue"), names.backend("green")]:
+        container = owned_container(client, name, names.deployment)
+        if container is not None:
+            found[name] = container
+    legacy = find_container(client, names.container_name)
+    if legacy is not None and owned_by(legacy, names.deployment) and legacy.labels.get(ROLE_LABEL) == "serve":
+        found[names.container_name] = legacy
+    return found
+
+
+def active_backend(client: docker.DockerClient, names: Names, route: Route | None) -> Any | None:
+    """The backend serving now: the one the route names, else a legacy container of ours."""
+    candidates = [c for c in names.backends if route is not None and route.upstream == upstream_of(c)]
+    candidates.append(names.container_name)
+    for name in candidates:
+        container = find_container(client, name)
+        if container is not None and owned_by(container, names.deployment) and container.labels.get(ROLE_LABEL) == "serve":
+            return container
+    return None
+
+
+# --- the serving container's configuration --------------------------------------------------------
+
+
+def host_mount(deploy: DeploySpec, path: Path, fallback: str) -> tuple[str, dict[str, dict[str, str]]]:
+    """The in-container path for host ``path`` and any extra volume it needs.
+
+    Paths inside the cache dir are reached through the cache mount (the guide's layout); anything
+    else is mounted read-only at ``fallback``.
+    """
+    cache_dir = Path(deploy.cache_dir).resolve()
+    path = path.resolve()
+    if path.is_relative_to(cache_dir):
+        relative = path.relative_to(cache_dir).as_posix()
+        return (NIM_CACHE_MOUNT if relative == "." else f"{NIM_CACHE_MOUNT}/{relative}"), {}
+    return fallback, {str(path): {"bind": fallback, "mode": "ro"}}
+
+
+def model_mount(deploy: DeploySpec, model_path: Path) -> tuple[str, dict[str, dict[str, str]]]:
+    """The in-container path of the model directory and any extra volume it needs."""
+    return host_mount(deploy, model_path, EXTRA_MODEL_MOUNT)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What a NIM container is told to serve: model root, model environment, extra volumes."""
+
+    model_root: str
+    environment: dict[str, str]
+    volumes: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def serving_config(deploy: DeploySpec, serving: ServingImage, model_path: str | None, adapters_path: str | None,
+                   lora_max_rank: int = 32) -> ServingConfig:
+    """The model part of the NIM container's environment, by NIM generation and mode.
+
+    1.x: ``NIM_MODEL_NAME=<container path>``; 2.x: ``NIM_MODEL_PATH=<container path>``; a guide §1
+    manifest (no model path, ``serving.model_name``): ``NIM_MODEL_NAME=<model name>``. LoRA adapters
+    add ``NIM_PEFT_SOURCE`` and ``NIM_MAX_LORA_RANK``.
+
+    Raises:
+        DeploymentError: there is neither a model path nor a manifest model name.
+    """
+    volumes: dict[str, dict[str, str]] = {}
+    if model_path is not None:
+        root, volumes = model_mount(deploy, Path(model_path))
+        env = {("NIM_MODEL_PATH" if serving.nim_api == "2.x" else "NIM_MODEL_NAME"): root}
+    elif serving.model_name is not None:
+        root, env = serving.model_name, {"NIM_MODEL_NAME": serving.model_name}
+    else:
+        raise DeploymentError("nothing to serve: no model directory and no manifest model name (source.model_name)")
+    if adapters_path is not None:
+        peft, extra = host_mount(deploy, Path(adapters_path), EXTRA_ADAPTERS_MOUNT)
+        volumes = {**volumes, **extra}
+        env.update(NIM_PEFT_SOURCE=peft, NIM_MAX_LORA_RANK=str(lora_max_rank))
+    return ServingConfig(root, env, volumes)
+
+
+def container_environment(deploy: DeploySpec, model_env: Mapping[str, str]) -> dict[str, str]:
+    """The NIM container's environment: the spec's env, the model, and secrets from this process."""
+    return {
+        **deploy.env,
+        **model_env,
+        "NIM_SERVED_MODEL_NAME": deploy.served_model_name,
+        "NIM_CACHE_PATH": NIM_CACHE_MOUNT,
+        **get_settings().container_secrets(),
+    }
+
+
+def deployment_labels(weights_identity: str, engine_key: str | None, adapters_digest: str | None = None) -> dict[str, str]:
+    """The provenance labels of a NIM container: what it serves."""
+    labels = {f"{LABEL_PREFIX}weights": weights_identity[:200]}
+    if engine_key is not None:
+        labels[f"{LABEL_PREFIX}engine-key"] = engine_key
+    if adapters_digest is not None:
+        labels[f"{LABEL_PREFIX}adapters"] = adapters_digest[:64]
+    return labels
+
+
+def backend_identity(client: docker.DockerClient, deploy: DeploySpec, rollout: RolloutSpec, image: str,
+                     model_env: Mapping[str, str], labels: Mapping[str, str]) -> str:
+    """The hash of everything that makes a backend what it is.
+
+    Secrets are excluded (they never leave this process), and so is where the front listens
+    (``host_port``): a new endpoint replaces the front, not the model server.
+
+    Raises:
+        DeploymentError: the image is not on this Docker host.
+    """
+    return spec_hash({
+        "image_id": image_id(client, image),
+        "model_env": dict(model_env),
+        "deploy": deploy.model_dump(mode="json", exclude={"host_port"}),
+        "standby_gpus": rollout.standby_gpus,
+        "labels": dict(labels),
+    })
+
+
+def guard_engine(client: docker.DockerClient, deploy: DeploySpec, engine: Engine) -> list[str]:
+    """Refuse an engine built for another GPU or TensorRT-LLM version than this deployment's.
+
+    The same probe as the build's, run with the deployment's image, GPUs and env, before any
+    container is started or stopped.
+
+    Returns:
+        The differences ``deploy.force`` overrode (empty when the engine matches).
+
+    Raises:
+        EngineIncompatible: naming both GPUs / versions, unless ``deploy.force``.
+        EngineStoreError: the engine directory has no manifest.
+    """
+    manifest = read_local_manifest(Path(engine.path))
+    if manifest is None:
+        raise EngineStoreError(f"{engine.path}: no engine manifest; cannot tell which GPU the engine was built for")
+    return check_serving_target(client, deploy, manifest["key_inputs"], engine_key=engine.engine_key)
+
+
+def candidate_gpus(deploy: DeploySpec, rollout: RolloutSpec, strategy: str, running_old_gpus: str | None) -> Any:
+    """The GPUs of a new backend: ``rollout.standby_gpus`` while the running old one holds ``deploy.gpus``.
+
+    Args:
+        running_old_gpus: the ``nimflow.gpus`` label (JSON) of the old backend if it runs, ``""``
+            for a running one without the label (legacy: it holds ``deploy.gpus``), None when none runs.
+    """
+    if strategy != "blue-green" or rollout.standby_gpus is None or running_old_gpus is None:
+        return deploy.gpus
+    held = json.loads(running_old_gpus) if running_old_gpus else deploy.gpus
+    if held == "all" or deploy.gpus == "all":
+        return rollout.standby_gpus
+    overlaps = isinstance(held, list) and isinstance(deploy.gpus, list) and bool(set(held) & set(deploy.gpus))
+    return rollout.standby_gpus if overlaps else deploy.gpus
+
+
+def _port_in_use_outside_docker(host: str, port: int) -> bool:
+    """True when something on this machine listens on ``host:port`` (a bind probe)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE  # other errors (address not local here) say nothing
+    return False
+
+
+def _own_endpoint(client: docker.DockerClient, container: Any, host: str) -> str:
+    return url(host, published_port(client, container.id))
+
+
+# --- start ------------------------------------------------------------------------------------------
+
+
+def start_candidate(
+    deploy: DeploySpec,
+    rollout: RolloutSpec,
+    strategy: Literal["blue-green", "recreate"],
+    name: str,
+    container_name: str,
+    serving: ServingImage,
+    model_path: str | None,
+    adapters_path: str | None,
+    adapters: list[str],
+    api: Literal["chat", "completions"],
+    labels: dict[str, str],
+    engine: Engine | None = None,
+    lora_max_rank: int = 32,
+) -> Deployment:
+    """Start the candidate backend of a rollout (or keep an identical one that serves already).
+
+    blue-green: beside the active backend, in the other colour. recreate: the active backend is
+    stopped first (not removed: :func:`abort` starts it again if the candidate fails). The
+    candidate has restart policy ``no`` until promoted, so a crashing candidate shows as exited.
+
+    Raises:
+        EngineIncompatible: the engine was built for another GPU or TensorRT-LLM version.
+        DeploymentError: the image is missing, a foreign container has one of the deployment's
+            names or holds the port, or the container cannot be started.
+        ServiceUnavailable: the Docker daemon did not answer.
+    """
+    client = docker_client()
+    names = Names(name, container_name)
+    directory = route_dir(deploy.cache_dir, name)
+    config = serving_config(deploy, serving, model_path, adapters_path, lora_max_rank)
+    Path(deploy.cache_dir).mkdir(parents=True, exist_ok=True)
+    stable = url(deploy.host, deploy.host_port)
+    action = f"starting a candidate for deployment {name}"
+    with translated_errors(action):
+        ours = claim_names(client, names)
+        identity = backend_identity(client, deploy, rollout, serving.image, config.environment, labels)
+        route = read_route(directory)
+        active = active_backend(client, names, route)
+        common = dict(name=name, stable_endpoint=stable, served_model_name=deploy.served_model_name,
+                      model_root=config.model_root, nim_api=serving.nim_api, api=api, adapters=adapters, strategy=strategy)
+        if (active is not None and active.status == "running" and active.labels.get(SPEC_HASH_LABEL) == identity
+                and route is not None and route.upstream == upstream_of(active.name)):
+            return Deployment(container_id=active.id, container_name=active.name,
+                              endpoint=_own_endpoint(client, active, deploy.host), reused=True, **common)
+        check_port_free(client, FrontSpec(name, names.front, deploy.host, deploy.host_port, directory),
+                        allowed={c.id for c in ours.values()})
+        if not port_holders(client, deploy.host, deploy.host_port) and _port_in_use_outside_docker(deploy.host, deploy.host_port):
+            raise DeploymentError(
+                f"port {deploy.host}:{deploy.host_port} (deploy.host_port) is in use by a process outside Docker; "
+                "free it or change deploy.host_port"
+            )
+    forced = guard_engine(client, deploy, engine) if engine is not None else []
+    with translated_errors(action):
+        slot = "green" if active is not None and active.labels.get(SLOT_LABEL) == "blue" else "blue"
+        candidate_name = names.backend(slot)
+        if (leftover := ours.get(candidate_name)) is not None:
+            remove_container(client, leftover.id, stop_timeout=10)  # a failed candidate of an earlier run
+        running_old = active is not None and active.status == "running"
+        gpus = candidate_gpus(deploy, rollout, strategy, active.labels.get(GPUS_LABEL, "") if running_old else None)
+        ensure_network(client)
+        stopped_old = False
+        if strategy == "recreate" and active is not None and active.status == "running":
+            active.stop(timeout=STOP_TIMEOUT)
+            stopped_old = True
+        try:
+            candidate_id = start_container(
+                client, serving.image, name=candidate_name,
+                environment=container_environment(deploy, config.environment),
+                volumes={str(Path(deploy.cache_dir).resolve()): {"bind": NIM_CACHE_MOUNT, "mode": "rw"}, **config.volumes},
+                ports={CONTAINER_PORT: (deploy.host, None)},  # Docker picks the host port; the front owns host_port
+                network=NETWORK,
+                device_requests=device_requests(gpus),
+                shm_size=deploy.shm_size,
+                user=deploy.user,
+                # Not restarted until promoted: a crashing candidate must show as exited to verification.
+                restart_policy={"Name": "no", "MaximumRetryCount": 0},
+                labels={
+                    **labels,
+                    DEPLOYMENT_LABEL: name,
+                    ROLE_LABEL: "serve",
+                    SLOT_LABEL: slot,
+                    SPEC_HASH_LABEL: identity,
+                    SERVED_LABEL: deploy.served_model_name,
+                    GPUS_LABEL: json.dumps(gpus),
+                    MODEL_ROOT_LABEL: config.model_root[:200],
+                    CONTAINER_NAME_LABEL: container_name,
+                    STRATEGY_LABEL: strategy,
+                    ENDPOINT_LABEL: f"{deploy.host}:{deploy.host_port}",
+                    ROUTE_DIR_LABEL: str(directory),
+                },
+            )
+        except Exception:
+            if stopped_old and active is not None:
+                start_existing(client, active.id)  # the old one serves again; the start error is the news
+            raise
+        endpoint = _own_endpoint(client, client.containers.get(candidate_id), deploy.host)
+    return Deployment(container_id=candidate_id, container_name=candidate_name, endpoint=endpoint,
+                      previous_container_id=active.id if active is not None else None, forced_despite=forced, **common)
+
+
+# --- promote ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What :func:`promote` did, for the task's log."""
+
+    generation: int
+    switched: bool = False
+    front: str = "kept"
+    previous_upstream: str | None = None
+    still_in_flight: int = 0
+    removed: list[str] = field(default_factory=list)
+
+
+def _candidate(client: docker.DockerClient, deployment: Deployment) -> Any:
+    container = find_container(client, deployment.container_id)
+    if container is None:
+        raise DeploymentError(
+            f"container {deployment.container_name} ({deployment.container_id[:12]}) is gone; run nimflow again"
+        )
+    if not owned_by(container, deployment.name):
+        raise DeploymentError(f"container {describe_container(container)} is not part of deployment {deployment.name!r}")
+    return container
+
+
+def _front_of(container: Any, deployment: str) -> FrontSpec:
+    labels = container.labels
+    host, _, port = labels[ENDPOINT_LABEL].rpartition(":")
+    return FrontSpec(deployment, f"{labels[CONTAINER_NAME_LABEL]}-front", host, int(port), Path(labels[ROUTE_DIR_LABEL]))
+
+
+def promote(deployment: Deployment, rollout: RolloutSpec, *, apply_timeout: float = 60.0) -> Promotion:
+    """Switch the stable endpoint to a verified candidate, drain the old backend, and retire it.
+
+    Writes the route (the front proxy is created, started or updated as needed and reads it),
+    waits until the proxy applied it, then until the old backend has no request in flight (at most
+    ``rollout.drain_seconds``), then removes the old backend. A legacy container publishing the
+    port itself is removed just before the front proxy takes the port (a gap of about a second).
+    For a reused deployment nothing is switched; a missing front is restored, and backends an
+    earlier failed run left behind (not routed) are retired.
+
+    Raises:
+        DeploymentError: the candidate is gone or not running, a foreign container holds the
+            front's name or port, or the proxy did not apply the route.
+        ServiceUnavailable: the Docker daemon did not answer.
+    """
+    client = docker_client()
+    with translated_errors(f"switching deployment {deployment.name} to {deployment.container_name}"):
+        candidate = _candidate(client, deployment)
+        if candidate.status != "running":
+            raise DeploymentError(
+                f"candidate {deployment.container_name} is {candidate.status}, not running; the endpoint was not switched"
+            )
+        front = _front_of(candidate, deployment.name)
+        names = Names(deployment.name, candidate.labels[CONTAINER_NAME_LABEL])
+        ours = claim_names(client, names)
+        route = read_route(front.directory)
+        new_upstream = upstream_of(candidate.name)
+        switched = route is None or route.upstream != new_upstream
+        generation = (route.generation if route else 0) + (1 if switched else 0)
+        if not deployment.reused:
+            set_restart_policy(client, candidate.id, "unless-stopped")
+            if switched:
+                write_route(front.directory, Route(generation, new_upstream))
+        removed = []
+        legacy = ours.get(names.container_name)
+        if legacy is not None and legacy.id != candidate.id:
+            # It publishes host_port itself and takes no route: retired just before the front binds
+            # the port, once the proxy image exists (a failed build must not leave the port unserved).
+            ensure_proxy_image(client, candidate.attrs["Image"])
+            remove_container(client, legacy.id, stop_timeout=STOP_TIMEOUT)
+            removed.append(legacy.name)
+        outcome = ensure_front(client, front, candidate.attrs["Image"])
+        wait_applied(front.directory, generation, timeout=apply_timeout, give_up=front_exit_check(client, front))
+        # Every other backend of ours is retired once idle: the old one of this rollout, and any
+        # left over by an earlier run that failed half-way (a reused deployment included).
+        deadline = time.monotonic() + rollout.drain_seconds
+        left = 0
+        for backend_name in names.backends:
+            old = ours.get(backend_name)
+            if old is None or old.id == candidate.id or backend_name in removed:
+                continue
+            left += wait_drained(front.directory, upstream_of(backend_name), timeout=max(0.0, deadline - time.monotonic()))
+            remove_container(client, old.id, stop_timeout=STOP_TIMEOUT)
+            removed.append(backend_name)
+    return Promotion(generation=generation, switched=switched, front=outcome,
+                     previous_upstream=route.upstream if route is not None and switched else None,
+                     still_in_flight=left, removed=removed)
+
+
+# --- abort ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Abort:
+    """What :func:`abort` did, for the task's log."""
+
+    removed: str | None = None
+    restored: str | None = None
+
+
+def abort(deployment: Deployment, *, deadline_seconds: float = 600.0) -> Abort:
+    """Undo a candidate that failed verification; the route was never switched to it.
+
+    The candidate is removed (verification already reported its logs). A reused deployment is
+    the serving one and is left alone. For recreate, the stopped old backend is started again and
+    checked (ready, and /v1/models lists its model) through its own port.
+
+    Raises:
+        DeploymentError: the old backend could not be brought back (the endpoint is down; the
+            message names the container and its last log lines).
+        ServiceUnavailable: the Docker daemon did not answer.
+    """
+    client = docker_client()
+    if deployment.reused:
+        return Abort()
+    with translated_errors(f"undoing the rollout of deployment {deployment.name}"):
+        removed = None
+        candidate = find_container(client, deployment.container_id)
+        if candidate is not None and owned_by(candidate, deployment.name):
+            remove_container(client, candidate.id, stop_timeout=10)
+            removed = candidate.name
+        if deployment.strategy != "recreate" or deployment.previous_container_id is None:
+            return Abort(removed=removed)
+        old = find_container(client, deployment.previous_container_id)
+        if old is None or not owned_by(old, deployment.name):
+            raise DeploymentError(
+                f"deployment {deployment.name} is down: the container it served from before the recreate "
+                f"({deployment.previous_container_id[:12]}) is gone; fix the new version and run nimflow again"
+            )
+        start_existing(client, old.id)
+    try:
+        with translated_errors(f"restarting {old.name}"):
+            endpoint = url(*_published_on(client, old.id))
+        wait_until_ready(endpoint, deadline_seconds=deadline_seconds, give_up=exit_watch(client, old.id, old.name))
+        served = old.labels.get(SERVED_LABEL, deployment.served_model_name)
+        models = list_models(endpoint)
+        if served not in models:
+            raise DeploymentError(f"{endpoint}/v1/models lists {models}, not {served!r}")
+    except NimflowError as exc:
+        raise DeploymentError(
+            f"deployment {deployment.name} is down: the previous container {old.name} ({old.id[:12]}) did not come "
+            f"back after the failed recreate ({exc}); its last log lines:\n{last_log_lines(client, old.id)}"
+        ) from None
+    return Abort(removed=removed, restored=old.name)
+
+
+def _published_on(client: docker.DockerClient, container_id: str) -> tuple[str, int]:
+    """(host, port) where a backend's port 8000 is published (Docker may pick a new port on start)."""
+    container = client.containers.get(container_id)
+    bindings = ((container.attrs.get("NetworkSettings") or {}).get("Ports") or {}).get(CONTAINER_PORT) or [{}]
+    host = bindings[0].get("HostIp") or "127.0.0.1"
+    return host, published_port(client, container_id)
