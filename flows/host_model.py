@@ -92,7 +92,7 @@ def host_model(config_path: str, revision: str | None = None) -> dict:
         try:
             health = verify_endpoint(candidate, spec.verify)
         except Exception:
-            abort_rollout(candidate)
+            abort_rollout(candidate, deadline_seconds=spec.verify.deadline_seconds)
             raise
     with _timed(timings, "switch"):
         deployment = promote_deployment(candidate, spec.rollout)

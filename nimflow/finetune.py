@@ -116,6 +116,25 @@ def assemble(source: Path, converted: Path | None, base_dir: Path, staged: Path,
             shutil.copyfile(path, staged / name)
 
 
+def _source_record(spec: FinetuneSpec, fingerprint: dict, base_identity: str, cache_dir: Path) -> tuple[Path, dict]:
+    """Where the record of this source's staging lives, and what it must say to be reused."""
+    wanted = {"location": spec.path, "fingerprint": fingerprint, "base": base_identity, "allow_pickle": spec.allow_pickle}
+    return record_path(finetune_root(cache_dir), spec.path), wanted
+
+
+def staged_unchanged(spec: FinetuneSpec, base_identity: str, cache_dir: Path) -> FinetunedWeights | None:
+    """The staged weights of this source when it is unchanged since it was staged, else None.
+
+    Costs one fingerprint (a directory listing, an S3 listing or a revision lookup); nothing is
+    fetched or hashed. ``nimflow plan`` and :func:`stage_finetune` share it.
+    """
+    fingerprint = source_fingerprint(parse_location(spec.path), endpoint_url=spec.endpoint_url)
+    before = reusable(*_source_record(spec, fingerprint, base_identity, cache_dir))
+    if before is None:
+        return None
+    return FinetunedWeights(path=before["path"], digest=before["digest"], weight_format=before["weight_format"], staged_files=0)
+
+
 def stage_finetune(spec: FinetuneSpec, base: Checkpoint, cache_dir: Path) -> FinetunedWeights:
     """Fetch, check and stage fine-tuned weights next to the files NIM needs from the base model.
 
@@ -132,8 +151,7 @@ def stage_finetune(spec: FinetuneSpec, base: Checkpoint, cache_dir: Path) -> Fin
     root = finetune_root(cache_dir)
     location = parse_location(spec.path)
     fingerprint = source_fingerprint(location, endpoint_url=spec.endpoint_url)
-    wanted = {"location": spec.path, "fingerprint": fingerprint, "base": base.identity, "allow_pickle": spec.allow_pickle}
-    record = record_path(root, spec.path)
+    record, wanted = _source_record(spec, fingerprint, base.identity, cache_dir)
     staged_before = reusable(record, wanted)
     if staged_before is not None:
         return FinetunedWeights(path=staged_before["path"], digest=staged_before["digest"],

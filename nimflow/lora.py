@@ -213,6 +213,27 @@ def check_adapter(
     return CheckedAdapter(name, rank, directory / ADAPTER_CONFIG, weights, warnings)
 
 
+def _adapter_sources(lora: LoraSpec, base_identity: str, cache_dir: Path) -> tuple[list, list[dict], Path, dict]:
+    """Each adapter's location and fingerprint, where the set's record lives, and what it must say to be reused."""
+    locations = [(a.name, parse_location(a.path)) for a in lora.adapters]
+    fingerprints = [source_fingerprint(loc, endpoint_url=lora.endpoint_url) for _, loc in locations]
+    wanted = {
+        "adapters": [[name, loc.uri, fp] for (name, loc), fp in zip(locations, fingerprints)],
+        "base": base_identity, "max_rank": lora.max_rank, "allow_pickle": lora.allow_pickle,
+    }
+    record = record_path(lora_root(cache_dir), json.dumps([[a.name, a.path] for a in lora.adapters]))
+    return locations, fingerprints, record, wanted
+
+
+def adapters_unchanged(lora: LoraSpec, base_identity: str, cache_dir: Path) -> StagedAdapters | None:
+    """The staged adapter set when every source is unchanged since it was staged, else None (nothing fetched)."""
+    _, _, record, wanted = _adapter_sources(lora, base_identity, cache_dir)
+    before = reusable(record, wanted)
+    if before is None:
+        return None
+    return StagedAdapters(path=before["path"], names=[a.name for a in lora.adapters], digest=before["digest"], staged_files=0)
+
+
 def stage_adapters(lora: LoraSpec, base: Checkpoint, cache_dir: Path) -> tuple[StagedAdapters, list[str]]:
     """Fetch, check and stage every adapter as ``<cache>/lora/<digest[:32]>/<name>/`` (NIM_PEFT_SOURCE).
 
@@ -227,13 +248,7 @@ def stage_adapters(lora: LoraSpec, base: Checkpoint, cache_dir: Path) -> tuple[S
         CheckpointNotFound, EngineStoreError, ServiceUnavailable: a location could not be read.
     """
     root = lora_root(cache_dir)
-    locations = [(a.name, parse_location(a.path)) for a in lora.adapters]
-    fingerprints = [source_fingerprint(loc, endpoint_url=lora.endpoint_url) for _, loc in locations]
-    wanted = {
-        "adapters": [[name, loc.uri, fp] for (name, loc), fp in zip(locations, fingerprints)],
-        "base": base.identity, "max_rank": lora.max_rank, "allow_pickle": lora.allow_pickle,
-    }
-    record = record_path(root, json.dumps([[a.name, a.path] for a in lora.adapters]))
+    locations, fingerprints, record, wanted = _adapter_sources(lora, base.identity, cache_dir)
     names = [name for name, _ in locations]
     before = reusable(record, wanted)
     if before is not None:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import docker
 import yaml
 
-from nimflow.derived_image import ensure_derived_image
+from nimflow.derived_image import derived_tag, ensure_derived_image
 from nimflow.errors import ConfigError, Problem
 
 logger = logging.getLogger(__name__)
@@ -156,6 +156,27 @@ def check_model_listed(summary: ManifestSummary, model_name: str, *, where: str,
     )])
 
 
+def _manifest_image_inputs(name: str, manifest: bytes, model_name: str, served_model_name: str) -> dict[str, Any]:
+    return {
+        "repository": f"nimflow/{name}",
+        "files": {MANIFEST_PATH: manifest},
+        "env": {"NIM_MODEL_NAME": model_name, "NIM_SERVED_MODEL_NAME": served_model_name},
+        "labels": {MODEL_LABEL: model_name},
+    }
+
+
+def manifest_image_tag(
+    client: docker.DockerClient, name: str, base_image: str, manifest: bytes, *, model_name: str, served_model_name: str
+) -> str:
+    """The tag :func:`manifest_image` gives these inputs, without building anything (``nimflow plan``).
+
+    Raises:
+        DeploymentError: the base image is not on this host.
+    """
+    inputs = _manifest_image_inputs(name, manifest, model_name, served_model_name)
+    return derived_tag(client, inputs.pop("repository"), base_image, **inputs)
+
+
 def manifest_image(
     client: docker.DockerClient, name: str, base_image: str, manifest: bytes, *, model_name: str, served_model_name: str
 ) -> tuple[str, bool]:
@@ -168,11 +189,5 @@ def manifest_image(
         DeploymentError: the base image is not on this host, or the build failed.
         ServiceUnavailable: the Docker daemon did not answer.
     """
-    return ensure_derived_image(
-        client,
-        f"nimflow/{name}",
-        base_image,
-        files={MANIFEST_PATH: manifest},
-        env={"NIM_MODEL_NAME": model_name, "NIM_SERVED_MODEL_NAME": served_model_name},
-        labels={MODEL_LABEL: model_name},
-    )
+    inputs = _manifest_image_inputs(name, manifest, model_name, served_model_name)
+    return ensure_derived_image(client, inputs.pop("repository"), base_image, **inputs)

@@ -7,19 +7,25 @@ starts nothing. The engine key it prints is the one the run will use.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import docker
+
 from nimflow.build_lease import BuildLeases
-from nimflow.checkpoint import MODEL_SIDE_FILES, directory_digest, files_digest, model_files
+from nimflow.checkpoint import directory_digest
 from nimflow.containers import docker_client
 from nimflow.engine_cache import plan_engine
 from nimflow.engine_store import EngineStore, local_engine_path, read_local_manifest
 from nimflow.errors import translated_errors
+from nimflow.finetune import staged_unchanged
+from nimflow.hub_snapshot import completed_snapshot, pinned_sha, snapshot_path
+from nimflow.lora import adapters_unchanged
+from nimflow.model_manifest import check_model_listed, manifest_image_tag, read_manifest
+from nimflow.nim_generation import nim_generation, refuse_unservable
+from nimflow.records import ServingImage
+from nimflow.rollout import backend_identity, deployment_labels, serving_config, unchanged_backend
 from nimflow.spec import HostingSpec
-
-_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass
@@ -44,24 +50,26 @@ def make_plan(spec: HostingSpec) -> Plan:
     """Work out what ``host_model`` would do for ``spec`` on this host now.
 
     Raises:
-        NimflowError: what the run itself would fail with first (unknown revision, a build config
-            that does not fit the GPU, an image missing on this host...).
+        NimflowError: what the run itself would fail with first (unknown revision, a build with a
+            NIM 2.x image, a build config that does not fit the GPU, an image missing on this host...).
     """
-    # The stage modules own their on-disk layouts; importing them here keeps one definition.
-    from tasks.deploy import deployment_identity, deployment_labels, model_mount, running_unchanged
-    from tasks.download import completed_snapshot, resolve_revision, snapshot_path
-    from nimflow.finetune import finetune_root
-
     plan = Plan()
     cache_dir = Path(spec.deploy.cache_dir).resolve()
     source = spec.source
-    if source.local_dir is not None:
-        model_dir: Path | None = Path(source.local_dir)
+    client = docker_client()
+    serving = _plan_image(plan, client, spec)
+
+    model_dir: Path | None = None
+    if source.manifest is not None:
+        weights = f"nim:{source.model_name}"
+        plan.add("download", "skip", f"NIM fetches {source.model_name} itself (guide §1 manifest)")
+    elif source.local_dir is not None:
+        model_dir = Path(source.local_dir)
         weights = f"sha256:{directory_digest(model_dir)}"
         plan.add("download", "skip", f"local checkpoint {model_dir}")
     else:
         assert source.repo_id is not None
-        sha = source.revision if _SHA.match(source.revision) else resolve_revision(source.repo_id, source.revision)
+        sha = pinned_sha(source.repo_id, source.revision)
         weights = f"hf:{source.repo_id}@{sha}"
         target = snapshot_path(cache_dir, source.repo_id, sha)
         complete = completed_snapshot(target, source.allow_patterns)
@@ -70,23 +78,20 @@ def make_plan(spec: HostingSpec) -> Plan:
                  f"{source.repo_id}@{sha} " + ("is complete in " + str(target) if complete else f"will be downloaded to {target}"))
 
     if spec.finetune is not None:
-        digest = None
-        if not spec.finetune.path.startswith("s3://") and model_dir is not None:
-            ft_dir = Path(spec.finetune.path)
-            files = {p.relative_to(ft_dir).as_posix(): p for p in model_files(ft_dir)}
-            for name in MODEL_SIDE_FILES:
-                if name not in files and (model_dir / name).is_file():
-                    files[name] = model_dir / name
-            digest = files_digest(files)
-        if digest is None:
+        staged = staged_unchanged(spec.finetune, weights, cache_dir) if model_dir is not None else None
+        if staged is None:
             plan.add("finetune", "run", f"{spec.finetune.path}: checked and staged; the engine key is known after that")
         else:
-            staged = (finetune_root(cache_dir) / digest[:32]).exists()
-            plan.add("finetune", "hit" if staged else "run", f"{spec.finetune.path} (digest {digest[:12]}) "
-                     + ("is staged" if staged else "will be checked and staged"))
-            weights += f"+ft:sha256:{digest}"
+            plan.add("finetune", "hit", f"{spec.finetune.path} is unchanged and staged (digest {staged.digest[:12]})")
+            weights += f"+ft:sha256:{staged.digest}"
+            model_dir = Path(staged.path)
     else:
         plan.add("finetune", "skip", "no fine-tune in the spec")
+    adapters = None
+    if spec.lora is not None:
+        adapters = adapters_unchanged(spec.lora, weights.split("+ft:")[0], cache_dir) if model_dir is not None else None
+        names = ", ".join(a.name for a in spec.lora.adapters)
+        plan.add("lora", "hit" if adapters else "run", f"{names}: " + ("unchanged and staged" if adapters else "checked and staged"))
 
     engine_path = None
     if spec.build is None or spec.cache is None:
@@ -119,17 +124,41 @@ def make_plan(spec: HostingSpec) -> Plan:
         else:
             plan.add("upload", "run" if lease is None else "skip", f"to {store.uri(key)}")
 
-    container = spec.container_name
     served = engine_path if spec.build is not None else model_dir
-    if served is None:
-        plan.add("deploy", "run", f"container {container} (the model is not on this host yet)")
+    strategy = spec.rollout_strategy
+    if served is None and source.manifest is None or (spec.lora is not None and adapters is None):
+        plan.add("deploy", "run", f"{strategy} rollout of {spec.name} (the model is not on this host yet)")
     else:
-        client = docker_client()
-        labels = deployment_labels(weights, plan.engine_key)
-        with translated_errors(f"inspecting container {container}"):
-            identity = deployment_identity(client, spec.deploy, model_mount(spec.deploy, served)[0], labels)
-            kept = running_unchanged(client, container, identity) is not None
+        config = serving_config(spec.deploy, serving, str(served) if served else None, adapters.path if adapters else None,
+                                spec.lora.max_rank if spec.lora else 32)
+        labels = deployment_labels(weights, plan.engine_key, adapters.digest if adapters else None)
+        with translated_errors(f"inspecting the containers of {spec.name}"):
+            identity = backend_identity(client, spec.deploy, spec.rollout, serving.image, config.environment, labels)
+            kept = unchanged_backend(client, spec.deploy, spec.name, spec.container_name, identity)
         plan.add("deploy", "hit" if kept else "run",
-                 f"container {container} " + ("runs unchanged: kept" if kept else f"will be (re)started on port {spec.deploy.host_port}"))
-    plan.add("verify", "run", "ready, model listed, one completion (always)")
+                 f"{kept.name} serves it unchanged: kept" if kept else
+                 f"{strategy} rollout: a new container, verified, then {spec.deploy.host}:{spec.deploy.host_port} switched to it")
+    levels = ["live", "ready", "model", "answer"] + (["golden"] if spec.verify.golden else []) + (
+        ["latency"] if spec.verify.max_latency_seconds else [])
+    plan.add("verify", "run", ", ".join(levels) + " (always)")
     return plan
+
+
+def _plan_image(plan: Plan, client: docker.DockerClient, spec: HostingSpec) -> ServingImage:
+    """The serving image and its NIM generation, refusing what the run would refuse."""
+    deploy, source = spec.deploy, spec.source
+    with translated_errors(f"inspecting image {deploy.image}"):
+        generation, how = nim_generation(client, deploy.image, deploy.nim_api)
+    refuse_unservable(generation, how, deploy, spec.build, source)
+    if source.manifest is None or source.model_name is None:
+        plan.add("prepare", "hit", f"{deploy.image} is NIM {generation} ({how})")
+        return ServingImage(image=deploy.image, nim_api=generation, detected_by=how)
+    manifest, summary = read_manifest(source.manifest)
+    check_model_listed(summary, source.model_name, where=str(source.manifest))
+    with translated_errors(f"inspecting images derived from {deploy.image}"):
+        tag = manifest_image_tag(client, spec.name, deploy.image, manifest, model_name=source.model_name,
+                                 served_model_name=deploy.served_model_name)
+        exists = bool(client.images.list(name=tag))
+    plan.add("prepare", "hit" if exists else "run",
+             f"{tag} " + ("exists (manifest unchanged)" if exists else f"will be built FROM {deploy.image} with {source.manifest}"))
+    return ServingImage(image=tag, nim_api=generation, detected_by=how, model_name=source.model_name, derived_from=deploy.image)

@@ -300,6 +300,20 @@ def _own_endpoint(client: docker.DockerClient, container: Any, host: str) -> str
 # --- start ------------------------------------------------------------------------------------------
 
 
+def _is_unchanged(active: Any | None, route: Route | None, identity: str) -> bool:
+    return (active is not None and active.status == "running" and active.labels.get(SPEC_HASH_LABEL) == identity
+            and route is not None and route.upstream == upstream_of(active.name))
+
+
+def unchanged_backend(client: docker.DockerClient, deploy: DeploySpec, name: str, container_name: str,
+                      identity: str) -> Any | None:
+    """The routed, running backend that already has exactly this identity (nothing to roll out), else None."""
+    names = Names(name, container_name)
+    route = read_route(route_dir(deploy.cache_dir, name))
+    active = active_backend(client, names, route)
+    return active if _is_unchanged(active, route, identity) else None
+
+
 def start_candidate(
     deploy: DeploySpec,
     rollout: RolloutSpec,
@@ -341,8 +355,7 @@ def start_candidate(
         active = active_backend(client, names, route)
         common = dict(name=name, stable_endpoint=stable, served_model_name=deploy.served_model_name,
                       model_root=config.model_root, nim_api=serving.nim_api, api=api, adapters=adapters, strategy=strategy)
-        if (active is not None and active.status == "running" and active.labels.get(SPEC_HASH_LABEL) == identity
-                and route is not None and route.upstream == upstream_of(active.name)):
+        if _is_unchanged(active, route, identity):
             return Deployment(container_id=active.id, container_name=active.name,
                               endpoint=_own_endpoint(client, active, deploy.host), reused=True, **common)
         check_port_free(client, FrontSpec(name, names.front, deploy.host, deploy.host_port, directory),

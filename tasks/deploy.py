@@ -8,66 +8,16 @@ back). The mechanisms are in :mod:`nimflow.rollout` and :mod:`nimflow.front_prox
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import docker
 from prefect import get_run_logger, task
 
-from nimflow.containers import find_container
-from nimflow.front_proxy import ROUTE_DIR_LABEL, read_route, upstream_of
 from nimflow.records import Deployment, Engine, ServingImage
 from nimflow.retries import transient_retries
-from nimflow.rollout import (
-    SPEC_HASH_LABEL,
-    abort,
-    backend_identity,
-    container_environment,
-    deployment_labels,
-    guard_engine,
-    model_mount,
-    promote,
-    start_candidate,
-)
+from nimflow.rollout import abort, deployment_labels, promote, start_candidate
 from nimflow.spec import DeploySpec, RolloutSpec
 
-__all__ = [
-    "abort_rollout", "container_environment", "deploy_nim", "deployment_identity", "deployment_labels",
-    "guard_engine", "model_mount", "promote_deployment", "running_unchanged", "start_nim",
-]
-
-
-def deployment_identity(client: docker.DockerClient, deploy: DeploySpec, nim_model_name: str, labels: dict[str, str]) -> str:
-    """The identity a NIM 1.x backend serving ``nim_model_name`` with the default rollout would have (for `nimflow plan`)."""
-    return backend_identity(client, deploy, RolloutSpec(), deploy.image, {"NIM_MODEL_NAME": nim_model_name}, labels)
-
-
-def running_unchanged(client: docker.DockerClient, container_name: str, identity: str) -> Any | None:
-    """The routed backend of the deployment whose containers are named after ``container_name``,
-    if it runs with exactly this identity, else None (for `nimflow plan`)."""
-    for name in (f"{container_name}-blue", f"{container_name}-green"):
-        container = find_container(client, name)
-        if container is None or container.status != "running" or container.labels.get(SPEC_HASH_LABEL) != identity:
-            continue
-        directory = container.labels.get(ROUTE_DIR_LABEL)
-        route = read_route(Path(directory)) if directory else None
-        if route is not None and route.upstream == upstream_of(container.name):
-            return container
-    return None
-
-
-def start_nim(deploy: DeploySpec, name: str, container_name: str, model_path: Path, labels: dict[str, str],
-              engine: Engine | None = None) -> Deployment:
-    """The pre-rollout entry point, kept only for callers still being ported: starts a NIM 1.x
-    candidate for ``model_path`` (blue-green; nothing is switched or removed).
-
-    Raises:
-        EngineIncompatible: the engine was built for another GPU or TensorRT-LLM version.
-        DeploymentError: see :func:`nimflow.rollout.start_candidate`.
-    """
-    serving = ServingImage(image=deploy.image, nim_api="1.x", detected_by="start_nim (pre-rollout caller)")
-    return start_candidate(deploy, RolloutSpec(), "blue-green", name, container_name, serving, str(model_path), None, [],
-                           "chat", labels, engine)
+__all__ = ["abort_rollout", "deploy_nim", "deployment_labels", "promote_deployment"]
 
 
 @task(name="deploy-nim", **transient_retries())

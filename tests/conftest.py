@@ -120,11 +120,14 @@ def unique() -> str:
 
 @pytest.fixture
 def cleanup_containers(docker_client: Any) -> Iterator[list[str]]:
-    """Names of containers a test creates; removed afterwards, whatever happened."""
+    """Names of containers a test creates; removed afterwards, whatever happened.
+
+    A name also covers the containers of a rollout named after it (``-front``, ``-blue``, ``-green``).
+    """
     names: list[str] = []
     yield names
     for name in names:
-        for container in docker_client.containers.list(all=True, filters={"name": f"^/{name}$"}):
+        for container in docker_client.containers.list(all=True, filters={"name": f"^/{name}(-front|-blue|-green)?$"}):
             container.remove(force=True)
 
 

@@ -31,7 +31,8 @@ from nimflow.errors import ConfigError, EngineIncompatible
 from nimflow.records import Engine
 from nimflow.spec import CacheSpec, parse_spec
 from nimflow.testbed.services import free_port
-from tasks.deploy import start_nim
+from nimflow.records import ServingImage
+from nimflow.rollout import start_candidate
 from tasks.upload import publish_engine
 from tests.conftest import ENGINE_BUCKET, write_spec
 from tests.integration.test_host_model import make_spec, publish_tiny, task_runs
@@ -294,16 +295,23 @@ def test_deploy_guard_and_forced_engine_fails_like_real_nim(
     record = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
     engine = Engine(engine_key=record["engine_key"], path=record["model_path"], origin="local-cache", files=1, bytes=1)
 
+    serving = ServingImage(image=standin_image, nim_api="1.x", detected_by="test")
+
+    def start(deploy: Any, container_name: str) -> Any:
+        return start_candidate(deploy, parse_spec(spec).rollout, "blue-green", name, container_name, serving,
+                               record["model_path"], None, [], "chat", {}, engine)
+
     on_b = parse_spec({**spec, "deploy": {**spec["deploy"], "env": {**spec["deploy"]["env"], "NIMSTANDIN_GPU": GPU_B}}})
     with pytest.raises(EngineIncompatible, match="built on NVIDIA A100-SXM4-80GB"):
-        start_nim(on_b.deploy, name, f"nimflow-{name}", Path(record["model_path"]), {}, engine)
-    assert docker_client.containers.get(f"nimflow-{name}").id == record["container_id"]  # still serving
+        start(on_b.deploy, f"nimflow-{name}")
+    assert docker_client.containers.get(f"nimflow-{name}-blue").id == record["container_id"]  # still serving
+    assert not docker_client.containers.list(all=True, filters={"name": f"^/nimflow-{name}-green$"})
 
     forced = parse_spec({**spec, "deploy": {**on_b.deploy.model_dump(mode="json"), "force": True,
                                             "container_name": f"nimflow-{name}-forced", "host_port": free_port(),
                                             "cache_dir": spec["deploy"]["cache_dir"]}})
     cleanup_containers.append(f"nimflow-{name}-forced")
-    deployment = start_nim(forced.deploy, name, f"nimflow-{name}-forced", Path(record["model_path"]), {}, engine)
+    deployment = start(forced.deploy, f"nimflow-{name}-forced")
     assert deployment.forced_despite and "GPU" in deployment.forced_despite[0]
     container = docker_client.containers.get(deployment.container_id)
     for _ in range(100):
