@@ -57,6 +57,15 @@ def standin_image(docker_client: Any) -> str:
 
 
 @pytest.fixture(scope="session")
+def standin_image_2x(docker_client: Any) -> str:
+    """The stand-in's NIM 2.x variant: CMD nim-serve, label nimflow.nim-api=2.x, NIM_MODEL_PATH."""
+    from nimflow.testbed.nim_image import STANDIN_IMAGE_2X, build_standin_image
+
+    build_standin_image(docker_client, STANDIN_IMAGE_2X, nim_api="2.x")
+    return STANDIN_IMAGE_2X
+
+
+@pytest.fixture(scope="session")
 def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("testbed")
 

@@ -80,11 +80,11 @@ def test_plan_then_cache_ls_explain_and_gc(
 
     # Both engines are served here: --keep 1 removes neither while their containers run.
     kept = nimflow("cache", "gc", "--keep", "1", "--abandoned-after", "0s", "--config", str(config), env=env)
-    assert f"kept engine {key[:12]}: in use by running container nimflow-{name}" in kept.stdout, kept.stdout
+    assert f"kept engine {key[:12]}: in use by running container nimflow-{name}-blue" in kept.stdout, kept.stdout
     assert f"removed abandoned upload {key[:12]}/crashed0000" in kept.stdout
     assert not [k for k in _keys(s3, f"{name}/{key}/uploads/") if "/crashed0000/" in k]
 
-    docker_client.containers.get(f"nimflow-{name}").remove(force=True)
+    docker_client.containers.get(f"nimflow-{name}-blue").remove(force=True)
     dry = nimflow("cache", "gc", "--keep", "1", "--dry-run", "--config", str(config), env=env)
     assert f"would remove engine {key[:12]}" in dry.stdout and "dry run: nothing was deleted" in dry.stdout
     assert _keys(s3, f"{name}/{key}/manifest.json")

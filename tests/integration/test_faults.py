@@ -6,7 +6,6 @@ Faults are injected by a reverse proxy in front of the real S3 and hub servers, 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,7 +127,7 @@ def test_unknown_revision_fails_once_naming_the_cause(
     assert "no-such-branch" in str(caught.value) and repo in str(caught.value)
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["download-checkpoint"].run_count == 1  # permanent: no retry
-    assert set(runs) == {"download-checkpoint"}  # nothing after it ran
+    assert set(runs) == {"prepare-serving-image", "download-checkpoint"}  # nothing after it ran
     assert len([r for r in hub.requests if "/revision/" in r[1]]) == 1
 
 
@@ -168,21 +167,17 @@ def test_never_ready_fails_at_deadline_with_logs(
                      env={"NIMSTANDIN_READY_DELAY": "3600"})
     cleanup_containers.append(f"nimflow-{name}")
 
-    started = time.monotonic()
     state = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
-    elapsed = time.monotonic() - started
 
     assert state.is_failed()
     with pytest.raises(Exception) as caught:
         state.result()
     message = str(caught.value)
     assert type(caught.value).__name__ == "EndpointUnhealthy"
-    assert "not ready after 4s" in message
-    container = docker_client.containers.get(f"nimflow-{name}")
-    last_line = container.logs(tail=1).decode().strip()
-    assert last_line and last_line in message  # the container's own words are in the error
-    assert container.status == "exited"  # stopped: it holds no GPU or port
-    assert elapsed < 60
+    assert message.startswith("verification failed at ready:") and "verify.deadline_seconds (4s" in message
+    assert "/v1/health/ready answers 200 in 3600.0s" in message  # the container's own words are in the error
+    # The candidate that never became ready is removed: it holds no GPU or port.
+    assert not docker_client.containers.list(all=True, filters={"label": f"nimflow.deployment={name}"})
 
 
 def test_exiting_container_fails_at_once_with_logs(
@@ -196,14 +191,13 @@ def test_exiting_container_fails_at_once_with_logs(
     spec["source"] = {"local_dir": str(model)}
     cleanup_containers.append(f"nimflow-{name}")
 
-    started = time.monotonic()
     state = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
 
-    assert time.monotonic() - started < 60  # long before the 300 s deadline
     with pytest.raises(Exception) as caught:
         state.result()
     message = str(caught.value)
-    assert "exit code 1" in message and "last log lines" in message
+    # Failed because it exited, not because the 300 s deadline passed.
+    assert "exit code 1" in message and "last log lines" in message and "deadline" not in message
 
 
 def test_large_engine_files_go_multipart_and_restore_verified(

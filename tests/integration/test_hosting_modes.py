@@ -138,15 +138,6 @@ def test_missing_image_is_a_deployment_error(tmp_path: Path, prefect_api: str) -
 # --- NIM 2.x (the stand-in's nim-serve variant) ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def standin_image_2x(docker_client: Any) -> str:
-    """The stand-in's NIM 2.x variant: CMD nim-serve, label nimflow.nim-api=2.x, NIM_MODEL_PATH."""
-    from nimflow.testbed.nim_image import STANDIN_IMAGE_2X, build_standin_image
-
-    build_standin_image(docker_client, STANDIN_IMAGE_2X, nim_api="2.x")
-    return STANDIN_IMAGE_2X
-
-
 def run_candidate(client: Any, image: str, name: str, cleanup: list[str], env: dict[str, str], model_dir: Path,
                   nim_api: str, model_root: str) -> Deployment:
     port = free_port()

@@ -32,7 +32,7 @@ CHAT_TEMPLATE_ERROR = ("As of transformers v4.44, default chat template is no lo
 
 def tiny(root: Path, seed: int = 0, template: bool = True, **kw: Any) -> Path:
     """write_tiny_llama (the model other tests use), with a chat template unless told otherwise."""
-    d = write_tiny_llama(root, seed=seed, **kw)
+    d = write_tiny_llama(root, seed=seed, chat_template=False, **kw)
     if template:
         tok = json.loads((d / "tokenizer_config.json").read_text())
         (d / "tokenizer_config.json").write_text(json.dumps({**tok, "chat_template": CHAT_TEMPLATE}))
