@@ -160,7 +160,8 @@ def _manifest_image_inputs(name: str, manifest: bytes, model_name: str, served_m
     return {
         "repository": f"nimflow/{name}",
         "files": {MANIFEST_PATH: manifest},
-        "env": {"NIM_MODEL_NAME": model_name, "NIM_SERVED_MODEL_NAME": served_model_name},
+        # The guide's path; later 1.x releases read /opt/nim/etc/default/ unless NIM_MANIFEST_PATH says otherwise.
+        "env": {"NIM_MODEL_NAME": model_name, "NIM_SERVED_MODEL_NAME": served_model_name, "NIM_MANIFEST_PATH": MANIFEST_PATH},
         "labels": {MODEL_LABEL: model_name},
     }
 

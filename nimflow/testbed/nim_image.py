@@ -108,17 +108,8 @@ def standin_weights_digest(model_dir: Path) -> str:
     adapter directory): the first 16 hex of a sha256 over its top-level weight files
     (``*.safetensors``, ``*.bin``, ``*.pth``, sorted by name), each as ``name\0size\0`` + bytes.
     Engines built from those weights (nim-optimize, JIT, convert_checkpoint.py + trtllm-build)
-    answer with the same digest."""
-    model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.iterdir()
-                   if p.is_file() and p.name.endswith((".safetensors", ".bin", ".pth")))
-    h = hashlib.sha256()
-    for path in files:
-        h.update(f"{path.relative_to(model_dir)}\0{path.stat().st_size}\0".encode())
-        with path.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+    answer with the same digest. Computed by the stand-in's own code, so the two cannot drift."""
+    return str(_standin_module().weights_digest(Path(model_dir)))
 
 
 def default_trtllm_version(source: Path = STANDIN_SOURCE) -> str:

@@ -108,3 +108,46 @@ def test_record_real_cli_output(tmp_path: Path) -> None:
     identity = identity_from_probe(answer, image=image, field="build.gpus")
     assert identity.trtllm_version, "no tensorrt_llm package metadata found in the NIM image: extend PROBE_SCRIPT's search"
     assert "SYSTEM INFO" in outputs["list-model-profiles"]
+
+
+@pytest.mark.skipif(_skip_reason("NIMFLOW_GPU_STANDBY") is not None, reason=_skip_reason("NIMFLOW_GPU_STANDBY") or "")
+def test_real_nim_blue_green_rollout_drops_no_request(tmp_path: Path, prefect_api: str) -> None:
+    """A real NIM served through the front proxy; a changed spec rolls out blue-green onto the standby
+    GPU (NIMFLOW_GPU_STANDBY, e.g. 1) while a client loop calls the endpoint: no request fails, and
+    the real /v1/models `root` passes the `model` check (record what it is if it does not)."""
+    import threading
+
+    import httpx
+
+    from flows.host_model import host_model
+
+    spec = {
+        "name": "gpu-rollout",
+        "source": {"repo_id": os.environ["NIMFLOW_GPU_REPO"]},
+        "deploy": {"image": os.environ["NIMFLOW_GPU_NIM_IMAGE"], "served_model_name": "gpu-rollout", "gpus": [0],
+                   "user": "root", "host_port": int(os.environ.get("NIMFLOW_GPU_PORT", "18080")),
+                   "cache_dir": str(tmp_path / "cache")},
+        "rollout": {"strategy": "blue-green", "standby_gpus": [int(os.environ["NIMFLOW_GPU_STANDBY"])]},
+    }
+    first = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        with httpx.Client(timeout=120) as client:
+            while not stop.is_set():
+                response = client.post(f"{first['endpoint']}/v1/completions",
+                                       json={"model": "gpu-rollout", "prompt": "Hello", "max_tokens": 4})
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code} {response.text[:200]}")
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        spec["deploy"]["env"] = {"NIM_LOG_LEVEL": "DEBUG"}  # a changed spec: a new container
+        second = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    finally:
+        stop.set()
+        thread.join(timeout=300)
+    assert failures == []
+    assert second["replaced_container_id"] == first["container_id"] and "model" in second["checks"]
