@@ -82,11 +82,7 @@ def host_model(config_path: str, revision: str | None = None) -> dict:
 
     labels = deployment_labels(weights_identity, engine.engine_key if engine else None, adapters.digest if adapters else None)
     with _timed(timings, "deploy"):
-        candidate = deploy_nim(
-            spec.deploy, spec.rollout, spec.rollout_strategy, spec.name, spec.container_name, serving,
-            model_path, adapters.path if adapters else None, adapters.names if adapters else [], api, labels, engine,
-            spec.lora.max_rank if spec.lora else 32,
-        )
+        candidate = deploy_nim(spec, serving, model_path, adapters, api, labels, engine)
     # A candidate that fails verification never takes traffic: it is removed, the old one serves on.
     with _timed(timings, "verify"):
         try:

@@ -12,38 +12,45 @@ from typing import Literal
 
 from prefect import get_run_logger, task
 
-from nimflow.records import Deployment, Engine, ServingImage
+from nimflow.records import Deployment, Engine, ServingImage, StagedAdapters
 from nimflow.retries import transient_retries
 from nimflow.rollout import abort, deployment_labels, promote, start_candidate
-from nimflow.spec import DeploySpec, RolloutSpec
+from nimflow.spec import HostingSpec, RolloutSpec
 
 __all__ = ["abort_rollout", "deploy_nim", "deployment_labels", "promote_deployment"]
 
 
 @task(name="deploy-nim", **transient_retries())
 def deploy_nim(
-    deploy: DeploySpec,
-    rollout: RolloutSpec,
-    strategy: Literal["blue-green", "recreate"],
-    name: str,
-    container_name: str,
+    spec: HostingSpec,
     serving: ServingImage,
     model_path: str | None,
-    adapters_path: str | None,
-    adapters: list[str],
+    adapters: StagedAdapters | None,
     api: Literal["chat", "completions"],
     labels: dict[str, str],
     engine: Engine | None = None,
-    lora_max_rank: int = 32,
 ) -> Deployment:
     """Stage 5a: the candidate NIM container (an identical serving one is kept: ``reused``).
 
     blue-green starts it beside the serving container; recreate stops (not removes) the serving
     one first. Nothing takes traffic before :func:`promote_deployment`.
+
+    Args:
+        spec: the hosting spec (deploy, rollout and lora sections, names).
+        serving: the image and NIM generation from ``prepare_serving_image``.
+        model_path: host path of what to serve (None: a guide §1 manifest; NIM fetches the model).
+        adapters: staged LoRA adapters (NIM_PEFT_SOURCE), if any.
+        api: what verification will call (recorded on the deployment).
+        labels: provenance labels (weights, engine key, adapters).
+        engine: the engine to serve, checked against this host's GPU first.
     """
     logger = get_run_logger()
-    deployment = start_candidate(deploy, rollout, strategy, name, container_name, serving, model_path, adapters_path,
-                                 adapters, api, labels, engine, lora_max_rank)
+    strategy = spec.rollout_strategy
+    deployment = start_candidate(
+        spec.deploy, spec.rollout, strategy, spec.name, spec.container_name, serving, model_path,
+        adapters.path if adapters else None, adapters.names if adapters else [], api, labels, engine,
+        spec.lora.max_rank if spec.lora else 32,
+    )
     for difference in deployment.forced_despite:
         logger.warning("deploy.force is set: started despite %s", difference)
     if deployment.reused:
