@@ -239,9 +239,8 @@ def test_serve_hf_dir_full_http_contract(model_dir: Path) -> None:
         status, metrics = http(f"{base}/v1/metrics")
         assert status == 200 and 'request_success_total{model_name="tiny-llm"} 3' in metrics
 
-        start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0 and time.monotonic() - start < 2
+        assert proc.wait(timeout=30) == 0  # handled: a clean exit, not a kill
         out = proc.stdout.read() if proc.stdout else ""
     assert "vLLM backend" in out and '"POST /v1/chat/completions" 200' in out
     assert SECRET not in out and "NGC_API_KEY=<redacted>" in out
@@ -779,10 +778,10 @@ def test_ensure_docker_engine_reports_failures(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(docker_engine, "_ping", lambda: None)
     monkeypatch.setattr(docker_engine.shutil, "which", lambda name: str(fake))
     monkeypatch.setattr(docker_engine.os, "geteuid", lambda: 0)
-    start = time.monotonic()
-    with pytest.raises(TestbedError, match="boom"):
+    # The daemon's exit is noticed and its own words reported (a timeout would say exit code None).
+    with pytest.raises(TestbedError, match="boom") as caught:
         docker_engine.ensure_docker_engine(timeout=30)
-    assert time.monotonic() - start < 10  # a dead daemon is reported at once, not after the timeout
+    assert "(exit code 1)" in str(caught.value)
     monkeypatch.setattr(docker_engine.os, "geteuid", lambda: 1000)
     with pytest.raises(TestbedError, match="not root"):
         docker_engine.ensure_docker_engine()
@@ -832,9 +831,8 @@ def test_image_is_cached_by_source_hash(engine_client: Any, standin_image_id: st
     assert image.labels["nimflow.source-hash"] == source_hash()
     assert image.labels["nimflow.trtllm-version"] == DEFAULT_TRTLLM
     assert image.attrs["Config"]["Cmd"] == ["/usr/local/bin/start-server"]
-    start = time.monotonic()
-    assert build_standin_image(engine_client) == standin_image_id
-    assert time.monotonic() - start < 2  # served from the cache, not rebuilt
+    assert build_standin_image(engine_client) == standin_image_id  # served from the cache, not rebuilt
+    assert engine_client.images.get(STANDIN_IMAGE).attrs["Created"] == image.attrs["Created"]
     assert source_hash(trtllm_version="1.2.1") != source_hash()  # variants never share a cache key
 
 
@@ -960,11 +958,9 @@ def test_container_jit_serve_and_stop(engine_client: Any, standin_image_id: str,
     assert status == 200 and resp["choices"][0]["message"]["content"].endswith("ping from the host")
     assert (cache / "local_cache" / "custom_1" / "trtllm_engine" / "rank0.engine").is_file()
 
-    start = time.monotonic()
     c.stop(timeout=5)
-    assert time.monotonic() - start < 3  # SIGTERM handled by PID 1, no 5 s wait + SIGKILL
     c.reload()
-    assert c.attrs["State"]["ExitCode"] == 0
+    assert c.attrs["State"]["ExitCode"] == 0  # SIGTERM handled by PID 1 (a SIGKILL after 5 s would be 137)
     logs = c.logs().decode()
     assert "TensorRT-LLM backend" in logs and "Engine built" in logs and SECRET not in logs
 
