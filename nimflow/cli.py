@@ -2,12 +2,14 @@
 
     nimflow validate CONFIG...        check hosting specs; exit 2 listing `CONFIG: field.path: message`
     nimflow plan CONFIG               which stages a run would do and which are hits, with the engine key
-    nimflow host CONFIG [--revision]  run the host_model flow against the configured Prefect API
+    nimflow host SPEC [--revision]    run the host_model flow (SPEC: a spec's name or a .yaml path)
     nimflow cache ls|explain|gc       list, explain and clean the engine store
     nimflow status                    the deployments on this Docker host: endpoint, health, what they serve
     nimflow down NAME                 remove a deployment (front proxy, backends, route); only labelled containers
     nimflow testbed up|down           start/stop the local test bed (Docker, S3, hub, Prefect)
     nimflow demo                      test bed up + host configs/demo.yaml end to end
+    nimflow notify SPEC --revision SHA | --uri s3://...   announce a new checkpoint (nimflow.checkpoint.landed)
+    nimflow bootstrap [--gpu-host NAME=COUNT]...   work pools, limits, Secret blocks, then `prefect deploy --all`
 
 User mistakes (bad configs, missing checkpoints, invalid weights) print one clear message and
 exit non-zero; tracebacks are kept for bugs.
@@ -50,11 +52,11 @@ def _validate(args: argparse.Namespace) -> int:
     return status
 
 
-def _host(config: str, revision: str | None) -> int:
-    from nimflow.spec import load_spec
+def _host(spec: str, revision: str | None) -> int:
+    from nimflow.run_parameters import resolve_run_spec
 
     try:
-        load_spec(config)  # fail fast, before Prefect starts
+        resolve_run_spec(spec, revision=revision)  # fail fast, before Prefect starts
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
@@ -62,7 +64,7 @@ def _host(config: str, revision: str | None) -> int:
     from flows.host_model import host_model
 
     try:
-        record = host_model(config_path=config, revision=revision)
+        record = host_model(spec=spec, revision=revision)
     except NimflowError as exc:
         print(f"nimflow: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -177,6 +179,37 @@ def _testbed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _notify(args: argparse.Namespace) -> int:
+    """Announce a checkpoint of a spec's source, as the watcher would; print the event id."""
+    from nimflow.checkpoint_events import emit_checkpoint_event, hf_checkpoint, s3_checkpoint
+    from nimflow.spec_registry import load_named_spec
+
+    spec = load_named_spec(args.spec)
+    if args.revision is not None:
+        if spec.source.repo_id is None:
+            raise ConfigError(args.spec, [Problem("--revision", "this spec has no source.repo_id; use --uri s3://...")])
+        event = hf_checkpoint(spec.name, spec.source.repo_id, args.revision, ref=args.ref)
+    else:
+        prefix = spec.watch.s3_prefix if spec.watch is not None else None
+        if prefix is None:
+            raise ConfigError(args.spec, [Problem("--uri", "this spec has no watch.s3_prefix to announce a directory of")])
+        event = s3_checkpoint(spec.name, prefix, args.uri)
+    print(emit_checkpoint_event(event))
+    return 0
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    """Prepare the Prefect server (pools, limits, Secret blocks) and deploy; print what was created or kept."""
+    from nimflow.bootstrap import bootstrap, parse_gpu_hosts
+
+    report = bootstrap(args.project_dir, extra_pools=args.pool, gpu_hosts=parse_gpu_hosts(args.gpu_host),
+                       deploy=not args.no_deploy)
+    print(report.render())
+    changed = len(report.created())
+    print(f"bootstrap: {changed} item(s) created or updated" if changed else "bootstrap: nothing to create; everything was in place")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from nimflow.testbed import local
 
@@ -219,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--dry-run", action="store_true", help="only print what would be removed")
 
     host = sub.add_parser("host", help="run the host_model flow for a hosting spec")
-    host.add_argument("config", metavar="CONFIG")
+    host.add_argument("config", metavar="SPEC",
+                      help="a spec's name in the specs directory (NIMFLOW_SPECS_DIR, default configs/) or a .yaml path")
     host.add_argument("--revision", help="override source.revision (branch, tag or sha)")
     host.set_defaults(run=lambda a: _host(a.config, a.revision))
 
@@ -239,6 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", type=Path, default=DEMO_CONFIG)
     demo.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     demo.set_defaults(run=_demo)
+
+    notify = sub.add_parser("notify", help="announce a new checkpoint of a spec's source (for training jobs)")
+    notify.add_argument("spec", metavar="SPEC", help="the spec's name in the specs directory (NIMFLOW_SPECS_DIR)")
+    what = notify.add_mutually_exclusive_group(required=True)
+    what.add_argument("--revision", metavar="SHA", help="a commit sha of the spec's source.repo_id")
+    what.add_argument("--uri", metavar="S3_URI", help="a checkpoint directory directly under the spec's watch.s3_prefix")
+    notify.add_argument("--ref", help="with --revision: the branch or tag it was pushed to (goes into the payload)")
+    notify.set_defaults(run=_notify)
+
+    boot = sub.add_parser("bootstrap", help="create work pools, limits and Secret blocks, then deploy prefect.yaml (idempotent)")
+    boot.add_argument("--gpu-host", action="append", default=[], metavar="NAME=COUNT",
+                      help="a GPU host and its GPU count: global concurrency limit nimflow-gpus-NAME (repeatable)")
+    boot.add_argument("--pool", action="append", default=[], metavar="NAME",
+                      help="another process work pool to create, e.g. one per GPU type (repeatable)")
+    boot.add_argument("--project-dir", type=Path, default=Path("."), help="the checkout holding prefect.yaml (default: .)")
+    boot.add_argument("--no-deploy", action="store_true", help="only pools, limits and Secret blocks; skip `prefect deploy`")
+    boot.set_defaults(run=_bootstrap)
     return parser
 
 

@@ -47,7 +47,7 @@ def s3_client(*, endpoint_url: str | None = None, region: str | None = None, max
         connect_timeout=10,
         read_timeout=120,
     )
-    return boto3.session.Session().client(
+    return boto3.session.Session(**get_settings().aws_credentials()).client(
         "s3",
         endpoint_url=endpoint_url or get_settings().s3_endpoint_url,
         region_name=region or "us-east-1",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import SecretStr
 
@@ -33,6 +34,17 @@ class Settings:
     docker_host: str
     max_retries: int
     retry_delay_seconds: float
+    #: Where specs are looked up by name (NIMFLOW_SPECS_DIR; relative to the working directory).
+    specs_dir: Path
+    #: This host's NIM cache dir for its runs (NIMFLOW_CACHE_DIR); overrides a spec's deploy.cache_dir.
+    host_cache_dir: Path | None
+    #: This host's GPU ids as written in NIMFLOW_GPUS (e.g. "0,1"), checked like a spec's GPU ids when
+    #: applied; overrides deploy.gpus (and build.gpus where the build has GPUs).
+    host_gpus: str | None
+    #: AWS keys as set in the environment; only `nimflow bootstrap` reads them (to save Secret blocks).
+    #: boto3 reads its own credential chain; :meth:`aws_credentials` adds the blocks as a fallback.
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -54,21 +66,45 @@ class Settings:
             docker_host=env.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
             max_retries=int(env.get("NIMFLOW_MAX_RETRIES", "3")),
             retry_delay_seconds=float(env.get("NIMFLOW_RETRY_DELAY_SECONDS", "2")),
+            specs_dir=Path(env.get("NIMFLOW_SPECS_DIR") or "configs"),
+            host_cache_dir=Path(env["NIMFLOW_CACHE_DIR"]) if env.get("NIMFLOW_CACHE_DIR") else None,
+            host_gpus=env.get("NIMFLOW_GPUS", "").strip() or None,
+            aws_access_key_id=secret("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=secret("AWS_SECRET_ACCESS_KEY"),
         )
 
 
     def hf_token_value(self) -> str | None:
-        """The Hugging Face token, for huggingface_hub calls only."""
-        return self.hf_token.get_secret_value() if self.hf_token else None
+        """The Hugging Face token, for huggingface_hub calls only (env, else the Secret block)."""
+        token = self.hf_token or _secret_block("HF_TOKEN")
+        return token.get_secret_value() if token else None
 
     def container_secrets(self) -> dict[str, str]:
-        """Secrets a NIM container needs (NGC downloads, gated HF models), as env vars."""
+        """Secrets a NIM container needs (NGC downloads, gated HF models), as env vars (env, else Secret blocks)."""
         env = {}
-        if self.ngc_api_key:
-            env["NGC_API_KEY"] = self.ngc_api_key.get_secret_value()
-        if self.hf_token:
-            env["HF_TOKEN"] = self.hf_token.get_secret_value()
+        if (ngc := self.ngc_api_key or _secret_block("NGC_API_KEY")):
+            env["NGC_API_KEY"] = ngc.get_secret_value()
+        if (hf := self.hf_token or _secret_block("HF_TOKEN")):
+            env["HF_TOKEN"] = hf.get_secret_value()
         return env
+
+    def aws_credentials(self) -> dict[str, str]:
+        """Keys for a boto3 session: empty when the environment sets them (boto3's own chain reads them),
+        else the Secret blocks' pair when both are saved, else empty (boto3's chain: profiles, roles)."""
+        if self.aws_access_key_id or self.aws_secret_access_key:
+            return {}
+        key_id, secret_key = _secret_block("AWS_ACCESS_KEY_ID"), _secret_block("AWS_SECRET_ACCESS_KEY")
+        if key_id is None or secret_key is None:
+            return {}
+        return {"aws_access_key_id": key_id.get_secret_value(), "aws_secret_access_key": secret_key.get_secret_value()}
+
+
+def _secret_block(variable: str) -> SecretStr | None:
+    """The Secret block saved for ``variable`` by `nimflow bootstrap` (see nimflow.credentials), if any."""
+    from nimflow.credentials import SECRET_BLOCKS, load_secret
+
+    block = next(name for name, var in SECRET_BLOCKS.items() if var == variable)
+    return load_secret(block)
 
 
 def get_settings() -> Settings:

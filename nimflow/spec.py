@@ -439,6 +439,81 @@ class RolloutSpec(_Spec):
     )
 
 
+#: Resource-id prefixes of what a spec watches; checkpoint events name their source with these.
+SOURCE_ID_HF = "nimflow.source.hf."
+SOURCE_ID_S3 = "nimflow.source.s3."
+_WATCH_S3 = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+
+
+def source_id_hf(repo_id: str) -> str:
+    """The resource id of a watched Hugging Face repo: ``nimflow.source.hf.<org>/<repo>``."""
+    return f"{SOURCE_ID_HF}{repo_id}"
+
+
+def source_id_s3(uri: str) -> str:
+    """The resource id of a watched S3 prefix: ``nimflow.source.s3.<bucket>/<prefix>`` (no trailing slash).
+
+    ``s3://bucket/ckpts/`` and ``s3://bucket/ckpts`` name the same source.
+    """
+    return f"{SOURCE_ID_S3}{uri.removeprefix('s3://').strip('/')}"
+
+
+class WatchSpec(_Spec):
+    """Which new checkpoints start a run of this spec (new commits, new tags, new S3 checkpoint directories)."""
+
+    branches: list[str] = Field(
+        default_factory=list, description="New commits on these branches of `source.repo_id` start a run."
+    )
+    tags: str | None = Field(None, description="A glob, e.g. `v*`: new tags of `source.repo_id` matching it start a run.")
+    s3_prefix: str | None = Field(
+        None,
+        description="`s3://bucket/prefix/`: each new complete checkpoint directory under it is served as `finetune.path`.",
+    )
+    marker: str | None = Field(
+        None,
+        description="File name that marks an S3 checkpoint directory complete (e.g. `_COMPLETE`); when absent a "
+        "directory is complete once `model.safetensors.index.json` and every shard it lists are present.",
+    )
+    endpoint_url: str | None = Field(None, description="S3 endpoint for `s3_prefix` (MinIO, a test server); AWS when absent.")
+
+    @field_validator("branches")
+    @classmethod
+    def _branches(cls, value: list[str]) -> list[str]:
+        if any(not b.strip() for b in value):
+            raise ValueError("branch names must not be empty")
+        if len(set(value)) != len(value):
+            raise ValueError(f"branches must not repeat: {value}")
+        return value
+
+    @field_validator("tags", "marker")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty; leave the field out instead")
+        return value
+
+    @field_validator("marker")
+    @classmethod
+    def _marker_is_a_name(cls, value: str | None) -> str | None:
+        if value is not None and "/" in value:
+            raise ValueError(f"{value!r} must be a file name inside each checkpoint directory, without '/'")
+        return value
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _s3_prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not _WATCH_S3.match(value):
+            raise ValueError(f"{value!r} is not an S3 URI; expected s3://bucket/prefix/")
+        return value.rstrip("/") + "/"
+
+    @property
+    def watches_repo(self) -> bool:
+        """True when new commits or tags of ``source.repo_id`` start runs."""
+        return bool(self.branches) or self.tags is not None
+
+
 class HostingSpec(_Spec):
     """Everything needed to host one model: source, optional fine-tune and build, cache, deploy."""
 
@@ -451,6 +526,7 @@ class HostingSpec(_Spec):
     deploy: DeploySpec
     verify: VerifySpec = Field(default_factory=VerifySpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    watch: WatchSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -487,6 +563,8 @@ class HostingSpec(_Spec):
                 "build with deploy.nim_api 2.x: NIM 2.x has no TensorRT-LLM engine path; remove `build` "
                 "(NIM 2.x serves the weights through NIM_MODEL_PATH) or deploy with a NIM 1.x image"
             )
+        if self.watch is not None:
+            self._check_watch(self.watch)
         standby = self.rollout.standby_gpus
         if isinstance(standby, list):
             if not isinstance(self.deploy.gpus, list):
@@ -497,6 +575,27 @@ class HostingSpec(_Spec):
                     "and none of the same ids"
                 )
         return self
+
+    def _check_watch(self, watch: WatchSpec) -> None:
+        if watch.watches_repo and self.source.repo_id is None:
+            raise ValueError("watch.branches and watch.tags watch source.repo_id; set source.repo_id or remove them")
+        if watch.s3_prefix is not None and self.finetune is None:
+            raise ValueError(
+                "watch.s3_prefix serves each new checkpoint as finetune.path: add a `finetune` section "
+                "(its path is the checkpoint served until the first new one arrives)"
+            )
+        if not watch.watches_repo and watch.s3_prefix is None:
+            raise ValueError("watch: give branches, tags or s3_prefix (or remove the section)")
+
+    @property
+    def source_ids(self) -> list[str]:
+        """The resource ids of the sources this spec watches (see :func:`source_id_hf`, :func:`source_id_s3`)."""
+        ids: list[str] = []
+        if self.watch is not None and self.watch.watches_repo and self.source.repo_id is not None:
+            ids.append(source_id_hf(self.source.repo_id))
+        if self.watch is not None and self.watch.s3_prefix is not None:
+            ids.append(source_id_s3(self.watch.s3_prefix))
+        return ids
 
     @property
     def rollout_strategy(self) -> Literal["blue-green", "recreate"]:
@@ -574,6 +673,31 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
                 message = "required field is missing"
             problems.append(Problem(_location(tuple(err["loc"])), message))
         raise ConfigError(source, problems) from None
+
+
+def update_spec(spec: HostingSpec, changes: dict[str, Any], source: str) -> HostingSpec:
+    """A copy of ``spec`` with fields replaced, validated again as a whole.
+
+    Args:
+        spec: the validated spec.
+        changes: new values by dotted field path, e.g. ``{"deploy.gpus": [0, 1], "verify.deadline_seconds": 60}``;
+            the section (``deploy``) must exist in the spec.
+        source: what the changes come from, named in errors (e.g. ``NIMFLOW_GPUS``, ``run parameter overrides``).
+
+    Raises:
+        ConfigError: a changed value is invalid, or the changed spec is (e.g. deploy.gpus no longer matches
+            the build's ranks), naming each field.
+    """
+    data = spec.model_dump()
+    for dotted, value in changes.items():
+        *sections, field = dotted.split(".")
+        target = data
+        for section in sections:
+            if not isinstance(target.get(section), dict):
+                raise ConfigError(source, [Problem(dotted, f"the spec {spec.name!r} has no `{section}` section to change")])
+            target = target[section]
+        target[field] = value
+    return parse_spec(data, f"{source} (spec {spec.name})")
 
 
 def load_spec(path: str | Path) -> HostingSpec:

@@ -64,9 +64,9 @@ def test_real_nim_builds_caches_and_serves(tmp_path: Path, prefect_api: str, bac
     from flows.host_model import host_model
 
     config = write_spec(tmp_path / "spec.yaml", _spec(tmp_path, backend, os.environ["NIMFLOW_GPU_NIM_IMAGE"]))
-    first = host_model(config_path=str(config))
+    first = host_model(spec=str(config))
     assert first["engine_origin"] in ("built", "engine-store") and first["completion"].strip()
-    again = host_model(config_path=str(config))
+    again = host_model(spec=str(config))
     assert again["engine_origin"] == "local-cache" and again["uploaded_files"] == 0 and again["downloaded_files"] == 0
 
 
@@ -79,7 +79,7 @@ def test_real_trtllm_build_serves_in_nim(tmp_path: Path, prefect_api: str) -> No
     from flows.host_model import host_model
 
     spec = _spec(tmp_path, "trtllm-build", os.environ["NIMFLOW_GPU_TRTLLM_IMAGE"])
-    record = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    record = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
     assert record["engine_origin"] in ("built", "engine-store") and record["completion"].strip()
 
 
@@ -129,7 +129,7 @@ def test_real_nim_blue_green_rollout_drops_no_request(tmp_path: Path, prefect_ap
                    "cache_dir": str(tmp_path / "cache")},
         "rollout": {"strategy": "blue-green", "standby_gpus": [int(os.environ["NIMFLOW_GPU_STANDBY"])]},
     }
-    first = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    first = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
     failures: list[str] = []
     stop = threading.Event()
 
@@ -145,7 +145,7 @@ def test_real_nim_blue_green_rollout_drops_no_request(tmp_path: Path, prefect_ap
     thread.start()
     try:
         spec["deploy"]["env"] = {"NIM_LOG_LEVEL": "DEBUG"}  # a changed spec: a new container
-        second = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+        second = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
     finally:
         stop.set()
         thread.join(timeout=300)

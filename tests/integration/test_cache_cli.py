@@ -45,7 +45,7 @@ def test_plan_then_cache_ls_explain_and_gc(
     assert stage_line(before.stdout, "compile").split()[1] == "build"
     key = before.stdout.strip().splitlines()[-1].split()[-1]
 
-    first = host_model(config_path=str(config))
+    first = host_model(spec=str(config))
     assert first["engine_key"] == key  # plan computed the key the run used
 
     after = nimflow("plan", str(config), env=env)
@@ -58,7 +58,7 @@ def test_plan_then_cache_ls_explain_and_gc(
     # A second engine of the same model (another max_seq_len), served by its own container.
     longer = {**spec, "name": f"{name}-long", "build": {**spec["build"], "max_seq_len": 2048},
               "deploy": {**spec["deploy"], "host_port": spec["deploy"]["host_port"] + 1}}
-    second = host_model(config_path=str(write_spec(tmp_path / "long.yaml", longer)))
+    second = host_model(spec=str(write_spec(tmp_path / "long.yaml", longer)))
     key2 = second["engine_key"]
 
     listing = nimflow("cache", "ls", "--config", str(config), env=env)

@@ -30,17 +30,26 @@ def test_deployment_runs_on_a_process_worker(
 ) -> None:
     name, repo = f"deployed-{unique}", f"org/deployed-{unique}"
     publish_tiny(hub, repo, tmp_path)
-    config = write_spec(tmp_path / "spec.yaml", make_spec(tmp_path, name, repo, standin_image))
+    specs_dir = tmp_path / "specs"
+    specs_dir.mkdir()
+    write_spec(specs_dir / "spec.yaml", make_spec(tmp_path, name, repo, standin_image))
     cleanup_containers.append(f"nimflow-{name}")
-    env = {**os.environ, **testbed_env, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "1", "COLUMNS": "200"}
+    # The deploying process and the worker's runs find specs by name in this directory.
+    env = {**os.environ, **testbed_env, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "1", "COLUMNS": "200",
+           "NIMFLOW_SPECS_DIR": str(specs_dir)}
 
     _prefect("work-pool", "create", "nimflow-gpu", "--type", "process", "--overwrite", env=env)
     _prefect("--no-prompt", "deploy", "--all", env=env)
-    run = _prefect("deployment", "run", "host_model/host-model", "--param", f"config_path={config}", env=env)
+    with get_client(sync_client=True) as client:
+        schema = client.read_deployment_by_name("host_model/host-model").parameter_openapi_schema
+    # The UI's dropdown: the names in the specs directory when `prefect deploy` ran.
+    assert schema["properties"]["spec"]["enum"] == [name]
+    assert schema["properties"]["spec"]["title"] == "Model"
+    run = _prefect("deployment", "run", "host_model/host-model", "--param", f"spec={name}", env=env)
     flow_run_id = next(line.split()[-1] for line in run.stdout.splitlines() if "UUID" in line)
     _prefect("worker", "start", "--pool", "nimflow-gpu", "--run-once", env=env, timeout=240)
 
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
     assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
-    assert flow_run.parameters["config_path"] == str(config)
+    assert flow_run.parameters["spec"] == name

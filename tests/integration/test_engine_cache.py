@@ -264,7 +264,7 @@ def test_engine_for_gpu_a_refused_on_gpu_b_before_any_container(
     spec["build"]["env"] = {"NIMSTANDIN_GPU": GPU_A}
     spec["deploy"]["env"]["NIMSTANDIN_GPU"] = GPU_B
 
-    state = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
+    state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
 
     assert state.is_failed()
     with pytest.raises(EngineIncompatible) as caught:
@@ -292,7 +292,7 @@ def test_deploy_guard_and_forced_engine_fails_like_real_nim(
     spec["build"]["env"] = {"NIMSTANDIN_GPU": GPU_A}
     spec["deploy"]["env"]["NIMSTANDIN_GPU"] = GPU_A
     cleanup_containers.append(f"nimflow-{name}")
-    record = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    record = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
     engine = Engine(engine_key=record["engine_key"], path=record["model_path"], origin="local-cache", files=1, bytes=1)
 
     serving = ServingImage(image=standin_image, nim_api="1.x", detected_by="test")
@@ -334,7 +334,7 @@ def test_build_config_that_does_not_fit_the_model_is_refused_before_any_containe
     spec["build"]["tp_size"] = 3
     before = {c.id for c in docker_client.containers.list(all=True)}
 
-    state = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
+    state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
 
     with pytest.raises(ConfigError) as caught:
         state.result()
@@ -357,7 +357,7 @@ def test_trtllm_build_backend_end_to_end(
     spec["build"].update(max_seq_len=512, max_batch_size=2, max_num_tokens=256)
     cleanup_containers.append(f"nimflow-{name}")
 
-    record = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    record = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
 
     engine_dir = Path(record["model_path"])
     assert record["engine_origin"] == "built" and "received" in record["completion"]
@@ -394,7 +394,7 @@ def test_failed_builds_classified_and_cleaned_up(
     if backend == "nim-jit":
         spec["finetune"] = {"path": str(publish_dir(tmp_path))}
 
-    state = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
+    state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
 
     assert state.is_failed()
     with pytest.raises(Exception) as caught:
@@ -423,7 +423,7 @@ def test_container_that_cannot_start_leaves_no_husk(
     spec["build"]["gpus"] = [0]
     before = {c.id for c in docker_client.containers.list(all=True)}
 
-    state = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
+    state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
 
     assert state.is_failed()
     with pytest.raises(Exception, match="could not select device driver"):

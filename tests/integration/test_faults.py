@@ -118,7 +118,7 @@ def test_unknown_revision_fails_once_naming_the_cause(
     config = write_spec(tmp_path / "spec.yaml", make_spec(tmp_path, f"rev-{unique}", repo, standin_image))
     hub.clear_requests()
 
-    state = host_model(config_path=str(config), revision="no-such-branch", return_state=True)
+    state = host_model(spec=str(config), revision="no-such-branch", return_state=True)
 
     assert state.is_failed()
     with pytest.raises(Exception) as caught:
@@ -145,7 +145,7 @@ def test_engine_dir_as_finetune_is_refused_before_any_container(
     spec["finetune"] = {"path": str(engine_dir)}
     before = {c.id for c in docker_client.containers.list(all=True)}
 
-    state = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
+    state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
 
     assert state.is_failed()
     with pytest.raises(Exception) as caught:
@@ -167,7 +167,7 @@ def test_never_ready_fails_at_deadline_with_logs(
                      env={"NIMSTANDIN_READY_DELAY": "3600"})
     cleanup_containers.append(f"nimflow-{name}")
 
-    state = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
+    state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
 
     assert state.is_failed()
     with pytest.raises(Exception) as caught:
@@ -191,7 +191,7 @@ def test_exiting_container_fails_at_once_with_logs(
     spec["source"] = {"local_dir": str(model)}
     cleanup_containers.append(f"nimflow-{name}")
 
-    state = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
+    state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
 
     with pytest.raises(Exception) as caught:
         state.result()
@@ -245,7 +245,7 @@ def test_port_in_use_fails_once_naming_the_field(
     with socket.socket() as squatter:  # someone else holds the port
         squatter.bind(("127.0.0.1", spec["deploy"]["host_port"]))
         squatter.listen()
-        state = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
+        state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
 
     with pytest.raises(Exception) as caught:
         state.result()

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.testbed
 
 def run_flow(tmp_path: Path, spec: dict[str, Any], name: str = "spec.yaml") -> Any:
     """One host_model run; its final state (the flow's exception is in ``state.result()``)."""
-    return host_model(config_path=str(write_spec(tmp_path / name, spec)), return_state=True)
+    return host_model(spec=str(write_spec(tmp_path / name, spec)), return_state=True)
 
 
 def failure_of(state: Any) -> BaseException:
@@ -130,7 +130,7 @@ def test_allowed_pickle_is_converted_and_served(
     spec["finetune"] = {"path": str(finetune), "allow_pickle": True}
     cleanup_containers.append(f"nimflow-{name}")
 
-    record = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    record = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
 
     staged = Path(record["model_path"])
     assert sorted(p.name for p in staged.glob("*.safetensors")) and not list(staged.glob("*.bin"))
@@ -151,7 +151,7 @@ def test_lora_adapter_is_served_through_peft_source_and_answers_by_name(
     spec["lora"] = {"adapters": [{"name": "tiny-sql", "path": str(adapter)}]}
     cleanup_containers.append(f"nimflow-{name}")
 
-    record = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    record = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
 
     assert record["adapters"] == ["tiny-sql"]
     container = docker_client.containers.get(record["container_id"])
@@ -181,9 +181,9 @@ def test_manifest_mode_serves_the_configured_name_and_is_not_rebuilt(
     spec["deploy"]["served_model_name"] = "team/mistral"
     cleanup_containers.append(f"nimflow-{name}")
     try:
-        first = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+        first = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
         created = docker_client.images.get(first["image"]).attrs["Created"]
-        again = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+        again = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
 
         assert first["image"].startswith(f"nimflow/{name}:") and first["served_model_name"] == "team/mistral"
         assert first["model_path"] is None and first["checks"][:3] == ["live", "ready", "model"]
@@ -210,7 +210,7 @@ def test_nim_2x_image_is_served_through_model_path(
     spec["source"] = {"local_dir": str(base)}
     cleanup_containers.append(f"nimflow-{name}")
 
-    record = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    record = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
 
     assert record["nim_api"] == "2.x"
     env = dict(item.split("=", 1) for item in docker_client.containers.get(record["container_id"]).attrs["Config"]["Env"])
@@ -271,14 +271,14 @@ def test_blue_green_rollout_drops_no_request_and_a_failing_version_never_takes_t
     spec = make_spec(tmp_path, name, repo, standin_image, build=None)
     spec["rollout"] = {"strategy": "blue-green", "drain_seconds": 10}
     cleanup_containers.append(f"nimflow-{name}")
-    first = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    first = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
     old_digest = served_digest(first["completion"])
 
     second_sha = publish_tiny(hub, repo, tmp_path, seed=1)
     assert second_sha != first_sha
     with ClientLoop(first["endpoint"], spec["deploy"]["served_model_name"]) as loop:
         loop.wait_for(5)
-        second = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), revision=second_sha)
+        second = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), revision=second_sha)
         loop.wait_for(5)
         new_digest = served_digest(second["completion"])
 
@@ -309,7 +309,7 @@ def test_recreate_rolls_back_to_the_old_container(
     spec["source"] = {"local_dir": str(base)}
     spec["rollout"] = {"strategy": "recreate"}
     cleanup_containers.append(f"nimflow-{name}")
-    first = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    first = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
 
     broken = {**spec, "deploy": {**spec["deploy"], "env": {**spec["deploy"]["env"], "NIMSTANDIN_IGNORE_MODEL": "1"}}}
     error = failure_of(run_flow(tmp_path, broken, "broken.yaml"))

@@ -88,7 +88,7 @@ def test_full_flow_builds_once_and_serves(
     config = write_spec(tmp_path / "spec.yaml", spec)
     cleanup_containers.append(f"nimflow-{name}")
 
-    state = host_model(config_path=str(config), return_state=True)
+    state = host_model(spec=str(config), return_state=True)
     assert state.is_completed(), state.message
     record = state.result()
 
@@ -131,7 +131,7 @@ def test_full_flow_builds_once_and_serves(
 
     # Second run, nothing changed: nothing downloaded, built or uploaded; the container is kept.
     hub.clear_requests()
-    again = host_model(config_path=str(config))
+    again = host_model(spec=str(config))
     assert again["downloaded_files"] == 0 and again["uploaded_files"] == 0
     assert again["engine_origin"] == "local-cache" and again["engine_key"] == record["engine_key"]
     assert again["container_id"] == record["container_id"]
@@ -139,7 +139,7 @@ def test_full_flow_builds_once_and_serves(
 
     # Another host (empty cache dir) restores the engine from the store instead of compiling it.
     spec["deploy"]["cache_dir"] = str(tmp_path / "second-host-cache")
-    other = host_model(config_path=str(write_spec(tmp_path / "spec2.yaml", spec)))
+    other = host_model(spec=str(write_spec(tmp_path / "spec2.yaml", spec)))
     assert other["engine_origin"] == "engine-store" and other["engine_key"] == record["engine_key"]
     assert other["container_id"] != record["container_id"]  # a changed deploy spec replaces the container
     assert other["uploaded_files"] == 0
@@ -163,7 +163,7 @@ def test_finetuned_weights_jit_build(
         spec["finetune"] = {"path": f"s3://{ENGINE_BUCKET}/finetunes/{name}"}
     cleanup_containers.append(f"nimflow-{name}")
 
-    record = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    record = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
 
     engine_dir = Path(record["model_path"])
     assert record["engine_origin"] == "built"
@@ -181,7 +181,7 @@ def test_served_without_engine(
     spec = make_spec(tmp_path, name, repo, standin_image, build=None)
     cleanup_containers.append(f"nimflow-{name}")
 
-    record = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)))
+    record = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
 
     assert record["engine_key"] is None
     assert record["model_path"].endswith(f"models/{repo.replace('/', '--')}/{sha}")

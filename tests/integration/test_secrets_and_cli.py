@@ -49,7 +49,7 @@ def test_secrets_never_reach_logs_artifacts_parameters_or_the_store(
     spec = make_spec(tmp_path, name, repo, standin_image)
     cleanup_containers.append(f"nimflow-{name}")
 
-    state = host_model(config_path=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
+    state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
     assert state.is_completed(), state.message
     record = state.result()
     flow_run_id = state.state_details.flow_run_id

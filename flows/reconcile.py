@@ -1,0 +1,64 @@
+"""The ``reconcile`` flow: keep this Docker host's nimflow deployments healthy.
+
+Schedule it on each GPU host (prefect.yaml's ``reconcile`` deployment, every 5 minutes). Every
+deployment on the worker's Docker host is checked; an unhealthy one whose spec still exists is healed
+by running ``host_model`` for it again (as a subflow); the findings are a table artifact. The
+mechanism is in :mod:`nimflow.reconcile`.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from flows.host_model import host_model
+from nimflow.containers import docker_client
+from nimflow.deployments_admin import deployment_status
+from nimflow.errors import ConfigError, NimflowError
+from nimflow.reconcile import HealResult, as_table, health_problem, reconcile_deployments
+from nimflow.spec_registry import spec_names
+
+ARTIFACT_KEY = "nimflow-reconcile"
+
+
+def _heal(name: str) -> HealResult:
+    """Run the rollout for spec ``name`` again, as a subflow of this run."""
+    state = host_model(spec=name, return_state=True)
+    if not state.is_completed():
+        return HealResult(False, f"host_model {state.name}: {state.message or 'no message'}")
+    record = state.result()
+    return HealResult(True, f"{record['served_model_name']} at {record['endpoint']} ({record['container_id'][:12]})")
+
+
+def _recheck(name: str) -> str | None:
+    """Why deployment ``name`` is unhealthy now, or None when it is healthy."""
+    found = [s for s in deployment_status(docker_client()) if s.name == name]
+    return health_problem(found[0]) if found else "no containers left"
+
+
+@flow(name="reconcile", log_prints=False)
+def reconcile(heal: bool = True) -> list[dict[str, str]]:
+    """Check every nimflow deployment on this Docker host and heal the unhealthy ones; return the table.
+
+    Args:
+        heal: off: only report (a dry run).
+
+    Raises:
+        NimflowError: a heal failed (after every deployment was looked at and the table was written).
+    """
+    log = get_run_logger()
+    statuses = deployment_status(docker_client())
+    try:
+        known = set(spec_names())
+    except ConfigError as exc:
+        log.warning("no specs to heal from: %s", exc)
+        known = set()
+    findings = reconcile_deployments(statuses, known, _heal if heal else None, _recheck)
+    for finding in findings:
+        log.info("%s: %s; %s: %s", finding.name, finding.state, finding.action, finding.result)
+    table = as_table(findings)
+    create_table_artifact(table=table, key=ARTIFACT_KEY, description="nimflow deployments on this Docker host: health and healing")
+    failed = [f for f in findings if f.failed]
+    if failed:
+        raise NimflowError("reconcile could not heal " + "; ".join(f"{f.name}: {f.result}" for f in failed))
+    return table

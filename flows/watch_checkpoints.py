@@ -1,0 +1,42 @@
+"""The ``watch_checkpoints`` flow: one pass of the checkpoint watcher over the specs directory.
+
+Schedule it (e.g. every few minutes); each new checkpoint of a watched source becomes one
+``nimflow.checkpoint.landed`` event (see :mod:`nimflow.checkpoint_events`), which deployment triggers
+turn into ``host_model`` runs. The first pass for a spec records a baseline and announces nothing
+(see :mod:`nimflow.checkpoint_watch`).
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from nimflow.checkpoint_watch import render_markdown, watch_specs
+from nimflow.errors import NimflowError
+from nimflow.spec_registry import load_named_spec, spec_names
+
+
+@flow(name="watch_checkpoints", log_prints=False)
+def watch_checkpoints(specs: list[str] | None = None) -> dict:
+    """Announce the new checkpoints of every watching spec (or of the named ones) and return what was sent.
+
+    Args:
+        specs: spec names (their ``name`` field) in the specs directory; all specs with a ``watch``
+            section when absent.
+
+    Raises:
+        ConfigError: a named spec does not exist.
+        NimflowError: a spec's pass failed (after the other specs' passes ran and announced theirs).
+    """
+    log = get_run_logger()
+    names = specs if specs else spec_names()
+    loaded = {name: load_named_spec(name) for name in names}
+    watching = {name: spec for name, spec in loaded.items() if spec.watch is not None}
+    report = watch_specs(watching)
+    for event in report.emitted:
+        log.info("announced %s for %s: %s (event %s)", event.source_name, event.spec, event.checkpoint, event.event_id)
+    create_markdown_artifact(render_markdown(report), key="checkpoint-watch", description="What the checkpoint watcher saw")
+    summary = report.as_dict()
+    if report.errors:
+        raise NimflowError("watch pass failed for " + "; ".join(f"{k}: {v}" for k, v in report.errors.items()))
+    return summary

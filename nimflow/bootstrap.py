@@ -1,0 +1,269 @@
+"""``nimflow bootstrap``: everything a Prefect server needs before nimflow's deployments can run.
+
+In order, each step only creating what is missing (so running it twice changes nothing):
+
+1. the work pools that ``prefect.yaml`` names (process type), plus any given with ``--pool``;
+2. the per-host GPU limits given with ``--gpu-host NAME=COUNT``: a global concurrency limit
+   ``nimflow-gpus-<NAME>`` of COUNT slots each (an existing one is set to COUNT);
+3. the per-spec queueing limits ``nimflow-spec-<name>`` (limit 1) of the specs in the specs directory
+   (``host_model`` would create them on its first run; made here so they show in the UI at once);
+4. Secret blocks from ``HF_TOKEN``, ``NGC_API_KEY``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` when
+   set (see :mod:`nimflow.credentials`; values are never printed);
+5. ``prefect --no-prompt deploy --all`` in the project directory; a redeploy re-activates schedules
+   that were paused, so the schedules paused before (by slug) and paused deployments are paused again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import yaml
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate, WorkPoolCreate
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+from prefect.workers.process import ProcessWorker
+
+from nimflow.credentials import save_secrets
+from nimflow.errors import ConfigError, PermanentError, Problem, translated_errors
+from nimflow.settings import get_settings
+from nimflow.spec_concurrency import spec_limit_name
+from nimflow.spec_registry import spec_names
+
+#: How long ``prefect deploy --all`` may take (it imports every flow).
+DEPLOY_TIMEOUT_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class Step:
+    """One item bootstrap looked at: its kind, name, and what happened (created, kept, updated, ...)."""
+
+    kind: str
+    name: str
+    result: str
+
+
+@dataclass
+class BootstrapReport:
+    """What one ``nimflow bootstrap`` did, item by item."""
+
+    steps: list[Step] = field(default_factory=list)
+
+    def add(self, kind: str, name: str, result: str) -> None:
+        """Record one item."""
+        self.steps.append(Step(kind, name, result))
+
+    def created(self) -> list[Step]:
+        """The items this run created or changed (empty when it changed nothing)."""
+        return [s for s in self.steps if s.result in ("created", "updated")]
+
+    def render(self) -> str:
+        """The summary ``nimflow bootstrap`` prints: one line per item."""
+        width = max((len(s.kind) for s in self.steps), default=0)
+        return "\n".join(f"{s.kind:<{width}}  {s.name}: {s.result}" for s in self.steps)
+
+
+def parse_gpu_hosts(values: list[str]) -> dict[str, int]:
+    """``["gpu-a=8", "gpu-b=4"]`` -> ``{"gpu-a": 8, "gpu-b": 4}``.
+
+    Raises:
+        ConfigError: an item is not ``NAME=COUNT`` with a positive COUNT.
+    """
+    hosts: dict[str, int] = {}
+    for value in values:
+        name, _, count = value.partition("=")
+        if not name.strip() or not count.strip().isdigit() or int(count) < 1:
+            raise ConfigError("nimflow bootstrap", [Problem("--gpu-host", f"{value!r} is not NAME=COUNT (e.g. gpu-a=8)")])
+        hosts[name.strip()] = int(count)
+    return hosts
+
+
+def gpu_limit_name(host: str) -> str:
+    """The global concurrency limit holding one slot per GPU of ``host``."""
+    return f"nimflow-gpus-{host}"
+
+
+def project_config(project_dir: Path) -> dict[str, Any]:
+    """The parsed ``prefect.yaml`` of the project.
+
+    Raises:
+        ConfigError: there is no readable prefect.yaml in ``project_dir``.
+    """
+    path = project_dir / "prefect.yaml"
+    if not path.is_file():
+        raise ConfigError(str(project_dir), [Problem("prefect.yaml", "not found; run bootstrap from the nimflow checkout (or --project-dir)")])
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def pools_in(config: dict[str, Any]) -> list[str]:
+    """The work pool names the project's deployments use, in order of appearance."""
+    names = [((d.get("work_pool") or {}).get("name")) for d in config.get("deployments") or []]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def require_api_url() -> str:
+    """The configured Prefect API URL.
+
+    Raises:
+        ConfigError: PREFECT_API_URL is not set (bootstrap would otherwise talk to a throwaway server).
+    """
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ConfigError("nimflow bootstrap", [Problem(
+            "PREFECT_API_URL", "not set; point it at your Prefect server (e.g. export PREFECT_API_URL=http://prefect:4200/api)")])
+    return str(url)
+
+
+def ensure_process_pool(client: SyncPrefectClient, name: str) -> str:
+    """Create the process work pool ``name`` unless it exists: ``created`` or ``kept``."""
+    try:
+        client.read_work_pool(name)
+        return "kept"
+    except ObjectNotFound:
+        pass
+    template = ProcessWorker.get_default_base_job_template()
+    client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
+    return "created"
+
+
+def ensure_limit(client: SyncPrefectClient, name: str, limit: int, *, update: bool) -> str:
+    """Create the global concurrency limit ``name`` unless it exists.
+
+    With ``update``, an existing limit with another value is set to ``limit`` (``updated``); without,
+    it is left as the operator set it (``kept``).
+    """
+    try:
+        current = client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+        return "created"
+    if update and current.limit != limit:
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
+        return "updated"
+    return "kept"
+
+
+@dataclass(frozen=True)
+class PausedState:
+    """What was paused on a deployment before the redeploy: the deployment itself, schedules by slug."""
+
+    deployment_id: UUID
+    name: str
+    paused: bool
+    paused_slugs: frozenset[str]
+
+
+def existing_deployments(client: SyncPrefectClient, names: list[str]) -> list[Any]:
+    """The deployments (of any flow) called one of ``names``."""
+    return client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))
+
+
+def paused_states(deployments: list[Any]) -> list[PausedState]:
+    """The paused deployments and paused schedules (by slug) among ``deployments``."""
+    states = []
+    for deployment in deployments:
+        slugs = frozenset(s.slug for s in deployment.schedules if not s.active and s.slug)
+        if deployment.paused or slugs:
+            states.append(PausedState(deployment.id, deployment.name, bool(deployment.paused), slugs))
+    return states
+
+
+def restore_paused(client: SyncPrefectClient, states: list[PausedState], report: BootstrapReport) -> None:
+    """Pause again what the redeploy re-activated; record each item as ``kept paused``."""
+    for state in states:
+        try:
+            deployment = client.read_deployment(state.deployment_id)
+        except ObjectNotFound:
+            continue  # removed from prefect.yaml and deleted: nothing to keep paused
+        if state.paused and not deployment.paused:
+            client.pause_deployment(state.deployment_id)
+        if state.paused:
+            report.add("deployment", state.name, "kept paused")
+        for schedule in deployment.schedules:
+            if schedule.slug in state.paused_slugs:
+                if schedule.active:
+                    client.update_deployment_schedule(state.deployment_id, schedule.id, active=False)
+                report.add("schedule", f"{state.name}/{schedule.slug}", "kept paused")
+
+
+def run_prefect_deploy(project_dir: Path, api_url: str) -> str:
+    """``prefect --no-prompt deploy --all`` in ``project_dir``; return its output.
+
+    Raises:
+        PermanentError: it failed (its last output lines are in the message).
+    """
+    prefect = Path(sys.executable).with_name("prefect")
+    command = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy", "--all"]
+    # The child gets this process's environment (specs dir, secrets for nothing but its own imports)
+    # with the API URL made explicit, since it may come from a Prefect profile or a test's settings.
+    env = {**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "200"}
+    result = subprocess.run(command, cwd=project_dir, env=env, capture_output=True, text=True, timeout=DEPLOY_TIMEOUT_SECONDS)
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        raise PermanentError(f"`prefect deploy --all` failed (exit {result.returncode}) in {project_dir}:\n{tail}")
+    return output
+
+
+def bootstrap(
+    project_dir: Path, *, extra_pools: list[str] | None = None, gpu_hosts: dict[str, int] | None = None, deploy: bool = True
+) -> BootstrapReport:
+    """Create what is missing on the Prefect server and (re)deploy the project; return what was done.
+
+    Args:
+        project_dir: the directory holding prefect.yaml (the checkout the workers run flows from).
+        extra_pools: process work pools to create besides those prefect.yaml names.
+        gpu_hosts: host name -> GPU count, for the per-host GPU limits.
+        deploy: run ``prefect deploy --all`` (off: only pools, limits and blocks).
+
+    Raises:
+        ConfigError: PREFECT_API_URL is unset, or prefect.yaml is missing.
+        PermanentError: ``prefect deploy`` failed.
+        NimflowError: the Prefect API could not be reached or refused a request.
+    """
+    api_url = require_api_url()
+    project_dir = project_dir.resolve()
+    config = project_config(project_dir)
+    report = BootstrapReport()
+    deployment_names = [d["name"] for d in config.get("deployments") or [] if d.get("name")]
+    with translated_errors(f"bootstrapping the Prefect server at {api_url}"), get_client(sync_client=True) as client:
+        for pool in dict.fromkeys([*pools_in(config), *(extra_pools or [])]):
+            report.add("work pool", pool, ensure_process_pool(client, pool))
+        for host, count in (gpu_hosts or {}).items():
+            report.add("gpu limit", gpu_limit_name(host), ensure_limit(client, gpu_limit_name(host), count, update=True))
+        try:
+            names = spec_names()
+        except ConfigError as exc:
+            report.add("spec limits", str(get_settings().specs_dir), f"skipped ({exc})")
+            names = []
+        for name in names:
+            report.add("spec limit", spec_limit_name(name), ensure_limit(client, spec_limit_name(name), 1, update=False))
+    settings = get_settings()
+    with translated_errors("saving Secret blocks"):
+        saved = save_secrets({
+            "HF_TOKEN": settings.hf_token, "NGC_API_KEY": settings.ngc_api_key,
+            "AWS_ACCESS_KEY_ID": settings.aws_access_key_id, "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key,
+        })
+    for item in saved:
+        report.add("secret block", f"{item.block} (from {item.variable})", item.result)
+    if not deploy:
+        return report
+    with translated_errors("reading deployments"), get_client(sync_client=True) as client:
+        existing = existing_deployments(client, deployment_names)
+    before = paused_states(existing)
+    try:
+        run_prefect_deploy(project_dir, api_url)
+        known = {d.name for d in existing}
+        for name in deployment_names:
+            report.add("deployment", name, "redeployed" if name in known else "created")
+    finally:
+        with translated_errors("pausing schedules again"), get_client(sync_client=True) as client:
+            restore_paused(client, before, report)
+    return report

@@ -1,0 +1,131 @@
+"""``nimflow bootstrap`` against a real Prefect server: idempotent, keeps paused schedules paused,
+saves Secret blocks without ever printing their values, and the settings fall back to those blocks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.blocks.system import Secret
+from prefect.client.orchestration import get_client
+
+from nimflow.cli import main
+from nimflow.credentials import SECRET_BLOCKS
+from nimflow.settings import get_settings
+from tests.conftest import write_spec
+from tests.integration.test_host_model import make_spec
+
+pytestmark = pytest.mark.testbed
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def secrets(monkeypatch: pytest.MonkeyPatch, prefect_api: str) -> Iterator[dict[str, str]]:
+    """Fresh secret values in the environment; their blocks are deleted afterwards (the server is shared)."""
+    values = {variable: f"secret-{variable.lower()}-{uuid.uuid4().hex}" for variable in SECRET_BLOCKS.values()}
+    for key in ("HUGGING_FACE_HUB_TOKEN", "NGC_CLI_API_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    for variable, value in values.items():
+        monkeypatch.setenv(variable, value)
+    yield values
+    with get_client(sync_client=True) as client:
+        for block in SECRET_BLOCKS:
+            try:
+                client.delete_block_document(client.read_block_document_by_name(block, "secret").id)
+            except Exception:  # noqa: BLE001 - not created by a failed test
+                pass
+
+
+def _bootstrap(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert main(["bootstrap", *args]) == 0
+    out, err = capsys.readouterr()
+    return out + err
+
+
+def _deployment(name: str) -> Any:
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
+def test_bootstrap_twice_creates_nothing_the_second_time_and_keeps_paused_schedules_paused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], secrets: dict[str, str],
+    standin_image: str, unique: str,
+) -> None:
+    specs_dir = tmp_path / "specs"
+    specs_dir.mkdir()
+    spec_name = f"boot-{unique}"
+    write_spec(specs_dir / "spec.yaml", make_spec(tmp_path, spec_name, f"org/boot-{unique}", standin_image))
+    monkeypatch.setenv("NIMFLOW_SPECS_DIR", str(specs_dir))
+    monkeypatch.chdir(REPO_ROOT)
+    host = f"gpu-{unique}"
+
+    first = _bootstrap(capsys, "--gpu-host", f"{host}=4")
+    assert f"nimflow-gpus-{host}: created" in first
+    assert f"nimflow-spec-{spec_name}: created" in first
+    for block in SECRET_BLOCKS:
+        assert f"{block} (from {SECRET_BLOCKS[block]}): created" in first
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool("nimflow-gpu").type == "process"
+        assert client.read_global_concurrency_limit_by_name(f"nimflow-gpus-{host}").limit == 4
+        assert client.read_global_concurrency_limit_by_name(f"nimflow-spec-{spec_name}").limit == 1
+    for name in ("host_model/host-model", "host_model/host-on-checkpoint", "reconcile/reconcile",
+                 "watch_checkpoints/checkpoint-watcher"):
+        assert _deployment(name).work_pool_name == "nimflow-gpu"
+
+    # An operator pauses the reconcile schedule; a redeploy alone would re-activate it (prefect.md §3.6).
+    reconcile = _deployment("reconcile/reconcile")
+    (schedule,) = reconcile.schedules
+    assert schedule.slug == "reconcile-5m" and schedule.active
+    with get_client(sync_client=True) as client:
+        client.update_deployment_schedule(reconcile.id, schedule.id, active=False)
+
+    second = _bootstrap(capsys, "--gpu-host", f"{host}=4")
+    assert "nothing to create; everything was in place" in second, second
+    assert ": created" not in second and ": updated" not in second
+    assert "reconcile/reconcile-5m: kept paused" in second
+    schedules = {s.slug: s.active for s in _deployment("reconcile/reconcile").schedules}
+    assert schedules == {"reconcile-5m": False}
+    assert {s.slug: s.active for s in _deployment("watch_checkpoints/checkpoint-watcher").schedules} == {"watch-2m": True}
+
+    # The secret values never appear in what bootstrap printed.
+    for value in secrets.values():
+        assert value not in first and value not in second
+
+
+def test_secret_blocks_are_loadable_and_settings_fall_back_to_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], secrets: dict[str, str]
+) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    out = _bootstrap(capsys, "--no-deploy")
+    for block, variable in SECRET_BLOCKS.items():
+        assert Secret.load(block).get() == secrets[variable]
+        assert secrets[variable] not in out
+
+    # A worker without the variables gets the values from the blocks.
+    for variable in SECRET_BLOCKS.values():
+        monkeypatch.delenv(variable)
+    settings = get_settings()
+    assert settings.hf_token_value() == secrets["HF_TOKEN"]
+    assert settings.container_secrets() == {"NGC_API_KEY": secrets["NGC_API_KEY"], "HF_TOKEN": secrets["HF_TOKEN"]}
+    assert settings.aws_credentials() == {"aws_access_key_id": secrets["AWS_ACCESS_KEY_ID"],
+                                          "aws_secret_access_key": secrets["AWS_SECRET_ACCESS_KEY"]}
+    # The environment wins over a block.
+    monkeypatch.setenv("HF_TOKEN", "from-the-environment")
+    assert get_settings().hf_token_value() == "from-the-environment"
+
+
+def test_bootstrap_without_an_api_url_says_so(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path)  # no profile with a URL either
+    result = subprocess.run([sys.executable, "-m", "nimflow.cli", "bootstrap"], capture_output=True, text=True,
+                            env=env, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "nimflow bootstrap: PREFECT_API_URL: not set; point it at your Prefect server (e.g. export PREFECT_API_URL=http://prefect:4200/api)"
+    ]

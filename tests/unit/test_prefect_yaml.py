@@ -1,0 +1,135 @@
+"""prefect.yaml and the Docker work-pool template, checked against Prefect's own models.
+
+Prefect ignores unknown keys in prefect.yaml (they vanish silently) and drops a triggered run when a
+templated parameter meets a missing event field; these tests catch both before anything is deployed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+import yaml
+from prefect.cli.deploy._models import ConcurrencyLimitSpec, DeploymentConfig, RawScheduleConfig, WorkPoolConfig
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+from prefect.flows import Flow
+from prefect.utilities.templating import apply_values, find_placeholders
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG: dict[str, Any] = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+DEPLOYMENTS = {d["name"]: d for d in CONFIG["deployments"]}
+TOP_LEVEL_KEYS = {"name", "prefect-version", "build", "push", "pull", "definitions", "deployments"}
+TEMPLATE = json.loads((REPO_ROOT / "deployments" / "docker-work-pool" / "base-job-template.json").read_text())
+
+
+def _unknown_keys(data: dict[str, Any], model: Any) -> set[str]:
+    fields = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+    return set(data) - fields
+
+
+def test_top_level_keys_are_prefects() -> None:
+    assert set(CONFIG) <= TOP_LEVEL_KEYS
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_deployment_uses_only_keys_prefect_knows(name: str) -> None:
+    deployment = DEPLOYMENTS[name]
+    assert not _unknown_keys(deployment, DeploymentConfig), "Prefect would ignore these keys silently"
+    DeploymentConfig.model_validate(deployment)
+    assert not _unknown_keys(deployment.get("work_pool") or {}, WorkPoolConfig)
+    if isinstance(deployment.get("concurrency_limit"), dict):
+        assert not _unknown_keys(deployment["concurrency_limit"], ConcurrencyLimitSpec)
+    for schedule in deployment.get("schedules") or []:
+        RawScheduleConfig.model_validate(schedule)  # extra="forbid" in Prefect itself
+        assert schedule.get("slug"), "bootstrap keeps paused schedules paused by their slug"
+    for trigger in deployment.get("triggers") or []:
+        assert trigger["type"] == "event"
+        assert not _unknown_keys(trigger, DeploymentEventTrigger)
+        DeploymentEventTrigger.model_validate({**trigger, "name": f"{name}__automation_1"})
+
+
+def test_no_prefect_blocks_anywhere() -> None:
+    """`{{ prefect.blocks... }}` in deployment fields is resolved at deploy time and stored in plaintext."""
+    assert "prefect.blocks" not in (REPO_ROOT / "prefect.yaml").read_text()
+    assert "prefect.blocks" not in json.dumps(TEMPLATE)
+
+
+def test_every_templated_trigger_parameter_has_a_default() -> None:
+    """A missing event field without `| default(...)` drops the run (prefect.md §3.1)."""
+    checked = 0
+    for deployment in CONFIG["deployments"]:
+        for trigger in deployment.get("triggers") or []:
+            for key, value in (trigger.get("parameters") or {}).items():
+                if isinstance(value, str) and "{{" in value:
+                    for expression in re.findall(r"\{\{(.*?)\}\}", value):
+                        assert "| default(" in expression, f"{deployment['name']}: {key} has no default: {value}"
+                        checked += 1
+    assert checked >= 3
+
+
+def test_checkpoint_trigger_parameters_render_from_a_landed_event() -> None:
+    """The templates render, as the server renders them, to the flow's parameters, and to safe defaults.
+
+    The server wraps a single-expression parameter as ``{{ expr | tojson }}`` and parses it back
+    (``RunDeployment._wrap_v1_template``); rendering is its sandboxed ``render_user_template_sync``.
+    """
+    from prefect.server.events.actions import RunDeployment
+    from prefect.server.events.schemas.events import Event
+    from prefect.server.utilities.user_templates import render_user_template_sync
+
+    trigger = DEPLOYMENTS["host-on-checkpoint"]["triggers"][0]
+    assert trigger["expect"] == ["nimflow.checkpoint.landed"] and trigger["for_each"] == ["prefect.resource.id"]
+    assert trigger["match"] == {"prefect.resource.id": "nimflow.source.*"} and trigger["posture"] == "Reactive"
+
+    def render(event: Event) -> dict[str, Any]:
+        rendered = {}
+        for key, value in trigger["parameters"].items():
+            wrapped = RunDeployment._wrap_v1_template(value)
+            rendered[key] = json.loads(render_user_template_sync(wrapped["value"]["template"], {"event": event}))
+        return rendered
+
+    now, ids = datetime.now(timezone.utc), (uuid4(), uuid4())
+    landed = Event(id=ids[0], occurred=now, event="nimflow.checkpoint.landed",
+                   resource={"prefect.resource.id": "nimflow.source.hf.org/repo", "nimflow.spec": "llama-sft"},
+                   payload={"spec": "llama-sft", "revision": "abc123"})
+    assert render(landed) == {"spec": "llama-sft", "revision": "abc123", "checkpoint_uri": None}
+    bare = Event(id=ids[1], occurred=now, event="nimflow.checkpoint.landed", resource={"prefect.resource.id": "nimflow.source.s3.b/p"})
+    assert render(bare) == {"spec": "", "revision": None, "checkpoint_uri": None}
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_entrypoint_names_a_real_flow(name: str) -> None:
+    path, _, function = DEPLOYMENTS[name]["entrypoint"].partition(":")
+    assert (REPO_ROOT / path).is_file()
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    assert isinstance(getattr(module, function), Flow)
+
+
+def test_deployments_and_pool() -> None:
+    assert set(DEPLOYMENTS) == {"host-model", "host-on-checkpoint", "reconcile", "checkpoint-watcher"}
+    assert {d["work_pool"]["name"] for d in DEPLOYMENTS.values()} == {"nimflow-gpu"}
+    assert DEPLOYMENTS["host-model"]["enforce_parameter_schema"] is True
+    assert DEPLOYMENTS["reconcile"]["entrypoint"] == "flows/reconcile.py:reconcile"
+    assert DEPLOYMENTS["checkpoint-watcher"]["entrypoint"] == "flows/watch_checkpoints.py:watch_checkpoints"
+
+
+def test_docker_template_variables_are_all_used_and_defined() -> None:
+    used = {p.name for p in find_placeholders(TEMPLATE["job_configuration"])}
+    defined = set(TEMPLATE["variables"]["properties"])
+    assert used == defined
+
+
+def test_docker_template_renders_gpus_cache_and_specs() -> None:
+    rendered = apply_values(TEMPLATE["job_configuration"], {
+        "image": "nimflow:1", "cache_dir": "/data/nim", "gpu_ids": "0,1", "specs_dir": "/etc/nimflow/specs",
+    })
+    assert rendered["env"] == {"NIMFLOW_CACHE_DIR": "/data/nim", "NIMFLOW_GPUS": "0,1", "NIMFLOW_SPECS_DIR": "/etc/nimflow/specs"}
+    assert "/data/nim:/data/nim" in rendered["volumes"] and "/var/run/docker.sock:/var/run/docker.sock" in rendered["volumes"]
+    assert rendered["container_create_kwargs"]["device_requests"] == [{"count": -1, "capabilities": [["gpu"]]}]
+    assert "command" not in rendered  # unset: the worker's default command
