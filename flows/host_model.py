@@ -8,24 +8,20 @@ this module only wires them and reports.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from pydantic import Field
 
 from nimflow import log_filter
-from nimflow.errors import ConfigError
 from nimflow.records import HostingRecord
-from nimflow.run_parameters import Overrides, resolve_run_spec
+from nimflow.run_parameters import CheckpointUri, Revision, RunOverrides, SpecName, resolve_run_spec
 from nimflow.spec import HostingSpec
-from nimflow.spec_concurrency import one_run_per_spec
-from nimflow.spec_registry import spec_names
+from nimflow.settings import get_settings
+from nimflow.spec_concurrency import gpu_limit_name, host_gpu_slots, one_run_per_spec
 from tasks.compile import compile_engine
 from tasks.deploy import abort_rollout, deploy_nim, deployment_labels, promote_deployment
 from tasks.download import download_checkpoint
@@ -42,51 +38,6 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         yield
     finally:
         timings[stage] = round(time.monotonic() - started, 3)
-
-
-def _known_specs() -> dict[str, object]:
-    """The JSON-schema addition that makes the `spec` parameter a dropdown of the specs that exist now.
-
-    Computed at import, so `prefect deploy` records the names in the deployment's parameter schema.
-    Without a specs directory (or with a broken one) there is no dropdown; the run names the problem.
-    """
-    try:
-        names = spec_names()
-    except ConfigError as exc:
-        logging.getLogger(__name__).warning("the UI offers no list of specs: %s", exc)
-        return {}
-    return {"enum": names} if names else {}
-
-
-def _ui(title: str, description: str, **extra: object) -> Any:
-    """A parameter's title and description for Prefect's UI form.
-
-    Prefect's ``parameter_schema`` sets every parameter's title to its Python name and its description
-    to the docstring's, over the ``Field``'s; ``json_schema_extra`` is applied last, so the UI's words
-    go there too.
-    """
-    return Field(title=title, description=description, json_schema_extra={"title": title, "description": description, **extra})
-
-
-SpecName = Annotated[
-    str,
-    _ui("Model", "The hosting spec to run, by its `name`: a YAML file in the specs directory (NIMFLOW_SPECS_DIR, "
-        "default `configs/`). From Python or `nimflow host`, a path to a `.yaml` file works too.", **_known_specs()),
-]
-Revision = Annotated[
-    str | None,
-    _ui("Revision", "Replaces source.revision: a branch, tag or commit sha (e.g. the commit a checkpoint event "
-        "names). Empty: the spec's revision."),
-]
-CheckpointUri = Annotated[
-    str | None,
-    _ui("Fine-tuned checkpoint", "Replaces finetune.path for this run: an s3://bucket/prefix/ or "
-        "hf://org/repo@revision checkpoint (e.g. the one a checkpoint event names). Empty: the spec's."),
-]
-RunOverrides = Annotated[
-    Overrides | None,
-    _ui("Overrides", "Rollout strategy, verify deadline and force, for this run only. Empty: the spec's settings."),
-]
 
 
 @flow(name="host_model", log_prints=False)
@@ -111,7 +62,9 @@ def host_model(
     """
     log_filter.install()
     resolved = resolve_run_spec(spec, revision=revision, checkpoint_uri=checkpoint_uri, overrides=overrides)
-    with one_run_per_spec(resolved.name):
+    with one_run_per_spec(resolved.name), host_gpu_slots(resolved) as slots:
+        if slots:
+            get_run_logger().info("Holding %d GPU slot(s) of this host (%s)", slots, gpu_limit_name(get_settings().host_name))
         return _host(resolved)
 
 

@@ -34,7 +34,7 @@ from prefect.workers.process import ProcessWorker
 from nimflow.credentials import save_secrets
 from nimflow.errors import ConfigError, PermanentError, Problem, translated_errors
 from nimflow.settings import get_settings
-from nimflow.spec_concurrency import spec_limit_name
+from nimflow.spec_concurrency import gpu_limit_name, spec_limit_name
 from nimflow.spec_registry import spec_names
 
 #: How long ``prefect deploy --all`` may take (it imports every flow).
@@ -83,11 +83,6 @@ def parse_gpu_hosts(values: list[str]) -> dict[str, int]:
             raise ConfigError("nimflow bootstrap", [Problem("--gpu-host", f"{value!r} is not NAME=COUNT (e.g. gpu-a=8)")])
         hosts[name.strip()] = int(count)
     return hosts
-
-
-def gpu_limit_name(host: str) -> str:
-    """The global concurrency limit holding one slot per GPU of ``host``."""
-    return f"nimflow-gpus-{host}"
 
 
 def project_config(project_dir: Path) -> dict[str, Any]:

@@ -7,13 +7,14 @@ turns the parameters into a validated spec, or a :class:`~nimflow.errors.ConfigE
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nimflow.errors import ConfigError, Problem
 from nimflow.spec import FinetuneSpec, HostingSpec, load_spec, update_spec
-from nimflow.spec_registry import host_overrides, load_named_spec
+from nimflow.spec_registry import host_overrides, load_named_spec, spec_names
 
 _CHECKPOINT_SCHEMES = ("s3://", "hf://")
 
@@ -140,3 +141,51 @@ def resolve_run_spec(
     loaded = load_spec(spec) if spec.endswith((".yaml", ".yml")) else load_named_spec(spec)
     resolved = apply_run_parameters(loaded, revision=revision, checkpoint_uri=checkpoint_uri, overrides=overrides)
     return host_overrides(resolved)
+
+
+# --- the flow's parameters, as the Prefect UI renders them ---------------------------------------
+
+
+def _known_specs() -> dict[str, object]:
+    """The JSON-schema addition that makes the `spec` parameter a dropdown of the specs that exist now.
+
+    Computed at import, so `prefect deploy` records the names in the deployment's parameter schema.
+    Without a specs directory (or with a broken one) there is no dropdown; the run names the problem.
+    """
+    try:
+        names = spec_names()
+    except ConfigError as exc:
+        logging.getLogger(__name__).warning("the UI offers no list of specs: %s", exc)
+        return {}
+    return {"enum": names} if names else {}
+
+
+def _ui(title: str, description: str, **extra: object) -> Any:
+    """A parameter's title and description for Prefect's UI form.
+
+    Prefect's ``parameter_schema`` sets every parameter's title to its Python name and its description
+    to the docstring's, over the ``Field``'s; ``json_schema_extra`` is applied last, so the UI's words
+    go there too.
+    """
+    return Field(title=title, description=description, json_schema_extra={"title": title, "description": description, **extra})
+
+
+SpecName = Annotated[
+    str,
+    _ui("Model", "The hosting spec to run, by its `name`: a YAML file in the specs directory (NIMFLOW_SPECS_DIR, "
+        "default `configs/`). From Python or `nimflow host`, a path to a `.yaml` file works too.", **_known_specs()),
+]
+Revision = Annotated[
+    str | None,
+    _ui("Revision", "Replaces source.revision: a branch, tag or commit sha (e.g. the commit a checkpoint event "
+        "names). Empty: the spec's revision."),
+]
+CheckpointUri = Annotated[
+    str | None,
+    _ui("Fine-tuned checkpoint", "Replaces finetune.path for this run: an s3://bucket/prefix/ or "
+        "hf://org/repo@revision checkpoint (e.g. the one a checkpoint event names). Empty: the spec's."),
+]
+RunOverrides = Annotated[
+    Overrides | None,
+    _ui("Overrides", "Rollout strategy, verify deadline and force, for this run only. Empty: the spec's settings."),
+]

@@ -8,6 +8,7 @@ and ``AWS_ENDPOINT_URL`` are left to boto3's own credential chain, which reads t
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,9 @@ class Settings:
     #: This host's GPU ids as written in NIMFLOW_GPUS (e.g. "0,1"), checked like a spec's GPU ids when
     #: applied; overrides deploy.gpus (and build.gpus where the build has GPUs).
     host_gpus: str | None
+    #: This host's name in the fleet (NIMFLOW_HOST_NAME, default the hostname): its runs take GPU slots
+    #: from the limit `nimflow-gpus-<host_name>` when `nimflow bootstrap --gpu-host` created one.
+    host_name: str = ""
     #: AWS keys as set in the environment; only `nimflow bootstrap` reads them (to save Secret blocks).
     #: boto3 reads its own credential chain; :meth:`aws_credentials` adds the blocks as a fallback.
     aws_access_key_id: SecretStr | None = None
@@ -69,6 +73,7 @@ class Settings:
             specs_dir=Path(env.get("NIMFLOW_SPECS_DIR") or "configs"),
             host_cache_dir=Path(env["NIMFLOW_CACHE_DIR"]) if env.get("NIMFLOW_CACHE_DIR") else None,
             host_gpus=env.get("NIMFLOW_GPUS", "").strip() or None,
+            host_name=env.get("NIMFLOW_HOST_NAME", "").strip() or socket.gethostname(),
             aws_access_key_id=secret("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=secret("AWS_SECRET_ACCESS_KEY"),
         )

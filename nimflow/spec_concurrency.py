@@ -21,9 +21,11 @@ from contextlib import ExitStack, contextmanager
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from nimflow.errors import translated_errors
+from nimflow.settings import get_settings
+from nimflow.spec import HostingSpec
 
 #: How long a slot outlives a run that stopped renewing it (a crashed worker), in seconds.
 LEASE_SECONDS = 300.0
@@ -64,3 +66,48 @@ def one_run_per_spec(spec_name: str, lease_seconds: float = LEASE_SECONDS) -> It
             held.enter_context(concurrency(name, occupy=1, lease_duration=lease_seconds, strict=True,
                                            raise_on_lease_renewal_failure=False))
         yield
+
+
+def gpu_limit_name(host: str) -> str:
+    """The global concurrency limit holding one slot per GPU of ``host`` (``nimflow bootstrap --gpu-host``)."""
+    return f"nimflow-gpus-{host}"
+
+
+def gpus_used(spec: HostingSpec, host_slots: int) -> int:
+    """How many of the host's GPUs a run of ``spec`` may use at once: the most any of its containers
+    asks for (build, the serving container, a blue-green candidate on standby GPUs); ``all`` is every slot."""
+    counts = [0]
+    for gpus in (spec.build.gpus if spec.build else None, spec.deploy.gpus, spec.rollout.standby_gpus):
+        if gpus == "all":
+            return host_slots
+        if isinstance(gpus, list):
+            counts.append(len(gpus))
+    used = max(counts)
+    if spec.rollout_strategy == "blue-green" and spec.rollout.standby_gpus is None:
+        used *= 2  # the candidate starts beside the serving container on GPUs of its own
+    return min(used, host_slots)
+
+
+@contextmanager
+def host_gpu_slots(spec: HostingSpec, lease_seconds: float = LEASE_SECONDS) -> Iterator[int]:
+    """Hold the GPU slots a run of ``spec`` needs on this host while the block runs; yield how many.
+
+    Only where the fleet set a limit for this host (``nimflow-gpus-<NIMFLOW_HOST_NAME>``); elsewhere,
+    and for runs that use no GPU, nothing is held (yields 0).
+
+    Raises:
+        NimflowError: the Prefect API could not be reached.
+    """
+    name = gpu_limit_name(get_settings().host_name)
+    with translated_errors(f"reading the Prefect concurrency limit {name}"), get_client(sync_client=True) as client:
+        try:
+            slots = client.read_global_concurrency_limit_by_name(name).limit
+        except ObjectNotFound:
+            slots = 0
+    needed = gpus_used(spec, slots) if slots else 0
+    with ExitStack() as held:
+        if needed:
+            with translated_errors(f"acquiring {needed} slot(s) of {name}"):
+                held.enter_context(concurrency(name, occupy=needed, lease_duration=lease_seconds, strict=True,
+                                               raise_on_lease_renewal_failure=False))
+        yield needed
