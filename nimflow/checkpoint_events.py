@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from nimflow.errors import ConfigError, PermanentError, Problem, ServiceUnavailable
-from nimflow.spec import source_id_hf, source_id_s3
+from nimflow.spec import SPEC_NAME, source_id_hf, source_id_s3
 
 __all__ = [
     "EVENT_NAME",
@@ -46,7 +46,16 @@ __all__ = [
 EVENT_NAME = "nimflow.checkpoint.landed"
 #: The namespace of the deterministic event ids (never change it: ids would change with it).
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c2b9e-5d7a-4c3e-9b1f-2a8d4e6c0f13")
-_SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHA = re.compile(r"^[0-9a-f]{40}\Z")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_S3_DIR = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?\Z")
+
+
+def _check(field: str, value: Any, pattern: re.Pattern[str], expected: str) -> str:
+    """``value`` when it is a string matching ``pattern``; else a ConfigError naming ``field``."""
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ConfigError(field, [Problem(field, f"{value!r} is not {expected}")])
+    return value
 
 #: The raw request a training job (or any HTTP client) sends instead of ``nimflow notify``. The body is a
 #: JSON list of events; the id makes a repeated announcement the same event (any uuid works, a uuid5 of
@@ -127,8 +136,11 @@ def hf_checkpoint(spec: str, repo_id: str, revision: str, ref: str | None = None
     Raises:
         ConfigError: ``revision`` is not a full 40-hex commit sha (a branch name would name no checkpoint).
     """
-    if not _SHA.match(revision):
-        raise ConfigError("revision", [Problem("revision", f"{revision!r} is not a full commit sha (40 lowercase hex digits)")])
+    _check("spec", spec, SPEC_NAME, "a spec name (lowercase letters, digits and dashes, at most 63)")
+    _check("repo_id", repo_id, _REPO_ID, "a Hugging Face repo id 'org/name'")
+    _check("revision", revision, _SHA, "a full commit sha (40 lowercase hex digits)")
+    if ref is not None and (not isinstance(ref, str) or not ref.strip() or not ref.isprintable()):
+        raise ConfigError("ref", [Problem("ref", f"{ref!r} is not a branch or tag name")])
     return CheckpointLanded(spec=spec, source_id=source_id_hf(repo_id), source_name=repo_id, revision=revision, ref=ref)
 
 
@@ -138,9 +150,9 @@ def s3_checkpoint(spec: str, prefix_uri: str, directory_uri: str) -> CheckpointL
     Raises:
         ConfigError: either is not an ``s3://`` URI, or the directory is not directly under the prefix.
     """
+    _check("spec", spec, SPEC_NAME, "a spec name (lowercase letters, digits and dashes, at most 63)")
     for label, value in (("prefix", prefix_uri), ("uri", directory_uri)):
-        if not value.startswith("s3://") or len(value.strip("/")) <= len("s3:/"):
-            raise ConfigError(label, [Problem(label, f"{value!r} is not an s3://bucket/prefix URI")])
+        _check(label, value, _S3_DIR, "an s3://bucket/prefix URI")
     prefix = prefix_uri.rstrip("/") + "/"
     directory = directory_uri.rstrip("/") + "/"
     name = directory[len(prefix):-1] if directory.startswith(prefix) else ""

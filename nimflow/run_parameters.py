@@ -71,7 +71,7 @@ def checkpoint_changes(spec: HostingSpec, checkpoint_uri: str) -> dict[str, Any]
             [Problem("checkpoint_uri", f"the spec {spec.name!r} has no `finetune` section, so there is no "
                                        "finetune.path to replace; add one, or run without checkpoint_uri")],
         )
-    if not checkpoint_uri.startswith(_CHECKPOINT_SCHEMES):
+    if not isinstance(checkpoint_uri, str) or not checkpoint_uri.startswith(_CHECKPOINT_SCHEMES):
         raise ConfigError(
             "checkpoint_uri",
             [Problem("checkpoint_uri", f"{checkpoint_uri!r}: give an s3://bucket/prefix/ or hf://org/repo@revision URI")],

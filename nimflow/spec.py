@@ -29,9 +29,12 @@ from nimflow.settings import SECRET_ENV_VARS
 #: Where NIM looks for its cache inside the container; the deploy cache dir is mounted here.
 NIM_CACHE_MOUNT = "/opt/nim/.cache"
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?\s*([kmgt]i?b?)?$", re.IGNORECASE)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+#: A spec's `name` (also the name checkpoint events carry).
+SPEC_NAME = _NAME
+_DIGITS = re.compile(r"[0-9]{1,6}")
+_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?\s*([kmgt]i?b?)?\Z", re.IGNORECASE)
 # Set by nimflow from the spec: letting `deploy.env` override them would silently fork the truth.
 _RESERVED_ENV = (
     "NIM_MODEL_NAME", "NIM_SERVED_MODEL_NAME", "NIM_CACHE_PATH", "NIM_FT_MODEL", "NIM_MODEL_PATH", "NIM_PEFT_SOURCE",
@@ -49,7 +52,7 @@ def _gpu_ids(value: Any) -> list[int] | Literal["all"] | None:
         value = [part.strip() for part in text.split(",") if part.strip()]
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    if isinstance(value, list) and all(str(v).isdigit() for v in value):
+    if isinstance(value, list) and all(_DIGITS.fullmatch(str(v)) for v in value):
         ids = [int(v) for v in value]
         if len(set(ids)) != len(ids):
             raise ValueError(f"GPU ids must not repeat: {ids}")
@@ -111,14 +114,16 @@ class SourceSpec(_Spec):
 
 
 #: `hf://org/repo` or `hf://org/repo@revision`.
-_HF_URI = re.compile(r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._/-]*)?$")
-_S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+_HF_URI = re.compile(r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._/-]*)?\Z")
+_S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?\Z")
 
 
 def _weights_location(value: str) -> str:
     value = value.strip()
     if not value:
         raise ValueError("must not be empty")
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
     if value.startswith("s3://") and not _S3_URI.match(value):
         raise ValueError(f"{value!r} is not a valid s3:// URI; expected s3://bucket/prefix")
     if value.startswith("hf://") and not _HF_URI.match(value):
@@ -145,7 +150,7 @@ class FinetuneSpec(_Spec):
     _path_shape = field_validator("path")(lambda cls, value: _weights_location(value))
 
 
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
 class LoraAdapterSpec(_Spec):
@@ -338,7 +343,7 @@ class CacheSpec(_Spec):
     @field_validator("uri")
     @classmethod
     def _s3_uri(cls, value: str) -> str:
-        if not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^/].*)?/?$", value):
+        if not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^/].*)?/?\Z", value):
             raise ValueError(f"{value!r} is not an S3 URI; expected s3://bucket or s3://bucket/prefix")
         return value.rstrip("/")
 
@@ -442,7 +447,7 @@ class RolloutSpec(_Spec):
 #: Resource-id prefixes of what a spec watches; checkpoint events name their source with these.
 SOURCE_ID_HF = "nimflow.source.hf."
 SOURCE_ID_S3 = "nimflow.source.s3."
-_WATCH_S3 = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+_WATCH_S3 = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?\Z")
 
 
 def source_id_hf(repo_id: str) -> str:
@@ -620,8 +625,9 @@ def _check_size(value: str) -> str:
 
 def _location(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
+    for index, item in enumerate(loc):
+        is_key = loc[index + 1 : index + 2] == ("[key]",)  # pydantic's tag after a mapping key it refused
+        if isinstance(item, int) and not is_key:
             parts.append(f"[{item}]")
         elif "[" in str(item) or str(item).startswith("function-"):
             continue  # pydantic's union-branch tags (`list[int]`, `literal['all']`) say nothing to a user
@@ -630,24 +636,54 @@ def _location(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    def fix(section: Any, key: str) -> None:
-        if isinstance(section, dict) and isinstance(section.get(key), str):
-            path = Path(section[key]).expanduser()
-            section[key] = str(path if path.is_absolute() else (base / path).resolve())
+def _non_text_keys(node: Any, path: str = "", seen: frozenset[int] = frozenset()) -> list[Problem]:
+    """A problem for each mapping key that is not text (YAML's `1:`, `true:`, `null:`), at its own path."""
+    problems: list[Problem] = []
+    if id(node) in seen:  # a YAML alias that contains itself
+        return problems
+    seen = seen | {id(node)}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            text = {None: "null", True: "true", False: "false"}.get(key, str(key)) if not isinstance(key, str) else key
+            here = f"{path}.{text}" if path else text
+            if not isinstance(key, str):
+                problems.append(Problem(here, f"keys must be text; write it as {text!r} (in quotes)"))
+            problems += _non_text_keys(value, here, seen)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            problems += _non_text_keys(value, f"{path}[{index}]", seen)
+    return problems
 
-    fix(data.get("source"), "local_dir")
-    fix(data.get("source"), "manifest")
-    fix(data.get("deploy"), "cache_dir")
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> list[Problem]:
+    """Resolve the spec's relative paths against ``base``; the paths that cannot be used, as problems."""
+    problems: list[Problem] = []
+
+    def fix(section: Any, key: str, field: str) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            text = section[key]
+            if "\x00" in text:
+                problems.append(Problem(field, "must not contain a NUL character"))
+                return
+            try:
+                path = Path(text).expanduser()
+                section[key] = str(path if path.is_absolute() else (base / path).resolve())
+            except (RuntimeError, OSError, ValueError) as exc:  # `~nosuchuser`, a name too long, ...
+                problems.append(Problem(field, f"{text!r} is not a usable path: {exc}"))
+
+    fix(data.get("source"), "local_dir", "source.local_dir")
+    fix(data.get("source"), "manifest", "source.manifest")
+    fix(data.get("deploy"), "cache_dir", "deploy.cache_dir")
     finetune = data.get("finetune")
     if isinstance(finetune, dict) and "://" not in str(finetune.get("path", "")):
-        fix(finetune, "path")
+        fix(finetune, "path", "finetune.path")
     lora = data.get("lora")
     if isinstance(lora, dict) and isinstance(lora.get("adapters"), list):
         lora["adapters"] = [dict(a) if isinstance(a, dict) else a for a in lora["adapters"]]
-        for adapter in lora["adapters"]:
+        for index, adapter in enumerate(lora["adapters"]):
             if isinstance(adapter, dict) and "://" not in str(adapter.get("path", "")):
-                fix(adapter, "path")
+                fix(adapter, "path", f"lora.adapters[{index}].path")
+    return problems
 
 
 def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) -> HostingSpec:
@@ -660,12 +696,16 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
         raise ConfigError(source, [Problem("(top level)", "expected a mapping of sections (name, source, deploy, ...)")])
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     if base_dir is not None:
-        _resolve_paths(data, base_dir)
+        problems = _resolve_paths(data, base_dir)
+        if problems:
+            raise ConfigError(source, problems)
     try:
         return HostingSpec.model_validate(data)
     except ValidationError as exc:
-        problems = []
+        problems = _non_text_keys(data)
         for err in exc.errors(include_url=False):
+            if err["type"] == "invalid_key" or err["loc"][-1:] == ("[key]",):
+                continue  # a key that is not text: named by _non_text_keys with the key as written
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 message = "unknown field (check the spelling; see the config reference in README.md)"
@@ -716,6 +756,8 @@ def load_spec(path: str | Path) -> HostingSpec:
         raise ConfigError(source, [Problem("(file)", f"cannot read: {exc.strerror}")]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(source, [Problem("(file)", f"not UTF-8 text (byte {exc.start}); save it as UTF-8")]) from None
+    except ValueError as exc:  # a NUL character in the path
+        raise ConfigError(source, [Problem("(file)", f"not a usable path: {exc}")]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -723,4 +765,8 @@ def load_spec(path: str | Path) -> HostingSpec:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
         reason = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, [Problem(where, f"not valid YAML: {reason}")]) from None
+    except ValueError as exc:  # PyYAML builds e.g. `2001-99-99` as a date and lets datetime's error out
+        raise ConfigError(source, [Problem("(file)", f"not valid YAML: {exc}")]) from None
+    except RecursionError:
+        raise ConfigError(source, [Problem("(file)", "not valid YAML: nested too deeply")]) from None
     return parse_spec(data, source, base_dir=path.resolve().parent)

@@ -180,9 +180,9 @@ def test_the_documented_post_body_is_a_valid_prefect_event() -> None:
     ("make", "message"),
     [
         (lambda: hf_checkpoint("s", "o/r", "main"), "not a full commit sha"),
-        (lambda: s3_checkpoint("s", "s3://b/runs/", "s3://b/other/c1/"), "not a checkpoint directory directly under"),
-        (lambda: s3_checkpoint("s", "s3://b/runs/", "s3://b/runs/c1/nested/"), "not a checkpoint directory directly under"),
-        (lambda: s3_checkpoint("s", "s3://b/runs/", "/local/c1"), "not an s3://bucket/prefix URI"),
+        (lambda: s3_checkpoint("s", "s3://bkt/runs/", "s3://bkt/other/c1/"), "not a checkpoint directory directly under"),
+        (lambda: s3_checkpoint("s", "s3://bkt/runs/", "s3://bkt/runs/c1/nested/"), "not a checkpoint directory directly under"),
+        (lambda: s3_checkpoint("s", "s3://bkt/runs/", "/local/c1"), "not an s3://bucket/prefix URI"),
     ],
 )
 def test_invalid_checkpoints_are_config_errors(make: Any, message: str) -> None:
