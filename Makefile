@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test venv testbed-up testbed-down validate clean
+.PHONY: demo test test-lowest venv testbed-up testbed-down validate clean
 
 # The virtual environment, rebuilt when pyproject.toml changes. Debian ships venv separately.
 $(BIN)/nimflow: pyproject.toml
@@ -24,6 +24,19 @@ demo: venv
 test: venv
 	$(BIN)/python -m nimflow.testbed.docker_engine
 	$(BIN)/python -m pytest -q
+
+# The unit tests against the lowest versions pyproject.toml allows (constraints/lowest.txt), in a
+# separate venv, so the floors stay honest. CI runs it after `make test`.
+LOWEST := .testbed/venv-lowest
+test-lowest:
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  echo "installing python3-venv (Debian)"; apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null; }
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST)/bin/python -m pip install -q --constraint constraints/lowest.txt -e '.[testbed]'
+	$(LOWEST)/bin/python -m pip list --format=freeze | grep -iE '^(prefect|huggingface.hub|boto3|botocore|docker|pydantic|httpx|moto)=='
+	$(LOWEST)/bin/python -m pytest -q tests/unit
 
 validate: venv
 	$(BIN)/nimflow validate configs/*.yaml configs/examples/*.yaml

@@ -30,6 +30,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from nimflow.engine_store import EngineStore
+from nimflow.s3 import is_missing
 
 LEASE_NAME = "lease.json"
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class BuildLeases:
         try:
             answer = self.store.client.get_object(Bucket=self.store.bucket, Key=self._key(engine_key))
         except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404"):
+            if is_missing(self.store.client, self.store.bucket, self._key(engine_key), exc):  # 403: raises, naming s3:ListBucket
                 return None
             raise
         try:

@@ -37,7 +37,7 @@ from botocore.exceptions import ClientError
 
 from nimflow.checkpoint import model_files, sha256_file
 from nimflow.errors import EngineStoreError
-from nimflow.s3 import list_keys, s3_client, transfer_config
+from nimflow.s3 import is_missing, list_keys, s3_client, transfer_config
 from nimflow.spec import CacheSpec
 
 MANIFEST_NAME = "nimflow-manifest.json"
@@ -183,11 +183,14 @@ class EngineStore:
 
     def manifest(self, engine_key: str) -> dict[str, Any] | None:
         """The engine's manifest, or None when the store does not (fully) hold it."""
+        key = self.object_key(engine_key, STORE_MANIFEST)
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self.object_key(engine_key, STORE_MANIFEST))["Body"]
-            return json.loads(body.read())
-        except self.client.exceptions.NoSuchKey:
-            return None
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        except ClientError as exc:
+            if is_missing(self.client, self.bucket, key, exc):  # a 403 (no s3:ListBucket) raises, naming it
+                return None
+            raise
+        return json.loads(body.read())
 
     def upload(self, engine_dir: Path, manifest: dict[str, Any]) -> UploadOutcome:
         """Upload an engine under its own upload prefix, then try to publish its manifest.
@@ -222,10 +225,11 @@ class EngineStore:
         return self.object_key(key, UPLOADS, upload_id, path)
 
     def _has_file(self, key: str, upload_id: str, entry: dict[str, Any]) -> bool:
+        file_key = self._file_key(key, upload_id, entry["path"])
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._file_key(key, upload_id, entry["path"]))
+            head = self.client.head_object(Bucket=self.bucket, Key=file_key)
         except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            if is_missing(self.client, self.bucket, file_key, exc):
                 return False
             raise
         return head.get("Metadata", {}).get("sha256") == entry["sha256"] and head["ContentLength"] == entry["size"]

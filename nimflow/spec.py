@@ -331,7 +331,11 @@ class CacheSpec(_Spec):
 
     uri: str = Field(description="`s3://bucket/prefix` under which engines are stored by engine key.")
     endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, a test server); AWS when absent.")
-    region: str | None = Field(None, description="S3 region; boto3's default chain when absent.")
+    region: str | None = Field(
+        None,
+        description="S3 region; boto3's default chain (AWS_DEFAULT_REGION, the profile) when absent, "
+        "and us-east-1 with an endpoint_url when that chain has none.",
+    )
     max_concurrency: int = Field(8, ge=1, le=64, description="Parallel part uploads/downloads per file.")
     multipart_chunk_mib: int = Field(64, ge=5, le=5120, description="Multipart part size in MiB.")
     build_lease_seconds: float = Field(
@@ -703,6 +707,8 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
         return HostingSpec.model_validate(data)
     except ValidationError as exc:
         problems = _non_text_keys(data)
+        if problems:  # pydantic places errors under such keys by position, not as written: name the keys first
+            raise ConfigError(source, problems) from None
         for err in exc.errors(include_url=False):
             if err["type"] == "invalid_key" or err["loc"][-1:] == ("[key]",):
                 continue  # a key that is not text: named by _non_text_keys with the key as written
