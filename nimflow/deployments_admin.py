@@ -29,6 +29,8 @@ class DeploymentStatus:
     stable_endpoint: str | None
     health: str
     active: str | None = None
+    #: The active backend's Docker state (``running``, ``exited``...), None without one.
+    active_state: str | None = None
     image: str | None = None
     served_model_name: str | None = None
     weights: str | None = None
@@ -83,6 +85,7 @@ def _status(name: str, containers: list[Any], probe: Callable[[str], str]) -> De
     return DeploymentStatus(
         name=name, stable_endpoint=endpoint, health=health,
         active=f"{active.name} ({active.id[:12]}, {active.status})" if active is not None else None,
+        active_state=active.status if active is not None else None,
         image=(active.attrs.get("Config") or {}).get("Image") if active is not None else None,
         served_model_name=labels.get(f"{LABEL_PREFIX}served-model-name"),
         weights=labels.get(f"{LABEL_PREFIX}weights"), engine_key=labels.get(f"{LABEL_PREFIX}engine-key"),

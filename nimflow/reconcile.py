@@ -55,8 +55,8 @@ def served_models(endpoint: str, timeout: float = 5.0) -> list[str]:
 
 
 def _backend_running(status: DeploymentStatus) -> bool:
-    """True when the active backend is running (``active`` reads ``name (id, <docker state>)``)."""
-    return status.active is not None and status.active.endswith(", running)")
+    """True when the active backend is running."""
+    return status.active_state == "running"
 
 
 def health_problem(status: DeploymentStatus, models: Callable[[str], list[str]] = served_models) -> str | None:
