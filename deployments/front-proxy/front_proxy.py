@@ -293,11 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     router = Router(args.route_dir, args.state_dir)
-    router.tick(force=True)  # the last route, before the first connection is accepted
     handler = type("BoundProxyHandler", (ProxyHandler,), {"router": router})
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     server_class = type("BoundServer", (Server,), {"address_family": family})
+    # Listen first, then report: nimflow takes applied.json as "the endpoint serves this route",
+    # and a client arriving through Docker's port forwarding before the socket listens is reset.
+    # Connections that arrive meanwhile wait in the backlog until the route is loaded.
     server = server_class((args.host, args.port), handler)
+    router.tick(force=True)  # the last route, before the first connection is accepted
     stop = threading.Event()
     watcher = threading.Thread(target=router.watch, args=(args.poll, stop), daemon=True)
     watcher.start()

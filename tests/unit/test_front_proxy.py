@@ -179,8 +179,9 @@ def test_route_is_read_at_start_and_reported(tmp_path: Path, upstreams: tuple[Up
     a, _ = upstreams
     write_route(tmp_path / "front", Route(5, a.address))
     proxy = start_proxy()
-    applied = read_applied(proxy.directory)
-    assert applied is not None and (applied.generation, applied.upstream, applied.inflight) == (5, a.address, {})
+    # It listens first and reports the route just after (see the test below).
+    applied = eventually(lambda: read_applied(proxy.directory), "applied.json written")
+    assert (applied.generation, applied.upstream, applied.inflight) == (5, a.address, {})
     assert proxy.get("/who") == (200, {"name": "A"})
 
 
@@ -328,3 +329,23 @@ def test_sigterm_stops_the_proxy_cleanly(start_proxy: Callable[[], Proxy]) -> No
     proxy.process.terminate()
     assert proxy.process.wait(WAIT) == 0
     assert "stopped" in proxy.stop()
+
+
+def test_route_is_reported_only_once_the_proxy_listens(tmp_path: Path) -> None:
+    """applied.json means "this endpoint serves the route": a proxy that cannot listen never writes it.
+
+    nimflow returns from a promotion once applied.json reports the route; reported before the socket
+    listened, a client arriving through Docker's port forwarding in between was reset.
+    """
+    write_route(tmp_path, Route(1, "127.0.0.1:9"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ended = subprocess.run(
+            [sys.executable, str(PROXY_SCRIPT), "--host", "127.0.0.1", "--port", str(port),
+             "--route-dir", str(tmp_path / "route"), "--state-dir", str(tmp_path / "state")],
+            capture_output=True, text=True, timeout=WAIT,
+        )
+    assert ended.returncode != 0 and "Address already in use" in ended.stderr
+    assert read_applied(tmp_path) is None
