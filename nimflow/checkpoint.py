@@ -306,7 +306,8 @@ def _token_ids(path: Path) -> set[int]:
         return set()
     if path.name == "vocab.json":  # GPT-2 style: {token: id}
         return {v for v in data.values() if type(v) is int}
-    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    found = data.get("model")
+    model = found if isinstance(found, dict) else {}
     vocab = model.get("vocab")
     ids: set[int] = set()
     if isinstance(vocab, dict):  # BPE, WordLevel, WordPiece: {token: id}

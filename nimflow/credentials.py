@@ -55,7 +55,7 @@ def load_secret(block: str) -> SecretStr | None:
     if not PREFECT_API_URL.value():
         return None
     try:
-        value = Secret.load(block, validate=False).get()
+        value = Secret.load(block, validate=False).get()  # type: ignore[union-attr]  # sync call: a block, not a coroutine
     except (ObjectNotFound, ValueError):
         return None  # Prefect raises ValueError for a block name it does not know
     except Exception as exc:  # noqa: BLE001 - a credential fallback must not fail the run on its own

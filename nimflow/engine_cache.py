@@ -145,6 +145,7 @@ def obtain_engine(
             _restore(store, manifest, cache_dir, final)
             log.info("Engine %s restored from %s: nothing to build", key, store.uri(key))
             return engine_record(key, final, "engine-store", manifest)
+        assert got is not None  # no manifest: try_acquire gave a lease or the current holder
         if isinstance(got, Lease):
             return _build(client, plan, build, leases, got, model_dir, cache_dir, final, log)
         if time.monotonic() > give_up_at:

@@ -201,7 +201,8 @@ def check_adapter(
         header = safetensors_header(weights)
     except InvalidWeights as exc:
         raise InvalidWeights(str(exc).replace(str(weights), where_weights)) from None
-    patterns = config.get("rank_pattern") if isinstance(config.get("rank_pattern"), dict) else {}
+    found = config.get("rank_pattern")
+    patterns = found if isinstance(found, dict) else {}
     _check_tensors(header, where_weights, base_inventory, Path(base.path), rank, patterns)
     warnings = []
     named = config.get("base_model_name_or_path")

@@ -230,7 +230,8 @@ def _tensors_of(path: Path, loaded: Any, storages: dict[str, int]) -> dict[str, 
 
 
 def _check_layout(path: Path, name: str, tensor: TensorRef, storages: dict[str, int]) -> None:
-    expected, step = [], 1
+    expected: list[int] = []
+    step = 1
     for dim in reversed(tensor.shape):
         expected.insert(0, step)
         step *= dim

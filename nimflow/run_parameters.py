@@ -160,7 +160,7 @@ def _known_specs() -> dict[str, object]:
     return {"enum": names} if names else {}
 
 
-def _ui(title: str, description: str, **extra: object) -> Any:
+def _ui(title: str, description: str, **extra: Any) -> Any:
     """A parameter's title and description for Prefect's UI form.
 
     Prefect's ``parameter_schema`` sets every parameter's title to its Python name and its description

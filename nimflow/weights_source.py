@@ -100,6 +100,7 @@ def source_fingerprint(location: WeightsLocation, *, endpoint_url: str | None = 
             files[path.relative_to(location.path).as_posix()] = [stat.st_size, stat.st_mtime_ns]
         return {"kind": "local", "files": files}
     if location.kind == "s3":
+        assert location.bucket is not None  # parse_location sets it for every s3:// location
         client = s3_client(endpoint_url=endpoint_url)
         base = f"{location.prefix}/" if location.prefix else ""
         with translated_errors(f"listing {location.uri}"):
