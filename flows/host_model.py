@@ -18,17 +18,18 @@ from prefect.artifacts import create_markdown_artifact
 
 from nimflow import log_filter
 from nimflow.records import HostingRecord
+from nimflow.retries import with_current_retries
 from nimflow.run_parameters import CheckpointUri, Revision, RunOverrides, SpecName, resolve_run_spec
 from nimflow.spec import HostingSpec
 from nimflow.settings import get_settings
 from nimflow.spec_concurrency import gpu_limit_name, host_gpu_slots, one_run_per_spec
-from tasks.compile import compile_engine
-from tasks.deploy import abort_rollout, deploy_nim, deployment_labels, promote_deployment
-from tasks.download import download_checkpoint
-from tasks.finetune import import_finetune, import_lora, verify_api
-from tasks.prepare import prepare_serving_image
-from tasks.upload import upload_engine
-from tasks.verify import verify_endpoint
+from nimflow.tasks.compile import compile_engine
+from nimflow.tasks.deploy import abort_rollout, deploy_nim, deployment_labels, promote_deployment
+from nimflow.tasks.download import download_checkpoint
+from nimflow.tasks.finetune import import_finetune, import_lora, verify_api
+from nimflow.tasks.prepare import prepare_serving_image
+from nimflow.tasks.upload import upload_engine
+from nimflow.tasks.verify import verify_endpoint
 
 
 @contextmanager
@@ -72,47 +73,48 @@ def _host(spec: HostingSpec) -> dict:
     """The recipe for one validated spec; runs inside the spec's concurrency slot."""
     cache_dir = str(Path(spec.deploy.cache_dir).resolve())
     timings: dict[str, float] = {}
+    # Tasks are called through with_current_retries: the retry settings of this run, not of the import.
 
     # Which image, which NIM generation: settled before any byte is downloaded or GPU second spent.
     with _timed(timings, "prepare"):
-        serving = prepare_serving_image(spec.source, spec.deploy, spec.build, spec.name)
+        serving = with_current_retries(prepare_serving_image)(spec.source, spec.deploy, spec.build, spec.name)
 
     checkpoint = weights = adapters = engine = published = None
     model_path: str | None = None
     weights_identity = f"nim:{spec.source.model_name}"  # guide §1: NIM fetches the model itself
     if spec.source.manifest is None:
         with _timed(timings, "download"):
-            checkpoint = download_checkpoint(spec.source, cache_dir)
+            checkpoint = with_current_retries(download_checkpoint)(spec.source, cache_dir)
         model_path, weights_identity = checkpoint.path, checkpoint.identity
 
         if spec.finetune is not None:
             with _timed(timings, "finetune"):
-                weights = import_finetune(spec.finetune, checkpoint, cache_dir)
+                weights = with_current_retries(import_finetune)(spec.finetune, checkpoint, cache_dir)
             model_path, weights_identity = weights.path, f"{checkpoint.identity}+ft:sha256:{weights.digest}"
         if spec.lora is not None:
             with _timed(timings, "lora"):
-                adapters = import_lora(spec.lora, checkpoint, cache_dir)
+                adapters = with_current_retries(import_lora)(spec.lora, checkpoint, cache_dir)
     api = verify_api(spec.verify, model_path)
 
     if spec.build is not None and spec.cache is not None and model_path is not None:
         with _timed(timings, "compile"):
-            engine = compile_engine(spec.build, spec.cache, model_path, weights_identity, cache_dir, spec.deploy)
+            engine = with_current_retries(compile_engine)(spec.build, spec.cache, model_path, weights_identity, cache_dir, spec.deploy)
         with _timed(timings, "upload"):
-            published = upload_engine(engine, spec.cache)
+            published = with_current_retries(upload_engine)(engine, spec.cache)
         model_path = engine.path
 
     labels = deployment_labels(weights_identity, engine.engine_key if engine else None, adapters.digest if adapters else None)
     with _timed(timings, "deploy"):
-        candidate = deploy_nim(spec, serving, model_path, adapters, api, labels, engine)
+        candidate = with_current_retries(deploy_nim)(spec, serving, model_path, adapters, api, labels, engine)
     # A candidate that fails verification never takes traffic: it is removed, the old one serves on.
     with _timed(timings, "verify"):
         try:
             health = verify_endpoint(candidate, spec.verify)
         except Exception:
-            abort_rollout(candidate, deadline_seconds=spec.verify.deadline_seconds)
+            with_current_retries(abort_rollout)(candidate, deadline_seconds=spec.verify.deadline_seconds)
             raise
     with _timed(timings, "switch"):
-        deployment = promote_deployment(candidate, spec.rollout)
+        deployment = with_current_retries(promote_deployment)(candidate, spec.rollout)
 
     record = HostingRecord(
         name=spec.name,

@@ -11,10 +11,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.host_model import host_model
 from nimflow.containers import docker_client
 from nimflow.deployments_admin import deployment_status
 from nimflow.errors import ConfigError, NimflowError
+from nimflow.flows.host_model import host_model
 from nimflow.reconcile import HealResult, as_table, health_problem, reconcile_deployments
 from nimflow.spec_registry import spec_names
 

@@ -61,7 +61,7 @@ def _host(spec: str, revision: str | None) -> int:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
 
-    from flows.host_model import host_model
+    from nimflow.flows.host_model import host_model
 
     try:
         record = host_model(spec=spec, revision=revision)
@@ -103,10 +103,10 @@ def _store(args: argparse.Namespace) -> EngineStore:
 def _cache(args: argparse.Namespace) -> int:
     from nimflow import cache_admin
     from nimflow.containers import docker_client
-    from nimflow.errors import translated_errors
+    from nimflow.errors import EngineStoreError, translated_errors
 
     store = _store(args)
-    with translated_errors(f"reading the engine store {store.cache.uri}"):
+    with translated_errors(f"reading the engine store {store.cache.uri}", domain=EngineStoreError):
         if args.action == "ls":
             print(cache_admin.list_entries(store))
         elif args.action == "explain":

@@ -6,18 +6,21 @@ callers' stack frames, so task results stay small and serialisable.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import docker
 from docker.types import DeviceRequest
 
-from nimflow.errors import DeploymentError, ServiceUnavailable, is_transient
+from nimflow.errors import DeploymentError, ServiceUnavailable, is_transient, translated_errors
 from nimflow.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -27,19 +30,44 @@ LABEL_PREFIX = "nimflow."
 CONTAINER_PORT = "8000/tcp"
 
 
+#: This thread's client and what it was made for; see :func:`docker_client`.
+_CLIENTS = threading.local()
+
+
 def docker_client() -> docker.DockerClient:
-    """A client for the Docker engine named by ``DOCKER_HOST`` (default: the local socket).
+    """This thread's client for the Docker engine named by ``DOCKER_HOST`` (default: the local socket).
+
+    Tasks, rollouts and the CLI ask for a client on every call, and each new client asks the
+    daemon for its API version and opens connections of its own that stay open while any caller
+    holds it (an exit watch, a helper's frame). So one client per thread is made and reused, and
+    closed when the Docker environment it was made for changes: calls do not pile up clients or
+    connections. Per thread, because the docker SDK does not promise that a client may be shared
+    across threads. Each call pings the daemon on the client's open connection (cheaper than the
+    version request of a new client), so a daemon that stopped answering is still reported here,
+    with the fix; a connection the daemon dropped (a restart) is reopened. Callers must not close it.
 
     Raises:
         ServiceUnavailable: the daemon does not answer (naming where nimflow looked and how to start it).
     """
+    made_for = (os.getpid(), get_settings().docker_env)  # a forked child must not share the parent's sockets
+    held: tuple[Any, docker.DockerClient] | None = getattr(_CLIENTS, "held", None)
+    if held is not None and held[0] == made_for:
+        try:
+            held[1].ping()
+            return held[1]
+        except Exception:  # noqa: BLE001 - any failure: make a new client below, which reports a silent daemon
+            pass
     try:
-        return docker.from_env(timeout=120)
+        client = docker.from_env(timeout=120)
     except docker.errors.DockerException as exc:
         raise ServiceUnavailable(
             f"the Docker daemon at {get_settings().docker_host} does not answer ({exc}); start it (`systemctl start docker`, or `dockerd &`) "
             "or point DOCKER_HOST at a running one"
         ) from None
+    if held is not None and held[0][0] == made_for[0]:
+        held[1].close()  # made for another daemon or TLS setting, or broken: it is not handed out again
+    _CLIENTS.held = (made_for, client)
+    return client
 
 
 def device_requests(gpus: list[int] | Literal["all"] | None) -> list[DeviceRequest]:
@@ -137,6 +165,36 @@ class DaemonSilence:
                 f"the Docker daemon has not answered for {self.grace_seconds:g}s while {self.what} "
                 f"({type(exc).__name__}); check `systemctl status docker`"
             ) from exc
+
+
+@contextlib.contextmanager
+def daemon_errors(action: str) -> Iterator[None]:
+    """:func:`~nimflow.errors.translated_errors` for Docker calls: a daemon that did not answer is named.
+
+    A Docker call that fails because the daemon is down or restarting raises a requests/urllib3
+    connection error whose text (``Connection aborted``, ``FileNotFoundError``) does not say which
+    service failed; the message then names the daemon and where nimflow looked for it.
+
+    Raises:
+        ServiceUnavailable: the daemon did not answer (transient: the task retries).
+        NimflowError: any other fault, as :func:`~nimflow.errors.translated_errors` classifies it.
+    """
+    try:
+        with translated_errors(action):
+            yield
+    except ServiceUnavailable as exc:
+        cause = exc.__cause__
+        # A 5xx from the daemon names itself (``500 Server Error for http+docker://...``); a
+        # connection that failed does not.
+        if cause is None or isinstance(cause, docker.errors.APIError) or not type(cause).__module__.startswith(
+            ("docker", "requests", "urllib3")
+        ):
+            raise
+        raise ServiceUnavailable(
+            f"{action}: the Docker daemon at {get_settings().docker_host} did not answer ({type(cause).__name__}: "
+            f"{str(cause)[:300]}); if it is restarting, run nimflow again once `docker info` answers, else start it "
+            "(`systemctl start docker`)"
+        ) from cause
 
 
 def exit_watch(

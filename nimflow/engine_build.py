@@ -24,6 +24,7 @@ from __future__ import annotations
 import shutil
 import stat
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,38 @@ _WORK_MOUNT = "/workspace/work"
 _JIT_CACHE_MOUNT = "/opt/nim/.cache"
 
 
+#: The secrets each backend's build container needs. Every backend builds from the checkpoint
+#: mounted from local disk, so none needs HF_TOKEN. nim-optimize starts from one of the image's
+#: NGC profiles and is documented with NGC_API_KEY (NIM 1.2.0, ft-support.html); a NIM_FT_MODEL
+#: JIT build is documented without any (NIM 1.8+, ft-support.html); convert_checkpoint.py and
+#: trtllm-build only read and write local files.
+BUILD_SECRETS: dict[str, tuple[str, ...]] = {"nim-optimize": ("NGC_API_KEY",), "nim-jit": (), "trtllm-build": ()}
+
+
+def build_environment(build: BuildSpec, secrets: Mapping[str, str], fixed: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a build container: ``build.env``, then what nimflow sets, then the secrets it needs.
+
+    Args:
+        build: the build spec; its backend decides which secrets are passed (:data:`BUILD_SECRETS`).
+        secrets: the secrets available (name to value, as :meth:`Settings.container_secrets` gives).
+        fixed: variables nimflow sets for this step (they override ``build.env``).
+
+    Returns:
+        The variables; of ``secrets``, only those the backend needs.
+    """
+    needed = BUILD_SECRETS.get(build.backend, ())
+    return {**build.env, **(fixed or {}), **{name: secrets[name] for name in needed if name in secrets}}
+
+
+def _build_environment(build: BuildSpec, fixed: Mapping[str, str] | None = None) -> dict[str, str]:
+    # Secrets are looked up (environment, else Prefect Secret blocks) only for a backend that needs one.
+    secrets = get_settings().container_secrets() if BUILD_SECRETS.get(build.backend) else {}
+    return build_environment(build, secrets, fixed)
+
+
 def _container_options(build: BuildSpec, labels: dict[str, str]) -> dict[str, Any]:
     return {
-        "environment": {**build.env, **get_settings().container_secrets()},
+        "environment": _build_environment(build),
         "device_requests": device_requests(build.gpus),
         "shm_size": build.shm_size,
         "user": "root",
@@ -139,8 +169,7 @@ def build_with_nim_jit(
     custom_model_name: str,
 ) -> None:
     """Let NIM JIT-build the engine at start-up, then harvest it into ``out_dir``."""
-    env = {
-        **build.env,
+    env = _build_environment(build, {
         **jit_environment(build),
         "NIM_FT_MODEL": _MODEL_MOUNT,
         "NIM_CUSTOM_MODEL_NAME": custom_model_name,
@@ -149,8 +178,7 @@ def build_with_nim_jit(
         # Late NIM 1.x: the default PyTorch runtime does not build fine-tuned engines.
         "NIM_USE_TRTLLM_LEGACY_BACKEND": "1",
         "NIM_DISABLE_TRTLLM_PYTORCH_RT": "1",
-        **get_settings().container_secrets(),
-    }
+    })
     options = _container_options(build, labels)
     options["environment"] = env
     name = f"nimflow-jit-{uuid.uuid4().hex[:12]}"

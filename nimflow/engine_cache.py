@@ -32,7 +32,7 @@ from nimflow.engine_store import (
     scratch_dir,
     write_manifest,
 )
-from nimflow.errors import TransientBuildError, translated_errors
+from nimflow.errors import EngineStoreError, TransientBuildError, translated_errors
 from nimflow.gpu_identity import TargetIdentity, check_serving_target, probe_target
 from nimflow.records import Engine
 from nimflow.spec import BuildSpec, CacheSpec, DeploySpec
@@ -97,7 +97,7 @@ def _restore(store: EngineStore, manifest: dict[str, Any], cache_dir: Path, fina
     key = manifest["engine_key"]
     staged = scratch_dir(cache_dir, f"restore-{key[:12]}")
     try:
-        with translated_errors(f"restoring engine {key} from {store.uri(key)}"):
+        with translated_errors(f"restoring engine {key} from {store.uri(key)}", domain=EngineStoreError):
             store.restore(manifest, staged)
         publish_local(staged, final)
     finally:
@@ -136,7 +136,7 @@ def obtain_engine(
     give_up_at = time.monotonic() + build.timeout_seconds + 2 * cache.build_lease_seconds
     last_note = 0.0
     while True:
-        with translated_errors(f"looking up engine {key} in {cache.uri}"):
+        with translated_errors(f"looking up engine {key} in {cache.uri}", domain=EngineStoreError):
             manifest = store.manifest(key)
             got = None if manifest is not None else leases.try_acquire(key)
             if isinstance(got, Lease) and (manifest := store.manifest(key)) is not None:

@@ -1,4 +1,4 @@
-"""Every error nimflow raises, split into transient and permanent faults.
+"""Every error nimflow raises, by what it is about (its domain) and whether a retry can help.
 
 This module is the single place where faults are classified. Task retry conditions ask only
 :func:`is_transient`; library exceptions (huggingface_hub, botocore, docker, httpx) are mapped
@@ -10,28 +10,57 @@ Exception tree::
     NimflowError
     ├── TransientError              retry with backoff: the same call may succeed later
     │   ├── ServiceUnavailable      5xx, throttling, connection resets, timeouts, daemon hiccups
+    │   │   └── EngineStoreUnavailable   (also an EngineStoreError) the engine store answered 5xx/throttled
     │   └── TransientBuildError     a build that failed for a reason outside the inputs (driver glitch)
-    └── PermanentError              fail at once: retrying cannot help, the message names the fix
-        ├── ConfigError             the hosting spec is invalid (carries per-field problems)
-        ├── CheckpointNotFound      repo, revision or file does not exist, or no access (gated/private)
-        ├── InvalidWeights          the checkpoint or fine-tuned weights are not what the build expects
-        ├── BuildFailed             the engine build failed deterministically (bad config, build OOM)
-        ├── EngineStoreError        the engine store refused the request (no bucket, access denied)
-        ├── EngineIncompatible      an engine was built for another GPU or TensorRT-LLM version
-        ├── DeploymentError         the container could not be started (port in use, no GPU runtime)
-        └── EndpointUnhealthy       the NIM never became ready / does not list or answer the model
-"""
+    ├── PermanentError              fail at once: retrying cannot help, the message names the fix
+    │   ├── ConfigError             the hosting spec or environment is invalid (carries per-field problems)
+    │   ├── CheckpointNotFound      repo, revision or file does not exist, or no access (gated/private)
+    │   ├── InvalidWeights          the checkpoint or fine-tuned weights are not what the build expects
+    │   ├── BuildFailed             the engine build failed deterministically (bad config, build OOM)
+    │   ├── EngineIncompatible      an engine was built for another GPU or TensorRT-LLM version
+    │   ├── DeploymentError         the container could not be started (port in use, no GPU runtime)
+    │   └── EndpointUnhealthy       the NIM never became ready / does not list or answer the model
+    └── EngineStoreError            the engine store failed: refused (no bucket, access denied, corrupt
+        │                           artifact; permanent) or, as EngineStoreUnavailable, did not answer
+        └── EngineStoreUnavailable  (transient, see above)
 
+Two questions, two axes. *Retry?* is answered by ``TransientError`` alone (:func:`is_transient`):
+anything else fails at once. *About what?* is answered by a domain base that callers catch.
+Where a domain has transient faults, its base sits beside the two retry classes rather than
+under ``PermanentError`` (an error cannot be both), its own instances are permanent, and a
+transient variant inherits from both the domain and ``ServiceUnavailable``: an S3 503 while
+publishing an engine is caught by ``except EngineStoreError`` and retried by the task. Only the
+engine store has such a variant: nobody catches a hub or Docker domain (callers catch
+``NimflowError``, retries ask :func:`is_transient`), and a hub 503 is not a ``CheckpointNotFound``.
+:func:`translated_errors` picks the variant with ``domain=EngineStoreError``.
+
+Every nimflow error pickles (Prefect stores failed states and results) to an error of the same
+class with the same message and attributes, whatever its ``__init__`` takes.
+"""
 from __future__ import annotations
 
 import contextlib
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 
 class NimflowError(Exception):
     """Root of every error nimflow raises on purpose."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own pickling calls ``cls(*self.args)``, which fails for a subclass whose
+        # ``__init__`` takes other arguments (ConfigError). Rebuild without calling ``__init__``.
+        return (_unpickle, (type(self), self.args, dict(self.__dict__)))
+
+
+def _unpickle(cls: type[NimflowError], args: tuple[Any, ...], state: dict[str, Any]) -> NimflowError:
+    """The error :meth:`NimflowError.__reduce__` describes: same class, message and attributes."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class TransientError(NimflowError):
@@ -59,7 +88,7 @@ class Problem:
 
 
 class ConfigError(PermanentError):
-    """A hosting spec or parameter is invalid; ``problems`` lists each field and what to fix."""
+    """A hosting spec, parameter or environment variable is invalid; ``problems`` lists each field and what to fix."""
 
     def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source = source
@@ -79,8 +108,16 @@ class BuildFailed(PermanentError):
     """The engine build failed in a way that a retry with the same inputs would repeat."""
 
 
-class EngineStoreError(PermanentError):
-    """The engine store refused the request (missing bucket, access denied, corrupt artifact)."""
+class EngineStoreError(NimflowError):
+    """The engine store failed: it refused the request (missing bucket, access denied, corrupt artifact).
+
+    Raised as such, it is permanent. Its transient variant is :class:`EngineStoreUnavailable`; catch
+    this class for both, and ask :func:`is_transient` whether to retry.
+    """
+
+
+class EngineStoreUnavailable(EngineStoreError, ServiceUnavailable):
+    """The engine store answered 5xx or throttled, or could not be reached: transient, retried."""
 
 
 class EngineIncompatible(PermanentError):
@@ -244,13 +281,34 @@ def is_transient(exc: BaseException) -> bool:
     return found is not None and issubclass(found, TransientError)
 
 
+#: The transient variant of each domain that has one (see the module docstring).
+_UNAVAILABLE_IN: dict[type[NimflowError], type[NimflowError]] = {EngineStoreError: EngineStoreUnavailable}
+
+
+def _in_domain(kind: type[NimflowError], domain: type[NimflowError] | None) -> type[NimflowError]:
+    """``kind`` as the ``domain``'s transient variant when it is a service fault and the domain has one.
+
+    Only the class changes, never the retry answer: a transient kind maps to a transient variant,
+    anything else is left as it is.
+    """
+    if domain is None or issubclass(kind, domain) or not issubclass(kind, ServiceUnavailable):
+        return kind
+    return _UNAVAILABLE_IN.get(domain, kind)
+
+
 @contextlib.contextmanager
-def translated_errors(action: str) -> Iterator[None]:
+def translated_errors(action: str, *, domain: type[NimflowError] | None = None) -> Iterator[None]:
     """Re-raise library exceptions as nimflow errors that say what was being done.
 
     nimflow errors pass through unchanged. Anything else becomes the class :func:`classify`
     picks (``PermanentError`` when unknown), with ``action`` and the original message, and
     keeps the original as ``__cause__`` for debugging.
+
+    Args:
+        action: what the block does, e.g. ``"publishing engine <key> to s3://..."``.
+        domain: the domain the block works in (``EngineStoreError``): a transient service fault
+            becomes that domain's transient variant (``EngineStoreUnavailable``), so callers can
+            catch it by domain while the task still retries it.
 
     Raises:
         NimflowError: for every exception raised inside the block.
@@ -263,6 +321,7 @@ def translated_errors(action: str) -> Iterator[None]:
         kind = classify(exc) or PermanentError
         if kind is ConfigError:  # reached through the exception chain; it needs per-field problems
             kind = PermanentError
+        kind = _in_domain(kind, domain)
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = " ".join(lines)[:600] or "(no message)"
         hint = _hint(exc)
@@ -284,12 +343,19 @@ _HINTS = {
 
 
 def _hint(exc: BaseException) -> str | None:
-    """What the user can do about a permanent library error, where we know."""
-    key = type(exc).__name__
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):  # botocore's ClientError carries the S3 error code
-        key = str(response.get("Error", {}).get("Code", key))
-    return _HINTS.get(key)
+    """What the user can do about a permanent library error, where we know.
+
+    The exception chain is searched too: boto3 raises ``S3UploadFailedError`` from the
+    ``ClientError`` that carries the S3 error code.
+    """
+    for item in _chain(exc):
+        key = type(item).__name__
+        response = getattr(item, "response", None)
+        if isinstance(response, dict):  # botocore's ClientError carries the S3 error code
+            key = str(response.get("Error", {}).get("Code", key))
+        if key in _HINTS:
+            return _HINTS[key]
+    return None
 
 
 # --- classification of engine build failures ----------------------------------------------------

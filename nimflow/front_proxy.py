@@ -25,6 +25,7 @@ from typing import Any
 
 import docker
 
+from nimflow.bundled import bundled_file
 from nimflow.containers import (
     CONTAINER_PORT,
     DEPLOYMENT_LABEL,
@@ -43,7 +44,7 @@ from nimflow.derived_image import ensure_derived_image
 from nimflow.errors import DeploymentError
 
 #: The proxy program, copied into the proxy image.
-PROXY_SCRIPT = Path(__file__).resolve().parents[1] / "deployments" / "front-proxy" / "front_proxy.py"
+PROXY_SCRIPT = bundled_file("front-proxy", "front_proxy.py")
 PROXY_PATH_IN_IMAGE = "/opt/nimflow/front_proxy.py"
 PROXY_REPOSITORY = "nimflow/front-proxy"
 ROUTE_MOUNT = "/run/nimflow/route"

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import logging
 
-from nimflow.errors import PermanentError
+from nimflow.errors import NimflowError, is_transient
 
 _LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")
 
 
 class DropUserErrorTracebacks(logging.Filter):
-    """Strip ``exc_info`` from records about :class:`~nimflow.errors.PermanentError`."""
+    """Strip ``exc_info`` from records about permanent nimflow errors (any not :func:`~nimflow.errors.is_transient`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, PermanentError):
+        # Not `PermanentError` alone: a domain base such as EngineStoreError is permanent too.
+        if isinstance(exc, NimflowError) and not is_transient(exc):
             record.exc_info = None
             record.exc_text = None
         return True

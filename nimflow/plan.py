@@ -17,7 +17,7 @@ from nimflow.checkpoint import directory_digest
 from nimflow.containers import docker_client
 from nimflow.engine_cache import plan_engine
 from nimflow.engine_store import EngineStore, local_engine_path, read_local_manifest
-from nimflow.errors import translated_errors
+from nimflow.errors import EngineStoreError, translated_errors
 from nimflow.finetune import staged_unchanged
 from nimflow.hub_snapshot import completed_snapshot, pinned_sha, snapshot_path
 from nimflow.lora import adapters_unchanged
@@ -106,7 +106,7 @@ def make_plan(spec: HostingSpec) -> Plan:
         plan.engine_key = key = engine.key
         engine_path = local_engine_path(cache_dir, key)
         store = EngineStore(spec.cache)
-        with translated_errors(f"looking up engine {key} in {spec.cache.uri}"):
+        with translated_errors(f"looking up engine {key} in {spec.cache.uri}", domain=EngineStoreError):
             stored = store.manifest(key)
             lease = None if stored is not None else BuildLeases(store, spec.cache.build_lease_seconds).live_holder(key)
         on_target = f"on {engine.target.gpu.describe()}, TensorRT-LLM {engine.target.trtllm_version}"

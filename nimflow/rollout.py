@@ -36,6 +36,7 @@ from nimflow.containers import (
     LABEL_PREFIX,
     NETWORK,
     ROLE_LABEL,
+    daemon_errors,
     describe_container,
     device_requests,
     docker_client,
@@ -55,7 +56,7 @@ from nimflow.containers import (
     start_existing,
 )
 from nimflow.engine_store import read_local_manifest
-from nimflow.errors import DeploymentError, EngineStoreError, NimflowError, translated_errors
+from nimflow.errors import DeploymentError, EngineStoreError, NimflowError
 from nimflow.front_proxy import (
     ENDPOINT_LABEL,
     ROUTE_DIR_LABEL,
@@ -348,7 +349,7 @@ def start_candidate(
     Path(deploy.cache_dir).mkdir(parents=True, exist_ok=True)
     stable = url(deploy.host, deploy.host_port)
     action = f"starting a candidate for deployment {name}"
-    with translated_errors(action):
+    with daemon_errors(action):
         ours = claim_names(client, names)
         identity = backend_identity(client, deploy, rollout, serving.image, config.environment, labels)
         route = read_route(directory)
@@ -366,7 +367,7 @@ def start_candidate(
                 "free it or change deploy.host_port"
             )
     forced = guard_engine(client, deploy, engine) if engine is not None else []
-    with translated_errors(action):
+    with daemon_errors(action):
         slot = "green" if active is not None and active.labels.get(SLOT_LABEL) == "blue" else "blue"
         candidate_name = names.backend(slot)
         if (leftover := ours.get(candidate_name)) is not None:
@@ -462,7 +463,7 @@ def promote(deployment: Deployment, rollout: RolloutSpec, *, apply_timeout: floa
         ServiceUnavailable: the Docker daemon did not answer.
     """
     client = docker_client()
-    with translated_errors(f"switching deployment {deployment.name} to {deployment.container_name}"):
+    with daemon_errors(f"switching deployment {deployment.name} to {deployment.container_name}"):
         candidate = _candidate(client, deployment)
         if candidate.status != "running":
             raise DeploymentError(
@@ -531,7 +532,7 @@ def abort(deployment: Deployment, *, deadline_seconds: float = 600.0) -> Abort:
     client = docker_client()
     if deployment.reused:
         return Abort()
-    with translated_errors(f"undoing the rollout of deployment {deployment.name}"):
+    with daemon_errors(f"undoing the rollout of deployment {deployment.name}"):
         removed = None
         candidate = find_container(client, deployment.container_id)
         if candidate is not None and owned_by(candidate, deployment.name):
@@ -547,7 +548,7 @@ def abort(deployment: Deployment, *, deadline_seconds: float = 600.0) -> Abort:
             )
         start_existing(client, old.id)
     try:
-        with translated_errors(f"restarting {old.name}"):
+        with daemon_errors(f"restarting {old.name}"):
             endpoint = url(*_published_on(client, old.id))
         wait_until_ready(endpoint, deadline_seconds=deadline_seconds, give_up=exit_watch(client, old.id, old.name))
         served = old.labels.get(SERVED_LABEL, deployment.served_model_name)

@@ -44,6 +44,7 @@ def s3_client(*, endpoint_url: str | None = None, region: str | None = None, max
     without restarting a multi-GB transfer; what still fails surfaces as a transient error
     that the task retries.
     """
+    settings = get_settings()
     config = Config(
         max_pool_connections=max_pool,
         retries={"max_attempts": 3, "mode": "standard"},
@@ -51,9 +52,8 @@ def s3_client(*, endpoint_url: str | None = None, region: str | None = None, max
         # checked end to end with the manifest's sha256 instead.
         s3={"payload_signing_enabled": False},
         connect_timeout=10,
-        read_timeout=120,
+        read_timeout=settings.s3_read_timeout_seconds,  # a hung request is retried after this
     )
-    settings = get_settings()
     session = boto3.session.Session(**settings.aws_credentials())
     endpoint = endpoint_url or settings.s3_endpoint_url
     region_name = region or session.region_name or ("us-east-1" if endpoint else None)

@@ -1,5 +1,11 @@
 """The one place nimflow reads environment variables.
 
+Every variable is read and checked here, in :meth:`Settings.from_env`: a value that is not a
+number, or out of its range, fails with one :class:`~nimflow.errors.ConfigError` that names the
+variable, the value and what is allowed (never a bare ``int()`` traceback). Secrets are never
+echoed. Settings are read on each :func:`get_settings` call, so a worker picks up a changed
+environment; task retry options are the exception (see :mod:`nimflow.retries`).
+
 Secrets are held as :class:`pydantic.SecretStr` so they never print; they are handed to the
 client that needs them (huggingface_hub, the NIM container) and nowhere else. AWS credentials
 and ``AWS_ENDPOINT_URL`` are left to boto3's own credential chain, which reads them itself.
@@ -7,16 +13,22 @@ and ``AWS_ENDPOINT_URL`` are left to boto3's own credential chain, which reads t
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import SecretStr
 
-#: Names whose values must never reach logs, artifacts, parameters or events.
+from nimflow.errors import ConfigError, Problem
+
+#: Names whose values must never reach logs, artifacts, parameters or events, nor be written in a
+#: spec's ``env`` (nimflow.spec refuses them there). The one list: every secret nimflow reads is in it.
 SECRET_ENV_VARS: tuple[str, ...] = (
     "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
     "NGC_API_KEY",
     "NGC_CLI_API_KEY",
     "AWS_SECRET_ACCESS_KEY",
@@ -49,11 +61,25 @@ class Settings:
     #: boto3 reads its own credential chain; :meth:`aws_credentials` adds the blocks as a fallback.
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
+    #: Seconds an S3 request may wait for the server's next bytes before botocore retries it
+    #: (NIMFLOW_S3_READ_TIMEOUT_SECONDS): a hung connection costs this long, not forever.
+    s3_read_timeout_seconds: float = 120.0
+    #: The docker SDK's own variables as set (it reads them itself): a changed one needs a new client.
+    docker_env: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
-        """Read settings from ``environ`` (default: ``os.environ``)."""
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and check settings from ``environ`` (default: ``os.environ``).
+
+        Raises:
+            ConfigError: a numeric variable is not a number or out of range; every such variable
+                is listed, each with its value and the allowed range.
+        """
         env = os.environ if environ is None else environ
+        problems: list[Problem] = []
+        numbers = {name: _number(env, name, rule, problems) for name, rule in NUMERIC_ENV_VARS.items()}
+        if problems:
+            raise ConfigError("environment", problems)
 
         def secret(*names: str) -> SecretStr | None:
             for name in names:
@@ -68,14 +94,16 @@ class Settings:
             s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
             # The docker SDK reads DOCKER_HOST itself; this copy only names the daemon in messages.
             docker_host=env.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
-            max_retries=int(env.get("NIMFLOW_MAX_RETRIES", "3")),
-            retry_delay_seconds=float(env.get("NIMFLOW_RETRY_DELAY_SECONDS", "2")),
+            max_retries=int(numbers["NIMFLOW_MAX_RETRIES"]),
+            retry_delay_seconds=float(numbers["NIMFLOW_RETRY_DELAY_SECONDS"]),
             specs_dir=Path(env.get("NIMFLOW_SPECS_DIR") or "configs"),
             host_cache_dir=Path(env["NIMFLOW_CACHE_DIR"]) if env.get("NIMFLOW_CACHE_DIR") else None,
             host_gpus=env.get("NIMFLOW_GPUS", "").strip() or None,
             host_name=env.get("NIMFLOW_HOST_NAME", "").strip() or socket.gethostname(),
             aws_access_key_id=secret("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=secret("AWS_SECRET_ACCESS_KEY"),
+            s3_read_timeout_seconds=float(numbers["NIMFLOW_S3_READ_TIMEOUT_SECONDS"]),
+            docker_env=tuple((name, env[name]) for name in _DOCKER_ENV_VARS if name in env),
         )
 
 
@@ -102,6 +130,57 @@ class Settings:
         if key_id is None or secret_key is None:
             return {}
         return {"aws_access_key_id": key_id.get_secret_value(), "aws_secret_access_key": secret_key.get_secret_value()}
+
+
+#: What ``docker.from_env`` reads (docker.utils.kwargs_from_env).
+_DOCKER_ENV_VARS = ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")
+
+
+@dataclass(frozen=True)
+class NumberRule:
+    """What a numeric environment variable may hold: its type, range and default."""
+
+    default: float
+    lowest: float
+    highest: float
+    whole: bool = False  # a whole number (int), else a decimal (float)
+    why: str = ""
+
+    def allowed(self) -> str:
+        """``a whole number from 0 to 10 (default 3)``, for messages."""
+        kind = "a whole number" if self.whole else "a number of seconds"
+        return f"{kind} from {self.lowest:g} to {self.highest:g} (default {self.default:g})"
+
+
+#: Every numeric variable nimflow reads, with its allowed range (checked by :meth:`Settings.from_env`).
+NUMERIC_ENV_VARS: dict[str, NumberRule] = {
+    # Backoff doubles per retry: the 10th waits 512 x NIMFLOW_RETRY_DELAY_SECONDS; and Prefect refuses
+    # more than 50 retry delays per task.
+    "NIMFLOW_MAX_RETRIES": NumberRule(3, 0, 10, whole=True, why="task retries of a transient fault"),
+    "NIMFLOW_RETRY_DELAY_SECONDS": NumberRule(2, 0, 600, why="the first retry's delay; each next one doubles"),
+    "NIMFLOW_S3_READ_TIMEOUT_SECONDS": NumberRule(120, 1, 3600, why="how long an S3 request may wait for data"),
+}
+
+
+def _number(env: Mapping[str, str], name: str, rule: NumberRule, problems: list[Problem]) -> float:
+    """The value of numeric variable ``name`` (its default when unset or empty); a bad one is added to ``problems``."""
+    raw = env.get(name, "")
+    text = raw.strip()
+    if not text:
+        return rule.default
+    fix = f"set {name} to {rule.allowed()}, or unset it"
+    try:
+        # ASCII only: Python's int()/float() also take other scripts' digits, which a shell user did not mean.
+        value = (int(text) if rule.whole else float(text)) if text.isascii() else None
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        problems.append(Problem(name, f"{raw!r} is not {'a whole number' if rule.whole else 'a number'}; {fix}"))
+        return rule.default
+    if not rule.lowest <= value <= rule.highest:
+        problems.append(Problem(name, f"{raw!r} is out of range ({rule.why}); {fix}"))
+        return rule.default
+    return value
 
 
 def _secret_block(variable: str) -> SecretStr | None:

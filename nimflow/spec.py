@@ -219,14 +219,23 @@ _RESERVED_BUILD_ENV = (
 )
 
 
+#: Where each section's secrets come from instead of its env (the value is never echoed).
+_SECRETS_INSTEAD = {
+    "deploy": "nimflow passes the secrets NIM needs to its container",
+    "build": "a build container gets only the secrets its backend needs; build.env is also hashed into the engine key",
+}
+
+
 def _check_env(value: dict[str, str], reserved: tuple[str, ...], section: str) -> dict[str, str]:
     for key in value:
         if key in reserved:
             raise ValueError(f"{key} is set by nimflow from the spec; remove it from {section}.env")
-        if key in SECRET_ENV_VARS:
+        # Any case: a spec is shared, logged and versioned, so no secret value belongs in it.
+        if key.upper() in SECRET_ENV_VARS:
             raise ValueError(
-                f"{key} is a secret: do not write it in a config; export it where nimflow runs "
-                "and nimflow passes it to the container"
+                f"{key} is a secret and a spec must not hold secrets: remove it from {section}.env, and export it "
+                "where nimflow runs or save it as a Prefect Secret block with `nimflow bootstrap` (README.md: "
+                f"'Export secrets where nimflow runs'); {_SECRETS_INSTEAD[section]}"
             )
     return value
 

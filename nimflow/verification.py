@@ -29,11 +29,12 @@ from typing import Any
 
 import docker
 
-from nimflow.containers import DaemonSilence, last_log_lines
-from nimflow.errors import EndpointUnhealthy
+from nimflow.containers import DaemonSilence, daemon_errors, last_log_lines
+from nimflow.errors import EndpointUnhealthy, is_transient
 from nimflow.nim_api import LIVE_PATH, READY_PATH, GiveUpCheck, generate, model_cards, optional_json, wait_for_status
 from nimflow.nim_generation import running_generation_problem
 from nimflow.records import Deployment, EndpointHealth
+from nimflow.settings import get_settings
 from nimflow.spec import VerifySpec
 
 logger = logging.getLogger(__name__)
@@ -359,19 +360,23 @@ def container_watch(
     restart count rises, or the status is ``restarting``), not as an exit: either means this
     start failed, and waiting out the deadline would only hide it. A Docker daemon that briefly
     stops answering is not a reason to give up (a JIT build survives a daemon restart with
-    live-restore); one silent for ``daemon_grace_seconds`` is.
+    live-restore); one silent for ``daemon_grace_seconds`` is. An exit says who may have stopped
+    the container: the OOM killer, a signal (``docker stop``, a daemon restart), or a daemon that
+    stopped answering before the exit was seen.
 
     Raises:
         ServiceUnavailable: (from the returned check) the daemon stayed silent too long.
     """
     silence = DaemonSilence(daemon_grace_seconds, f"watching container {name}")
     baseline: list[int] = []  # the restart count when watching began (a kept container may have restarted before)
+    daemon_was_silent: list[bool] = []
 
     def check() -> str | None:
         try:
             attrs = _inspect(client, container_id)
         except Exception as exc:  # noqa: BLE001 - DaemonSilence classifies it
             silence.silent(exc)
+            daemon_was_silent.append(True)
             return None
         silence.heard()
         state = attrs.get("State") or {}
@@ -383,11 +388,44 @@ def container_watch(
             return (f"container {name} restarted (restart count {baseline[0]} -> {restarts}, last exit code "
                     f"{state.get('ExitCode')}): the NIM crashed while starting")
         if status in ("exited", "dead"):
-            return f"container {name} {status} with exit code {state.get('ExitCode')}"
+            return f"container {name} {status} with exit code {state.get('ExitCode')}{_why_stopped(state, bool(daemon_was_silent))}"
         return None
 
     check()  # takes the baseline now, before the first poll
     return check
+
+
+#: Exit codes of a process ended by SIGKILL / SIGTERM (128 + the signal).
+_SIGNALLED = {137: "SIGKILL", 143: "SIGTERM"}
+
+
+def _why_stopped(state: dict[str, Any], daemon_was_silent: bool) -> str:
+    """What an exit code says about who stopped the container, for the give-up message ("" if nothing)."""
+    if state.get("OOMKilled"):
+        return " (killed by the kernel's OOM killer: the container ran out of memory)"
+    if daemon_was_silent:
+        return (" after the Docker daemon stopped answering: a daemon restart stops every container unless "
+                "live-restore is on; run nimflow again once `docker info` answers")
+    signal = _SIGNALLED.get(int(state.get("ExitCode") or 0))
+    if signal is None:
+        return ""
+    return (f" (stopped by {signal}: `docker stop`/`docker kill`, a Docker daemon restart or a host shutdown; "
+            "a daemon restart stops every container unless live-restore is on)")
+
+
+def _log_lines_or_why(client: docker.DockerClient, container_id: str) -> str:
+    """The container's last log lines for a failure message; why not, when they cannot be read.
+
+    Reading them must never replace the verification failure being reported: a daemon that went
+    away (the likely reason the container stopped) is named instead.
+    """
+    try:
+        return last_log_lines(client, container_id, LOG_LINES)
+    except Exception as exc:  # noqa: BLE001 - the logs only add to the error being raised
+        if is_transient(exc):
+            return (f"(not available: the Docker daemon at {get_settings().docker_host} did not answer: "
+                    f"{type(exc).__name__}: {str(exc)[:300]})")
+        return f"(not available: {type(exc).__name__}: {str(exc)[:300]})"
 
 
 def container_summary(client: docker.DockerClient, container_id: str) -> str:
@@ -416,18 +454,22 @@ def verify_deployment(
 
     Raises:
         EndpointUnhealthy: ``verification failed at <level>: ...``, ending with the container's
-            name, id and last log lines.
-        ServiceUnavailable: the Docker daemon stopped answering for ``daemon_grace_seconds``.
+            name, id and last log lines (or why they could not be read).
+        ServiceUnavailable: the Docker daemon stopped answering for ``daemon_grace_seconds``, naming it.
+        NimflowError: any other Docker fault while watching the container, translated.
     """
-    probe = ContainerProbe(
-        give_up=container_watch(client, deployment.container_id, deployment.container_name,
-                                daemon_grace_seconds=daemon_grace_seconds),
-        describe=lambda: container_summary(client, deployment.container_id),
-    )
     try:
-        return check_levels(deployment, verify, probe=probe, log=log, poll_seconds=poll_seconds)
+        # Docker faults while watching (a daemon restart, a container removed meanwhile) become
+        # nimflow errors that name the daemon, not library tracebacks.
+        with daemon_errors(f"watching container {deployment.container_name} while verifying {deployment.endpoint}"):
+            probe = ContainerProbe(
+                give_up=container_watch(client, deployment.container_id, deployment.container_name,
+                                        daemon_grace_seconds=daemon_grace_seconds),
+                describe=lambda: container_summary(client, deployment.container_id),
+            )
+            return check_levels(deployment, verify, probe=probe, log=log, poll_seconds=poll_seconds)
     except EndpointUnhealthy as exc:
-        logs = last_log_lines(client, deployment.container_id, LOG_LINES)
+        logs = _log_lines_or_why(client, deployment.container_id)
         raise EndpointUnhealthy(
             f"{exc}\nlast log lines of container {deployment.container_name} ({deployment.container_id[:12]}):\n{logs}"
         ) from None

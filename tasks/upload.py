@@ -33,7 +33,7 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
     leases = BuildLeases(store, cache.build_lease_seconds)
     lease = None
     try:
-        with translated_errors(f"publishing engine {key} to {store.uri(key)}"):
+        with translated_errors(f"publishing engine {key} to {store.uri(key)}", domain=EngineStoreError):
             lease = leases.adopt(key, engine.build_lease) if engine.build_lease else None
             if store.manifest(key) is not None:
                 outcome = None

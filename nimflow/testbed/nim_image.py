@@ -38,13 +38,14 @@ from pathlib import Path
 import docker
 from docker.errors import APIError, ImageNotFound
 
+from nimflow.bundled import bundled_file
 from nimflow.testbed import TestbedError
 
 STANDIN_IMAGE = "nimflow/nim-standin:local"
 #: The suggested tag of the NIM 2.x variant (``build_standin_image(..., nim_api="2.x")``).
 STANDIN_IMAGE_2X = "nimflow/nim-standin:2.x"
 NIM_APIS = ("1.x", "2.x")
-STANDIN_SOURCE = Path(__file__).resolve().parents[2] / "deployments" / "nim-standin" / "nim_standin.py"
+STANDIN_SOURCE = bundled_file("nim-standin", "nim_standin.py")
 # Bump when the image recipe below changes: it is part of the cache key (the source-hash label).
 RECIPE_VERSION = "nim-standin-image/3"
 HOST_PYTHON = Path("/usr/bin/python3.11")
@@ -270,7 +271,7 @@ def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *
     container uses it.
     """
     if not STANDIN_SOURCE.is_file():
-        raise TestbedError(f"stand-in source not found at {STANDIN_SOURCE} (run from a nimflow checkout)")
+        raise TestbedError(f"stand-in source not found at {STANDIN_SOURCE} (a broken install: reinstall nimflow)")
     version = _trtllm_version(trtllm_version)
     digest = source_hash(trtllm_version=version, nim_api=nim_api)
     old_id = None

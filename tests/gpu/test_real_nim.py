@@ -61,7 +61,7 @@ def _spec(tmp_path: Path, backend: str, build_image: str) -> dict:
 @pytest.mark.parametrize("backend", ["nim-optimize", "nim-jit"])
 def test_real_nim_builds_caches_and_serves(tmp_path: Path, prefect_api: str, backend: str) -> None:
     """A real nim-optimize and a real NIM JIT build: built (or restored), checked, served; a rerun is a hit."""
-    from flows.host_model import host_model
+    from nimflow.flows.host_model import host_model
 
     config = write_spec(tmp_path / "spec.yaml", _spec(tmp_path, backend, os.environ["NIMFLOW_GPU_NIM_IMAGE"]))
     first = host_model(spec=str(config))
@@ -76,7 +76,7 @@ def test_real_trtllm_build_serves_in_nim(tmp_path: Path, prefect_api: str) -> No
 
     The TensorRT-LLM versions of the two images must match, or the deploy guard refuses the engine.
     """
-    from flows.host_model import host_model
+    from nimflow.flows.host_model import host_model
 
     spec = _spec(tmp_path, "trtllm-build", os.environ["NIMFLOW_GPU_TRTLLM_IMAGE"])
     record = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
@@ -119,7 +119,7 @@ def test_real_nim_blue_green_rollout_drops_no_request(tmp_path: Path, prefect_ap
 
     import httpx
 
-    from flows.host_model import host_model
+    from nimflow.flows.host_model import host_model
 
     spec = {
         "name": "gpu-rollout",

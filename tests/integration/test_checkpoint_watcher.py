@@ -76,7 +76,7 @@ def specs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, testbed_env: dict
 def test_new_commit_then_new_tag_each_make_exactly_one_event(
     hub: Any, specs_dir: Path, tmp_path: Path, unique: str, prefect_api: str
 ) -> None:
-    from flows.watch_checkpoints import watch_checkpoints
+    from nimflow.flows.watch_checkpoints import watch_checkpoints
 
     repo = f"watch-{unique}/model"
     name = f"watch-hf-{unique}"

@@ -22,18 +22,18 @@ import boto3
 import httpx
 import pytest
 
-from flows.host_model import host_model
 from nimflow.build_lease import BuildLeases, Lease, LeaseHolder
 from nimflow.containers import docker_client as make_docker_client
 from nimflow.engine_cache import obtain_engine, plan_engine
 from nimflow.engine_store import EngineStore, read_local_manifest, write_manifest
 from nimflow.errors import ConfigError, EngineIncompatible
+from nimflow.flows.host_model import host_model
 from nimflow.records import Engine
 from nimflow.spec import CacheSpec, parse_spec
+from nimflow.tasks.upload import publish_engine
 from nimflow.testbed.services import free_port
 from nimflow.records import ServingImage
 from nimflow.rollout import start_candidate
-from tasks.upload import publish_engine
 from tests.conftest import ENGINE_BUCKET, write_spec
 from tests.integration.test_host_model import make_spec, publish_tiny, task_runs
 
@@ -203,7 +203,7 @@ def test_fleet_simulation_builds_each_key_once(
     """Three hosts, two models at two revisions each, runs interleaved and concurrent: one build per
     distinct key, restores (or local hits) everywhere else."""
     from nimflow.records import Checkpoint
-    from tasks.download import fetch_snapshot
+    from nimflow.tasks.download import fetch_snapshot
 
     revisions = []
     for model in ("alpha", "beta"):

@@ -14,16 +14,16 @@ import boto3
 import pytest
 from prefect import flow
 
-from flows.host_model import host_model
 from nimflow.engine_store import read_local_manifest, write_manifest
 from nimflow.errors import EngineStoreError
+from nimflow.flows.host_model import host_model
 from nimflow.records import Engine
 from nimflow.spec import CacheSpec, SourceSpec
+from nimflow.tasks.download import download_checkpoint
+from nimflow.tasks.upload import upload_engine
 from nimflow.testbed.fault_proxy import FaultProxy, hub_error, s3_error
 from nimflow.testbed.services import Service
 from nimflow.testbed.tiny_model import write_tiny_llama
-from tasks.download import download_checkpoint
-from tasks.upload import upload_engine
 from tests.conftest import ENGINE_BUCKET, write_spec
 from tests.integration.test_host_model import make_spec, publish_tiny, task_runs
 
@@ -256,7 +256,7 @@ def test_port_in_use_fails_once_naming_the_field(
 
 def test_gated_repo_names_the_fix(tmp_path: Path, testbed_env: dict, hub: Any, unique: str) -> None:
     from nimflow.errors import CheckpointNotFound
-    from tasks.download import fetch_snapshot
+    from nimflow.tasks.download import fetch_snapshot
 
     repo = f"org/gated-{unique}"
     publish_tiny(hub, repo, tmp_path, gated=True)

@@ -18,13 +18,16 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
-from flows.host_model import host_model
+from nimflow.flows.host_model import host_model
 from nimflow.testbed.hub_server import publish
 from nimflow.testbed.services import free_port
 from nimflow.testbed.tiny_model import write_tiny_llama
 from tests.conftest import ENGINE_BUCKET, write_spec
 
 pytestmark = pytest.mark.testbed
+#: How long flow_logs waits for a finished run's last log line to reach the API (a bound, not a measure).
+LOGS_DEADLINE_S = 60
+LOGS_PAGE = 200
 
 
 def make_spec(
@@ -65,13 +68,29 @@ def task_runs(flow_run_id: UUID) -> dict[str, Any]:
 
 
 def flow_logs(flow_run_id: UUID) -> str:
+    """Every log message of a finished flow run, once the API holds its last one.
+
+    Logs reach the API in batches; the engine's last line for a run is "Finished in state ...", so
+    the wait ends when that line is there (not after a fixed sleep, which a loaded machine outlasts).
+    """
     from prefect.logging.handlers import APILogHandler
 
     APILogHandler().flush()
-    time.sleep(1.0)
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return "\n".join(log.message for log in logs)
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    deadline = time.monotonic() + LOGS_DEADLINE_S
+    while True:
+        messages: list[str] = []
+        with get_client(sync_client=True) as client:
+            while page := client.read_logs(log_filter=log_filter, limit=LOGS_PAGE, offset=len(messages)):
+                messages += [log.message for log in page]
+                if len(page) < LOGS_PAGE:
+                    break
+        if any(m.startswith("Finished in state") for m in messages):
+            return "\n".join(messages)
+        if time.monotonic() > deadline:
+            pytest.fail(f"flow run {flow_run_id}: its last log line never reached the API within "
+                        f"{LOGS_DEADLINE_S}s ({len(messages)} lines there)")
+        time.sleep(0.3)
 
 
 def s3_keys(endpoint: str, prefix: str) -> list[str]:

@@ -16,9 +16,9 @@ from nimflow.errors import ConfigError, DeploymentError, EndpointUnhealthy
 from nimflow.model_manifest import MANIFEST_PATH
 from nimflow.records import Deployment
 from nimflow.spec import BuildSpec, DeploySpec, SourceSpec, VerifySpec
+from nimflow.tasks.prepare import prepare_serving_image as prepare_task
 from nimflow.testbed.services import free_port
 from nimflow.verification import verify_deployment
-from tasks.prepare import prepare_serving_image as prepare_task
 
 pytestmark = pytest.mark.testbed
 MODEL = "mistralai/mistral-7b-instruct-v0.3"

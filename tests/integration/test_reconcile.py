@@ -12,8 +12,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from flows.host_model import host_model
-from flows.reconcile import ARTIFACT_KEY, reconcile
+from nimflow.flows.host_model import host_model
+from nimflow.flows.reconcile import ARTIFACT_KEY, reconcile
 from tests.conftest import write_spec
 from tests.integration.test_host_model import make_spec, publish_tiny
 

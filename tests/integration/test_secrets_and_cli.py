@@ -14,11 +14,11 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from flows.host_model import host_model
 from nimflow.errors import CheckpointNotFound
+from nimflow.flows.host_model import host_model
+from nimflow.tasks.download import resolve_revision
 from nimflow.testbed.hub_server import publish
 from nimflow.testbed.tiny_model import write_tiny_llama
-from tasks.download import resolve_revision
 from tests.conftest import ENGINE_BUCKET, write_spec
 from tests.integration.test_host_model import flow_logs, make_spec
 

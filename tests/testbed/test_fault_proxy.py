@@ -191,3 +191,52 @@ def test_hub_503_on_revision_call(hub_proxy: tuple[FaultProxy, str], tmp_path: P
     assert isinstance(exc2.value.__cause__, HfHubHTTPError) and exc2.value.__cause__.response.status_code == 503
     assert [r[2:] for r in proxy.requests] == [(503, True), (503, True)]
     assert HfApi(endpoint=proxy.url).model_info("acme/tiny", revision="main").sha == sha
+
+
+def test_reset_after_n_bytes_of_a_response_and_of_a_request(s3_proxy: FaultProxy, bucket: str) -> None:
+    s3 = _s3(s3_proxy.url, retries={"total_max_attempts": 1})
+    s3.put_object(Bucket=bucket, Key="big", Body=b"x" * 300_000)
+    s3_proxy.add_reset(100_000, method="GET", path_pattern="/big$")
+    body = s3.get_object(Bucket=bucket, Key="big")["Body"]
+    with pytest.raises(Exception):  # the body ends early: urllib3 / botocore read errors
+        body.read()
+    s3_proxy.add_reset(10_000, method="PUT", path_pattern="/cut$", of="request")
+    with pytest.raises(Exception):
+        s3.put_object(Bucket=bucket, Key="cut", Body=b"y" * 200_000)
+    assert s3.get_object(Bucket=bucket, Key="big")["Body"].read() == b"x" * 300_000
+    exchanges = [(e.method, e.status, e.fault, e.request_bytes, e.response_bytes) for e in s3_proxy.exchanges]
+    assert exchanges == [("PUT", 200, None, 300_000, 0), ("GET", 200, "reset", 0, 100_000), ("PUT", 0, "reset", 10_000, 0),
+                         ("GET", 200, None, 0, 300_000)]
+    assert "cut" not in [k["Key"] for k in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]  # nothing half-written
+
+
+def test_latency_forwards_and_a_hang_lasts_until_the_client_gives_up(s3_proxy: FaultProxy, bucket: str) -> None:
+    s3 = _s3(s3_proxy.url, retries={"total_max_attempts": 1}, read_timeout=1)
+    s3_proxy.add_latency(0.2, method="PUT")
+    s3.put_object(Bucket=bucket, Key="late", Body=b"v")
+    s3_proxy.add_hang(method="GET", path_pattern="/late$")
+    with pytest.raises(ReadTimeoutError):
+        s3.get_object(Bucket=bucket, Key="late")
+    assert s3.get_object(Bucket=bucket, Key="late")["Body"].read() == b"v"  # one request hung, the next is served
+    deadline = time.monotonic() + 10
+    while s3_proxy.hanging and time.monotonic() < deadline:
+        time.sleep(0.05)  # the proxy notices the client's hang-up on its next poll
+    assert s3_proxy.hanging == 0
+    assert sorted(((e.method, e.status, e.fault) for e in s3_proxy.exchanges), key=str) == [
+        ("GET", 0, "hang"), ("GET", 200, None), ("PUT", 200, "latency")]
+
+
+def test_a_hang_is_released_when_the_proxy_stops(moto_url: str) -> None:
+    proxy = FaultProxy(moto_url)
+    proxy.start()
+    proxy.add_hang()
+    conn = http.client.HTTPConnection(proxy.url.removeprefix("http://"), timeout=30)
+    conn.request("GET", "/anything")
+    deadline = time.monotonic() + 10
+    while not proxy.hanging and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.hanging == 1
+    proxy.stop()
+    with pytest.raises((http.client.HTTPException, OSError)):
+        conn.getresponse()  # closed without an answer, long before the client's 30 s timeout
+    conn.close()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import pickle
 from collections.abc import Callable
 from typing import Any
+
+import cloudpickle
 
 import docker.errors
 import httpx
@@ -27,22 +31,26 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+import nimflow.errors
 from nimflow.errors import (
     BuildFailed,
     CheckpointNotFound,
     ConfigError,
     DeploymentError,
     EngineStoreError,
+    EngineStoreUnavailable,
     InvalidWeights,
     NimflowError,
     PermanentError,
     Problem,
     ServiceUnavailable,
     TransientBuildError,
+    TransientError,
     classify,
     is_transient,
     translated_errors,
 )
+from nimflow.log_filter import DropUserErrorTracebacks
 from nimflow.retries import retry_on_transient
 
 HUB_URL = "https://huggingface.co/api/models/org/model/revision/main"
@@ -315,3 +323,136 @@ def test_retry_on_transient(exc: BaseException, retry: bool) -> None:
 def test_retry_on_transient_without_exception() -> None:
     """A state whose result does not raise is not retried."""
     assert retry_on_transient(object(), object(), FakeState(value=42)) is False
+
+
+# --- domain and retryability ----------------------------------------------------------------------
+
+
+def test_engine_store_unavailable_is_both_domain_and_transient() -> None:
+    """An engine store 503 is caught as an EngineStoreError and as a TransientError, and retried."""
+    error = EngineStoreUnavailable("publishing engine: 503")
+    assert isinstance(error, EngineStoreError) and isinstance(error, ServiceUnavailable)
+    assert isinstance(error, TransientError) and not isinstance(error, PermanentError)
+    assert is_transient(error)
+    assert not is_transient(EngineStoreError("no such bucket"))  # the domain base itself is permanent
+
+
+def test_translated_errors_in_the_engine_store_domain() -> None:
+    """With domain=EngineStoreError an S3 503 becomes EngineStoreUnavailable; a refusal stays EngineStoreError."""
+    original = client_error("SlowDown", 503)
+    with pytest.raises(EngineStoreError) as info:
+        with translated_errors("publishing engine abc to s3://b/abc", domain=EngineStoreError):
+            raise original
+    assert type(info.value) is EngineStoreUnavailable and is_transient(info.value)
+    assert str(info.value).startswith("publishing engine abc to s3://b/abc: ClientError: ")
+    assert info.value.__cause__ is original
+
+    with pytest.raises(EngineStoreError) as refused:
+        with translated_errors("publishing engine abc", domain=EngineStoreError):
+            raise client_error("NoSuchBucket", 404)
+    assert type(refused.value) is EngineStoreError and not is_transient(refused.value)
+    assert "create the bucket" in str(refused.value)  # the hint is kept
+
+
+@pytest.mark.parametrize(("make", "expected"), [(m, e) for _, m, e in CASES], ids=[c[0] for c in CASES])
+def test_a_domain_never_changes_what_is_retried(make: Callable[[], BaseException], expected: type[NimflowError] | None) -> None:
+    """Translating in the engine store domain changes classes, never the retry answer."""
+    original = make()
+    for domain in (None, EngineStoreError):
+        with pytest.raises(NimflowError) as info:
+            with translated_errors("anything", domain=domain):
+                raise original
+        assert is_transient(info.value) is is_transient(original)
+        if domain is EngineStoreError and expected is ServiceUnavailable:
+            assert type(info.value) is EngineStoreUnavailable
+        elif expected is not None:
+            assert type(info.value) is expected  # other domains' faults keep their own class
+
+
+def test_log_filter_drops_tracebacks_of_permanent_errors_only() -> None:
+    """Permanent errors (the EngineStoreError domain base too) lose their traceback; transient ones and bugs keep it."""
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed", None, (type(exc), exc, None))
+
+    for permanent in (EngineStoreError("AccessDenied"), ConfigError("s.yaml", [Problem("name", "bad")]), BuildFailed("OOM")):
+        kept = record(permanent)
+        DropUserErrorTracebacks().filter(kept)
+        assert kept.exc_info is None, type(permanent).__name__
+    for other in (EngineStoreUnavailable("503"), ServiceUnavailable("503"), ValueError("a bug")):
+        kept = record(other)
+        DropUserErrorTracebacks().filter(kept)
+        assert kept.exc_info is not None, type(other).__name__
+
+
+# --- pickling (Prefect stores failed states and results) -------------------------------------------
+
+#: Errors whose __init__ does not take one message, each with an example instance.
+_EXAMPLES: dict[type[NimflowError], Callable[[], NimflowError]] = {
+    ConfigError: lambda: ConfigError("configs/llama.yaml", [Problem("deploy.env", "HF_TOKEN is a secret"), Problem("name", "bad")]),
+}
+
+
+def _every_error_class() -> list[type[NimflowError]]:
+    """NimflowError and every subclass (walked, so a new one is covered without editing this test)."""
+    found: list[type[NimflowError]] = []
+    todo = [NimflowError]
+    while todo:
+        cls = todo.pop()
+        if cls not in found:
+            found.append(cls)
+            todo.extend(cls.__subclasses__())
+    return sorted(found, key=lambda c: c.__qualname__)
+
+
+def _example(cls: type[NimflowError]) -> NimflowError:
+    if cls in _EXAMPLES:
+        return _EXAMPLES[cls]()
+    custom = [c for c in cls.__mro__[: cls.__mro__.index(NimflowError)] if "__init__" in vars(c)]
+    assert not custom, f"{cls.__qualname__} has its own __init__: add an example instance to _EXAMPLES"
+    return cls("what went wrong: s3://bucket/key answered 503")
+
+
+def test_the_walk_finds_every_error_of_the_module() -> None:
+    """Every exception class nimflow.errors defines is among the walked ones (so each is round-tripped)."""
+    defined = {v for v in vars(nimflow.errors).values() if isinstance(v, type) and issubclass(v, NimflowError)}
+    assert defined <= set(_every_error_class())
+    assert {ConfigError, EngineStoreUnavailable, TransientBuildError} <= defined
+
+
+@pytest.mark.parametrize("cls", _every_error_class(), ids=lambda c: c.__qualname__)
+@pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps], ids=["pickle", "cloudpickle"])
+def test_every_error_survives_pickling(cls: type[NimflowError], dumps: Callable[[Any], bytes]) -> None:
+    """Each error comes back as the same class with the same message, args and attributes."""
+    error = _example(cls)
+    error.extra = {"attempt": 2}  # type: ignore[attr-defined] - an attribute set after construction is kept too
+    back = pickle.loads(dumps(error))
+    assert type(back) is cls
+    assert str(back) == str(error) and back.args == error.args
+    assert vars(back) == vars(error)
+    assert is_transient(back) is is_transient(error)
+    if isinstance(error, ConfigError):
+        assert back.source == error.source and back.problems == error.problems
+        assert all(type(p) is Problem for p in back.problems)
+
+
+def test_problem_pickles() -> None:
+    """Problem (a frozen dataclass) pickles to an equal Problem."""
+    problem = Problem("deploy.gpus", "must not repeat")
+    assert pickle.loads(pickle.dumps(problem)) == problem
+
+
+
+def test_the_hint_is_found_down_the_exception_chain() -> None:
+    """boto3 raises S3UploadFailedError from the ClientError that names the S3 code: the hint still comes."""
+    try:
+        try:
+            raise client_error("NoSuchBucket", 404)
+        except ClientError as inner:
+            raise S3UploadFailedError(f"Failed to upload engine.tar: {inner}")  # noqa: B904 - implicit context wanted
+    except S3UploadFailedError as exc:
+        wrapper = exc
+    with pytest.raises(EngineStoreError) as info:
+        with translated_errors("publishing engine abc", domain=EngineStoreError):
+            raise wrapper
+    assert type(info.value) is EngineStoreError
+    assert str(info.value).endswith("(create the bucket or fix the s3:// URI in the spec)")

@@ -30,7 +30,7 @@ FINETUNE: dict[str, Any] = {"path": "s3://ckpts/alpha/step-100/"}
 _SCHEMA_SCRIPT = """
 import json
 from prefect.utilities.callables import parameter_schema
-from flows.host_model import host_model
+from nimflow.flows.host_model import host_model
 print(json.dumps(parameter_schema(host_model).model_dump()))
 """
 
@@ -86,7 +86,7 @@ def test_without_a_specs_directory_there_is_no_dropdown_but_the_flow_imports(tmp
 
 
 def test_prefect_accepts_a_path_and_builds_the_overrides_model() -> None:
-    from flows.host_model import host_model
+    from nimflow.flows.host_model import host_model
 
     params = host_model.validate_parameters({"spec": "/tmp/x.yaml", "overrides": {"rollout_strategy": "recreate"}})
     assert params["spec"] == "/tmp/x.yaml"
@@ -175,7 +175,7 @@ def test_resolve_by_name_or_path_with_the_host_settings(tmp_path: Path, monkeypa
 
 
 def test_the_flow_refuses_an_unknown_name_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.host_model import host_model
+    from nimflow.flows.host_model import host_model
 
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(_spec("alpha")))
     monkeypatch.setenv("NIMFLOW_SPECS_DIR", str(tmp_path))

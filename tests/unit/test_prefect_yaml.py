@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prefect.cli.deploy._models import ConcurrencyLimitSpec, DeploymentConfig, RawScheduleConfig, WorkPoolConfig
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
-from prefect.flows import Flow
+from prefect.flows import Flow, load_flow_from_entrypoint
 from prefect.utilities.templating import apply_values, find_placeholders
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -105,10 +105,14 @@ def test_checkpoint_trigger_parameters_render_from_a_landed_event() -> None:
 
 @pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
 def test_entrypoint_names_a_real_flow(name: str) -> None:
+    """Loaded as a worker loads it: the file by its path in the checkout, its imports from nimflow."""
     path, _, function = DEPLOYMENTS[name]["entrypoint"].partition(":")
     assert (REPO_ROOT / path).is_file()
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-    assert isinstance(getattr(module, function), Flow)
+    loaded = load_flow_from_entrypoint(f"{REPO_ROOT / path}:{function}", use_placeholder_flow=False)
+    assert isinstance(loaded, Flow)
+    # The same flow as the installed package's (nimflow.flows.<module>), which the CLI and tests import.
+    module = importlib.import_module("nimflow." + path.removesuffix(".py").replace("/", "."))
+    assert loaded.name == getattr(module, function).name
 
 
 def test_deployments_and_pool() -> None:

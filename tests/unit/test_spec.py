@@ -13,6 +13,7 @@ import yaml
 
 from nimflow.cli import main
 from nimflow.errors import ConfigError
+from nimflow.settings import SECRET_ENV_VARS
 from nimflow.spec import HostingSpec, load_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -271,3 +272,24 @@ def test_console_script_exit_code_and_stderr(tmp_path: Path) -> None:
     assert f"{bad}: source.repo_id: " in result.stderr
     assert f"{bad}: cache.uri: " in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- secrets are refused in env sections (one list: nimflow.settings.SECRET_ENV_VARS) ------------
+
+
+@pytest.mark.parametrize("name", [*SECRET_ENV_VARS, "hugging_face_hub_token"])
+def test_every_secret_is_refused_in_deploy_env_naming_the_fix(tmp_path: Path, name: str) -> None:
+    """Each secret nimflow reads (in any case) is refused in deploy.env: the field, the fix, never the value."""
+    path = _write(tmp_path / "bad.yaml", _spec(deploy={**BASE["deploy"], "env": {name: "s3cr3t-value-123"}}))
+    message = _problem(path, "deploy.env")
+    assert f"{name} is a secret" in message and "remove it from deploy.env" in message
+    assert "export it where nimflow runs" in message and "nimflow bootstrap" in message
+    assert "s3cr3t-value-123" not in "\n".join(_errors(path))
+
+
+def test_a_secret_is_refused_in_build_env(tmp_path: Path) -> None:
+    """build.env (hashed into the engine key) refuses secrets the same way."""
+    path = _write(tmp_path / "bad.yaml", _spec(build={**BUILD, "env": {"HUGGING_FACE_HUB_TOKEN": "hf_abc"}}, cache=CACHE))
+    message = _problem(path, "build.env")
+    assert "HUGGING_FACE_HUB_TOKEN is a secret" in message and "remove it from build.env" in message
+    assert "hf_abc" not in "\n".join(_errors(path))
