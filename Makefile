@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-lowest venv testbed-up testbed-down validate clean
+.PHONY: demo test lint test-lowest venv testbed-up testbed-down validate clean
 
 # The virtual environment, rebuilt when pyproject.toml changes. Debian ships venv separately.
 $(BIN)/nimflow: pyproject.toml
@@ -11,7 +11,7 @@ $(BIN)/nimflow: pyproject.toml
 	  echo "installing python3-venv (Debian)"; apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[testbed]'
+	$(BIN)/python -m pip install -q -e '.[testbed,lint]'
 	@touch $@
 
 venv: $(BIN)/nimflow
@@ -21,9 +21,19 @@ demo: venv
 	$(BIN)/nimflow demo
 
 # The whole test suite against the real local test bed (the tests start what they need).
-test: venv
+test: venv lint
 	$(BIN)/python -m nimflow.testbed.docker_engine
 	$(BIN)/python -m pytest -q
+
+# Static checks: ruff (lint and import order) and mypy. mypy reads the package as the wheel lays it out
+# (flows/ and tasks/ are nimflow.flows and nimflow.tasks there), through a tree of symlinks.
+TYPED := .testbed/typecheck
+lint: venv
+	$(BIN)/ruff check .
+	rm -rf $(TYPED) && mkdir -p $(TYPED)/nimflow
+	for entry in nimflow/*; do ln -s "$(CURDIR)/$$entry" $(TYPED)/nimflow/; done
+	ln -s "$(CURDIR)/flows" $(TYPED)/nimflow/flows && ln -s "$(CURDIR)/tasks" $(TYPED)/nimflow/tasks
+	cd $(TYPED) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p nimflow
 
 # The unit tests against the lowest versions pyproject.toml allows (constraints/lowest.txt), in a
 # separate venv, so the floors stay honest. CI runs it after `make test`.

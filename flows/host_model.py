@@ -13,16 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
-
-from nimflow import log_filter
-from nimflow.records import HostingRecord
-from nimflow.retries import with_current_retries
-from nimflow.run_parameters import CheckpointUri, Revision, RunOverrides, SpecName, resolve_run_spec
-from nimflow.spec import HostingSpec
-from nimflow.settings import get_settings
-from nimflow.spec_concurrency import gpu_limit_name, host_gpu_slots, one_run_per_spec
 from nimflow.tasks.compile import compile_engine
 from nimflow.tasks.deploy import abort_rollout, deploy_nim, deployment_labels, promote_deployment
 from nimflow.tasks.download import download_checkpoint
@@ -30,6 +20,16 @@ from nimflow.tasks.finetune import import_finetune, import_lora, verify_api
 from nimflow.tasks.prepare import prepare_serving_image
 from nimflow.tasks.upload import upload_engine
 from nimflow.tasks.verify import verify_endpoint
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from nimflow import log_filter
+from nimflow.records import HostingRecord
+from nimflow.retries import with_current_retries
+from nimflow.run_parameters import CheckpointUri, Revision, RunOverrides, SpecName, resolve_run_spec
+from nimflow.settings import get_settings
+from nimflow.spec import HostingSpec
+from nimflow.spec_concurrency import gpu_limit_name, host_gpu_slots, one_run_per_spec
 
 
 @contextmanager
@@ -111,7 +111,12 @@ def _host(spec: HostingSpec) -> dict:
         try:
             health = verify_endpoint(candidate, spec.verify)
         except Exception:
-            with_current_retries(abort_rollout)(candidate, deadline_seconds=spec.verify.deadline_seconds)
+            try:
+                with_current_retries(abort_rollout)(candidate, deadline_seconds=spec.verify.deadline_seconds)
+            except Exception as cleanup:  # noqa: BLE001 - the verification failure stays the run's error
+                # Raised here, the clean-up's error (often the same daemon outage) would hide why the
+                # candidate failed; it is logged, and `nimflow status` shows what is left.
+                get_run_logger().error("Undoing the failed rollout of %s failed too: %s", candidate.container_name, cleanup)
             raise
     with _timed(timings, "switch"):
         deployment = with_current_retries(promote_deployment)(candidate, spec.rollout)

@@ -8,13 +8,13 @@ mechanism is in :mod:`nimflow.reconcile`.
 
 from __future__ import annotations
 
+from nimflow.flows.host_model import host_model
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from nimflow.containers import docker_client
 from nimflow.deployments_admin import deployment_status
 from nimflow.errors import ConfigError, NimflowError
-from nimflow.flows.host_model import host_model
 from nimflow.reconcile import HealResult, as_table, health_problem, reconcile_deployments
 from nimflow.spec_registry import spec_names
 

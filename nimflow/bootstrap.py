@@ -93,7 +93,8 @@ def project_config(project_dir: Path) -> dict[str, Any]:
     """
     path = project_dir / "prefect.yaml"
     if not path.is_file():
-        raise ConfigError(str(project_dir), [Problem("prefect.yaml", "not found; run bootstrap from the nimflow checkout (or --project-dir)")])
+        raise ConfigError(str(project_dir),
+                          [Problem("prefect.yaml", "not found; run bootstrap from the nimflow checkout (or --project-dir)")])
     return yaml.safe_load(path.read_text()) or {}
 
 

@@ -314,7 +314,9 @@ def new_directories(previous_seen: set[str] | None, directories: list[DirectoryS
 # --- one pass --------------------------------------------------------------------------------------
 
 
-def _hf_part(name: str, spec: HostingSpec, stored: dict[str, Any], result: SpecPass) -> tuple[dict[str, Any], list[tuple[CheckpointLanded, dict[str, str]]]]:
+def _hf_part(
+    name: str, spec: HostingSpec, stored: dict[str, Any], result: SpecPass
+) -> tuple[dict[str, Any], list[tuple[CheckpointLanded, dict[str, str]]]]:
     """Observe the repo: the final ``hf`` state part, and each new checkpoint with the refs to record after it."""
     assert spec.watch is not None and spec.source.repo_id is not None
     repo_id = spec.source.repo_id
@@ -330,7 +332,9 @@ def _hf_part(name: str, spec: HostingSpec, stored: dict[str, Any], result: SpecP
     return {"source": source, "refs": {r: _short_sha(s) for r, s in current.items()}}, changes
 
 
-def _s3_part(name: str, spec: HostingSpec, stored: dict[str, Any], result: SpecPass) -> tuple[dict[str, Any], list[tuple[CheckpointLanded, str]]]:
+def _s3_part(
+    name: str, spec: HostingSpec, stored: dict[str, Any], result: SpecPass
+) -> tuple[dict[str, Any], list[tuple[CheckpointLanded, str]]]:
     """Scan the prefix: the final ``s3`` state part, and each new checkpoint with the directory hash to record."""
     assert spec.watch is not None and spec.watch.s3_prefix is not None
     prefix = spec.watch.s3_prefix

@@ -61,7 +61,8 @@ def docker_client() -> docker.DockerClient:
         client = docker.from_env(timeout=120)
     except docker.errors.DockerException as exc:
         raise ServiceUnavailable(
-            f"the Docker daemon at {get_settings().docker_host} does not answer ({exc}); start it (`systemctl start docker`, or `dockerd &`) "
+            f"the Docker daemon at {get_settings().docker_host} does not answer ({exc}); "
+            "start it (`systemctl start docker`, or `dockerd &`) "
             "or point DOCKER_HOST at a running one"
         ) from None
     if held is not None and held[0][0] == made_for[0]:

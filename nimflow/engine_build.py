@@ -39,6 +39,7 @@ from nimflow.build_config import (
     render_nim_optimize_config,
     trtllm_build_arguments,
 )
+from nimflow.checkpoint import MODEL_SIDE_FILES
 from nimflow.containers import (
     CONTAINER_PORT,
     LABEL_PREFIX,
@@ -51,7 +52,6 @@ from nimflow.containers import (
     run_to_exit,
     start_container,
 )
-from nimflow.checkpoint import MODEL_SIDE_FILES
 from nimflow.errors import BuildFailed, EndpointUnhealthy, classify_build_failure
 from nimflow.nim_api import wait_until_ready
 from nimflow.settings import get_settings

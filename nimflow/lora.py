@@ -153,7 +153,9 @@ def _check_tensors(header: dict, where: str, base: dict[str, TensorInfo], base_d
                 "(NIM serves plain LoRA: no DoRA magnitudes, embedding adapters or modules_to_save)"
             )
         if info["dtype"] not in FLOAT_DTYPES:
-            raise InvalidWeights(f"{where}: tensor {name!r} has dtype {info['dtype']}, expected a floating dtype ({', '.join(FLOAT_DTYPES)})")
+            raise InvalidWeights(
+                f"{where}: tensor {name!r} has dtype {info['dtype']}, expected a floating dtype ({', '.join(FLOAT_DTYPES)})"
+            )
         module = match["module"]
         if f"{module}.weight" not in base:
             raise InvalidWeights(
@@ -219,7 +221,7 @@ def _adapter_sources(lora: LoraSpec, base_identity: str, cache_dir: Path) -> tup
     locations = [(a.name, parse_location(a.path)) for a in lora.adapters]
     fingerprints = [source_fingerprint(loc, endpoint_url=lora.endpoint_url) for _, loc in locations]
     wanted = {
-        "adapters": [[name, loc.uri, fp] for (name, loc), fp in zip(locations, fingerprints)],
+        "adapters": [[name, loc.uri, fp] for (name, loc), fp in zip(locations, fingerprints, strict=False)],
         "base": base_identity, "max_rank": lora.max_rank, "allow_pickle": lora.allow_pickle,
     }
     record = record_path(lora_root(cache_dir), json.dumps([[a.name, a.path] for a in lora.adapters]))
@@ -261,7 +263,7 @@ def stage_adapters(lora: LoraSpec, base: Checkpoint, cache_dir: Path) -> tuple[S
         base_inventory = tensor_inventory(Path(base.path))
         staged = work / "staged"
         warnings: list[str] = []
-        for (name, location), fingerprint in zip(locations, fingerprints):
+        for (name, location), fingerprint in zip(locations, fingerprints, strict=False):
             fetched = fetch_source(location, fingerprint, cache_dir, work / "fetch" / name, endpoint_url=lora.endpoint_url)
             checked = check_adapter(name, fetched.directory, location, base, base_inventory,
                                     max_rank=lora.max_rank, allow_pickle=lora.allow_pickle, converted=work / "converted" / name)

@@ -157,7 +157,9 @@ class _StateDictUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise InvalidWeights(f"{self._source}: unexpected persistent id {pid!r:.120}; expected ('storage', <type>, key, location, numel)")
+            raise InvalidWeights(
+                f"{self._source}: unexpected persistent id {pid!r:.120}; expected ('storage', <type>, key, location, numel)"
+            )
         _, storage_type, key, _location, numel = pid
         if not isinstance(key, str) or type(numel) is not int or key not in self._storages:
             raise InvalidWeights(f"{self._source}: storage {key!r} is not in the archive; the file is truncated or corrupt")
@@ -236,7 +238,7 @@ def _check_layout(path: Path, name: str, tensor: TensorRef, storages: dict[str, 
         expected.insert(0, step)
         step *= dim
     if len(tensor.stride) != len(tensor.shape) or (
-        tensor.numel and any(s != e for s, e, d in zip(tensor.stride, expected, tensor.shape) if d != 1)
+        tensor.numel and any(s != e for s, e, d in zip(tensor.stride, expected, tensor.shape, strict=False) if d != 1)
     ):
         raise InvalidWeights(
             f"{path}: tensor {name!r} is not contiguous (stride {list(tensor.stride)} for shape {list(tensor.shape)}, "
@@ -340,7 +342,9 @@ def convert_pickle_weights(directory: Path, dest: Path, weight_format: str) -> d
         name = "model.safetensors" if len(sources) == 1 else f"model-{k:05d}-of-{len(sources):05d}.safetensors"
         for tensor in archive.tensors:
             if tensor in weight_map:
-                raise InvalidWeights(f"{source}: tensor {tensor!r} is also in {written[weight_map[tensor]]}; expected each tensor in one shard")
+                raise InvalidWeights(
+                    f"{source}: tensor {tensor!r} is also in {written[weight_map[tensor]]}; expected each tensor in one shard"
+                )
             if claimed is not None and claimed.get(tensor) != source.name:
                 raise InvalidWeights(
                     f"{source}: holds tensor {tensor!r}, which {index.name} places in {claimed.get(tensor)}; "

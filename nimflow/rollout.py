@@ -356,7 +356,7 @@ def start_candidate(
         active = active_backend(client, names, route)
         common = dict(name=name, stable_endpoint=stable, served_model_name=deploy.served_model_name,
                       model_root=config.model_root, nim_api=serving.nim_api, api=api, adapters=adapters, strategy=strategy)
-        if _is_unchanged(active, route, identity):
+        if active is not None and _is_unchanged(active, route, identity):
             return Deployment(container_id=active.id, container_name=active.name,
                               endpoint=_own_endpoint(client, active, deploy.host), reused=True, **common)
         check_port_free(client, FrontSpec(name, names.front, deploy.host, deploy.host_port, directory),
@@ -373,7 +373,8 @@ def start_candidate(
         if (leftover := ours.get(candidate_name)) is not None:
             remove_container(client, leftover.id, stop_timeout=10)  # a failed candidate of an earlier run
         running_old = active is not None and active.status == "running"
-        gpus = candidate_gpus(deploy, rollout, strategy, active.labels.get(GPUS_LABEL, "") if running_old else None)
+        old_gpus = active.labels.get(GPUS_LABEL, "") if active is not None and running_old else None
+        gpus = candidate_gpus(deploy, rollout, strategy, old_gpus)
         ensure_network(client)
         stopped_old = False
         if strategy == "recreate" and active is not None and active.status == "running":

@@ -96,7 +96,11 @@ def abort_rollout(deployment: Deployment, reason: str = "verification failed", d
         return
     outcome = abort(deployment, deadline_seconds=deadline_seconds)
     if outcome.removed:
-        logger.warning("Removed candidate %s (%s); %s still serves the previous version", outcome.removed, reason,
-                       deployment.stable_endpoint)
+        if deployment.previous_container_id is not None:
+            logger.warning("Removed candidate %s (%s); %s still serves the previous version", outcome.removed, reason,
+                           deployment.stable_endpoint)
+        else:  # a first rollout: nothing served before, so nothing serves now
+            logger.warning("Removed candidate %s (%s); no earlier version was deployed, so %s serves nothing yet",
+                           outcome.removed, reason, deployment.stable_endpoint)
     if outcome.restored:
         logger.warning("Recreate rolled back: %s started again and answers", outcome.restored)

@@ -237,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
                 try:
                     if not self.connection.recv(_CHUNK):
                         break  # the client gave up (its read timeout) and closed
-                except socket.timeout:
+                except TimeoutError:
                     continue
         finally:
             with proxy._lock:

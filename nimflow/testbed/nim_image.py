@@ -34,6 +34,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import docker
 from docker.errors import APIError, ImageNotFound
@@ -89,7 +90,7 @@ def _nim_api(nim_api: str) -> str:
     return nim_api
 
 
-def _standin_module(source: Path = STANDIN_SOURCE) -> object:
+def _standin_module(source: Path = STANDIN_SOURCE) -> Any:
     """The stand-in module, loaded from its file (stdlib only; importing it runs nothing)."""
     spec = importlib.util.spec_from_file_location("nimflow_nim_standin", source)
     if spec is None or spec.loader is None:
@@ -101,7 +102,7 @@ def _standin_module(source: Path = STANDIN_SOURCE) -> object:
 
 def bundled_manifest(source: Path = STANDIN_SOURCE) -> str:
     """The stand-in's ``BUNDLED_MANIFEST`` (the 1.x image's model_manifest.yaml)."""
-    return str(getattr(_standin_module(source), "BUNDLED_MANIFEST"))
+    return str(_standin_module(source).BUNDLED_MANIFEST)
 
 
 def standin_weights_digest(model_dir: Path) -> str:

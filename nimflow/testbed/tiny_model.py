@@ -8,13 +8,13 @@ few hundred KiB.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import struct
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Union
 
 __all__ = [
     "DEFAULT_VOCAB_WORDS",
@@ -36,7 +36,7 @@ _TORCH_TO_ST = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 #: Tensor payload: the raw little-endian bytes, or a zero-argument callable producing them (as bytes
 #: or as an iterable of byte chunks) so large tensors are generated only while being written.
-TensorData = Union[bytes, bytearray, memoryview, Callable[[], Union[bytes, Iterable[bytes]]]]
+TensorData = bytes | bytearray | memoryview | Callable[[], bytes | Iterable[bytes]]
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -540,7 +540,7 @@ def write_lora_adapter(
             tensor = f"base_model.model.{module}.{part}.weight"
             count = _prod(shape)
             tensors.append((tensor, dtype, shape,
-                            lambda t=tensor, c=count, d=dtype: _tensor_bytes(seed, t, c, d, scale=0.02, offset=0.0)))
+                            functools.partial(_tensor_bytes, seed, tensor, count, dtype, scale=0.02, offset=0.0)))
     if not tensors:
         raise ValueError(f"no 2-D weights in {base_dir} match target_modules {list(target_modules)}")
     config = {

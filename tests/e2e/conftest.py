@@ -102,7 +102,9 @@ class E2E:
     def run_cli(self, *argv: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(list(argv), capture_output=True, text=True, env=self.env, cwd=REPO_ROOT, timeout=timeout)
         if check:
-            assert result.returncode == 0, f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            assert result.returncode == 0, (
+                f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
         return result
 
     def nimflow(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:

@@ -203,7 +203,7 @@ def test_schedules_create_runs_and_reconcile_heals(e2e: E2E) -> None:
     for name in (RECONCILE, WATCHER):
         deployment = e2e.deployment(name)
         assert [s for s in deployment.schedules if s.active], f"{name} has no active schedule"
-        wait_for(f"a scheduled run of {name}", lambda: [r for r in e2e.flow_runs(name) if r.auto_scheduled], timeout=60)
+        wait_for(f"a scheduled run of {name}", lambda name=name: [r for r in e2e.flow_runs(name) if r.auto_scheduled], timeout=60)
 
     spec = _alpha(e2e)
     endpoint = f"http://127.0.0.1:{e2e.specs[spec]['deploy']['host_port']}"

@@ -118,7 +118,6 @@ def test_real_nim_blue_green_rollout_drops_no_request(tmp_path: Path, prefect_ap
     import threading
 
     import httpx
-
     from nimflow.flows.host_model import host_model
 
     spec = {

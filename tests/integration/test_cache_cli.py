@@ -10,8 +10,8 @@ from typing import Any
 
 import boto3
 import pytest
-
 from nimflow.flows.host_model import host_model
+
 from tests.conftest import ENGINE_BUCKET, write_spec
 from tests.integration.test_host_model import make_spec, publish_tiny
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import write_spec
 from nimflow.checkpoint_events import EVENT_NAME
 from nimflow.checkpoint_watch import INDEX_FILE, load_state, state_variable, watch_spec
 from nimflow.s3 import s3_client
@@ -25,6 +24,7 @@ from nimflow.spec import source_id_hf, source_id_s3
 from nimflow.spec_registry import load_named_spec
 from nimflow.testbed.hub_server import publish
 from nimflow.testbed.services import create_bucket
+from tests.conftest import write_spec
 
 READ_DEADLINE_S = 60
 

@@ -21,19 +21,18 @@ from typing import Any
 import boto3
 import httpx
 import pytest
+from nimflow.flows.host_model import host_model
+from nimflow.tasks.upload import publish_engine
 
 from nimflow.build_lease import BuildLeases, Lease, LeaseHolder
 from nimflow.containers import docker_client as make_docker_client
 from nimflow.engine_cache import obtain_engine, plan_engine
 from nimflow.engine_store import EngineStore, read_local_manifest, write_manifest
 from nimflow.errors import ConfigError, EngineIncompatible
-from nimflow.flows.host_model import host_model
-from nimflow.records import Engine
-from nimflow.spec import CacheSpec, parse_spec
-from nimflow.tasks.upload import publish_engine
-from nimflow.testbed.services import free_port
-from nimflow.records import ServingImage
+from nimflow.records import Engine, ServingImage
 from nimflow.rollout import start_candidate
+from nimflow.spec import CacheSpec, parse_spec
+from nimflow.testbed.services import free_port
 from tests.conftest import ENGINE_BUCKET, write_spec
 from tests.integration.test_host_model import make_spec, publish_tiny, task_runs
 
@@ -174,7 +173,7 @@ def test_two_hosts_at_once_build_once_and_both_serve(
     runs = [_host_cli(config, env) for config in configs]
     outputs = [run.communicate(timeout=300) for run in runs]
 
-    for run, (out, err) in zip(runs, outputs):
+    for run, (_out, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, err[-3000:]
     engine_lines = [next(line for line in out.splitlines() if line.startswith("engine:")) for out, _ in outputs]
     keys = {line.split()[1].rstrip(":") for line in engine_lines}
@@ -202,8 +201,9 @@ def test_fleet_simulation_builds_each_key_once(
 ) -> None:
     """Three hosts, two models at two revisions each, runs interleaved and concurrent: one build per
     distinct key, restores (or local hits) everywhere else."""
-    from nimflow.records import Checkpoint
     from nimflow.tasks.download import fetch_snapshot
+
+    from nimflow.records import Checkpoint
 
     revisions = []
     for model in ("alpha", "beta"):

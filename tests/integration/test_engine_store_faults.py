@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nimflow.tasks.upload import publish_engine
 
 from nimflow.engine_store import write_manifest
 from nimflow.errors import EngineStoreError, EngineStoreUnavailable, is_transient
 from nimflow.records import Engine
 from nimflow.spec import CacheSpec
-from nimflow.tasks.upload import publish_engine
 from nimflow.testbed.fault_proxy import FaultProxy, s3_error
 from nimflow.testbed.services import Service
 from tests.conftest import ENGINE_BUCKET

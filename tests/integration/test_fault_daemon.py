@@ -53,7 +53,7 @@ def _untranslated(output: str) -> list[str]:
     """
     lines = [line for line in output.splitlines() if line.strip()]
     chained = ("The above exception was the direct cause", "During handling of the above exception")
-    return [line for line, after in zip(lines, [*lines[1:], ""])
+    return [line for line, after in zip(lines, [*lines[1:], ""], strict=False)
             if line.startswith(RAW_LIBRARY_ERRORS) and not after.startswith(chained)]
 
 

@@ -24,17 +24,17 @@ from typing import Any
 import boto3
 import httpx
 import pytest
+from nimflow.flows.host_model import host_model
+from nimflow.tasks.download import download_checkpoint
+from nimflow.tasks.upload import upload_engine
 from prefect import flow
 
 from nimflow.cache_admin import list_entries
 from nimflow.engine_store import EngineStore, read_local_manifest, write_manifest
 from nimflow.errors import NimflowError, is_transient
-from nimflow.flows.host_model import host_model
 from nimflow.records import Engine
 from nimflow.settings import get_settings
 from nimflow.spec import CacheSpec, SourceSpec
-from nimflow.tasks.download import download_checkpoint
-from nimflow.tasks.upload import upload_engine
 from nimflow.testbed.fault_proxy import Exchange, FaultProxy, hub_error, s3_error
 from nimflow.testbed.hub_server import publish
 from nimflow.testbed.services import Service

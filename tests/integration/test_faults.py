@@ -12,15 +12,15 @@ from typing import Any
 
 import boto3
 import pytest
+from nimflow.flows.host_model import host_model
+from nimflow.tasks.download import download_checkpoint
+from nimflow.tasks.upload import upload_engine
 from prefect import flow
 
 from nimflow.engine_store import read_local_manifest, write_manifest
 from nimflow.errors import EngineStoreError
-from nimflow.flows.host_model import host_model
 from nimflow.records import Engine
 from nimflow.spec import CacheSpec, SourceSpec
-from nimflow.tasks.download import download_checkpoint
-from nimflow.tasks.upload import upload_engine
 from nimflow.testbed.fault_proxy import FaultProxy, hub_error, s3_error
 from nimflow.testbed.services import Service
 from nimflow.testbed.tiny_model import write_tiny_llama
@@ -255,8 +255,9 @@ def test_port_in_use_fails_once_naming_the_field(
 
 
 def test_gated_repo_names_the_fix(tmp_path: Path, testbed_env: dict, hub: Any, unique: str) -> None:
-    from nimflow.errors import CheckpointNotFound
     from nimflow.tasks.download import fetch_snapshot
+
+    from nimflow.errors import CheckpointNotFound
 
     repo = f"org/gated-{unique}"
     publish_tiny(hub, repo, tmp_path, gated=True)

@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from nimflow.flows.host_model import host_model
+
 from nimflow.testbed.nim_image import standin_weights_digest
 from nimflow.testbed.tiny_model import write_lora_adapter, write_safetensors, write_tiny_llama
 from tests.conftest import write_spec

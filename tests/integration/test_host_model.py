@@ -15,10 +15,17 @@ from uuid import UUID
 import boto3
 import httpx
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
-
 from nimflow.flows.host_model import host_model
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+
 from nimflow.testbed.hub_server import publish
 from nimflow.testbed.services import free_port
 from nimflow.testbed.tiny_model import write_tiny_llama

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nimflow.tasks.prepare import prepare_serving_image as prepare_task
 from prefect import flow
 
 from nimflow.derived_image import ensure_derived_image
@@ -16,7 +17,6 @@ from nimflow.errors import ConfigError, DeploymentError, EndpointUnhealthy
 from nimflow.model_manifest import MANIFEST_PATH
 from nimflow.records import Deployment
 from nimflow.spec import BuildSpec, DeploySpec, SourceSpec, VerifySpec
-from nimflow.tasks.prepare import prepare_serving_image as prepare_task
 from nimflow.testbed.services import free_port
 from nimflow.verification import verify_deployment
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
+from nimflow.flows.host_model import host_model
+from nimflow.flows.reconcile import ARTIFACT_KEY, reconcile
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from nimflow.flows.host_model import host_model
-from nimflow.flows.reconcile import ARTIFACT_KEY, reconcile
 from tests.conftest import write_spec
 from tests.integration.test_host_model import make_spec, publish_tiny
 

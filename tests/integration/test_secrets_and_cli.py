@@ -11,12 +11,12 @@ from typing import Any
 
 import boto3
 import pytest
+from nimflow.flows.host_model import host_model
+from nimflow.tasks.download import resolve_revision
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from nimflow.errors import CheckpointNotFound
-from nimflow.flows.host_model import host_model
-from nimflow.tasks.download import resolve_revision
 from nimflow.testbed.hub_server import publish
 from nimflow.testbed.tiny_model import write_tiny_llama
 from tests.conftest import ENGINE_BUCKET, write_spec

@@ -16,6 +16,7 @@ import pytest
 import nimflow.checkpoint as checkpoint
 from nimflow.checkpoint import local_checkpoint
 from nimflow.errors import InvalidWeights
+from nimflow.finetune import stage_finetune
 from nimflow.lora import stage_adapters
 from nimflow.records import Checkpoint
 from nimflow.spec import FinetuneSpec, LoraAdapterSpec, LoraSpec
@@ -23,7 +24,6 @@ from nimflow.testbed.fault_proxy import FaultProxy
 from nimflow.testbed.hub_server import publish
 from nimflow.testbed.services import S3_TEST_CREDENTIALS, Service
 from nimflow.testbed.tiny_model import write_lora_adapter, write_tiny_llama
-from nimflow.finetune import stage_finetune
 from tests.conftest import ENGINE_BUCKET
 
 pytestmark = pytest.mark.testbed

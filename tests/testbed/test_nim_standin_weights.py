@@ -17,13 +17,23 @@ from typing import Any
 
 import pytest
 
-from nimflow.testbed.nim_image import (STANDIN_IMAGE_2X, build_standin_image, source_hash,
-                                       standin_weights_digest)
-from nimflow.testbed.tiny_model import write_tiny_llama
 from nimflow.testbed import docker_engine
-from tests.testbed.test_nim_standin import (CHAT_TEMPLATE, chat, http, llama_tensors, optimize, run_cli,
-                                            run_container, run_to_end, serve_once, server, wait_for,
-                                            write_safetensors)
+from nimflow.testbed.nim_image import STANDIN_IMAGE_2X, build_standin_image, source_hash, standin_weights_digest
+from nimflow.testbed.tiny_model import write_tiny_llama
+from tests.testbed.test_nim_standin import (
+    CHAT_TEMPLATE,
+    chat,
+    http,
+    llama_tensors,
+    optimize,
+    run_cli,
+    run_container,
+    run_to_end,
+    serve_once,
+    server,
+    wait_for,
+    write_safetensors,
+)
 
 BUNDLED = "meta/llama-3.1-8b-instruct"
 CHAT_TEMPLATE_ERROR = ("As of transformers v4.44, default chat template is no longer allowed, so you must "

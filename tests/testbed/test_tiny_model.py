@@ -67,7 +67,7 @@ def test_safetensors_offsets_cover_the_file_exactly(tmp_path: Path) -> None:
     header = json.loads(raw[8:8 + n])
     ranges = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
     assert ranges[0][0] == 0 and ranges[-1][1] == len(raw) - 8 - n
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
 
     path.write_bytes(raw + b"\0")  # one stray byte must be caught
     with pytest.raises(ValueError, match="data section"):

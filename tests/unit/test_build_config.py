@@ -55,10 +55,12 @@ def spec_problems(**build_fields: Any) -> str:
         ({"backend": "nim-jit", "dtype": "bfloat16"}, "build.dtype: the nim-jit backend cannot set dtype"),
         ({"backend": "nim-jit", "max_batch_size": 8}, "build.max_batch_size: the nim-jit backend cannot set max_batch_size"),
         ({"backend": "nim-jit", "max_num_tokens": 8}, "build.max_num_tokens: the nim-jit backend cannot set max_num_tokens"),
-        ({"convert_script": "/x.py"}, "build.convert_script: the nim-optimize backend cannot set convert_script; remove it, or use backend trtllm-build"),
+        ({"convert_script": "/x.py"},
+         "build.convert_script: the nim-optimize backend cannot set convert_script; remove it, or use backend trtllm-build"),
         ({"dtype": "float32"}, "build.dtype: float32 is not a precision the nim-optimize backend builds"),
         ({"tp_size": 2, "gpus": [0]}, "build.gpus: 1 GPU(s) given but tp_size x pp_size = 2"),
-        ({"max_batch_size": 2, "max_seq_len": 100, "max_num_tokens": 1000}, "max_num_tokens (1000) must be <= max_batch_size x max_seq_len (200)"),
+        ({"max_batch_size": 2, "max_seq_len": 100, "max_num_tokens": 1000},
+         "max_num_tokens (1000) must be <= max_batch_size x max_seq_len (200)"),
         ({"env": {"NIM_FT_MODEL": "/x"}}, "build.env: NIM_FT_MODEL is set by nimflow"),
         ({"env": {"HF_TOKEN": "hf_x"}}, "build.env: HF_TOKEN is a secret"),
     ],
@@ -161,10 +163,10 @@ def test_trtllm_commands_have_every_limit_explicit() -> None:
     assert convert_script(spec, LLAMA) == "/app/tensorrt_llm/examples/models/core/llama/convert_checkpoint.py"
     assert convert_script(spec, {"architectures": ["Qwen2ForCausalLM"]}).endswith("/qwen/convert_checkpoint.py")
     convert = convert_arguments(spec, "/m", "/w/ckpt")
-    assert dict(zip(convert[::2], convert[1::2])) == {
+    assert dict(zip(convert[::2], convert[1::2], strict=False)) == {
         "--model_dir": "/m", "--output_dir": "/w/ckpt", "--dtype": "bfloat16", "--tp_size": "2", "--pp_size": "1"}
     args = trtllm_build_arguments(spec, "/w/ckpt", "/o/trtllm_engine", "/w/timing.cache")
-    assert dict(zip(args[::2], args[1::2])) == {
+    assert dict(zip(args[::2], args[1::2], strict=False)) == {
         "--checkpoint_dir": "/w/ckpt", "--output_dir": "/o/trtllm_engine", "--max_batch_size": "16", "--max_input_len": "4096",
         "--max_seq_len": "4096", "--max_num_tokens": "2048", "--output_timing_cache": "/w/timing.cache"}
 

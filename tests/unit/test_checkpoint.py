@@ -23,11 +23,11 @@ from nimflow.checkpoint import (
     resolve_verify_api,
 )
 from nimflow.errors import InvalidWeights
+from nimflow.finetune import stage_finetune
 from nimflow.records import Checkpoint
 from nimflow.spec import FinetuneSpec
 from nimflow.tensor_inventory import DTYPE_SIZES
 from nimflow.testbed.tiny_model import read_safetensors_header, write_safetensors, write_tiny_llama
-from nimflow.finetune import stage_finetune
 
 
 @pytest.fixture
@@ -338,7 +338,9 @@ def _finetune(tmp_path: Path, **kwargs: object) -> Path:
     return write_tiny_llama(tmp_path / "ft", seed=7, **kwargs)  # type: ignore[arg-type]
 
 
-def _rewrite_weights(directory: Path, change: dict[str, tuple[str, list[int]] | None], add: dict[str, tuple[str, list[int]]] | None = None) -> None:
+def _rewrite_weights(
+    directory: Path, change: dict[str, tuple[str, list[int]] | None], add: dict[str, tuple[str, list[int]]] | None = None
+) -> None:
     """Rewrite model.safetensors with some tensors changed (dtype, shape), dropped (None) or added; zero data."""
     header = read_safetensors_header(directory / "model.safetensors")
     specs = [(n, h["dtype"], h["shape"]) for n, h in header.items() if n != "__metadata__"]

@@ -13,9 +13,16 @@ from nimflow.containers import device_requests, spec_hash
 from nimflow.errors import DeploymentError
 from nimflow.front_proxy import Route, read_route, upstream_of, url, write_route
 from nimflow.records import ServingImage
-from nimflow.rollout import Names, _port_in_use_outside_docker, candidate_gpus, serving_config
+from nimflow.rollout import (
+    Names,
+    _port_in_use_outside_docker,
+    candidate_gpus,
+    container_environment,
+    deployment_labels,
+    model_mount,
+    serving_config,
+)
 from nimflow.spec import NIM_CACHE_MOUNT, DeploySpec, RolloutSpec
-from nimflow.rollout import container_environment, deployment_labels, model_mount
 
 
 def _deploy(cache_dir: Path, **fields: Any) -> DeploySpec:

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
-
 import docker.errors
 import httpx
 import httpx2
