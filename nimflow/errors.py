@@ -337,7 +337,10 @@ _HINTS = {
     # botocore exception names and S3 error codes
     "NoCredentialsError": "export AWS credentials (or use an instance role) where nimflow runs",
     "NoSuchBucket": "create the bucket or fix the s3:// URI in the spec",
-    "AccessDenied": "the AWS credentials may not use this bucket",
+    "AccessDenied": (
+        "the AWS credentials may not use this bucket: nimflow needs s3:ListBucket on it and s3:GetObject, "
+        "s3:PutObject, s3:DeleteObject, s3:AbortMultipartUpload on its objects (README, IAM policy)"
+    ),
     "InvalidAccessKeyId": "check the AWS credentials",
 }
 
