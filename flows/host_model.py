@@ -142,6 +142,8 @@ def _host(spec: HostingSpec) -> dict:
         checks=health.checks,
         completion=health.completion,
         timings=timings,
+        # What moved data in this run, with its throughput: download, restore, upload.
+        transfers=[t for t in (checkpoint and checkpoint.transfer, engine and engine.transfer, published and published.transfer) if t],
     )
     create_markdown_artifact(markdown=render_record(record), key=f"host-model-{spec.name}", description="Hosted endpoint")
     get_run_logger().info("%s serves %s at %s", spec.name, record.served_model_name, record.endpoint)
@@ -169,6 +171,9 @@ def render_record(record: HostingRecord) -> str:
     ]
     table = "\n".join(f"| {k} | `{v}` |" if k != "completion" else f"| {k} | {v} |" for k, v in rows)
     stages = "\n".join(f"| {stage} | {seconds:.2f} |" for stage, seconds in record.timings.items())
+    moved = "\n".join(f"| {t.stage} | {t.files} | {t.bytes / (1 << 20):.1f} | {t.seconds:.2f} | {t.mib_per_s:.0f} |"
+                      for t in record.transfers) or "| (nothing moved) | 0 | 0 | - | - |"
     return (
         f"# {record.name}\n\n| | |\n|---|---|\n{table}\n\n## Stage timings (s)\n\n| stage | seconds |\n|---|---|\n{stages}\n"
+        f"\n## Transfers\n\n| stage | files | MiB | seconds | MiB/s |\n|---|---|---|---|---|\n{moved}\n"
     )

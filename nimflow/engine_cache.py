@@ -34,7 +34,8 @@ from nimflow.engine_store import (
 )
 from nimflow.errors import EngineStoreError, TransientBuildError, translated_errors
 from nimflow.gpu_identity import TargetIdentity, check_serving_target, probe_target
-from nimflow.records import Engine
+from nimflow.progress import transfer_progress
+from nimflow.records import Engine, TransferStats
 from nimflow.spec import BuildSpec, CacheSpec, DeploySpec
 
 Log = logging.Logger | logging.LoggerAdapter
@@ -93,15 +94,19 @@ def engine_record(key: str, path: Path, origin: str, manifest: dict[str, Any], l
     )
 
 
-def _restore(store: EngineStore, manifest: dict[str, Any], cache_dir: Path, final: Path) -> None:
+def _restore(store: EngineStore, manifest: dict[str, Any], cache_dir: Path, final: Path) -> TransferStats:
+    """Restore and verify the engine into a scratch dir, then publish it locally; the transfer's stats."""
     key = manifest["engine_key"]
     staged = scratch_dir(cache_dir, f"restore-{key[:12]}")
+    files = manifest["files"]
     try:
-        with translated_errors(f"restoring engine {key} from {store.uri(key)}", domain=EngineStoreError):
-            store.restore(manifest, staged)
+        with translated_errors(f"restoring engine {key} from {store.uri(key)}", domain=EngineStoreError), \
+                transfer_progress("restore", f"engine {key[:12]}", sum(f["size"] for f in files), len(files)) as progress:
+            store.restore(manifest, staged, on_bytes=progress.add_bytes, on_file_done=progress.file_done)
         publish_local(staged, final)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+    return progress.finish()
 
 
 def obtain_engine(
@@ -142,9 +147,10 @@ def obtain_engine(
             if isinstance(got, Lease) and (manifest := store.manifest(key)) is not None:
                 leases.release(got)  # published just before we took the lease
         if manifest is not None:
-            _restore(store, manifest, cache_dir, final)
-            log.info("Engine %s restored from %s: nothing to build", key, store.uri(key))
-            return engine_record(key, final, "engine-store", manifest)
+            transfer = _restore(store, manifest, cache_dir, final)
+            log.info("Engine %s restored from %s (%.0f MiB/s, every byte verified): nothing to build",
+                     key, store.uri(key), transfer.mib_per_s)
+            return engine_record(key, final, "engine-store", manifest).model_copy(update={"transfer": transfer})
         assert got is not None  # no manifest: try_acquire gave a lease or the current holder
         if isinstance(got, Lease):
             return _build(client, plan, build, leases, got, model_dir, cache_dir, final, log)

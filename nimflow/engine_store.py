@@ -36,9 +36,19 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from nimflow.checkpoint import model_files, sha256_file
-from nimflow.errors import EngineStoreError
+from nimflow.errors import EngineStoreError, is_transient
 from nimflow.s3 import is_missing, list_keys, s3_client, transfer_config
 from nimflow.spec import CacheSpec
+
+#: Read size of a streamed GET (and of hashing as it arrives).
+STREAM_CHUNK = 1 << 20
+#: Attempts at a streamed GET whose body is cut short (botocore's own retry budget is 3 too).
+STREAM_ATTEMPTS = 3
+MIB = 1 << 20
+
+#: Called with each number of bytes moved (from worker threads), and with each finished file's path.
+BytesCallback = Callable[[int], None]
+FileCallback = Callable[[str], None]
 
 MANIFEST_NAME = "nimflow-manifest.json"
 MANIFEST_SCHEMA = "nimflow-engine-manifest/2"
@@ -85,9 +95,13 @@ def write_manifest(engine_dir: Path, key: str, key_inputs: dict[str, Any], engin
         key_inputs: what the key was computed from (weights, build config, image, GPU, TensorRT-LLM).
         engine: what was actually built, read from the engine's own config.
     """
-    files = [
-        {"path": p.relative_to(engine_dir).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in model_files(engine_dir)
+    paths = model_files(engine_dir)
+    # Files are hashed in parallel: hashlib releases the GIL on large updates, so ranks hash on all cores.
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(sha256_file, paths))
+    files: list[dict[str, Any]] = [
+        {"path": p.relative_to(engine_dir).as_posix(), "size": p.stat().st_size, "sha256": digest}
+        for p, digest in zip(paths, digests, strict=True)
     ]
     if not any(f["path"].startswith("trtllm_engine/") and f["path"].endswith(".engine") for f in files):
         raise EngineStoreError(f"{engine_dir}: no trtllm_engine/rank*.engine file; refusing to record an empty engine")
@@ -125,9 +139,9 @@ def publish_local(staged: Path, final: Path) -> Path:
     return final
 
 
-def _for_each_file(entries: list[dict[str, Any]], action: Callable[[dict[str, Any]], None]) -> None:
-    """Run ``action`` on manifest entries, a few files at a time (each file's parts run in parallel too)."""
-    with ThreadPoolExecutor(max_workers=max(1, min(4, len(entries)))) as pool:
+def _for_each_file(entries: list[dict[str, Any]], action: Callable[[dict[str, Any]], None], workers: int) -> None:
+    """Run ``action`` on manifest entries, up to ``workers`` files at a time (a multipart file's parts run in parallel too)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(entries)))) as pool:
         list(pool.map(action, entries))
 
 
@@ -168,10 +182,16 @@ class EngineStore:
         self.cache = cache
         self.bucket = cache.bucket
         self.prefix = cache.prefix
+        # Files in parallel, each possibly in parallel parts: enough pooled connections for both.
         self.client = s3_client(
-            endpoint_url=cache.endpoint_url, region=cache.region, max_pool=max(16, cache.max_concurrency * 2)
+            endpoint_url=cache.endpoint_url, region=cache.region, max_pool=max(32, cache.max_concurrency * 4)
         )
         self._transfer = transfer_config(chunk_mib=cache.multipart_chunk_mib, max_concurrency=cache.max_concurrency)
+        # Files up to this size move in ONE request each (a PUT; a GET hashed as it arrives), files in
+        # parallel: the fastest setting measured (docs/performance.md), well ahead of 64 MiB parts.
+        # Larger files go multipart: a failed single request would resend too much, and S3 caps a
+        # single PUT at 5 GiB; botocore retries each part on its own.
+        self._single_request_max = cache.single_request_max_mib * MIB
 
     def object_key(self, engine_key: str, *parts: str) -> str:
         """The S3 object key of an engine's object (or of its prefix)."""
@@ -192,17 +212,34 @@ class EngineStore:
             raise
         return json.loads(body.read())
 
-    def upload(self, engine_dir: Path, manifest: dict[str, Any]) -> UploadOutcome:
+    def upload(self, engine_dir: Path, manifest: dict[str, Any], *, on_bytes: BytesCallback | None = None,
+               on_file_done: FileCallback | None = None) -> UploadOutcome:
         """Upload an engine under its own upload prefix, then try to publish its manifest.
 
         Files already uploaded under this upload id with the same sha256 (an interrupted earlier
         attempt) are not sent again. If another host published the key first, this upload is
         removed again and the store keeps the winner's engine, whole.
+
+        Args:
+            on_bytes: called (from worker threads) with each number of bytes sent, for progress.
+            on_file_done: called with the path of each file once it is stored.
         """
         key, upload_id = manifest["engine_key"], manifest["upload_id"]
-        todo = [f for f in manifest["files"] if not self._has_file(key, upload_id, f)]
-        _for_each_file(todo, lambda f: self._put_file(key, upload_id, engine_dir, f))
-        sent = (len(todo), sum(f["size"] for f in todo))
+        sent_files: list[dict[str, Any]] = []
+
+        def put(entry: dict[str, Any]) -> None:
+            # Checked in the worker, so the lookups of many files overlap too.
+            if self._has_file(key, upload_id, entry):
+                if on_bytes is not None:
+                    on_bytes(entry["size"])  # already there: counts as moved for progress
+            else:
+                self._put_file(key, upload_id, engine_dir, entry, on_bytes)
+                sent_files.append(entry)  # list.append is atomic under the GIL
+            if on_file_done is not None:
+                on_file_done(entry["path"])
+
+        _for_each_file(manifest["files"], put, self.cache.max_concurrency)
+        sent = (len(sent_files), sum(f["size"] for f in sent_files))
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
         try:
             self.client.put_object(
@@ -234,17 +271,30 @@ class EngineStore:
             raise
         return head.get("Metadata", {}).get("sha256") == entry["sha256"] and head["ContentLength"] == entry["size"]
 
-    def _put_file(self, key: str, upload_id: str, engine_dir: Path, entry: dict[str, Any]) -> None:
-        self.client.upload_file(
-            str(engine_dir / entry["path"]),
-            self.bucket,
-            self._file_key(key, upload_id, entry["path"]),
-            ExtraArgs={"Metadata": {"sha256": entry["sha256"]}},
-            Config=self._transfer,
-        )
+    def _put_file(self, key: str, upload_id: str, engine_dir: Path, entry: dict[str, Any],
+                  on_bytes: BytesCallback | None) -> None:
+        source, target = engine_dir / entry["path"], self._file_key(key, upload_id, entry["path"])
+        # The sha256 travels as metadata: a retried upload skips files already stored with it.
+        metadata = {"sha256": entry["sha256"]}
+        if entry["size"] > self._single_request_max:
+            self.client.upload_file(str(source), self.bucket, target, ExtraArgs={"Metadata": metadata},
+                                    Config=self._transfer, Callback=on_bytes)
+            return
+        with source.open("rb") as body:  # streamed from disk by botocore, never read whole
+            self.client.put_object(Bucket=self.bucket, Key=target, Body=body, Metadata=metadata)
+        if on_bytes is not None:
+            on_bytes(entry["size"])
 
-    def restore(self, manifest: dict[str, Any], dest: Path) -> tuple[int, int]:
+    def restore(self, manifest: dict[str, Any], dest: Path, *, on_bytes: BytesCallback | None = None,
+                on_file_done: FileCallback | None = None) -> tuple[int, int]:
         """Download the manifest's upload into ``dest`` and verify every file's sha256.
+
+        Files up to ``cache.single_request_max_mib`` are hashed as they arrive (one pass, no
+        re-read); larger ones are downloaded in parallel ranges and hashed after.
+
+        Args:
+            on_bytes: called (from worker threads) with each number of bytes received, for progress.
+            on_file_done: called with the path of each file once it is verified.
 
         Raises:
             EngineStoreError: a file's content does not match the manifest (corrupt store object).
@@ -255,24 +305,58 @@ class EngineStore:
             target = dest / entry["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
             source = self._file_key(key, upload_id, entry["path"])
-            self.client.download_file(self.bucket, source, str(target), Config=self._transfer)
-            if sha256_file(target) != entry["sha256"]:
+            if entry["size"] > self._single_request_max:
+                self.client.download_file(self.bucket, source, str(target), Config=self._transfer, Callback=on_bytes)
+                digest = sha256_file(target)
+            else:
+                digest = self._get_hashed(source, target, on_bytes)
+            if digest != entry["sha256"]:
                 raise EngineStoreError(
                     f"s3://{self.bucket}/{source}: content does not match the manifest's sha256; "
                     f"the stored engine is corrupt: `nimflow cache gc` cannot fix it, delete {self.uri(key)} to have it rebuilt"
                 )
+            if on_file_done is not None:
+                on_file_done(entry["path"])
 
         files = manifest["files"]
-        _for_each_file(files, fetch)
+        _for_each_file(files, fetch, self.cache.max_concurrency)
         _write_json_atomic(dest / MANIFEST_NAME, manifest)
         return len(files), sum(f["size"] for f in files)
+
+    def _get_hashed(self, source: str, target: Path, on_bytes: BytesCallback | None) -> str:
+        """Stream one object to ``target``, hashing each chunk as it arrives; return the sha256.
+
+        botocore retries a failed request but not a body cut short mid-stream; such a transient
+        fault (reset, read timeout) fetches the file again, up to :data:`STREAM_ATTEMPTS` times.
+        """
+        for attempt in range(1, STREAM_ATTEMPTS + 1):
+            digest, received = hashlib.sha256(), 0
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=source)["Body"]
+                try:
+                    with target.open("wb") as handle:
+                        for chunk in body.iter_chunks(STREAM_CHUNK):
+                            digest.update(chunk)
+                            handle.write(chunk)
+                            received += len(chunk)
+                            if on_bytes is not None:
+                                on_bytes(len(chunk))
+                finally:
+                    body.close()
+                return digest.hexdigest()
+            except Exception as exc:
+                if attempt == STREAM_ATTEMPTS or not is_transient(exc):
+                    raise
+                if on_bytes is not None and received:
+                    on_bytes(-received)  # progress counts the new attempt from zero
+        raise AssertionError("unreachable")
 
     # --- listing and removal (nimflow cache ls / explain / gc) ----------------------------------
 
     def engine_keys(self) -> list[str]:
         """Every engine key with anything under it (published or not)."""
         base = f"{self.prefix}/" if self.prefix else ""
-        keys = []
+        keys: list[str] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
             keys.extend(item["Prefix"][len(base) :].rstrip("/") for item in page.get("CommonPrefixes", []))
         return [key for key in keys if len(key) == 64 and all(c in "0123456789abcdef" for c in key)]

@@ -233,8 +233,8 @@ def _classify_one(exc: BaseException) -> type[NimflowError] | None:  # noqa: PLR
             if code.isdigit() and int(code) in _TRANSIENT_HTTP_STATUS:
                 return ServiceUnavailable
             return EngineStoreError
-        if isinstance(exc, (bc.HTTPClientError, bc.ConnectionError)):
-            return ServiceUnavailable  # resets, timeouts, endpoint unreachable
+        if isinstance(exc, (bc.HTTPClientError, bc.ConnectionError, bc.IncompleteReadError)):
+            return ServiceUnavailable  # resets, timeouts, endpoint unreachable, a body cut short
         if isinstance(exc, (bc.NoCredentialsError, bc.PartialCredentialsError, bc.ParamValidationError)):
             return EngineStoreError
 

@@ -12,10 +12,13 @@ import re
 from pathlib import Path
 
 from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import filter_repo_objects
 
 from nimflow.checkpoint import model_files
 from nimflow.errors import InvalidWeights, translated_errors
-from nimflow.records import Checkpoint
+from nimflow.progress import transfer_progress
+from nimflow.records import Checkpoint, TransferStats
 from nimflow.settings import get_settings
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -89,19 +92,23 @@ def fetch_snapshot(
     before = {p: p.stat().st_mtime_ns for p in model_files(target)} if target.exists() else {}
     settings = get_settings()
     with translated_errors(f"downloading {repo_id}@{sha}"):
-        snapshot_download(
-            repo_id,
-            revision=sha,
-            local_dir=target,
-            allow_patterns=allow_patterns,
-            endpoint=settings.hf_endpoint,
-            token=settings.hf_token_value(),
-        )
+        planned = planned_files(repo_id, sha, allow_patterns)
+        with transfer_progress("download", f"{repo_id}@{sha[:12]}", sum(planned.values()), len(planned),
+                               sampler=lambda: bytes_on_disk(target, planned)) as progress:
+            snapshot_download(
+                repo_id,
+                revision=sha,
+                local_dir=target,
+                allow_patterns=allow_patterns,
+                endpoint=settings.hf_endpoint,
+                token=settings.hf_token_value(),
+            )
     files = model_files(target)
     if required_file is not None and not (target / required_file).exists():
         hint = "check source.allow_patterns" if allow_patterns else f"the repo has no {required_file} at its top level"
         raise InvalidWeights(f"{repo_id}@{sha}: no {required_file} was downloaded; {hint}")
     changed = [p for p in files if before.get(p) != p.stat().st_mtime_ns]
+    moved = sum(p.stat().st_size for p in changed)
     # The marker is written last, through a temporary name: it is what "complete" means.
     marker = target / f"{COMPLETE_MARKER}.tmp"
     marker.write_text(json.dumps({"repo_id": repo_id, "sha": sha, "allow_patterns": allow_patterns, "files": len(files)}))
@@ -113,5 +120,27 @@ def fetch_snapshot(
         revision=revision,
         revision_sha=sha,
         downloaded_files=len(changed),
-        downloaded_bytes=sum(p.stat().st_size for p in changed),
+        downloaded_bytes=moved,
+        transfer=TransferStats(stage="download", bytes=moved, files=len(changed), seconds=progress.finish().seconds),
     )
+
+
+def planned_files(repo_id: str, sha: str, allow_patterns: list[str] | None) -> dict[str, int]:
+    """Path and size of each file a snapshot download of these patterns fetches (for its progress total)."""
+    settings = get_settings()
+    api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token_value())
+    entries = [e for e in api.list_repo_tree(repo_id, revision=sha, recursive=True) if isinstance(e, RepoFile)]
+    kept = set(filter_repo_objects([e.path for e in entries], allow_patterns=allow_patterns))
+    return {e.path: e.size for e in entries if e.path in kept}
+
+
+def bytes_on_disk(target: Path, planned: dict[str, int]) -> tuple[int, int]:
+    """(bytes, files) of a snapshot download so far: finished files plus huggingface_hub's partial ones.
+
+    huggingface_hub writes each file to ``.cache/huggingface/download/…incomplete`` under the local
+    dir and renames it when complete, so a scan of a few files measures progress without hooking
+    into the library.
+    """
+    done = [path for path, size in planned.items() if (target / path).is_file() and (target / path).stat().st_size == size]
+    partial = sum(p.stat().st_size for p in (target / ".cache" / "huggingface").rglob("*.incomplete") if p.is_file())
+    return sum(planned[path] for path in done) + partial, len(done)

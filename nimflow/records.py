@@ -8,11 +8,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True)
+
+
+class TransferStats(_Record):
+    """What one transfer stage moved, and how fast."""
+
+    stage: str = Field(description="`download`, `upload` or `restore`.")
+    bytes: int = Field(description="Bytes moved by this run (0 when everything was already there).")
+    files: int = Field(description="Files finished.")
+    seconds: float = Field(description="Wall time of the stage's transfer.")
+
+    @computed_field  # type: ignore[prop-decorator]  # in the record's JSON too
+    @property
+    def mib_per_s(self) -> float:
+        """Throughput in MiB/s (0 for an empty or instant stage)."""
+        return self.bytes / (1 << 20) / self.seconds if self.seconds > 0 else 0.0
 
 
 class Checkpoint(_Record):
@@ -25,6 +40,7 @@ class Checkpoint(_Record):
     revision_sha: str | None = Field(None, description="The commit sha the revision resolved to.")
     downloaded_files: int = Field(0, description="Files transferred by this run (0 when already present).")
     downloaded_bytes: int = 0
+    transfer: TransferStats | None = Field(None, description="The download's bytes and throughput (None: nothing fetched).")
 
 
 class FinetunedWeights(_Record):
@@ -60,6 +76,7 @@ class Engine(_Record):
     build_lease: str | None = Field(
         None, description="Token of the build lease this run holds until the engine is published (built engines only)."
     )
+    transfer: TransferStats | None = Field(None, description="The restore's bytes and throughput (restored engines only).")
 
 
 class PublishedEngine(_Record):
@@ -73,6 +90,7 @@ class PublishedEngine(_Record):
     published_by_this_run: bool = Field(
         False, description="False when the store already had the key (another host won the race: its engine is kept)."
     )
+    transfer: TransferStats | None = Field(None, description="The upload's bytes and throughput (None: nothing uploaded).")
 
 
 class ServingImage(_Record):
@@ -145,3 +163,6 @@ class HostingRecord(_Record):
     checks: list[str] = Field(default_factory=list, description="Verification levels passed.")
     completion: str
     timings: dict[str, float] = Field(description="Seconds spent in each stage.")
+    transfers: list[TransferStats] = Field(
+        default_factory=list, description="Bytes, seconds and throughput of each transfer stage this run moved data in."
+    )

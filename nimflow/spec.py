@@ -345,7 +345,14 @@ class CacheSpec(_Spec):
         description="S3 region; boto3's default chain (AWS_DEFAULT_REGION, the profile) when absent, "
         "and us-east-1 with an endpoint_url when that chain has none.",
     )
-    max_concurrency: int = Field(8, ge=1, le=64, description="Parallel part uploads/downloads per file.")
+    max_concurrency: int = Field(
+        8, ge=1, le=64, description="Files moved in parallel, and parallel parts per file sent in parts."
+    )
+    single_request_max_mib: int = Field(
+        1024, ge=0, le=5120,
+        description="Files up to this size move in one request each (fastest; hashed as they arrive on restore); "
+        "larger ones in parts of multipart_chunk_mib. 0: always in parts.",
+    )
     multipart_chunk_mib: int = Field(64, ge=5, le=5120, description="Multipart part size in MiB.")
     build_lease_seconds: float = Field(
         300, ge=2, le=86400,

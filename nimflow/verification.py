@@ -31,7 +31,7 @@ import docker
 
 from nimflow.containers import DaemonSilence, daemon_errors, last_log_lines
 from nimflow.errors import EndpointUnhealthy, is_transient
-from nimflow.nim_api import LIVE_PATH, READY_PATH, GiveUpCheck, generate, model_cards, optional_json, wait_for_status
+from nimflow.nim_api import LIVE_PATH, READY_PATH, READY_POLL_SECONDS, GiveUpCheck, generate, model_cards, optional_json, wait_for_status
 from nimflow.nim_generation import running_generation_problem
 from nimflow.records import Deployment, EndpointHealth
 from nimflow.settings import get_settings
@@ -272,7 +272,7 @@ def check_levels(
     *,
     probe: ContainerProbe | None = None,
     log: LogSink | None = None,
-    poll_seconds: float = 1.0,
+    poll_seconds: float = READY_POLL_SECONDS,
 ) -> EndpointHealth:
     """Run every verification level against ``deployment.endpoint``, in order.
 
@@ -446,7 +446,7 @@ def verify_deployment(
     *,
     log: LogSink | None = None,
     daemon_grace_seconds: float = 60.0,
-    poll_seconds: float = 1.0,
+    poll_seconds: float = READY_POLL_SECONDS,
 ) -> EndpointHealth:
     """Verify a deployment's container level by level, watching the container while it starts.
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
 
 from nimflow.build_lease import BuildLeases
-from nimflow.engine_store import STORE_MANIFEST, EngineStore, read_local_manifest
+from nimflow.engine_store import STORE_MANIFEST, EngineStore, UploadOutcome, read_local_manifest
 from nimflow.errors import EngineStoreError, is_transient, translated_errors
-from nimflow.records import Engine, PublishedEngine
+from nimflow.progress import transfer_progress
+from nimflow.records import Engine, PublishedEngine, TransferStats
 from nimflow.retries import transient_retries
 from nimflow.spec import CacheSpec
 
@@ -38,10 +40,10 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
             if store.manifest(key) is not None:
                 outcome = None
             elif lease is None:
-                outcome = store.upload(Path(engine.path), manifest)
+                outcome, seconds = _upload_watched(store, Path(engine.path), manifest)
             else:
                 with leases.kept_alive(lease) as held:
-                    outcome = store.upload(Path(engine.path), manifest)
+                    outcome, seconds = _upload_watched(store, Path(engine.path), manifest)
                 lease = held.lease
     except Exception as exc:
         # A transient fault is retried by this task: keep the lease so nobody starts a second build.
@@ -54,7 +56,17 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
         return published
     return published.model_copy(update={
         "uploaded_files": outcome.files, "uploaded_bytes": outcome.bytes, "published_by_this_run": outcome.published,
+        "transfer": TransferStats(stage="upload", bytes=outcome.bytes, files=outcome.files, seconds=seconds),
     })
+
+
+def _upload_watched(store: EngineStore, engine_dir: Path, manifest: dict[str, Any]) -> tuple[UploadOutcome, float]:
+    """``store.upload`` with its progress shown; the outcome and the transfer's seconds."""
+    files = manifest["files"]
+    subject = f"engine {manifest['engine_key'][:12]}"
+    with transfer_progress("upload", subject, sum(f["size"] for f in files), len(files)) as progress:
+        outcome = store.upload(engine_dir, manifest, on_bytes=progress.add_bytes, on_file_done=progress.file_done)
+    return outcome, progress.finish().seconds
 
 
 @task(name="upload-engine", **transient_retries())

@@ -178,7 +178,7 @@ def test_engine_upload_and_restore_survive_resets_503_bursts_latency_and_hangs(
     monkeypatch.setenv("NIMFLOW_S3_READ_TIMEOUT_SECONDS", S3_HANG_TIMEOUT)
     key = engine_key(unique, "faults")
     engine = engine_dir(tmp_path, key, {"rank0.engine": 12 * MIB + 4321, "rank1.engine": 3 * MIB})
-    cache = CacheSpec(uri=f"s3://{ENGINE_BUCKET}/inject-{unique}", multipart_chunk_mib=5, max_concurrency=2)
+    cache = CacheSpec(uri=f"s3://{ENGINE_BUCKET}/inject-{unique}", multipart_chunk_mib=5, max_concurrency=2, single_request_max_mib=0)
     manifest = read_local_manifest(Path(engine.path))
     assert manifest is not None
 

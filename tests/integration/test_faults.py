@@ -213,7 +213,7 @@ def test_large_engine_files_go_multipart_and_restore_verified(
         for block in range(12):
             handle.write(bytes([block]) * (1024 * 1024))
     manifest = write_manifest(Path(engine.path), key, {"test": True}, {"tp_size": 1})
-    cache = CacheSpec(uri=f"s3://{ENGINE_BUCKET}/multipart", multipart_chunk_mib=5, max_concurrency=2)
+    cache = CacheSpec(uri=f"s3://{ENGINE_BUCKET}/multipart", multipart_chunk_mib=5, max_concurrency=2, single_request_max_mib=0)
     files_prefix = f"multipart/{key}/uploads/{manifest['upload_id']}"
 
     state = upload_flow(engine, cache, return_state=True)

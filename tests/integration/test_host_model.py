@@ -153,7 +153,17 @@ def test_full_flow_builds_once_and_serves(
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
         )
-    assert any(record["endpoint"] in (a.data or "") for a in artifacts)
+    assert any(record["endpoint"] in (a.data or "") for a in artifacts if a.type == "markdown")
+    # Progress people can watch: one progress artifact per transfer stage, ending at 100%, and the
+    # record's throughput per stage (the upload moved exactly the manifest's bytes).
+    progress = {a.key: a.data for a in artifacts if a.type == "progress"}
+    assert progress == {"nimflow-download": 100.0, "nimflow-upload": 100.0}, progress
+    transfers = {t["stage"]: t for t in record["transfers"]}
+    assert set(transfers) == {"download", "upload"}
+    assert transfers["upload"]["bytes"] == sum(f["size"] for f in manifest["files"])
+    assert transfers["upload"]["files"] == len(manifest["files"]) == record["uploaded_files"]
+    assert transfers["download"]["bytes"] > 0 and transfers["download"]["files"] == record["downloaded_files"]
+    assert all(t["mib_per_s"] > 0 for t in transfers.values())
 
     # Second run, nothing changed: nothing downloaded, built or uploaded; the container is kept.
     hub.clear_requests()
@@ -161,6 +171,7 @@ def test_full_flow_builds_once_and_serves(
     assert again["downloaded_files"] == 0 and again["uploaded_files"] == 0
     assert again["engine_origin"] == "local-cache" and again["engine_key"] == record["engine_key"]
     assert again["container_id"] == record["container_id"]
+    assert again["transfers"] == []  # nothing moved
     assert not [r for r in hub.requests if "/resolve/" in r[1] and r[0] == "GET"]
 
     # Another host (empty cache dir) restores the engine from the store instead of compiling it.
@@ -169,6 +180,9 @@ def test_full_flow_builds_once_and_serves(
     assert other["engine_origin"] == "engine-store" and other["engine_key"] == record["engine_key"]
     assert other["container_id"] != record["container_id"]  # a changed deploy spec replaces the container
     assert other["uploaded_files"] == 0
+    moved = {t["stage"]: t for t in other["transfers"]}  # its own download of the checkpoint, and the restore
+    assert set(moved) == {"download", "restore"}
+    assert moved["restore"]["bytes"] == sum(f["size"] for f in manifest["files"])
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

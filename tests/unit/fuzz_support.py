@@ -22,7 +22,7 @@ FIELD_NAMES = sorted({
     "name", "source", "repo_id", "revision", "local_dir", "manifest", "model_name", "allow_patterns", "finetune",
     "path", "endpoint_url", "allow_pickle", "lora", "adapters", "max_rank", "build", "backend", "image", "dtype",
     "tp_size", "pp_size", "max_seq_len", "max_batch_size", "max_num_tokens", "convert_script", "gpus", "shm_size",
-    "timeout_seconds", "env", "cache", "uri", "region", "max_concurrency", "multipart_chunk_mib", "deploy",
+    "timeout_seconds", "env", "cache", "uri", "region", "max_concurrency", "single_request_max_mib", "multipart_chunk_mib", "deploy",
     "served_model_name", "host", "host_port", "cache_dir", "user", "container_name", "nim_api", "force", "verify",
     "deadline_seconds", "api", "prompt", "golden", "expect", "rollout", "strategy", "standby_gpus", "watch",
     "branches", "tags", "s3_prefix", "marker",

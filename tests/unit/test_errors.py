@@ -18,6 +18,7 @@ from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
     EndpointConnectionError,
+    IncompleteReadError,
     NoCredentialsError,
     ReadTimeoutError,
 )
@@ -119,6 +120,7 @@ CASES: list[tuple[str, Callable[[], BaseException], type[NimflowError] | None]] 
     ("s3-access-denied", lambda: client_error("AccessDenied", 403), EngineStoreError),
     ("s3-endpoint-unreachable", lambda: EndpointConnectionError(endpoint_url=S3_ENDPOINT), ServiceUnavailable),
     ("s3-read-timeout", lambda: ReadTimeoutError(endpoint_url=S3_ENDPOINT), ServiceUnavailable),
+    ("s3-body-cut-short", lambda: IncompleteReadError(actual_bytes=1, expected_bytes=2), ServiceUnavailable),
     ("s3-connection-closed", lambda: ConnectionClosedError(endpoint_url=S3_ENDPOINT), ServiceUnavailable),
     ("s3-no-credentials", NoCredentialsError, EngineStoreError),
     ("s3-upload-failed-after-503", upload_failed_during_503, ServiceUnavailable),
