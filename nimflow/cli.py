@@ -162,6 +162,8 @@ def _print_record(record: dict) -> None:
         print(f"engine:      {record['engine_key']}: {built}")
         print(f"upload:      {count(record['uploaded_files'], 'uploaded')} ({record['engine_uri']})")
     print(f"timings (s): {', '.join(f'{k} {v:.1f}' for k, v in record['timings'].items())}")
+    moved = [f"{t['stage']} {t['bytes'] / (1 << 20):.0f} MiB at {t['mib_per_s']:.0f} MiB/s" for t in record.get("transfers", [])]
+    print(f"transfers:   {', '.join(moved) or 'nothing moved'}")
     print(f"completion:  {record['completion']}")
 
 
