@@ -222,6 +222,11 @@ class E2E:
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
         return "\n".join(log.message for log in logs)
 
+    def server_log(self) -> str:
+        """The end of the Prefect server's log (the UI's requests fail there first)."""
+        path = self.logs / "prefect.log"
+        return path.read_text(errors="replace")[-6000:] if path.exists() else f"(no {path})"
+
     def worker_logs(self) -> str:
         return "\n".join(f"--- {w.name} ---\n{w.log_path.read_text(errors='replace')[-4000:]}" for w in self.workers)
 
