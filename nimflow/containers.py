@@ -7,6 +7,7 @@ callers' stack frames, so task results stay small and serialisable.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -303,6 +304,42 @@ def wait_for_exit(
     return None
 
 
+@contextlib.contextmanager
+def following_logs(client: docker.DockerClient, container_id: str, on_line: Callable[[str], None] | None) -> Iterator[None]:
+    """Pass each line the container prints (stdout and stderr) to ``on_line``, from a thread, while the block runs.
+
+    For watching progress only: a stream the daemon drops, or an ``on_line`` that raises, ends the
+    following and nothing else. Carriage returns split lines too, so a progress bar's updates arrive
+    one by one. The thread ends with the container's output; the block does not wait long for it.
+    """
+    if on_line is None:
+        yield
+        return
+
+    def follow() -> None:
+        pending = ""
+        try:
+            for chunk in client.api.logs(container_id, stream=True, follow=True):
+                pending += chunk.decode("utf-8", errors="replace")
+                *lines, pending = pending.replace("\r", "\n").split("\n")
+                for line in lines:
+                    if line:
+                        on_line(line)
+            if pending:
+                on_line(pending)
+        except Exception as exc:  # noqa: BLE001 - progress is for watching; the build goes on
+            logger.debug("stopped following the logs of %s: %s", container_id[:12], type(exc).__name__)
+
+    # A copy of this context: the callback may log through the Prefect run that started the container.
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(follow,), name=f"nimflow-logs-{container_id[:12]}",
+                              daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(timeout=5)
+
+
 def run_to_exit(
     client: docker.DockerClient,
     image: str,
@@ -311,16 +348,21 @@ def run_to_exit(
     name: str,
     deadline_seconds: float,
     log_lines: int = 40,
+    on_log_line: Callable[[str], None] | None = None,
     **options: Any,
 ) -> ContainerExit:
     """Run a one-shot container to its end and return its exit code and last log lines.
 
     The container is removed on every path (success, failure, deadline, a daemon error), so a
     failed build or probe leaves nothing behind.
+
+    Args:
+        on_log_line: called with each line the container prints while it runs (see :func:`following_logs`).
     """
     try:
         container_id = start_container(client, image, name=name, command=command, **options)
-        code = wait_for_exit(client, container_id, deadline_seconds)
+        with following_logs(client, container_id, on_log_line):
+            code = wait_for_exit(client, container_id, deadline_seconds)
         return ContainerExit(exit_code=code, logs=last_log_lines(client, container_id, log_lines))
     finally:
         remove_container_quietly(client, name)

@@ -39,6 +39,7 @@ from nimflow.build_config import (
     render_nim_optimize_config,
     trtllm_build_arguments,
 )
+from nimflow.build_progress import BuildProgress, build_progress
 from nimflow.checkpoint import MODEL_SIDE_FILES
 from nimflow.containers import (
     CONTAINER_PORT,
@@ -46,6 +47,7 @@ from nimflow.containers import (
     container_state,
     device_requests,
     exit_watch,
+    following_logs,
     last_log_lines,
     published_port,
     remove_container_quietly,
@@ -104,13 +106,16 @@ def _container_options(build: BuildSpec, labels: dict[str, str]) -> dict[str, An
 
 def _run_step(
     client: docker.DockerClient, build: BuildSpec, what: str, command: list[str], volumes: dict[str, dict[str, str]],
-    labels: dict[str, str],
+    labels: dict[str, str], progress: BuildProgress | None,
 ) -> None:
     """Run one build step to its end; raise the classified failure unless it exited 0."""
     options = _container_options(build, labels)
+    if progress is not None:
+        progress.start_step(what)
     ended = run_to_exit(
         client, build.image, command, name=f"nimflow-build-{uuid.uuid4().hex[:12]}",
-        deadline_seconds=build.timeout_seconds, volumes=volumes, **options,
+        deadline_seconds=build.timeout_seconds, volumes=volumes,
+        on_log_line=progress.feed if progress is not None else None, **options,
     )
     if ended.timed_out:
         raise BuildFailed(
@@ -119,10 +124,13 @@ def _run_step(
         )
     if ended.exit_code != 0:
         raise classify_build_failure(what, ended.exit_code, ended.logs)
+    if progress is not None:
+        progress.step_done()
 
 
 def build_with_nim_optimize(
-    client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, work: Path, labels: dict[str, str]
+    client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, work: Path, labels: dict[str, str],
+    progress: BuildProgress | None = None,
 ) -> None:
     """Run ``nim-optimize`` in the build image; ``out_dir`` receives the engine in NIM's layout."""
     config = work / "build_config.yaml"
@@ -136,13 +144,13 @@ def build_with_nim_optimize(
             str(out_dir): {"bind": _OUTPUT_MOUNT, "mode": "rw"},
             str(work): {"bind": _WORK_MOUNT, "mode": "ro"},
         },
-        labels,
+        labels, progress,
     )
 
 
 def build_with_trtllm(
     client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, work: Path, labels: dict[str, str],
-    model_config: dict[str, Any],
+    model_config: dict[str, Any], progress: BuildProgress | None = None,
 ) -> None:
     """``convert_checkpoint.py`` then ``trtllm-build`` in a TensorRT-LLM image, laid out for NIM."""
     checkpoint = f"{_WORK_MOUNT}/checkpoint"
@@ -150,14 +158,14 @@ def build_with_trtllm(
         client, build, "convert_checkpoint.py",
         ["python3", convert_script(build, model_config), *convert_arguments(build, _MODEL_MOUNT, checkpoint)],
         {str(model_dir): {"bind": _MODEL_MOUNT, "mode": "ro"}, str(work): {"bind": _WORK_MOUNT, "mode": "rw"}},
-        labels,
+        labels, progress,
     )
     _run_step(
         client, build, "trtllm-build",
         ["trtllm-build", *trtllm_build_arguments(
             build, checkpoint, f"{_OUTPUT_MOUNT}/trtllm_engine", f"{_WORK_MOUNT}/timing.cache")],
         {str(work): {"bind": _WORK_MOUNT, "mode": "rw"}, str(out_dir): {"bind": _OUTPUT_MOUNT, "mode": "rw"}},
-        labels,
+        labels, progress,
     )
     for name in MODEL_SIDE_FILES:  # NIM serves the engine with the model's config and tokenizer
         if (model_dir / name).is_file():
@@ -166,7 +174,7 @@ def build_with_trtllm(
 
 def build_with_nim_jit(
     client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, work: Path, labels: dict[str, str],
-    custom_model_name: str,
+    custom_model_name: str, progress: BuildProgress | None = None,
 ) -> None:
     """Let NIM JIT-build the engine at start-up, then harvest it into ``out_dir``."""
     env = _build_environment(build, {
@@ -190,8 +198,11 @@ def build_with_nim_jit(
             **options,
         )
         endpoint = f"http://127.0.0.1:{published_port(client, container_id)}"
+        if progress is not None:
+            progress.start_step("NIM JIT build")
         try:
-            wait_until_ready(endpoint, deadline_seconds=build.timeout_seconds, give_up=exit_watch(client, container_id, name))
+            with following_logs(client, container_id, progress.feed if progress is not None else None):
+                wait_until_ready(endpoint, deadline_seconds=build.timeout_seconds, give_up=exit_watch(client, container_id, name))
         except EndpointUnhealthy as exc:
             _, code = container_state(client, container_id)
             raise classify_build_failure(f"NIM JIT build ({exc})", code, last_log_lines(client, container_id, 40)) from None
@@ -241,15 +252,19 @@ def build_engine(
             or an engine whose shape differs from the spec (both values named).
         TransientBuildError: a failure outside the inputs (CUDA, NCCL or MPI initialisation).
     """
-    if build.backend == "nim-optimize":
-        build_with_nim_optimize(client, build, model_dir, out_dir, work, labels)
-    elif build.backend == "trtllm-build":
-        build_with_trtllm(client, build, model_dir, out_dir, work, labels, model_config)
-    else:
-        build_with_nim_jit(client, build, model_dir, out_dir, work, labels, custom_model_name=f"nimflow-{key[:16]}")
-    _refuse_special_files(out_dir)
-    built = read_engine_config(out_dir)
-    check_built_engine(build, built, trtllm_version=trtllm_version)
+    # The build's phase, from its container's log, is shown while it runs (nimflow-build artifact).
+    with build_progress(f"engine {key[:12]}", build.backend, build.tp_size * build.pp_size) as progress:
+        if build.backend == "nim-optimize":
+            build_with_nim_optimize(client, build, model_dir, out_dir, work, labels, progress)
+        elif build.backend == "trtllm-build":
+            build_with_trtllm(client, build, model_dir, out_dir, work, labels, model_config, progress)
+        else:
+            build_with_nim_jit(
+                client, build, model_dir, out_dir, work, labels, custom_model_name=f"nimflow-{key[:16]}", progress=progress
+            )
+        _refuse_special_files(out_dir)
+        built = read_engine_config(out_dir)
+        check_built_engine(build, built, trtllm_version=trtllm_version)
     return built
 
 

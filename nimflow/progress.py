@@ -1,4 +1,4 @@
-"""Progress of long transfers, shown while they run: a Prefect progress artifact and a periodic log line.
+"""Progress of long transfers and builds, shown while they run: a Prefect progress artifact and a periodic log line.
 
 Moving tens of GB must not look like a hang. A :class:`TransferProgress` counts the bytes and files
 of one stage (download, upload, restore) from any number of worker threads; a reporter thread
@@ -12,7 +12,8 @@ commands, plain function calls) only the log line is written. Reporting never fa
 an unreachable Prefect API is logged once and then left alone.
 
 The stage's :class:`~nimflow.records.TransferStats` (bytes, files, seconds, MiB/s) go into the
-flow's record.
+flow's record. Anything with the :class:`Reportable` methods can be reported the same way
+(:func:`reporting`): an engine build's phases (:mod:`nimflow.build_progress`) are.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from uuid import UUID
 
 from nimflow.records import TransferStats
@@ -140,10 +141,31 @@ class TransferProgress:
         return changed
 
 
-class _Reporter:
-    """Writes a transfer's log line and artifact update every interval, from its own thread."""
+class Reportable(Protocol):
+    """What the reporter needs of a stage's progress; every method is called from the reporter's thread."""
 
-    def __init__(self, progress: TransferProgress, interval: float) -> None:
+    stage: str  # the artifact's key is nimflow-<stage>
+
+    def line(self) -> str:
+        """The concise progress line (log line and artifact description)."""
+
+    def percent(self) -> float:
+        """0-100."""
+
+    def refresh(self) -> None:
+        """Update counts that are sampled rather than pushed; never raises."""
+
+    def changed_since_report(self) -> bool:
+        """True when a report is due (and marks the current state reported)."""
+
+    def finish(self) -> Any:
+        """Stop the clock (on every path, success or not)."""
+
+
+class _Reporter:
+    """Writes a stage's log line and artifact update every interval, from its own thread."""
+
+    def __init__(self, progress: Reportable, interval: float) -> None:
         self.progress = progress
         self.interval = interval
         self.logger = _run_logger()
@@ -213,10 +235,21 @@ def transfer_progress(stage: str, subject: str, total_bytes: int, total_files: i
         :meth:`TransferProgress.finish` after the block for the stage's throughput.
     """
     progress = TransferProgress(stage, subject, total_bytes, total_files, sampler=sampler)
+    with reporting(progress, interval):
+        yield progress
+
+
+@contextmanager
+def reporting(progress: Reportable, interval: float = REPORT_INTERVAL_SECONDS) -> Iterator[None]:
+    """Report ``progress`` every ``interval`` seconds while the block runs, and once more if it completes.
+
+    The artifact (``nimflow-<stage>``) is created at once when this runs inside a Prefect run.
+    A block that raises gets no final report: its error says what happened.
+    """
     reporter = _Reporter(progress, interval)
     completed = False
     try:
-        yield progress
+        yield
         completed = True
     finally:
         progress.finish()

@@ -1173,22 +1173,41 @@ def check_bf16(dtype: str, gpu: dict[str, str]) -> None:
                           f"{gpu['compute_cap']} (needs SM >= 80)",))
 
 
-def run_build(architecture: str, what: str, say: Callable[[str], None]) -> None:
+def run_build(architecture: str, what: str, say: Callable[[str], None], *, ranks: int, engine_dir: str) -> None:
     """The engine build itself: ``NIMSTANDIN_BUILD_SECONDS`` of simulated work, then the failure
-    ``NIMSTANDIN_BUILD_FAILURE`` asks for, if any. Nothing is written before this returns."""
+    ``NIMSTANDIN_BUILD_FAILURE`` asks for, if any. Nothing is written before this returns.
+
+    Each rank prints the lines TensorRT-LLM's builder prints, in its order (``tensorrt_llm/builder.py``,
+    ``commands/build.py``; TensorRT's ``Engine generation completed``), with most of the time in the
+    TensorRT phase, where a real failure surfaces too."""
     failure = os.environ.get("NIMSTANDIN_BUILD_FAILURE", "").strip()
     if failure and failure not in BUILD_FAILURES:
         raise StandinError("ValueError", f"NIMSTANDIN_BUILD_FAILURE={failure!r} is not one of "
                            f"{sorted(BUILD_FAILURES)} [NIM stand-in setting]")
     try:
-        delay = float(os.environ.get("NIMSTANDIN_BUILD_SECONDS", "1"))
+        delay = max(float(os.environ.get("NIMSTANDIN_BUILD_SECONDS", "1")), 0.0)
     except ValueError as exc:
         raise StandinError("ValueError", f"NIMSTANDIN_BUILD_SECONDS: {exc}") from exc
-    say(f"Building {what} (stand-in: no TensorRT, {max(delay, 0.0):.1f}s simulated)")
-    time.sleep(max(delay, 0.0))
-    if failure:
-        lines, code = BUILD_FAILURES[failure]
-        raise BuildError(tuple(line.format(arch=architecture) for line in lines), code)
+    say(f"Building {what} (stand-in: no TensorRT, {delay:.1f}s simulated)")
+    per_rank = delay / max(ranks, 1)
+    for rank in range(max(ranks, 1)):
+        tik = time.time()
+        time.sleep(per_rank * 0.1)
+        tllm_log(f"Total time of constructing network from module object {per_rank * 0.1} seconds")
+        tllm_log("Total optimization profiles added: 1")
+        tllm_log("Total time to initialize the weights in network Unnamed Network 0: 00:00:00")
+        tllm_log("Build TensorRT engine Unnamed Network 0")
+        if failure:
+            time.sleep(per_rank * 0.9)  # a real OOM or kernel failure comes late in this phase
+            lines, code = BUILD_FAILURES[failure]
+            raise BuildError(tuple(line.format(arch=architecture) for line in lines), code)
+        time.sleep(per_rank * 0.8)
+        print(f"[{time.strftime('%m/%d/%Y-%H:%M:%S', time.gmtime())}] [TRT] [I] Engine generation completed in "
+              f"{per_rank * 0.8:.5f} seconds.", flush=True)
+        tllm_log(f"Total time of building Unnamed Network 0: {hms(time.time() - tik)}")
+        tllm_log(f"Serializing engine to {engine_dir}/rank{rank}.engine...")
+        time.sleep(per_rank * 0.1)
+        tllm_log("Engine serialized. Total time: 00:00:00")
 
 
 def write_engine_dir(engine_dir: Path, pretrained: dict[str, Any], build_cfg: dict[str, Any],
@@ -1279,7 +1298,8 @@ def jit_build(ft_model: Path, cache: Path, name: str, served: str) -> Path:
     gpu = require_gpu()
     check_bf16(plan["dtype"], gpu)
     run_build(plan["architecture"], f"TensorRT-LLM engine for {name} (dtype={plan['dtype']} "
-              f"tp={plan['tp']} pp={plan['pp']})", log)
+              f"tp={plan['tp']} pp={plan['pp']})", log, ranks=plan["tp"] * plan["pp"],
+              engine_dir=str(target / "trtllm_engine"))
     tmp = local_cache / f".tmp-{name}-{os.getpid()}"
     profile_id = hashlib.sha256(json.dumps(
         [name, plan["weights_sha256"], plan["dtype"], plan["tp"], plan["pp"], plan["build_config"],
@@ -1757,7 +1777,8 @@ def optimize(argv: list[str]) -> int:
         plan = plan_build(model_dir, options)  # every check runs before OUT is touched
         check_bf16(plan["dtype"], require_gpu())
         run_build(plan["architecture"], f"TensorRT-LLM engine (dtype={plan['dtype']} tp={plan['tp']} "
-                  f"pp={plan['pp']} weights_sha256={plan['weights_sha256'][:12]}...)", log)
+                  f"pp={plan['pp']} weights_sha256={plan['weights_sha256'][:12]}...)", log,
+                  ranks=plan["tp"] * plan["pp"], engine_dir=str(out / "trtllm_engine"))
         # OUT may be a bind mount (cannot be renamed), so build inside it and move entries up.
         tmp = out / f".tmp-nim-optimize-{os.getpid()}"
         try:
@@ -1988,7 +2009,7 @@ def trtllm_build(argv: list[str]) -> int:
             tllm_warning("Invalid timing cache, using freshly created one")
         weights = checkpoint_source_weights(ckpt, tp * pp)
         run_build(arch, f"{tp * pp} engine(s) for {arch} ({pretrained['dtype']}, tp={tp}, pp={pp})",
-                  tllm_log)
+                  tllm_log, ranks=tp * pp, engine_dir=args.output_dir)
         try:  # the timing cache is saved by build() before Engine.save writes the engine
             cache_path = Path(args.output_timing_cache)
             cache_path.write_bytes(TIMING_CACHE_MAGIC + json.dumps(

@@ -154,10 +154,14 @@ def test_full_flow_builds_once_and_serves(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
         )
     assert any(record["endpoint"] in (a.data or "") for a in artifacts if a.type == "markdown")
-    # Progress people can watch: one progress artifact per transfer stage, ending at 100%, and the
-    # record's throughput per stage (the upload moved exactly the manifest's bytes).
-    progress = {a.key: a.data for a in artifacts if a.type == "progress"}
-    assert progress == {"nimflow-download": 100.0, "nimflow-upload": 100.0}, progress
+    # Progress people can watch: one progress artifact per transfer stage and one for the build,
+    # each ending at 100%, and the record's throughput per stage (the upload moved exactly the
+    # manifest's bytes).
+    progress = {a.key: a for a in artifacts if a.type == "progress"}
+    assert {k: a.data for k, a in progress.items()} == {
+        "nimflow-download": 100.0, "nimflow-build": 100.0, "nimflow-upload": 100.0}, progress
+    assert (progress["nimflow-build"].description or "").startswith(f"build engine {record['engine_key'][:12]}: done (100%)")
+    assert f"build engine {record['engine_key'][:12]}: done (100%)" in flow_logs(state.state_details.flow_run_id)
     transfers = {t["stage"]: t for t in record["transfers"]}
     assert set(transfers) == {"download", "upload"}
     assert transfers["upload"]["bytes"] == sum(f["size"] for f in manifest["files"])

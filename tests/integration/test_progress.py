@@ -8,6 +8,7 @@ moto's S3 server and a real Prefect API; the engine is small but sent both ways 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,42 @@ def test_upload_and_restore_report_progress_to_the_prefect_api(tmp_path: Path, t
     # The description is the last progress line: bytes of total, files done, throughput.
     assert f"3/{len(manifest['files'])} files" in (progress["nimflow-upload"].description or "")
     assert "12.0/12.0 MiB (100%)" in (progress["nimflow-restore"].description or "")
+
+
+def test_a_build_reports_its_phases_from_the_container_log(tmp_path: Path, docker_client: Any, standin_image: str) -> None:
+    """convert_checkpoint.py then trtllm-build (tp 2) in the stand-in, followed line by line as they run.
+
+    The stand-in prints TensorRT-LLM's own builder lines per rank; what the tracker made of each
+    line is recorded, so the test sees the phases arrive while the containers run, not just the end.
+    """
+    from nimflow.build_progress import BuildProgress
+    from nimflow.engine_build import build_with_trtllm
+    from nimflow.spec import BuildSpec
+    from nimflow.testbed.tiny_model import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "tiny")
+    build = BuildSpec(backend="trtllm-build", image=standin_image, tp_size=2, max_seq_len=512, max_batch_size=2,
+                      max_num_tokens=256, env={"NIMSTANDIN_BUILD_SECONDS": "1"})
+    (out := tmp_path / "out").mkdir()
+    (work := tmp_path / "work").mkdir()
+    seen: list[tuple[str, str, float]] = []
+
+    class Recording(BuildProgress):
+        def feed(self, line: str) -> None:
+            super().feed(line)
+            seen.append((line, self.phase(), self.percent()))
+
+    progress = Recording("engine test", "trtllm-build", ranks=2)
+    build_with_trtllm(docker_client, build, model, out, work, {"nimflow.test": "progress"},
+                      json.loads((model / "config.json").read_text()), progress)
+
+    assert sorted((out / "trtllm_engine").glob("rank*.engine")) == [out / "trtllm_engine" / f"rank{r}.engine" for r in (0, 1)]
+    percents = [percent for _, _, percent in seen]
+    assert percents == sorted(percents), "progress went backwards"
+    # convert_checkpoint.py ends at its fifth; trtllm-build's ranks each add half of the rest.
+    converted = next(p for line, _, p in seen if "Total time of converting checkpoints" in line)
+    assert converted == pytest.approx(20.0)
+    written = [p for line, _, p in seen if "Engine serialized" in line]
+    assert written == [pytest.approx(60.0), pytest.approx(99.0)]
+    assert [phase for _, phase, _ in seen].count("optimizing the engine (TensorRT)") == 2  # once per rank
+    assert progress.percent() == 99.0 and progress.phase() == "done"  # 100 only once the engine is checked
