@@ -85,16 +85,17 @@ def test_custom_run_from_the_ui_completes(e2e: E2E, browser: Any) -> None:
 def _submit(browser: Any, e2e: E2E, run_name: str, attempts: int = 3) -> None:
     """Press Submit until the UI creates the run, as an operator would.
 
-    On success the UI leaves the form; when the API refuses the request (the test bed's SQLite-backed
-    server can answer 5xx while workers write) it shows an error toast and stays on the form, where the
-    operator presses Submit again. A press is repeated only after such a toast and only while the API has
-    no run of that name, so a retried press never creates a second run; the toasts seen are in the failure.
+    On success the UI leaves the form. When the API refuses the request (the test bed's SQLite-backed
+    server can answer 5xx while workers write) the UI shows an error toast and stays on the form; a
+    press can also be lost while the form re-renders. The operator then presses again: here only while
+    the API has no run of that name, so a second press never makes a second run (the test asserts
+    exactly one). The toasts seen and the server log are in the failure.
     """
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(browser, UI_WAIT)
     toasts: list[str] = []
 
     def outcome(driver: Any) -> str | bool:
@@ -105,19 +106,17 @@ def _submit(browser: Any, e2e: E2E, run_name: str, attempts: int = 3) -> None:
         return False
 
     for _ in range(attempts):
-        wait.until(ec.element_to_be_clickable((By.XPATH, "//button[@type='submit'][normalize-space()='Submit']"))).click()
+        WebDriverWait(browser, UI_WAIT).until(
+            ec.element_to_be_clickable((By.XPATH, "//button[@type='submit'][normalize-space()='Submit']"))).click()
         try:
-            if wait.until(outcome) == "left the form":
+            if WebDriverWait(browser, UI_WAIT / 2).until(outcome) == "left the form":
                 return
-        except Exception as exc:
-            raise AssertionError(
-                f"after Submit the UI neither left the form nor showed an error in {UI_WAIT} s; toasts so far: {toasts}\n"
-                f"--- Prefect server log ---\n{e2e.server_log()}"
-            ) from exc
-        toasts += [m.text for m in browser.find_elements(By.CSS_SELECTOR, ".p-toast__message")]
-        for close in browser.find_elements(By.CSS_SELECTOR, ".p-toast__close-btn"):
-            close.click()
-        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, ".p-toast__icon--error"))
+            toasts += [m.text for m in browser.find_elements(By.CSS_SELECTOR, ".p-toast__message")]
+            for close in browser.find_elements(By.CSS_SELECTOR, ".p-toast__close-btn"):
+                close.click()
+        except TimeoutException:
+            toasts.append(f"(no answer to Submit within {UI_WAIT / 2:g} s)")
         if any(r.name == run_name for r in e2e.flow_runs("host-model")):
-            return  # the run exists although the UI reported an error; the test goes on with it
-    raise AssertionError(f"the UI refused the run {attempts} times: {toasts}\n--- Prefect server log ---\n{e2e.server_log()}")
+            return  # the run exists although the UI did not move on; the test goes on with it
+    raise AssertionError(f"the UI did not create the run in {attempts} presses: {toasts}\n"
+                         f"--- Prefect server log ---\n{e2e.server_log()}")
