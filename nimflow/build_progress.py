@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from nimflow.progress import REPORT_INTERVAL_SECONDS, reporting
+from nimflow.progress import REPORT_INTERVAL_SECONDS, StageClock, reporting
 
 #: Without any new phase, a build is still reported this often (seconds), so it never looks hung.
 STILL_RUNNING_SECONDS = 60.0
@@ -92,25 +92,22 @@ class BuildProgress:
         self.subject, self.ranks = subject, max(1, ranks)
         self.steps = BACKEND_STEPS[backend]
         self._clock = clock
+        self._timer = StageClock(clock)
         self._lock = threading.Lock()
-        self._step = 0
-        self._done_weight = 0.0  # the steps finished so far
+        self._step = 0  # steps before it are done
         self._ranks_done = 0
         self._rank_share = 0.0  # of the rank being built
         self._phase = "starting"
         self._percent = 0.0
         self._complete = False
-        self._started = clock()
-        self._ended: float | None = None
         self._reported: tuple[object, ...] | None = None
-        self._reported_at = self._started
+        self._reported_at = clock()
 
     # --- fed by the build ----------------------------------------------------------------------
     def start_step(self, name: str) -> None:
         """The next container (``name`` as in :data:`BACKEND_STEPS`) starts; earlier steps count as done."""
         with self._lock:
             index = next((i for i, step in enumerate(self.steps) if step.name == name), self._step)
-            self._done_weight = sum(step.weight for step in self.steps[:index])
             self._step, self._ranks_done, self._rank_share, self._phase = index, 0, 0.0, "starting"
             self._update()
 
@@ -147,10 +144,10 @@ class BuildProgress:
             self._complete, self._phase, self._percent = True, "done", 100.0
 
     def _update(self) -> None:
-        step = self.steps[self._step]
+        done = sum(step.weight for step in self.steps[: self._step])
         within = min(1.0, (self._ranks_done + self._rank_share) / self.ranks)
         # Never backwards, and never 100 before the build is known to have succeeded.
-        self._percent = max(self._percent, min(99.0, 100.0 * (self._done_weight + step.weight * within)))
+        self._percent = max(self._percent, min(99.0, 100.0 * (done + self.steps[self._step].weight * within)))
 
     # --- read by the reporter (nimflow.progress.Reportable) --------------------------------------
     def percent(self) -> float:
@@ -158,9 +155,7 @@ class BuildProgress:
             return self._percent
 
     def elapsed(self) -> float:
-        with self._lock:
-            end = self._ended if self._ended is not None else self._clock()
-        return max(0.0, end - self._started)
+        return self._timer.seconds()
 
     def phase(self) -> str:
         with self._lock:
@@ -191,10 +186,8 @@ class BuildProgress:
 
     def finish(self) -> float:
         """Stop the clock; the build's seconds."""
-        with self._lock:
-            if self._ended is None:
-                self._ended = self._clock()
-        return self.elapsed()
+        self._timer.stop()
+        return self._timer.seconds()
 
 
 @contextmanager

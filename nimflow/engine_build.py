@@ -106,16 +106,15 @@ def _container_options(build: BuildSpec, labels: dict[str, str]) -> dict[str, An
 
 def _run_step(
     client: docker.DockerClient, build: BuildSpec, what: str, command: list[str], volumes: dict[str, dict[str, str]],
-    labels: dict[str, str], progress: BuildProgress | None,
+    labels: dict[str, str], progress: BuildProgress,
 ) -> None:
-    """Run one build step to its end; raise the classified failure unless it exited 0."""
+    """Run one build step to its end, its log lines fed to ``progress``; raise the classified failure unless it exited 0."""
     options = _container_options(build, labels)
-    if progress is not None:
-        progress.start_step(what)
+    progress.start_step(what)
     ended = run_to_exit(
         client, build.image, command, name=f"nimflow-build-{uuid.uuid4().hex[:12]}",
         deadline_seconds=build.timeout_seconds, volumes=volumes,
-        on_log_line=progress.feed if progress is not None else None, **options,
+        on_log_line=progress.feed, **options,
     )
     if ended.timed_out:
         raise BuildFailed(
@@ -124,13 +123,12 @@ def _run_step(
         )
     if ended.exit_code != 0:
         raise classify_build_failure(what, ended.exit_code, ended.logs)
-    if progress is not None:
-        progress.step_done()
+    progress.step_done()
 
 
 def build_with_nim_optimize(
     client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, work: Path, labels: dict[str, str],
-    progress: BuildProgress | None = None,
+    progress: BuildProgress,
 ) -> None:
     """Run ``nim-optimize`` in the build image; ``out_dir`` receives the engine in NIM's layout."""
     config = work / "build_config.yaml"
@@ -150,7 +148,7 @@ def build_with_nim_optimize(
 
 def build_with_trtllm(
     client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, work: Path, labels: dict[str, str],
-    model_config: dict[str, Any], progress: BuildProgress | None = None,
+    model_config: dict[str, Any], progress: BuildProgress,
 ) -> None:
     """``convert_checkpoint.py`` then ``trtllm-build`` in a TensorRT-LLM image, laid out for NIM."""
     checkpoint = f"{_WORK_MOUNT}/checkpoint"
@@ -174,7 +172,7 @@ def build_with_trtllm(
 
 def build_with_nim_jit(
     client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, work: Path, labels: dict[str, str],
-    custom_model_name: str, progress: BuildProgress | None = None,
+    custom_model_name: str, progress: BuildProgress,
 ) -> None:
     """Let NIM JIT-build the engine at start-up, then harvest it into ``out_dir``."""
     env = _build_environment(build, {
@@ -198,10 +196,9 @@ def build_with_nim_jit(
             **options,
         )
         endpoint = f"http://127.0.0.1:{published_port(client, container_id)}"
-        if progress is not None:
-            progress.start_step("NIM JIT build")
+        progress.start_step("NIM JIT build")
         try:
-            with following_logs(client, container_id, progress.feed if progress is not None else None):
+            with following_logs(client, container_id, progress.feed):
                 wait_until_ready(endpoint, deadline_seconds=build.timeout_seconds, give_up=exit_watch(client, container_id, name))
         except EndpointUnhealthy as exc:
             _, code = container_state(client, container_id)

@@ -54,6 +54,24 @@ def _in_prefect_run() -> bool:
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
 
 
+class StageClock:
+    """The wall time of one stage: running from creation until :meth:`stop` (later calls keep the first stop)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._started = clock()
+        self._ended: float | None = None
+
+    def stop(self) -> None:
+        if self._ended is None:
+            self._ended = self._clock()
+
+    def seconds(self) -> float:
+        """Seconds so far, or in all once stopped."""
+        end = self._ended if self._ended is not None else self._clock()
+        return max(0.0, end - self._started)
+
+
 class TransferProgress:
     """Bytes and files of one transfer stage, counted from any thread, reported periodically.
 
@@ -70,13 +88,11 @@ class TransferProgress:
                  sampler: Callable[[], tuple[int, int]] | None = None) -> None:
         self.stage, self.subject = stage, subject
         self.total_bytes, self.total_files = total_bytes, total_files
-        self._clock = clock
+        self._timer = StageClock(clock)
         self._sampler = sampler
         self._lock = threading.Lock()
         self._bytes = 0
         self._files = 0
-        self._started = clock()
-        self._ended: float | None = None
         self._reported: tuple[int, int] | None = None
 
     def add_bytes(self, count: int) -> None:
@@ -103,17 +119,14 @@ class TransferProgress:
 
     def finish(self) -> TransferStats:
         """Stop the clock; the stage's totals and throughput."""
-        with self._lock:
-            if self._ended is None:
-                self._ended = self._clock()
+        self._timer.stop()
         return self.stats()
 
     def stats(self) -> TransferStats:
         """Bytes, files and seconds so far (or in all, once finished)."""
         with self._lock:
             moved, files = self._bytes, self._files
-            end = self._ended if self._ended is not None else self._clock()
-        return TransferStats(stage=self.stage, bytes=moved, files=files, seconds=round(max(0.0, end - self._started), 3))
+        return TransferStats(stage=self.stage, bytes=moved, files=files, seconds=round(self._timer.seconds(), 3))
 
     def percent(self) -> float:
         """Bytes moved of the total, 0-100 (files when no byte total is known)."""

@@ -203,10 +203,10 @@ def log_warning(msg: str) -> None:
     log(msg, "WARNING")
 
 
-def tllm_log(msg: str, severity: str = "I") -> None:
-    """A TensorRT-LLM logger line (``[TRT-LLM] [W] ...``) for convert_checkpoint.py / trtllm-build."""
+def tllm_log(msg: str, severity: str = "I", source: str = "TRT-LLM") -> None:
+    """A TensorRT-LLM logger line (``[TRT-LLM] [W] ...``; ``source="TRT"``: TensorRT's own) for the builders."""
     ts = time.strftime("%m/%d/%Y-%H:%M:%S", time.gmtime())
-    print(f"[{ts}] [TRT-LLM] [{severity}] {msg}", flush=True)
+    print(f"[{ts}] [{source}] [{severity}] {msg}", flush=True)
 
 
 def tllm_warning(msg: str) -> None:
@@ -1202,8 +1202,7 @@ def run_build(architecture: str, what: str, say: Callable[[str], None], *, ranks
             lines, code = BUILD_FAILURES[failure]
             raise BuildError(tuple(line.format(arch=architecture) for line in lines), code)
         time.sleep(per_rank * 0.8)
-        print(f"[{time.strftime('%m/%d/%Y-%H:%M:%S', time.gmtime())}] [TRT] [I] Engine generation completed in "
-              f"{per_rank * 0.8:.5f} seconds.", flush=True)
+        tllm_log(f"Engine generation completed in {per_rank * 0.8:.5f} seconds.", source="TRT")
         tllm_log(f"Total time of building Unnamed Network 0: {hms(time.time() - tik)}")
         tllm_log(f"Serializing engine to {engine_dir}/rank{rank}.engine...")
         time.sleep(per_rank * 0.1)
