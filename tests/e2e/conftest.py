@@ -249,6 +249,9 @@ def _start_server(session_dir: Path) -> Service:
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
         "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # SQLite answers a busy write with a 503 the Python client retries by itself; log each one,
+        # so a UI toast or a slow run can be traced to it in the server log (test_prefect_ui.py).
+        "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
     }
     port = free_port()
     settings["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{port}/api"  # the UI's default is port 4200
@@ -305,6 +308,9 @@ def e2e(session_dir: Path, docker_client: Any, standin_image: str, s3_server: Se
         "AWS_ENDPOINT_URL": s3_server.url,
         **S3_TEST_CREDENTIALS,
         "COLUMNS": "200",
+        # Prefect's default log batching for the workers' flow runs (the unit suite's 0.3 s would add
+        # writes to the server's SQLite, whose busy writes the UI shows as error toasts).
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "2.0",
     })
     env.pop("PREFECT_PROFILE", None)
     logs = session_dir / "logs" / "e2e"

@@ -1,10 +1,29 @@
 """An operator starts a run from the Prefect UI: Deployments → host-model → Run → Custom run → a spec
 from the dropdown → Submit; the run reaches Completed on a worker. Headless Chromium via Selenium,
-with Debian's browser and driver (nothing is downloaded)."""
+with Debian's browser and driver (nothing is downloaded).
+
+The test acts as a person does on a slow machine: it waits for what it needs to be on screen and
+clickable, waits for toasts to leave before it clicks (toasts stack in the bottom-right corner, over
+the form's Submit button), and never clicks through an overlay. What the browser saw (toasts,
+console, failed requests) and the server log go to the test's artifacts whatever the outcome.
+
+Why a toast appears at all: the test bed's Prefect server keeps its database in SQLite. While two
+workers, their flow runs' log batches and heartbeats write to it, a write can meet ``SQLITE_BUSY``
+(in WAL mode a transaction whose snapshot went stale gets it at once, whatever the busy timeout), and
+the server answers that request ``503 Service Unavailable`` ("retryable": Prefect's
+``is_client_retryable_exception``). Prefect's Python client retries a 503 by itself; the UI does not:
+it shows "Something went wrong trying to create a flow run" / "Oops. Something went wrong." and
+stays on the form. That is the test bed's database, not nimflow's deployment or parameters (a
+production server runs on PostgreSQL: docs/fleet.md), so the test presses Submit again, as a person
+would, only while the API has no run of that name. Any other failed request (a 4xx, a 500) is a
+real error and fails the test.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +34,12 @@ from tests.e2e.conftest import E2E, artifacts_dir, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.testbed]
 UI_WAIT = 60  # seconds an element may take to appear (the UI loads its bundle and queries the API)
+TOAST_WAIT = 30  # seconds a toast may stay up; Prefect's toasts close themselves after 5 s
+TOAST = ".p-toast-container__toast"  # one toast of Prefect's design system (its message: .p-toast__message)
+
+#: Failed requests that are not errors of the test bed's server: the browser's own favicon lookup (the
+#: UI serves none) and requests to the internet, which this machine cannot reach.
+BENIGN_FAILURES = ("/favicon.ico", "prefect.io", "githubusercontent.com", "github.com", "google", "gstatic")
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +58,95 @@ def browser() -> Iterator[Any]:
         unavailable(f"no Chromium: {exc}")
     options = Options()
     options.binary_location = paths.binary
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100"):
+    # The background-networking flags keep Chromium from reaching for Google's hosts, which this
+    # machine's closed network refuses (and which load the browser for nothing).
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100",
+                     "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                     "--disable-sync", "--no-first-run"):
         options.add_argument(argument)
+    # The console and the network log, read back into the artifacts.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=paths.driver))
     yield driver
     driver.quit()
+
+
+class UiRecorder:
+    """What the browser saw, kept across the test: toasts, console lines and failed requests."""
+
+    def __init__(self, browser: Any, out: Path) -> None:
+        self.browser = browser
+        self.out = out
+        self.toasts: list[str] = []
+        self.console: list[dict[str, Any]] = []
+        self.failed_requests: list[str] = []
+
+    def collect(self) -> None:
+        """Read the browser's logs since the last call (each entry is returned once) and the toasts up now."""
+        from selenium.webdriver.common.by import By
+
+        for toast in self.browser.find_elements(By.CSS_SELECTOR, TOAST):
+            text = " ".join(toast.text.split())
+            kind = "error" if toast.find_elements(By.CSS_SELECTOR, ".p-toast__icon--error") else "info"
+            if text and f"[{kind}] {text}" not in self.toasts:
+                self.toasts.append(f"[{kind}] {text}")
+        self.console += self.browser.get_log("browser")
+        for entry in self.browser.get_log("performance"):
+            event = json.loads(entry["message"])["message"]
+            params = event.get("params", {})
+            if event.get("method") == "Network.responseReceived" and params["response"]["status"] >= 400:
+                self.failed_requests.append(f"{params['response']['status']} {params['response']['url']}")
+            elif event.get("method") == "Network.loadingFailed" and not params.get("canceled"):
+                self.failed_requests.append(f"{params.get('errorText')} (request {params.get('requestId')})")
+
+    def api_failures(self) -> list[str]:
+        """Failed requests that are errors: the benign ones and the SQLite 503s (module docstring) left out."""
+        return [r for r in self.failed_requests
+                if not any(benign in r for benign in BENIGN_FAILURES) and not r.startswith("503 ")]
+
+    def save(self, tag: str, e2e: E2E) -> None:
+        """Screenshot, page, toasts, console, failed requests and the server log, under ``tag``."""
+        self.collect()
+        self.browser.save_screenshot(str(self.out / f"prefect-ui-{tag}.png"))
+        (self.out / f"prefect-ui-{tag}.html").write_text(self.browser.page_source)
+        (self.out / f"prefect-ui-{tag}.json").write_text(json.dumps({
+            "url": self.browser.current_url, "toasts": self.toasts, "failed_requests": self.failed_requests,
+            "console": self.console}, indent=2, default=str))
+        (self.out / f"prefect-ui-{tag}-server.log").write_text(e2e.server_log())
+
+    def summary(self) -> str:
+        console = [f"{c.get('level')}: {c.get('message')}" for c in self.console if c.get("level") in ("SEVERE", "WARNING")]
+        return (f"toasts: {self.toasts}\nfailed requests: {self.failed_requests[-20:]}\n"
+                f"console warnings/errors: {console[-20:]}")
+
+
+def _toasts_gone(browser: Any) -> bool:
+    from selenium.webdriver.common.by import By
+
+    return not [t for t in browser.find_elements(By.CSS_SELECTOR, TOAST) if t.is_displayed()]
+
+
+def _click(browser: Any, recorder: UiRecorder, locator: tuple[str, str]) -> None:
+    """Click what ``locator`` finds once it is clickable and no toast is up, as a person would.
+
+    A toast is read into the recorder, then waited out (Prefect's toasts close themselves); one that
+    stays past ``TOAST_WAIT`` fails the test naming it. WebDriver's click refuses an element covered
+    by anything else, so nothing is ever clicked through an overlay.
+    """
+    from selenium.common.exceptions import ElementClickInterceptedException
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    for _ in range(3):
+        element = WebDriverWait(browser, UI_WAIT).until(ec.element_to_be_clickable(locator))
+        recorder.collect()
+        WebDriverWait(browser, TOAST_WAIT).until(_toasts_gone, f"a toast stayed up: {recorder.toasts}")
+        try:
+            element.click()
+            return
+        except ElementClickInterceptedException:
+            recorder.collect()  # something else came up over it meanwhile: wait for it, look again
+    raise AssertionError(f"{locator} stayed covered by another element; {recorder.summary()}")
 
 
 def test_custom_run_from_the_ui_completes(e2e: E2E, browser: Any) -> None:
@@ -47,13 +156,12 @@ def test_custom_run_from_the_ui_completes(e2e: E2E, browser: Any) -> None:
 
     spec_name = sorted(e2e.specs)[0]
     wait = WebDriverWait(browser, UI_WAIT)
-    out = artifacts_dir()
+    recorder = UiRecorder(browser, artifacts_dir())
     try:
         browser.get(f"{e2e.ui_url}/deployments")
-        wait.until(ec.element_to_be_clickable(
-            (By.XPATH, "//a[contains(@href, '/deployments/deployment/')][normalize-space()='host-model']"))).click()
-        wait.until(ec.element_to_be_clickable((By.XPATH, "//button[normalize-space()='Run']"))).click()
-        wait.until(ec.element_to_be_clickable((By.XPATH, "//*[normalize-space()='Custom run']"))).click()
+        _click(browser, recorder, (By.XPATH, "//a[contains(@href, '/deployments/deployment/')][normalize-space()='host-model']"))
+        _click(browser, recorder, (By.XPATH, "//button[normalize-space()='Run']"))
+        _click(browser, recorder, (By.XPATH, "//*[normalize-space()='Custom run']"))
 
         # The spec parameter is a dropdown of the spec names (its title is "Model").
         field = wait.until(ec.presence_of_element_located((By.XPATH,
@@ -65,12 +173,15 @@ def test_custom_run_from_the_ui_completes(e2e: E2E, browser: Any) -> None:
         Select(select).select_by_visible_text(spec_name)
         run_name = browser.find_element(By.CSS_SELECTOR, ".flow-run-name-input input").get_attribute("value")
         assert run_name, "the form has no run name"
-        browser.save_screenshot(str(out / "prefect-ui-custom-run-form.png"))
-        _submit(browser, e2e, run_name)
-    except Exception:
-        browser.save_screenshot(str(out / "prefect-ui-failure.png"))
-        (out / "prefect-ui-failure.html").write_text(browser.page_source)
-        raise
+        browser.save_screenshot(str(recorder.out / "prefect-ui-custom-run-form.png"))
+        _submit(browser, recorder, e2e, run_name)
+    except Exception as exc:
+        recorder.save("failure", e2e)
+        raise AssertionError(f"the UI run failed: {exc}\n{recorder.summary()}") from exc
+    recorder.save("submitted", e2e)
+    # No request of the UI failed but for the test bed's SQLite 503s: a 4xx or 500 here is a real
+    # error of the deployment or its parameters (the UI shows it as a toast).
+    assert recorder.api_failures() == [], recorder.summary()
 
     runs = wait_for(f"the UI's flow run {run_name!r}",
                     lambda: [r for r in e2e.flow_runs("host-model") if r.name == run_name], timeout=UI_WAIT)
@@ -82,21 +193,18 @@ def test_custom_run_from_the_ui_completes(e2e: E2E, browser: Any) -> None:
     assert record["endpoint"].startswith("http")
 
 
-def _submit(browser: Any, e2e: E2E, run_name: str, attempts: int = 3) -> None:
+def _submit(browser: Any, recorder: UiRecorder, e2e: E2E, run_name: str, attempts: int = 3) -> None:
     """Press Submit until the UI creates the run, as an operator would.
 
-    On success the UI leaves the form. When the API refuses the request (the test bed's SQLite-backed
-    server can answer 5xx while workers write) the UI shows an error toast and stays on the form; a
-    press can also be lost while the form re-renders. The operator then presses again: here only while
-    the API has no run of that name, so a second press never makes a second run (the test asserts
-    exactly one). The toasts seen and the server log are in the failure.
+    On success the UI leaves the form. When the server answers 503 (module docstring) the UI shows an
+    error toast and stays on the form; the toast is recorded and waited out before the next press
+    (any other failure fails the test afterwards, through ``api_failures``). A press is repeated only
+    while the API has no run of that name, so a second press never makes a second run (the test
+    asserts exactly one).
     """
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
-
-    toasts: list[str] = []
 
     def outcome(driver: Any) -> str | bool:
         if not driver.current_url.split("?")[0].endswith("/run"):
@@ -106,17 +214,14 @@ def _submit(browser: Any, e2e: E2E, run_name: str, attempts: int = 3) -> None:
         return False
 
     for _ in range(attempts):
-        WebDriverWait(browser, UI_WAIT).until(
-            ec.element_to_be_clickable((By.XPATH, "//button[@type='submit'][normalize-space()='Submit']"))).click()
+        _click(browser, recorder, (By.XPATH, "//button[@type='submit'][normalize-space()='Submit']"))
         try:
             if WebDriverWait(browser, UI_WAIT / 2).until(outcome) == "left the form":
                 return
-            toasts += [m.text for m in browser.find_elements(By.CSS_SELECTOR, ".p-toast__message")]
-            for close in browser.find_elements(By.CSS_SELECTOR, ".p-toast__close-btn"):
-                close.click()
         except TimeoutException:
-            toasts.append(f"(no answer to Submit within {UI_WAIT / 2:g} s)")
+            recorder.toasts.append(f"(no answer to Submit within {UI_WAIT / 2:g} s)")
+        recorder.collect()
         if any(r.name == run_name for r in e2e.flow_runs("host-model")):
             return  # the run exists although the UI did not move on; the test goes on with it
-    raise AssertionError(f"the UI did not create the run in {attempts} presses: {toasts}\n"
+    raise AssertionError(f"the UI did not create the run in {attempts} presses\n"
                          f"--- Prefect server log ---\n{e2e.server_log()}")
