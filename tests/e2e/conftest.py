@@ -222,10 +222,13 @@ class E2E:
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
         return "\n".join(log.message for log in logs)
 
-    def server_log(self) -> str:
-        """The end of the Prefect server's log (the UI's requests fail there first)."""
+    def server_log(self, tail: int | None = 6000) -> str:
+        """The end of the Prefect server's log (the UI's requests fail there first); all of it with ``tail=None``."""
         path = self.logs / "prefect.log"
-        return path.read_text(errors="replace")[-6000:] if path.exists() else f"(no {path})"
+        if not path.exists():
+            return f"(no {path})"
+        text = path.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
     def worker_logs(self) -> str:
         return "\n".join(f"--- {w.name} ---\n{w.log_path.read_text(errors='replace')[-4000:]}" for w in self.workers)

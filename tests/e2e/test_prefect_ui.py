@@ -3,7 +3,7 @@ from the dropdown → Submit; the run reaches Completed on a worker. Headless Ch
 with Debian's browser and driver (nothing is downloaded).
 
 The test acts as a person does on a slow machine: it waits for what it needs to be on screen and
-clickable, waits for toasts to leave before it clicks (toasts stack in the bottom-right corner, over
+clickable, gets toasts out of the way before it clicks (they stack in the bottom-right corner, over
 the form's Submit button), and never clicks through an overlay. What the browser saw (toasts,
 console, failed requests) and the server log go to the test's artifacts whatever the outcome.
 
@@ -112,7 +112,7 @@ class UiRecorder:
         (self.out / f"prefect-ui-{tag}.json").write_text(json.dumps({
             "url": self.browser.current_url, "toasts": self.toasts, "failed_requests": self.failed_requests,
             "console": self.console}, indent=2, default=str))
-        (self.out / f"prefect-ui-{tag}-server.log").write_text(e2e.server_log())
+        (self.out / f"prefect-ui-{tag}-server.log").write_text(e2e.server_log(tail=None))
 
     def summary(self) -> str:
         console = [f"{c.get('level')}: {c.get('message')}" for c in self.console if c.get("level") in ("SEVERE", "WARNING")]
@@ -126,12 +126,31 @@ def _toasts_gone(browser: Any) -> bool:
     return not [t for t in browser.find_elements(By.CSS_SELECTOR, TOAST) if t.is_displayed()]
 
 
+def _clear_toasts(browser: Any, recorder: UiRecorder) -> None:
+    """Read every toast into the recorder, then get them out of the way as a person would.
+
+    Info toasts close themselves after 5 s: they are waited out. Error toasts stay until closed, so
+    they are closed through their own close button, pressed by script: the button sits under the
+    toast's countdown ring, which takes a pointer click (the ElementClickInterceptedException of
+    issue 12), and a scripted press cannot land on anything but the button it names.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    recorder.collect()
+    for toast in browser.find_elements(By.CSS_SELECTOR, TOAST):
+        if toast.find_elements(By.CSS_SELECTOR, ".p-toast__icon--error"):
+            for close in toast.find_elements(By.CSS_SELECTOR, ".p-toast__close-btn"):
+                browser.execute_script("arguments[0].click();", close)
+    WebDriverWait(browser, TOAST_WAIT).until(_toasts_gone, f"a toast stayed up: {recorder.toasts}")
+
+
 def _click(browser: Any, recorder: UiRecorder, locator: tuple[str, str]) -> None:
     """Click what ``locator`` finds once it is clickable and no toast is up, as a person would.
 
-    A toast is read into the recorder, then waited out (Prefect's toasts close themselves); one that
-    stays past ``TOAST_WAIT`` fails the test naming it. WebDriver's click refuses an element covered
-    by anything else, so nothing is ever clicked through an overlay.
+    Toasts are read into the recorder and cleared first (:func:`_clear_toasts`); one that stays past
+    ``TOAST_WAIT`` fails the test naming it. WebDriver's click refuses an element covered by anything
+    else, so nothing is ever clicked through an overlay.
     """
     from selenium.common.exceptions import ElementClickInterceptedException
     from selenium.webdriver.support import expected_conditions as ec
@@ -139,8 +158,7 @@ def _click(browser: Any, recorder: UiRecorder, locator: tuple[str, str]) -> None
 
     for _ in range(3):
         element = WebDriverWait(browser, UI_WAIT).until(ec.element_to_be_clickable(locator))
-        recorder.collect()
-        WebDriverWait(browser, TOAST_WAIT).until(_toasts_gone, f"a toast stayed up: {recorder.toasts}")
+        _clear_toasts(browser, recorder)
         try:
             element.click()
             return
@@ -197,7 +215,7 @@ def _submit(browser: Any, recorder: UiRecorder, e2e: E2E, run_name: str, attempt
     """Press Submit until the UI creates the run, as an operator would.
 
     On success the UI leaves the form. When the server answers 503 (module docstring) the UI shows an
-    error toast and stays on the form; the toast is recorded and waited out before the next press
+    error toast and stays on the form; the toast is recorded and closed before the next press
     (any other failure fails the test afterwards, through ``api_failures``). A press is repeated only
     while the API has no run of that name, so a second press never makes a second run (the test
     asserts exactly one).
