@@ -26,7 +26,16 @@ from prefect.artifacts import create_markdown_artifact
 from nimflow import log_filter
 from nimflow.records import HostingRecord
 from nimflow.retries import with_current_retries
-from nimflow.run_parameters import CheckpointUri, Revision, RunOverrides, SpecName, resolve_run_spec
+from nimflow.run_parameters import (
+    CheckpointUri,
+    EventCheckpointUri,
+    EventRevision,
+    EventSpecName,
+    Revision,
+    RunOverrides,
+    SpecName,
+    resolve_run_spec,
+)
 from nimflow.settings import get_settings
 from nimflow.spec import HostingSpec
 from nimflow.spec_concurrency import gpu_limit_name, host_gpu_slots, one_run_per_spec
@@ -52,6 +61,10 @@ def host_model(
 
     Runs for the same spec queue (one at a time, see nimflow.spec_concurrency); other specs run alongside.
 
+    In a run started by a deployment (the UI, an event trigger, a schedule; or a flow nested in one),
+    the parameters come from whoever can reach the Prefect API: ``spec`` must then be a spec's name
+    and ``checkpoint_uri`` a directory under the spec's ``watch.s3_prefix``.
+
     Args:
         spec: the spec's name in the specs directory, or (Python, CLI) a path to a `.yaml` spec.
         revision: overrides ``source.revision`` (e.g. the commit a checkpoint event names).
@@ -62,11 +75,41 @@ def host_model(
         ConfigError: the spec or a parameter is invalid (before anything is downloaded or started).
     """
     log_filter.install()
-    resolved = resolve_run_spec(spec, revision=revision, checkpoint_uri=checkpoint_uri, overrides=overrides)
+    resolved = resolve_run_spec(spec, revision=revision, checkpoint_uri=checkpoint_uri, overrides=overrides,
+                                deployment_run=_started_by_deployment())
     with one_run_per_spec(resolved.name), host_gpu_slots(resolved) as slots:
         if slots:
             get_run_logger().info("Holding %d GPU slot(s) of this host (%s)", slots, gpu_limit_name(get_settings().host_name))
         return _host(resolved)
+
+
+@flow(name="host_model", log_prints=False)
+def host_on_checkpoint(
+    spec: EventSpecName,
+    revision: EventRevision = None,
+    checkpoint_uri: EventCheckpointUri = None,
+) -> dict:
+    """``host_model`` as the checkpoint trigger runs it: the same flow, with a parameter schema Prefect can enforce.
+
+    The deployment ``host-on-checkpoint`` uses this entrypoint with ``enforce_parameter_schema``: its
+    schema checks the shape of each parameter (a spec name, an ``s3://`` URI) without freezing the list
+    of spec names at deploy time, as ``host_model``'s dropdown does.
+
+    Raises:
+        ConfigError: as :func:`host_model`.
+    """
+    return host_model.fn(spec, revision=revision, checkpoint_uri=checkpoint_uri)
+
+
+def _started_by_deployment() -> bool:
+    """True in a flow run a deployment created, or in a flow nested in one.
+
+    Prefect keeps the top-level run's deployment id in a context variable that nested flows inherit;
+    outside a deployment it asks the API for this run's (absent) deployment id.
+    """
+    from prefect.runtime import deployment
+
+    return deployment.id is not None
 
 
 def _host(spec: HostingSpec) -> dict:

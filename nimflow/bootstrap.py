@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import yaml
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate, WorkPoolCreate
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
@@ -31,8 +30,10 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 from prefect.workers.process import ProcessWorker
 
+from nimflow import bounded_yaml
 from nimflow.credentials import save_secrets
 from nimflow.errors import ConfigError, PermanentError, Problem, translated_errors
+from nimflow.redaction import redact_url
 from nimflow.settings import get_settings
 from nimflow.spec_concurrency import gpu_limit_name, spec_limit_name
 from nimflow.spec_registry import spec_names
@@ -95,7 +96,7 @@ def project_config(project_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(str(project_dir),
                           [Problem("prefect.yaml", "not found; run bootstrap from the nimflow checkout (or --project-dir)")])
-    return yaml.safe_load(path.read_text()) or {}
+    return bounded_yaml.load(path.read_text()) or {}
 
 
 def pools_in(config: dict[str, Any]) -> list[str]:
@@ -229,7 +230,7 @@ def bootstrap(
     config = project_config(project_dir)
     report = BootstrapReport()
     deployment_names = [d["name"] for d in config.get("deployments") or [] if d.get("name")]
-    with translated_errors(f"bootstrapping the Prefect server at {api_url}"), get_client(sync_client=True) as client:
+    with translated_errors(f"bootstrapping the Prefect server at {redact_url(api_url)}"), get_client(sync_client=True) as client:
         for pool in dict.fromkeys([*pools_in(config), *(extra_pools or [])]):
             report.add("work pool", pool, ensure_process_pool(client, pool))
         for host, count in (gpu_hosts or {}).items():

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from nimflow.errors import ConfigError, PermanentError, Problem, ServiceUnavailable
+from nimflow.redaction import redact_url
 from nimflow.spec import SPEC_NAME, source_id_hf, source_id_s3
 
 __all__ = [
@@ -164,7 +165,7 @@ def s3_checkpoint(spec: str, prefix_uri: str, directory_uri: str) -> CheckpointL
 
 
 def _api_url() -> str:
-    """The configured Prefect API URL.
+    """The configured Prefect API URL, as messages may name it (credentials redacted).
 
     Raises:
         PermanentError: PREFECT_API_URL is not set (Prefect would send the event to a throwaway server).
@@ -177,7 +178,7 @@ def _api_url() -> str:
             "PREFECT_API_URL is not set: the checkpoint event would go to a throwaway local server; "
             "export PREFECT_API_URL=http://<prefect-server>:4200/api where this runs"
         )
-    return str(url)
+    return redact_url(str(url))
 
 
 def emit_checkpoint_event(event: CheckpointLanded) -> uuid.UUID:

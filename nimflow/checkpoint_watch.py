@@ -42,6 +42,7 @@ from typing import Any
 
 from nimflow.checkpoint_events import CheckpointLanded, emit_checkpoint_event, hf_checkpoint, s3_checkpoint
 from nimflow.errors import NimflowError, PermanentError, translated_errors
+from nimflow.redaction import redact_url
 from nimflow.s3 import s3_client, split_s3_uri
 from nimflow.settings import get_settings
 from nimflow.spec import HostingSpec, source_id_hf, source_id_s3
@@ -238,7 +239,7 @@ def repo_refs(repo_id: str) -> tuple[dict[str, str], dict[str, str]]:
 
     settings = get_settings()
     api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token_value())
-    with translated_errors(f"listing the refs of {repo_id} on {settings.hf_endpoint or 'huggingface.co'}"):
+    with translated_errors(f"listing the refs of {repo_id} on {redact_url(settings.hf_endpoint, 'huggingface.co')}"):
         refs = api.list_repo_refs(repo_id)
     return ({b.name: b.target_commit for b in refs.branches}, {t.name: t.target_commit for t in refs.tags})
 

@@ -45,9 +45,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from nimflow.redaction import redact_credentials
+
 
 class NimflowError(Exception):
-    """Root of every error nimflow raises on purpose."""
+    """Root of every error nimflow raises on purpose.
+
+    Its message never holds a URL's credentials (``user:password@``): they are redacted here, where
+    endpoint names and library errors that quote URLs meet (:mod:`nimflow.redaction`).
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact_credentials(arg) if isinstance(arg, str) else arg for arg in args))
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Exception's own pickling calls ``cls(*self.args)``, which fails for a subclass whose

@@ -19,6 +19,7 @@ from nimflow.checkpoint import model_files
 from nimflow.errors import InvalidWeights, translated_errors
 from nimflow.progress import transfer_progress
 from nimflow.records import Checkpoint, TransferStats
+from nimflow.redaction import redact_url
 from nimflow.settings import get_settings
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -40,7 +41,7 @@ def resolve_revision(repo_id: str, revision: str) -> str:
     """
     settings = get_settings()
     api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token_value())
-    with translated_errors(f"resolving {repo_id}@{revision} on {settings.hf_endpoint or 'huggingface.co'}"):
+    with translated_errors(f"resolving {repo_id}@{revision} on {redact_url(settings.hf_endpoint, 'huggingface.co')}"):
         return str(api.model_info(repo_id, revision=revision).sha)
 
 

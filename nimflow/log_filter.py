@@ -1,8 +1,11 @@
-"""Keep tracebacks out of the logs for user mistakes.
+"""Keep tracebacks out of the logs for user mistakes, and credentials out of every run log line.
 
 Prefect logs every failed task and flow run with its traceback. For a permanent nimflow error
 (bad config, unknown revision, invalid weights) the message already names the cause and the fix;
 a traceback only buries it. Bugs (any other exception) keep their tracebacks.
+
+Run log lines (which Prefect also ships to its API) have any URL's ``user:password@`` redacted
+(:mod:`nimflow.redaction`): a library error quoting an endpoint is logged by Prefect, not by nimflow.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from nimflow.errors import NimflowError, is_transient
+from nimflow.redaction import redact_credentials
 
 _LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")
 
@@ -26,9 +30,21 @@ class DropUserErrorTracebacks(logging.Filter):
         return True
 
 
+class RedactCredentials(logging.Filter):
+    """Replace the user-info of any URL in a record's message (``http://u:pw@h`` -> ``http://***@h``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_credentials(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def install() -> None:
-    """Attach the filter to Prefect's run loggers (idempotent)."""
+    """Attach the filters to Prefect's run loggers (idempotent)."""
     for name in _LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, DropUserErrorTracebacks) for f in logger.filters):
-            logger.addFilter(DropUserErrorTracebacks())
+        for kind in (DropUserErrorTracebacks, RedactCredentials):
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())

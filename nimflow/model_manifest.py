@@ -30,6 +30,8 @@ from typing import Any, Literal
 import docker
 import yaml
 
+from nimflow import bounded_yaml
+from nimflow.bounded_yaml import BoundedSafeLoader
 from nimflow.derived_image import derived_tag, ensure_derived_image
 from nimflow.errors import ConfigError, Problem
 
@@ -42,15 +44,15 @@ MODEL_LABEL = "nimflow.manifest-model"
 FIELD = "source.manifest"
 
 
-class _TolerantLoader(yaml.SafeLoader):
-    """SafeLoader that reads any ``!tag`` as the plain value it decorates.
+class _TolerantLoader(BoundedSafeLoader):
+    """SafeLoader (alias expansion bounded) that reads any ``!tag`` as the plain value it decorates.
 
     NIM manifests tag nodes for NIM's own loader (``!workspace``, ``!name``); nimflow only reads
     model names and profile ids, so the tags are dropped rather than executed or refused.
     """
 
 
-def _untagged(loader: yaml.SafeLoader, _suffix: str, node: yaml.Node) -> Any:
+def _untagged(loader: BoundedSafeLoader, _suffix: str, node: yaml.Node) -> Any:
     if isinstance(node, yaml.MappingNode):
         return loader.construct_mapping(node, deep=True)
     if isinstance(node, yaml.SequenceNode):
@@ -85,11 +87,15 @@ def parse_manifest(text: str, *, where: str = "the manifest", source: str = "hos
         ConfigError: not YAML, or neither manifest shape, naming ``source.manifest``.
     """
     try:
-        data = yaml.load(text, Loader=_TolerantLoader)  # noqa: S506 - a SafeLoader subclass
+        data = bounded_yaml.load(text, _TolerantLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise _problem(f"{where} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}", source) from None
+    except ValueError as exc:  # a scalar PyYAML cannot build (`2001-99-99` as a date)
+        raise _problem(f"{where} is not valid YAML: {exc}", source) from None
+    except RecursionError:
+        raise _problem(f"{where} is not valid YAML: nested too deeply", source) from None
     if not isinstance(data, dict) or not data:
         raise _problem(f"{where} is not a NIM model manifest (expected a mapping of profiles); take "
                        "model_manifest.yaml from the model's NIM image", source)
@@ -119,20 +125,22 @@ def read_manifest(path: str | Path, *, source: str = "hosting spec") -> tuple[by
     """Read and parse the manifest file; return its bytes (copied verbatim) and summary.
 
     Raises:
-        ConfigError: missing, unreadable, not UTF-8, or not a NIM manifest.
+        ConfigError: missing, unreadable, larger than bounded_yaml.MAX_MANIFEST_BYTES, not UTF-8, or not
+            a NIM manifest.
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        text = bounded_yaml.read_text(path, limit=bounded_yaml.MAX_MANIFEST_BYTES)
+    except bounded_yaml.UnreadableInput as exc:
+        raise _problem(f"{path}: {exc}", source) from None
     except FileNotFoundError:
         raise _problem(f"{path}: no such file; download model_manifest.yaml from the model's NIM image", source) from None
     except OSError as exc:
         raise _problem(f"{path}: cannot read: {exc.strerror}", source) from None
-    try:
-        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _problem(f"{path}: not UTF-8 text (byte {exc.start})", source) from None
-    return raw, parse_manifest(text, where=str(path), source=source)
+    # UTF-8 decoding is lossless: the bytes re-encoded are the file's, copied verbatim into the image.
+    return text.encode("utf-8"), parse_manifest(text, where=str(path), source=source)
 
 
 def check_model_listed(summary: ManifestSummary, model_name: str, *, where: str, source: str = "hosting spec") -> None:

@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nimflow.errors import ConfigError, Problem
-from nimflow.spec import FinetuneSpec, HostingSpec, load_spec, update_spec
+from nimflow.containment import safe_relative
+from nimflow.errors import ConfigError, PermanentError, Problem
+from nimflow.spec import SPEC_NAME, FinetuneSpec, HostingSpec, load_spec, update_spec
 from nimflow.spec_registry import host_overrides, load_named_spec, spec_names
 
 _CHECKPOINT_SCHEMES = ("s3://", "hf://")
@@ -56,14 +57,52 @@ class Overrides(BaseModel):
         return changes
 
 
-def checkpoint_changes(spec: HostingSpec, checkpoint_uri: str) -> dict[str, Any]:
+def _check_under_watch_prefix(spec: HostingSpec, checkpoint_uri: str) -> None:
+    """Refuse a deployment run's checkpoint that is not a directory under the spec's ``watch.s3_prefix``.
+
+    Whoever can emit an event or start a deployment run chooses ``checkpoint_uri``; the spec's author
+    chose the prefix. The part after the prefix passes the containment rule (no ``..``, ``.`` or empty
+    components), so ``s3://b/p/../other/`` is not "under" ``s3://b/p/``; the prefix ends in ``/``,
+    so ``s3://b/p-evil/`` is not either.
+
+    Raises:
+        ConfigError: naming ``checkpoint_uri``, the URI and the prefix (or that the spec has none).
+    """
+    prefix = spec.watch.s3_prefix if spec.watch is not None else None
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError("checkpoint_uri", [Problem("checkpoint_uri", f"{checkpoint_uri!r}: {why}")])
+
+    if prefix is None:
+        raise refuse(f"the spec {spec.name!r} has no watch.s3_prefix, so a run started by a deployment (the UI, "
+                     "an event, a schedule) takes no checkpoint_uri; set watch.s3_prefix in the spec, or set "
+                     "finetune.path in the spec itself")
+    rest = checkpoint_uri[len(prefix):] if checkpoint_uri.startswith(prefix) else ""
+    try:
+        # Normalising must change nothing: `./` or `//` would be other S3 keys than the path they spell.
+        contained = bool(rest) and safe_relative(rest, source="checkpoint_uri", error=PermanentError) == rest.rstrip("/")
+    except PermanentError:
+        contained = False
+    if not contained:
+        raise refuse(f"a run started by a deployment (the UI, an event, a schedule) only takes a checkpoint "
+                     f"directory under the spec's watch.s3_prefix {prefix} (no '..', '.' or empty parts); "
+                     "announce checkpoints under that prefix, or change watch.s3_prefix in the spec")
+
+
+def checkpoint_changes(spec: HostingSpec, checkpoint_uri: str, *, deployment_run: bool = False) -> dict[str, Any]:
     """The spec fields a fine-tune checkpoint from an event replaces: ``finetune.path`` (and its S3 endpoint).
 
     Where the checkpoint lies under ``watch.s3_prefix`` and ``finetune.endpoint_url`` is empty, the
     watch section's ``endpoint_url`` is used.
 
+    Args:
+        deployment_run: the run was started by a deployment (UI, event, schedule): the URI must then be a
+            directory under the spec's ``watch.s3_prefix``. From the CLI or Python any ``s3://`` or
+            ``hf://`` checkpoint is taken.
+
     Raises:
-        ConfigError: the spec has no ``finetune`` section, or the URI is not a valid ``s3://`` or ``hf://`` URI.
+        ConfigError: the spec has no ``finetune`` section, the URI is not a valid ``s3://`` or ``hf://`` URI,
+            or (``deployment_run``) it is not under ``watch.s3_prefix``.
     """
     if spec.finetune is None:
         raise ConfigError(
@@ -81,6 +120,8 @@ def checkpoint_changes(spec: HostingSpec, checkpoint_uri: str) -> dict[str, Any]
     except ValidationError as exc:
         message = exc.errors()[0]["msg"].removeprefix("Value error, ")
         raise ConfigError("checkpoint_uri", [Problem("checkpoint_uri", message)]) from None
+    if deployment_run:
+        _check_under_watch_prefix(spec, checkpoint_uri)
     changes: dict[str, Any] = {"finetune.path": checkpoint_uri}
     watch = spec.watch
     if (watch is not None and watch.s3_prefix is not None and watch.endpoint_url is not None
@@ -95,6 +136,7 @@ def apply_run_parameters(
     revision: str | None = None,
     checkpoint_uri: str | None = None,
     overrides: Overrides | None = None,
+    deployment_run: bool = False,
 ) -> HostingSpec:
     """``spec`` as this run uses it: revision, checkpoint and overrides applied, validated again.
 
@@ -103,6 +145,7 @@ def apply_run_parameters(
         revision: replaces ``source.revision`` (e.g. the commit a checkpoint event names).
         checkpoint_uri: replaces ``finetune.path`` (see :func:`checkpoint_changes`).
         overrides: see :class:`Overrides`.
+        deployment_run: the run was started by a deployment (see :func:`checkpoint_changes`).
 
     Raises:
         ConfigError: a parameter does not fit the spec, naming it and the fix.
@@ -117,7 +160,7 @@ def apply_run_parameters(
             )
         changes["source.revision"] = revision
     if checkpoint_uri:
-        changes.update(checkpoint_changes(spec, checkpoint_uri))
+        changes.update(checkpoint_changes(spec, checkpoint_uri, deployment_run=deployment_run))
     if overrides is not None:
         changes.update(overrides.changes())
     if not changes:
@@ -131,16 +174,53 @@ def resolve_run_spec(
     revision: str | None = None,
     checkpoint_uri: str | None = None,
     overrides: Overrides | None = None,
+    deployment_run: bool = False,
 ) -> HostingSpec:
     """The spec a run uses: found by name (or read from a `.yaml`/`.yml` path), with the run's parameters
     and this host's settings (NIMFLOW_CACHE_DIR, NIMFLOW_GPUS) applied.
 
+    Args:
+        deployment_run: the run was started by a deployment (the UI, an event, a schedule), whose
+            parameters anyone with access to the Prefect API chooses: ``spec`` must then name a spec in
+            the specs directory (never a file), and ``checkpoint_uri`` lie under its ``watch.s3_prefix``.
+            Paths stay a convenience of the CLI and of Python callers.
+
     Raises:
-        ConfigError: unknown name, invalid file, or a parameter or host setting that does not fit the spec.
+        ConfigError: unknown name, invalid file, a path from a deployment run, or a parameter or host
+            setting that does not fit the spec.
     """
-    loaded = load_spec(spec) if spec.endswith((".yaml", ".yml")) else load_named_spec(spec)
-    resolved = apply_run_parameters(loaded, revision=revision, checkpoint_uri=checkpoint_uri, overrides=overrides)
+    if deployment_run:
+        loaded = _named_spec_only(spec)
+    else:
+        loaded = load_spec(spec) if spec.endswith((".yaml", ".yml")) else load_named_spec(spec)
+    resolved = apply_run_parameters(loaded, revision=revision, checkpoint_uri=checkpoint_uri, overrides=overrides,
+                                    deployment_run=deployment_run)
     return host_overrides(resolved)
+
+
+def _named_spec_only(spec: object) -> HostingSpec:
+    """The spec a deployment run names: a spec's ``name`` in the specs directory, never a path.
+
+    Raises:
+        ConfigError: naming the ``spec`` parameter: not a spec name (a path, say), or no spec has it.
+    """
+    if not isinstance(spec, str) or not SPEC_NAME.match(spec):
+        raise ConfigError("spec", [Problem(
+            "spec",
+            f"{str(spec)[:200]!r} is not a spec name: a run started by a deployment (the UI, an event, a schedule) "
+            "names its spec by the `name` field of a YAML file in the specs directory (NIMFLOW_SPECS_DIR), never "
+            f"by a path; the specs there are: {', '.join(_names_or_none())}. Put the file in the specs directory "
+            "and pass its name, or run a file from the host itself with `nimflow host PATH`",
+        )])
+    return load_named_spec(spec)
+
+
+def _names_or_none() -> list[str]:
+    """The spec names for a message; ``(none)`` where the directory has none or cannot be read."""
+    try:
+        return spec_names() or ["(none)"]
+    except ConfigError:
+        return ["(none: the specs directory cannot be read)"]
 
 
 # --- the flow's parameters, as the Prefect UI renders them ---------------------------------------
@@ -188,4 +268,32 @@ CheckpointUri = Annotated[
 RunOverrides = Annotated[
     Overrides | None,
     _ui("Overrides", "Rollout strategy, verify deadline and force, for this run only. Empty: the spec's settings."),
+]
+
+# --- the parameters of the event-triggered deployment (host-on-checkpoint) ------------------------
+# Its runs are created by the `nimflow.checkpoint.landed` trigger from event fields, with Prefect's
+# parameter schema enforced: an event whose rendered parameters do not fit never becomes a flow run
+# (Prefect records `prefect.automation.action.failed`). Unlike `SpecName`, no list of names is frozen
+# into this schema at deploy time: a spec added since (or present only on the worker's host) still
+# runs, and the flow refuses unknown names. Enforcement is a first filter, not the boundary: a client
+# of the API can create a run with `enforce_parameter_schema=False`; `resolve_run_spec` checks again.
+
+#: JSON Schema's spelling of :data:`~nimflow.spec.SPEC_NAME` (ECMA regex: `$`, not `\Z`).
+_SPEC_NAME_SCHEMA = {"pattern": "^[a-z0-9][a-z0-9-]{0,62}$", "maxLength": 63}
+
+EventSpecName = Annotated[
+    str,
+    _ui("Model", "The hosting spec to run, by its `name` (the event's `nimflow.spec` resource label): a YAML "
+        "file in the specs directory (NIMFLOW_SPECS_DIR, default `configs/`). Never a path.", **_SPEC_NAME_SCHEMA),
+]
+EventRevision = Annotated[
+    str | None,
+    _ui("Revision", "Replaces source.revision: the commit a checkpoint event names. Empty: the spec's revision.",
+        maxLength=255),
+]
+EventCheckpointUri = Annotated[
+    str | None,
+    _ui("Fine-tuned checkpoint", "Replaces finetune.path for this run: an s3:// checkpoint directory under the "
+        "spec's watch.s3_prefix (the one a checkpoint event names). Empty: the spec's.",
+        pattern="^s3://", maxLength=1024),
 ]

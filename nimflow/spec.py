@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from nimflow import bounded_yaml
 from nimflow.errors import ConfigError, Problem
 from nimflow.settings import SECRET_ENV_VARS
 
@@ -771,7 +772,9 @@ def load_spec(path: str | Path) -> HostingSpec:
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = bounded_yaml.read_text(path, limit=bounded_yaml.MAX_SPEC_BYTES)
+    except bounded_yaml.UnreadableInput as exc:
+        raise ConfigError(source, [Problem("(file)", str(exc))]) from None
     except FileNotFoundError:
         raise ConfigError(source, [Problem("(file)", "no such file")]) from None
     except OSError as exc:
@@ -781,7 +784,7 @@ def load_spec(path: str | Path) -> HostingSpec:
     except ValueError as exc:  # a NUL character in the path
         raise ConfigError(source, [Problem("(file)", f"not a usable path: {exc}")]) from None
     try:
-        data = yaml.safe_load(text)
+        data = bounded_yaml.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"

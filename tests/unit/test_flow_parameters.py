@@ -181,3 +181,54 @@ def test_the_flow_refuses_an_unknown_name_before_any_work(tmp_path: Path, monkey
     monkeypatch.setenv("NIMFLOW_SPECS_DIR", str(tmp_path))
     with pytest.raises(ConfigError, match="the specs there are: alpha"):
         host_model.fn(spec="beta")
+
+
+# --- deployment runs: parameters from whoever can reach the Prefect API -------------------------
+
+WATCHED: dict[str, Any] = {"finetune": FINETUNE, "watch": {"s3_prefix": "s3://ckpts/alpha/"}}
+
+
+def test_a_deployment_run_takes_a_checkpoint_under_the_watch_prefix() -> None:
+    spec = parse_spec(_spec(**WATCHED))
+    changed = apply_run_parameters(spec, checkpoint_uri="s3://ckpts/alpha/step-200/", deployment_run=True)
+    assert changed.finetune is not None and changed.finetune.path == "s3://ckpts/alpha/step-200/"
+
+
+@pytest.mark.parametrize("uri", [
+    "s3://other/alpha/step-200/",          # another bucket
+    "s3://ckpts/alpha/../beta/step-1/",    # `..` out of the prefix (as a path would read it)
+    "s3://ckpts/alpha-evil/step-1/",       # a sibling prefix that starts with the same letters
+    "s3://ckpts/alpha/",                   # the prefix itself, not a directory under it
+    "s3://ckpts/alpha//step-1/",           # an empty component
+    "s3://ckpts/alpha/./step-1/",          # a `.` component: another S3 key than the path it spells
+    "hf://org/alpha-ft@v2",                # hub checkpoints come as `revision`, not from a deployment run
+])
+def test_a_deployment_run_refuses_a_checkpoint_outside_the_watch_prefix(uri: str) -> None:
+    spec = parse_spec(_spec(**WATCHED))
+    with pytest.raises(ConfigError) as info:
+        apply_run_parameters(spec, checkpoint_uri=uri, deployment_run=True)
+    assert [p.location for p in info.value.problems] == ["checkpoint_uri"]
+    assert repr(uri) in str(info.value) and "s3://ckpts/alpha/" in str(info.value)
+    # From the CLI or Python, the same URI is the caller's choice (where it is a valid URI at all).
+    if ".." not in uri and "//step" not in uri and "/./" not in uri:
+        assert apply_run_parameters(spec, checkpoint_uri=uri).finetune is not None
+
+
+def test_without_a_watch_prefix_a_deployment_run_takes_no_checkpoint() -> None:
+    spec = parse_spec(_spec(finetune=FINETUNE))
+    with pytest.raises(ConfigError, match="has no watch.s3_prefix") as info:
+        apply_run_parameters(spec, checkpoint_uri="s3://ckpts/alpha/step-200/", deployment_run=True)
+    assert info.value.problems[0].location == "checkpoint_uri"
+
+
+@pytest.mark.parametrize("value", ["/etc/nimflow/evil.yaml", "../configs/demo.yaml", "alpha.yaml", "ALPHA", ""])
+def test_a_deployment_run_names_its_spec_never_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(_spec("alpha")))
+    monkeypatch.setenv("NIMFLOW_SPECS_DIR", str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        resolve_run_spec(value, deployment_run=True)
+    assert [p.location for p in info.value.problems] == ["spec"]
+    assert "not a spec name" in str(info.value) and "the specs there are: alpha" in str(info.value)
+    assert resolve_run_spec("alpha", deployment_run=True).name == "alpha"
+    with pytest.raises(ConfigError, match="no spec named 'beta'"):
+        resolve_run_spec("beta", deployment_run=True)

@@ -119,6 +119,7 @@ def test_deployments_and_pool() -> None:
     assert set(DEPLOYMENTS) == {"host-model", "host-on-checkpoint", "reconcile", "checkpoint-watcher"}
     assert {d["work_pool"]["name"] for d in DEPLOYMENTS.values()} == {"nimflow-gpu"}
     assert DEPLOYMENTS["host-model"]["enforce_parameter_schema"] is True
+    assert DEPLOYMENTS["host-on-checkpoint"]["enforce_parameter_schema"] is True
     assert DEPLOYMENTS["reconcile"]["entrypoint"] == "flows/reconcile.py:reconcile"
     assert DEPLOYMENTS["checkpoint-watcher"]["entrypoint"] == "flows/watch_checkpoints.py:watch_checkpoints"
 
@@ -137,3 +138,27 @@ def test_docker_template_renders_gpus_cache_and_specs() -> None:
     assert "/data/nim:/data/nim" in rendered["volumes"] and "/var/run/docker.sock:/var/run/docker.sock" in rendered["volumes"]
     assert rendered["container_create_kwargs"]["device_requests"] == [{"count": -1, "capabilities": [["gpu"]]}]
     assert "command" not in rendered  # unset: the worker's default command
+
+
+@pytest.mark.parametrize(("parameters", "valid"), [
+    ({"spec": "llama-sft", "revision": "a" * 40, "checkpoint_uri": None}, True),
+    ({"spec": "llama-sft", "revision": None, "checkpoint_uri": "s3://b/runs/c1/"}, True),
+    ({"spec": "a-spec-added-after-deploy", "revision": None, "checkpoint_uri": None}, True),
+    ({"spec": "/etc/nimflow/evil.yaml", "revision": None, "checkpoint_uri": None}, False),
+    ({"spec": "../configs/demo.yaml", "revision": None, "checkpoint_uri": None}, False),
+    ({"spec": "", "revision": None, "checkpoint_uri": None}, False),  # an event without nimflow.spec
+    ({"spec": "llama-sft", "revision": None, "checkpoint_uri": "/data/ckpt"}, False),
+    ({"spec": "llama-sft", "revision": None, "checkpoint_uri": "hf://org/x@v1"}, False),
+])
+def test_the_trigger_deployments_schema_is_enforceable_without_a_list_of_specs(parameters: dict[str, Any], valid: bool) -> None:
+    """The server validates a trigger's rendered parameters against the deployment's schema (enforced):
+    a spec *name* of any spec, never a path; a checkpoint only as an s3:// URI."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import is_valid
+
+    path, _, function = DEPLOYMENTS["host-on-checkpoint"]["entrypoint"].partition(":")
+    flow = load_flow_from_entrypoint(f"{REPO_ROOT / path}:{function}", use_placeholder_flow=False)
+    schema = parameter_schema(flow).model_dump()
+    assert "enum" not in schema["properties"]["spec"]  # no list of names frozen at deploy time
+    assert set(schema["properties"]) == set(DEPLOYMENTS["host-on-checkpoint"]["triggers"][0]["parameters"])
+    assert is_valid(parameters, schema) is valid
