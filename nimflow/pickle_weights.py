@@ -62,7 +62,7 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 #: Trainer side files that are pickles but not weights: never converted, never staged.
 TRAINING_STATE_PREFIXES = ("training_args", "optimizer", "scheduler", "rng_state", "scaler", "trainer_state")
-#: Deepest nesting of tuples, lists and dicts in data.pkl (a state dict nests 4 deep).
+#: Deepest nesting of tuples, lists and dicts in data.pkl (a state dict needs 3).
 MAX_DEPTH = 32
 #: Most dimensions a tensor may have (torch's own kernels stop at 25).
 MAX_DIMS = 64
@@ -300,7 +300,7 @@ class _StateDictUnpickler:
 
     def _mark(self) -> None:
         if len(self._marks) >= MAX_DEPTH:
-            raise self._refuse(f"opens marks nested deeper than {MAX_DEPTH} (a state dict nests 4 deep)")
+            raise self._refuse(f"opens marks nested deeper than {MAX_DEPTH} (a state dict needs 3)")
         self._marks.append(self._stack)
         self._stack = []
 
@@ -321,7 +321,7 @@ class _StateDictUnpickler:
         """
         depth = max(self._depth(container), 1 + max(map(self._depth, items), default=0))
         if depth > MAX_DEPTH:
-            raise self._refuse(f"holds objects nested deeper than {MAX_DEPTH} (a state dict nests 4 deep)")
+            raise self._refuse(f"holds objects nested deeper than {MAX_DEPTH} (a state dict needs 3)")
         if depth > 1:
             if id(container) not in self._depths:
                 self._deep.append(container)

@@ -327,3 +327,10 @@ def test_valid_pickle_converts_in_a_bounded_child(tmp_path: Path) -> None:
     assert converted.tensors == tuple(read_torch_archive(source).tensors) and converted.nbytes > 0
     assert 0 < converted.peak_rss_kib < 128 * 1024
     assert load_file(tmp_path / "model.safetensors").keys() == set(converted.tensors)
+
+
+def test_opcodes_torch_save_never_writes_are_refused_by_name(tmp_path: Path) -> None:
+    """Protocol 4's FRAME (and anything else outside torch's weights_only set) is refused, not guessed at."""
+    data = b"\x80\x04\x95" + struct.pack("<Q", 2) + b"}."
+    with pytest.raises(InvalidWeights, match=r"data.pkl uses FRAME \(0x95\) at byte 2, an opcode torch.save never writes"):
+        read_torch_archive(write_torch_zip(tmp_path / "frame.bin", data, []))
