@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nimflow.checkpoint import directory_digest, model_files
 from nimflow.errors import InvalidWeights
-from nimflow.pickle_weights import read_torch_archive, write_safetensors_from_archive
+from nimflow.pickle_weights import convert_pickle_file
 from nimflow.records import Checkpoint, StagedAdapters
 from nimflow.spec import LoraSpec
 from nimflow.tensor_inventory import FLOAT_DTYPES, TensorInfo, safetensors_header, tensor_inventory
@@ -133,7 +133,7 @@ def _adapter_weights(directory: Path, location: WeightsLocation, converted: Path
                 "executing them"
             )
         converted.mkdir(parents=True, exist_ok=True)
-        write_safetensors_from_archive(read_torch_archive(directory / ADAPTER_PICKLE), converted / ADAPTER_WEIGHTS)
+        convert_pickle_file(directory / ADAPTER_PICKLE, converted / ADAPTER_WEIGHTS)  # in its own bounded process
         return converted / ADAPTER_WEIGHTS
     raise InvalidWeights(
         f"{location.display()}: no {ADAPTER_WEIGHTS} next to {ADAPTER_CONFIG}; expected the adapter weights "

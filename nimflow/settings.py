@@ -66,6 +66,9 @@ class Settings:
     s3_read_timeout_seconds: float = 120.0
     #: The docker SDK's own variables as set (it reads them itself): a changed one needs a new client.
     docker_env: tuple[tuple[str, str], ...] = ()
+    #: Address space (MiB) of the process that converts one pickle to safetensors
+    #: (NIMFLOW_PICKLE_MEMORY_MIB): a hostile pickle that gets past its checks ends there, not in the run.
+    pickle_memory_mib: int = 1024
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -104,6 +107,7 @@ class Settings:
             aws_secret_access_key=secret("AWS_SECRET_ACCESS_KEY"),
             s3_read_timeout_seconds=float(numbers["NIMFLOW_S3_READ_TIMEOUT_SECONDS"]),
             docker_env=tuple((name, env[name]) for name in _DOCKER_ENV_VARS if name in env),
+            pickle_memory_mib=int(numbers["NIMFLOW_PICKLE_MEMORY_MIB"]),
         )
 
 
@@ -159,6 +163,7 @@ NUMERIC_ENV_VARS: dict[str, NumberRule] = {
     "NIMFLOW_MAX_RETRIES": NumberRule(3, 0, 10, whole=True, why="task retries of a transient fault"),
     "NIMFLOW_RETRY_DELAY_SECONDS": NumberRule(2, 0, 600, why="the first retry's delay; each next one doubles"),
     "NIMFLOW_S3_READ_TIMEOUT_SECONDS": NumberRule(120, 1, 3600, why="how long an S3 request may wait for data"),
+    "NIMFLOW_PICKLE_MEMORY_MIB": NumberRule(1024, 128, 65536, whole=True, why="MiB of memory the pickle converter may use"),
 }
 
 

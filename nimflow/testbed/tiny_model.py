@@ -458,14 +458,15 @@ def torch_state_dict_pickle(
 
 
 def write_torch_zip(path: Path, data_pkl: bytes, storages: Iterable[tuple[str, TensorData]], *,
-                    archive: str = "archive", byteorder: str = "little") -> Path:
+                    archive: str = "archive", byteorder: str = "little", compression: int = zipfile.ZIP_STORED) -> Path:
     """Write a torch.save zip archive: ``<archive>/data.pkl``, ``byteorder``, ``data/<key>``, ``version``.
 
-    Members are stored uncompressed, like torch writes them; storage payloads are streamed.
+    Members are stored uncompressed, like torch writes them, unless ``compression`` says otherwise
+    (hostile archives: a deflated data.pkl, a bzip2 storage); storage payloads are streamed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
         zf.writestr(f"{archive}/data.pkl", data_pkl)
         zf.writestr(f"{archive}/byteorder", byteorder)
         for key, data in storages:
