@@ -15,6 +15,7 @@ NIM image must not drop the endpoint users call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -228,6 +229,17 @@ def check_port_free(client: docker.DockerClient, front: FrontSpec, allowed: set[
             )
 
 
+def _forget_applied(directory: Path) -> None:
+    """Remove the report of a proxy process that is gone, before a new one starts.
+
+    :func:`wait_applied` takes ``applied.json`` as "the endpoint serves this route". A report left by
+    the previous process (which may even have applied the new route just before it was removed) would
+    let a promotion return before the new process listens, and the first client after it be reset.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        (directory / "state" / "applied.json").unlink()
+
+
 def ensure_front(client: docker.DockerClient, front: FrontSpec, base_image: str) -> str:
     """Make the front proxy container run: kept, started, created or (program changed) recreated.
 
@@ -244,11 +256,13 @@ def ensure_front(client: docker.DockerClient, front: FrontSpec, base_image: str)
     if existing is not None and front_is_current(existing, front):
         if existing.status == "running":
             return "kept"
+        _forget_applied(front.directory)
         existing.start()
         return "started"
     if existing is not None:
-        # The proxy program or the endpoint changed: the one moment the endpoint blinks.
+        # The proxy program, the endpoint or the route dir changed: the one moment the endpoint blinks.
         remove_container(client, existing.id, stop_timeout=10)
+    _forget_applied(front.directory)
     check_port_free(client, front, allowed=set())
     image = ensure_proxy_image(client, base_image)
     (front.directory / "state").mkdir(parents=True, exist_ok=True)

@@ -348,3 +348,34 @@ def test_new_nim_image_keeps_the_front_proxy(rig: Rig) -> None:
     assert promotion.front == "kept" and promotion.switched
     assert rig.containers()[f"{rig.container_name}-front"].id == front.id
     assert rig.containers()[candidate.container_name].attrs["Config"]["Image"] == other_image
+
+
+def test_a_recreated_front_is_waited_for_not_its_predecessors_report(rig: Rig, tmp_path: Path) -> None:
+    """A promotion that (re)creates the front proxy returns only once the *new* proxy process reports.
+
+    Another host taking over the deployment on this Docker host (another cache dir, so another route
+    dir) recreates the front. Its state dir holds a report left by an earlier proxy process, at a
+    generation above the new route's. Before the fix, ``wait_applied`` took that stale report, the
+    promotion returned at once, and the first client after it met a proxy not yet listening (the
+    reconcile heal in the e2e suite failed this way: "still unhealthy ... RemoteProtocolError").
+    Checked on the code before the fix: ``read_applied`` after the promotion still showed the stale
+    upstream.
+    """
+    from nimflow.front_proxy import read_applied
+
+    rig.roll(rig.model("a", seed=1))
+    other_cache = tmp_path / "other-host-cache"
+    other = rig.deploy.model_copy(update={"cache_dir": other_cache})
+    stale_state = route_dir(other_cache, rig.name) / "state"
+    stale_state.mkdir(parents=True)
+    (stale_state / "applied.json").write_text(json.dumps({"generation": 99, "upstream": "http://gone:8000", "inflight": {}}))
+
+    candidate = rig.start(rig.model("b", seed=2), deploy=other)
+    verify(rig.client, candidate)
+    promotion = promote(candidate, RolloutSpec(drain_seconds=5))
+
+    assert promotion.front == "recreated"
+    applied = read_applied(route_dir(other_cache, rig.name))
+    assert applied is not None and applied.upstream != "http://gone:8000", applied
+    # The very first request after the promotion is answered by the new backend.
+    assert models_root(f"http://127.0.0.1:{rig.deploy.host_port}") == models_root(candidate.endpoint) != rig.root("a")
