@@ -173,9 +173,26 @@ def nim_cache_dir(cache_dir: str | Path, name: str) -> Path:
 
 
 def private_dirs(cache_dir: str | Path) -> list[Path]:
-    """nimflow's own directories in the cache dir, which no served directory may be, hold or lie in."""
+    """nimflow's own directories in the cache dir, which no directory mounted into a container may be, hold or lie in."""
     cache = Path(cache_dir).resolve()
     return [cache / ROUTE_ROOT, cache / NIM_CACHE_ROOT]
+
+
+def refuse_nimflow_dirs(cache_dir: str | Path, path: Path, what: str) -> None:
+    """Refuse to mount ``path`` into a NIM or build container if it would carry nimflow's own directories.
+
+    Raises:
+        DeploymentError: ``path`` is, holds or lies in the front proxy's route directories or the
+            NIM caches (naming both and the fix).
+    """
+    path = path.resolve()
+    for private in private_dirs(cache_dir):
+        if path.is_relative_to(private) or private.is_relative_to(path):
+            raise DeploymentError(
+                f"{what}, {path}, {'lies in' if path.is_relative_to(private) else 'holds'} {private}, "
+                "nimflow's own directory (front proxy routes, NIM caches) that no container may see; "
+                "use a directory that holds only the model (a checkpoint, fine-tune or adapter directory of its own)"
+            )
 
 
 def host_mount(deploy: DeploySpec, path: Path, fallback: str, what: str = "the model") -> tuple[str, dict[str, dict[str, str]]]:
@@ -191,13 +208,7 @@ def host_mount(deploy: DeploySpec, path: Path, fallback: str, what: str = "the m
     """
     cache_dir = Path(deploy.cache_dir).resolve()
     path = path.resolve()
-    for private in private_dirs(cache_dir):
-        if path.is_relative_to(private) or private.is_relative_to(path):
-            raise DeploymentError(
-                f"{what} to serve, {path}, {'lies in' if path.is_relative_to(private) else 'holds'} {private}, "
-                "nimflow's own directory (front proxy routes, NIM caches) that no NIM container may see; "
-                "serve a directory that holds only the model (a checkpoint, fine-tune or adapter directory of its own)"
-            )
+    refuse_nimflow_dirs(cache_dir, path, f"{what} to serve")
     container_path = fallback
     if path.is_relative_to(cache_dir):
         container_path = f"{NIM_CACHE_MOUNT}/{path.relative_to(cache_dir).as_posix()}"

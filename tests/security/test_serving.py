@@ -212,19 +212,22 @@ def test_nim_serving_local_weights_gets_no_secrets_read_only_weights_and_no_rout
         assert not (routes.is_relative_to(source) or source.is_relative_to(cache / ROUTE_ROOT)), mount
 
 
+@pytest.mark.parametrize(("build", "refused"), [(None, "the model to serve"), ("nim-optimize", "the checkpoint to build from")],
+                         ids=["served", "built"])
 def test_model_directory_holding_the_route_files_is_refused(
     tmp_path: Path, testbed_env: dict, prefect_api: str, standin_image: str, unique: str, cleanup_containers: list,
-    docker_client: Any,
+    docker_client: Any, build: str | None, refused: str,
 ) -> None:
     """A spec whose model directory holds the cache dir (so its mount would carry every deployment's route
-    files and NIM caches into the container) ends with one `nimflow:` line and exit 1; no NIM is started.
+    files and NIM caches into the container) ends with one `nimflow:` line and exit 1; no NIM or build
+    container is started.
 
-    Failed before the fix (checked against main): the model directory was mounted as it was and the run
-    succeeded, the route files readable inside the NIM container.
+    Failed before the fix (checked against main, served): the model directory was mounted as it was and
+    the run succeeded, the route files readable inside the NIM container.
     """
     weights = write_tiny_llama(tmp_path / "weights")
     name = f"holds-{unique}"
-    spec = make_spec(tmp_path, name, "unused/unused", standin_image, build=None)
+    spec = make_spec(tmp_path, name, "unused/unused", standin_image, build=build)
     spec["source"] = {"local_dir": str(weights)}
     spec["deploy"]["cache_dir"] = str(weights / "nim-cache")
     cleanup_containers.append(f"nimflow-{name}")
@@ -236,6 +239,7 @@ def test_model_directory_holding_the_route_files_is_refused(
     assert result.returncode == 1, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("nimflow:")]
     assert len(lines) == 1, result.stderr[-2000:]
-    assert str(weights.resolve()) in lines[0] and "nimflow's own directory" in lines[0]
+    assert f"{refused}, {weights.resolve()}, holds" in lines[0] and "nimflow's own directory" in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert not docker_client.containers.list(all=True, filters={"label": f"nimflow.deployment={name}"})
+    assert "Building engine" not in result.stderr + result.stdout
