@@ -89,9 +89,9 @@ def build_environment(build: BuildSpec, secrets: Mapping[str, str], fixed: Mappi
 
 
 def _build_environment(build: BuildSpec, fixed: Mapping[str, str] | None = None) -> dict[str, str]:
-    # Secrets are looked up (environment, else Prefect Secret blocks) only for a backend that needs one.
-    secrets = get_settings().container_secrets() if BUILD_SECRETS.get(build.backend) else {}
-    return build_environment(build, secrets, fixed)
+    # Secrets are looked up (environment, else Prefect Secret blocks) only where the backend needs them.
+    needed = BUILD_SECRETS.get(build.backend, ())
+    return build_environment(build, get_settings().container_secrets(needed) if needed else {}, fixed)
 
 
 def _container_options(build: BuildSpec, labels: dict[str, str]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from nimflow.errors import EngineStoreError, TransientBuildError, translated_err
 from nimflow.gpu_identity import TargetIdentity, check_serving_target, probe_target
 from nimflow.progress import transfer_progress
 from nimflow.records import Engine, TransferStats
+from nimflow.rollout import refuse_nimflow_dirs
 from nimflow.spec import BuildSpec, CacheSpec, DeploySpec
 
 Log = logging.Logger | logging.LoggerAdapter
@@ -127,8 +128,11 @@ def obtain_engine(
     Raises:
         BuildFailed / TransientBuildError: the build failed (logs in the message).
         EngineStoreError / ServiceUnavailable: the store refused or did not answer.
+        DeploymentError: the checkpoint directory is, holds or lies in nimflow's own directories.
     """
     key = plan.key
+    # The build container mounts the checkpoint: it must not carry the route files or NIM caches along.
+    refuse_nimflow_dirs(cache_dir, model_dir, "the checkpoint to build from")
     final = local_engine_path(cache_dir, key)
     manifest = read_local_manifest(final)
     if manifest is not None:

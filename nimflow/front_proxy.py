@@ -9,8 +9,11 @@ deploy image (NIM images have ``python3``). It forwards each request to the back
     route/route.json      written by nimflow (temp + rename), mounted read-only
     state/applied.json    written by the proxy, mounted read-write
 
-The proxy container is only replaced when the proxy program (or where it listens) changes: a new
-NIM image must not drop the endpoint users call.
+The proxy container is only replaced when the proxy program, where it listens, or its limits
+change: a new NIM image must not drop the endpoint users call. The limits (the largest request
+body, the client connections open at once) come from this host's settings
+(``NIMFLOW_PROXY_MAX_BODY_MIB``, ``NIMFLOW_PROXY_MAX_CONNECTIONS``); past them the proxy answers
+413 / 503. The route directory is mounted into the proxy only, never into a NIM container.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from nimflow.containers import (
 )
 from nimflow.derived_image import ensure_derived_image
 from nimflow.errors import DeploymentError
+from nimflow.settings import get_settings
 
 #: The proxy program, copied into the proxy image.
 PROXY_SCRIPT = bundled_file("front-proxy", "front_proxy.py")
@@ -55,6 +59,8 @@ PROXY_LAYOUT = "front-proxy/1"
 PROXY_HASH_LABEL = f"{LABEL_PREFIX}proxy-hash"
 ENDPOINT_LABEL = f"{LABEL_PREFIX}endpoint"
 ROUTE_DIR_LABEL = f"{LABEL_PREFIX}route-dir"
+#: The limits the front container was started with (``max_body_bytes=N,max_connections=M``).
+LIMITS_LABEL = f"{LABEL_PREFIX}proxy-limits"
 #: The port backends serve on inside their containers (NIM's default).
 BACKEND_PORT = 8000
 
@@ -68,6 +74,34 @@ class Route:
 
 
 @dataclass(frozen=True)
+class ProxyLimits:
+    """What the front proxy accepts: past these it answers 413 (body too large) / 503 (too many connections)."""
+
+    max_body_bytes: int
+    max_connections: int
+
+    @classmethod
+    def from_settings(cls) -> ProxyLimits:
+        """This host's limits (``NIMFLOW_PROXY_MAX_BODY_MIB``, ``NIMFLOW_PROXY_MAX_CONNECTIONS``).
+
+        Raises:
+            ConfigError: one of the variables is not a whole number in its range.
+        """
+        settings = get_settings()
+        return cls(settings.proxy_max_body_mib << 20, settings.proxy_max_connections)
+
+    @property
+    def arguments(self) -> list[str]:
+        """The proxy program's command-line options for these limits."""
+        return ["--max-body-bytes", str(self.max_body_bytes), "--max-connections", str(self.max_connections)]
+
+    @property
+    def label(self) -> str:
+        """The limits as recorded on the front container."""
+        return f"max_body_bytes={self.max_body_bytes},max_connections={self.max_connections}"
+
+
+@dataclass(frozen=True)
 class Applied:
     """What the proxy reports it serves, and the requests in flight per upstream."""
 
@@ -78,9 +112,13 @@ class Applied:
     refused_generation: int | None = None
 
 
+#: Under ``deploy.cache_dir``: one directory per deployment with its route and proxy state.
+ROUTE_ROOT = "nimflow-front"
+
+
 def route_dir(cache_dir: str | Path, name: str) -> Path:
     """The host directory holding a deployment's route and proxy state."""
-    return Path(cache_dir).resolve() / "nimflow-front" / name
+    return Path(cache_dir).resolve() / ROUTE_ROOT / name
 
 
 def upstream_of(container_name: str) -> str:
@@ -200,6 +238,7 @@ class FrontSpec:
     host: str
     port: int
     directory: Path
+    limits: ProxyLimits = field(default_factory=ProxyLimits.from_settings)
 
     @property
     def endpoint_label(self) -> str:
@@ -208,10 +247,10 @@ class FrontSpec:
 
 
 def front_is_current(container: Any, front: FrontSpec) -> bool:
-    """True when an existing front container runs this proxy program on this endpoint and route dir."""
+    """True when an existing front container runs this proxy program on this endpoint, route dir and limits."""
     labels = container.labels or {}
     return (labels.get(PROXY_HASH_LABEL) == proxy_hash() and labels.get(ENDPOINT_LABEL) == front.endpoint_label
-            and labels.get(ROUTE_DIR_LABEL) == str(front.directory))
+            and labels.get(ROUTE_DIR_LABEL) == str(front.directory) and labels.get(LIMITS_LABEL) == front.limits.label)
 
 
 def check_port_free(client: docker.DockerClient, front: FrontSpec, allowed: set[str]) -> None:
@@ -246,7 +285,8 @@ def ensure_front(client: docker.DockerClient, front: FrontSpec, base_image: str)
     Call after the route file is written: a new proxy reads it before accepting connections.
 
     Returns:
-        What was done: ``kept``, ``started``, ``created`` or ``recreated``.
+        What was done: ``kept``, ``started``, ``created`` or ``recreated`` (the program, endpoint or
+        limits changed).
 
     Raises:
         DeploymentError: a foreign container has the front's name or holds the port, or the
@@ -269,7 +309,8 @@ def ensure_front(client: docker.DockerClient, front: FrontSpec, base_image: str)
     try:
         start_container(
             client, image, name=front.container_name,
-            command=["--route-dir", ROUTE_MOUNT, "--state-dir", STATE_MOUNT, "--port", str(BACKEND_PORT)],
+            command=["--route-dir", ROUTE_MOUNT, "--state-dir", STATE_MOUNT, "--port", str(BACKEND_PORT),
+                     *front.limits.arguments],
             # As the user nimflow runs as: the proxy needs no privileges, and applied.json stays
             # readable and removable by nimflow.
             user=f"{os.getuid()}:{os.getgid()}",
@@ -280,7 +321,8 @@ def ensure_front(client: docker.DockerClient, front: FrontSpec, base_image: str)
             # Back after a Docker restart or a reboot without a nimflow run, serving the last route.
             restart_policy={"Name": "unless-stopped", "MaximumRetryCount": 0},
             labels={DEPLOYMENT_LABEL: front.deployment, ROLE_LABEL: "front", PROXY_HASH_LABEL: proxy_hash(),
-                    ENDPOINT_LABEL: front.endpoint_label, ROUTE_DIR_LABEL: str(front.directory)},
+                    ENDPOINT_LABEL: front.endpoint_label, ROUTE_DIR_LABEL: str(front.directory),
+                    LIMITS_LABEL: front.limits.label},
         )
     except docker.errors.APIError as exc:
         if "port is already allocated" in str(exc) or "address already in use" in str(exc):

@@ -133,7 +133,7 @@ def make_plan(spec: HostingSpec) -> Plan:
                                 spec.lora.max_rank if spec.lora else 32)
         labels = deployment_labels(weights, plan.engine_key, adapters.digest if adapters else None)
         with translated_errors(f"inspecting the containers of {spec.name}"):
-            identity = backend_identity(client, spec.deploy, spec.rollout, serving.image, config.environment, labels)
+            identity = backend_identity(client, spec.deploy, spec.rollout, serving.image, config, labels)
             kept = unchanged_backend(client, spec.deploy, spec.name, spec.container_name, identity)
         plan.add("deploy", "hit" if kept else "run",
                  f"{kept.name} serves it unchanged: kept" if kept else

@@ -60,6 +60,7 @@ from nimflow.errors import DeploymentError, EngineStoreError, NimflowError
 from nimflow.front_proxy import (
     ENDPOINT_LABEL,
     ROUTE_DIR_LABEL,
+    ROUTE_ROOT,
     FrontSpec,
     Route,
     check_port_free,
@@ -152,33 +153,82 @@ def active_backend(client: docker.DockerClient, names: Names, route: Route | Non
 
 # --- the serving container's configuration --------------------------------------------------------
 
+#: Under ``deploy.cache_dir``: one directory per deployment, the NIM containers' own writable cache.
+NIM_CACHE_ROOT = "nimflow-nim"
+#: Bump when what a backend is given changes (mounts, secrets): part of its identity, so a serving
+#: backend started the old way is replaced by the next rollout.
+SERVING_LAYOUT = "serving/2: served directories read-only, a cache of its own, secrets only to download"
+#: The secrets a serving NIM is given, by where its model comes from. Only a NIM that downloads
+#: what it serves needs any: guide §1 (``manifest``: a model a manifest's profile names) fetches the
+#: profile's files itself, from NGC (NGC_API_KEY) or, for an ``hf://`` profile, the Hugging Face Hub
+#: (HF_TOKEN). Every other mode (``directory``) serves what nimflow downloaded, staged, built or
+#: restored on this host: a checkpoint, fine-tuned weights, an engine, adapters. NIM 2.x included:
+#: nimflow gives NIM_MODEL_PATH a local directory, never an ``hf://`` or ``ngc://`` URI.
+SERVING_SECRETS: dict[str, tuple[str, ...]] = {"manifest": ("NGC_API_KEY", "HF_TOKEN"), "directory": ()}
 
-def host_mount(deploy: DeploySpec, path: Path, fallback: str) -> tuple[str, dict[str, dict[str, str]]]:
-    """The in-container path for host ``path`` and any extra volume it needs.
 
-    Paths inside the cache dir are reached through the cache mount (the guide's layout); anything
+def nim_cache_dir(cache_dir: str | Path, name: str) -> Path:
+    """The host directory a deployment's NIM containers get as their cache (``NIM_CACHE_PATH``), read-write."""
+    return Path(cache_dir).resolve() / NIM_CACHE_ROOT / name
+
+
+def private_dirs(cache_dir: str | Path) -> list[Path]:
+    """nimflow's own directories in the cache dir, which no directory mounted into a container may be, hold or lie in."""
+    cache = Path(cache_dir).resolve()
+    return [cache / ROUTE_ROOT, cache / NIM_CACHE_ROOT]
+
+
+def refuse_nimflow_dirs(cache_dir: str | Path, path: Path, what: str) -> None:
+    """Refuse to mount ``path`` into a NIM or build container if it would carry nimflow's own directories.
+
+    Raises:
+        DeploymentError: ``path`` is, holds or lies in the front proxy's route directories or the
+            NIM caches (naming both and the fix).
+    """
+    path = path.resolve()
+    for private in private_dirs(cache_dir):
+        if path.is_relative_to(private) or private.is_relative_to(path):
+            raise DeploymentError(
+                f"{what}, {path}, {'lies in' if path.is_relative_to(private) else 'holds'} {private}, "
+                "nimflow's own directory (front proxy routes, NIM caches) that no container may see; "
+                "use a directory that holds only the model (a checkpoint, fine-tune or adapter directory of its own)"
+            )
+
+
+def host_mount(deploy: DeploySpec, path: Path, fallback: str, what: str = "the model") -> tuple[str, dict[str, dict[str, str]]]:
+    """The in-container path for the served host directory ``path`` and its read-only volume.
+
+    A directory inside the cache dir keeps its path under the cache mount (the guide's layout:
+    ``/opt/nim/.cache/models/...``), mounted there read-only over the NIM's own cache; anything
     else is mounted read-only at ``fallback``.
+
+    Raises:
+        DeploymentError: ``path`` is, holds or lies in one of nimflow's own directories (the front
+            proxy's routes, the NIM caches), which must not be mounted into a NIM container.
     """
     cache_dir = Path(deploy.cache_dir).resolve()
     path = path.resolve()
+    refuse_nimflow_dirs(cache_dir, path, f"{what} to serve")
+    container_path = fallback
     if path.is_relative_to(cache_dir):
-        relative = path.relative_to(cache_dir).as_posix()
-        return (NIM_CACHE_MOUNT if relative == "." else f"{NIM_CACHE_MOUNT}/{relative}"), {}
-    return fallback, {str(path): {"bind": fallback, "mode": "ro"}}
+        container_path = f"{NIM_CACHE_MOUNT}/{path.relative_to(cache_dir).as_posix()}"
+    return container_path, {str(path): {"bind": container_path, "mode": "ro"}}
 
 
 def model_mount(deploy: DeploySpec, model_path: Path) -> tuple[str, dict[str, dict[str, str]]]:
-    """The in-container path of the model directory and any extra volume it needs."""
+    """The in-container path of the model directory and its read-only volume (see :func:`host_mount`)."""
     return host_mount(deploy, model_path, EXTRA_MODEL_MOUNT)
 
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """What a NIM container is told to serve: model root, model environment, extra volumes."""
+    """What a NIM container is told to serve: model root, model environment, read-only volumes, and
+    where the model comes from (``manifest``: the NIM downloads it; ``directory``: served from this host)."""
 
     model_root: str
     environment: dict[str, str]
     volumes: dict[str, dict[str, str]] = field(default_factory=dict)
+    source: Literal["directory", "manifest"] = "directory"
 
 
 def serving_config(deploy: DeploySpec, serving: ServingImage, model_path: str | None, adapters_path: str | None,
@@ -187,35 +237,54 @@ def serving_config(deploy: DeploySpec, serving: ServingImage, model_path: str | 
 
     1.x: ``NIM_MODEL_NAME=<container path>``; 2.x: ``NIM_MODEL_PATH=<container path>``; a guide §1
     manifest (no model path, ``serving.model_name``): ``NIM_MODEL_NAME=<model name>``. LoRA adapters
-    add ``NIM_PEFT_SOURCE`` and ``NIM_MAX_LORA_RANK``.
+    add ``NIM_PEFT_SOURCE`` and ``NIM_MAX_LORA_RANK``. Every served directory is mounted read-only.
 
     Raises:
-        DeploymentError: there is neither a model path nor a manifest model name.
+        DeploymentError: there is neither a model path nor a manifest model name, or a served
+            directory is, holds or lies in one of nimflow's own directories.
     """
     volumes: dict[str, dict[str, str]] = {}
+    source: Literal["directory", "manifest"] = "directory"
     if model_path is not None:
         root, volumes = model_mount(deploy, Path(model_path))
         env = {("NIM_MODEL_PATH" if serving.nim_api == "2.x" else "NIM_MODEL_NAME"): root}
     elif serving.model_name is not None:
-        root, env = serving.model_name, {"NIM_MODEL_NAME": serving.model_name}
+        root, env, source = serving.model_name, {"NIM_MODEL_NAME": serving.model_name}, "manifest"
     else:
         raise DeploymentError("nothing to serve: no model directory and no manifest model name (source.model_name)")
     if adapters_path is not None:
-        peft, extra = host_mount(deploy, Path(adapters_path), EXTRA_ADAPTERS_MOUNT)
+        peft, extra = host_mount(deploy, Path(adapters_path), EXTRA_ADAPTERS_MOUNT, "the LoRA adapters")
         volumes = {**volumes, **extra}
         env.update(NIM_PEFT_SOURCE=peft, NIM_MAX_LORA_RANK=str(lora_max_rank))
-    return ServingConfig(root, env, volumes)
+    return ServingConfig(root, env, volumes, source)
 
 
-def container_environment(deploy: DeploySpec, model_env: Mapping[str, str]) -> dict[str, str]:
-    """The NIM container's environment: the spec's env, the model, and secrets from this process."""
+def container_environment(deploy: DeploySpec, model_env: Mapping[str, str], *,
+                          source: Literal["directory", "manifest"]) -> dict[str, str]:
+    """The NIM container's environment: the spec's env, the model, and the secrets a NIM that serves
+    from ``source`` needs (:data:`SERVING_SECRETS`: none unless it downloads its model)."""
+    needed = SERVING_SECRETS[source]
     return {
         **deploy.env,
         **model_env,
         "NIM_SERVED_MODEL_NAME": deploy.served_model_name,
         "NIM_CACHE_PATH": NIM_CACHE_MOUNT,
-        **get_settings().container_secrets(),
+        **(get_settings().container_secrets(needed) if needed else {}),
     }
+
+
+def container_volumes(deploy: DeploySpec, name: str, config: ServingConfig) -> dict[str, dict[str, str]]:
+    """A backend's volumes: its own cache read-write, and what it serves read-only over it.
+
+    The mount points of served directories under the cache mount are made in the NIM cache
+    directory first, by nimflow's user: Docker would otherwise make them, owned by root.
+    """
+    own_cache = nim_cache_dir(deploy.cache_dir, name)
+    own_cache.mkdir(parents=True, exist_ok=True)
+    for volume in config.volumes.values():
+        if volume["bind"].startswith(f"{NIM_CACHE_MOUNT}/"):
+            (own_cache / volume["bind"].removeprefix(f"{NIM_CACHE_MOUNT}/")).mkdir(parents=True, exist_ok=True)
+    return {str(own_cache): {"bind": NIM_CACHE_MOUNT, "mode": "rw"}, **config.volumes}
 
 
 def deployment_labels(weights_identity: str, engine_key: str | None, adapters_digest: str | None = None) -> dict[str, str]:
@@ -229,7 +298,7 @@ def deployment_labels(weights_identity: str, engine_key: str | None, adapters_di
 
 
 def backend_identity(client: docker.DockerClient, deploy: DeploySpec, rollout: RolloutSpec, image: str,
-                     model_env: Mapping[str, str], labels: Mapping[str, str]) -> str:
+                     config: ServingConfig, labels: Mapping[str, str]) -> str:
     """The hash of everything that makes a backend what it is.
 
     Secrets are excluded (they never leave this process), and so is where the front listens
@@ -240,7 +309,9 @@ def backend_identity(client: docker.DockerClient, deploy: DeploySpec, rollout: R
     """
     return spec_hash({
         "image_id": image_id(client, image),
-        "model_env": dict(model_env),
+        "model_env": dict(config.environment),
+        "volumes": config.volumes,
+        "layout": SERVING_LAYOUT,
         "deploy": deploy.model_dump(mode="json", exclude={"host_port"}),
         "standby_gpus": rollout.standby_gpus,
         "labels": dict(labels),
@@ -351,7 +422,7 @@ def start_candidate(
     action = f"starting a candidate for deployment {name}"
     with daemon_errors(action):
         ours = claim_names(client, names)
-        identity = backend_identity(client, deploy, rollout, serving.image, config.environment, labels)
+        identity = backend_identity(client, deploy, rollout, serving.image, config, labels)
         route = read_route(directory)
         active = active_backend(client, names, route)
         common = dict(name=name, stable_endpoint=stable, served_model_name=deploy.served_model_name,
@@ -383,8 +454,9 @@ def start_candidate(
         try:
             candidate_id = start_container(
                 client, serving.image, name=candidate_name,
-                environment=container_environment(deploy, config.environment),
-                volumes={str(Path(deploy.cache_dir).resolve()): {"bind": NIM_CACHE_MOUNT, "mode": "rw"}, **config.volumes},
+                environment=container_environment(deploy, config.environment, source=config.source),
+                # Not the cache dir: the route files, the other deployments' caches and engines stay out.
+                volumes=container_volumes(deploy, name, config),
                 ports={CONTAINER_PORT: (deploy.host, None)},  # Docker picks the host port; the front owns host_port
                 network=NETWORK,
                 device_requests=device_requests(gpus),

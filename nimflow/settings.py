@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,9 @@ SECRET_ENV_VARS: tuple[str, ...] = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
 )
+#: The secrets a container nimflow starts can be given, by the name it reads them under. Which ones
+#: a container gets depends on what it downloads (nimflow.rollout.SERVING_SECRETS, nimflow.engine_build.BUILD_SECRETS).
+CONTAINER_SECRETS: tuple[str, ...] = ("NGC_API_KEY", "HF_TOKEN")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class Settings:
     #: Address space (MiB) of the process that converts one pickle to safetensors
     #: (NIMFLOW_PICKLE_MEMORY_MIB): a hostile pickle that gets past its checks ends there, not in the run.
     pickle_memory_mib: int = 1024
+    #: The largest request body the front proxy passes on, in MiB (NIMFLOW_PROXY_MAX_BODY_MIB): larger is a 413.
+    proxy_max_body_mib: int = 16
+    #: Client connections the front proxy holds open at once (NIMFLOW_PROXY_MAX_CONNECTIONS): more get a 503.
+    proxy_max_connections: int = 256
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -108,6 +115,8 @@ class Settings:
             s3_read_timeout_seconds=float(numbers["NIMFLOW_S3_READ_TIMEOUT_SECONDS"]),
             docker_env=tuple((name, env[name]) for name in _DOCKER_ENV_VARS if name in env),
             pickle_memory_mib=int(numbers["NIMFLOW_PICKLE_MEMORY_MIB"]),
+            proxy_max_body_mib=int(numbers["NIMFLOW_PROXY_MAX_BODY_MIB"]),
+            proxy_max_connections=int(numbers["NIMFLOW_PROXY_MAX_CONNECTIONS"]),
         )
 
 
@@ -116,12 +125,13 @@ class Settings:
         token = self.hf_token or _secret_block("HF_TOKEN")
         return token.get_secret_value() if token else None
 
-    def container_secrets(self) -> dict[str, str]:
-        """Secrets a NIM container needs (NGC downloads, gated HF models), as env vars (env, else Secret blocks)."""
+    def container_secrets(self, names: Iterable[str] = CONTAINER_SECRETS) -> dict[str, str]:
+        """Of the secrets a NIM container may need (NGC downloads, gated HF models), those in ``names``, as env
+        vars (env, else Secret blocks); a secret not asked for is not even looked up."""
         env = {}
-        if (ngc := self.ngc_api_key or _secret_block("NGC_API_KEY")):
+        if "NGC_API_KEY" in names and (ngc := self.ngc_api_key or _secret_block("NGC_API_KEY")):
             env["NGC_API_KEY"] = ngc.get_secret_value()
-        if (hf := self.hf_token or _secret_block("HF_TOKEN")):
+        if "HF_TOKEN" in names and (hf := self.hf_token or _secret_block("HF_TOKEN")):
             env["HF_TOKEN"] = hf.get_secret_value()
         return env
 
@@ -164,6 +174,10 @@ NUMERIC_ENV_VARS: dict[str, NumberRule] = {
     "NIMFLOW_RETRY_DELAY_SECONDS": NumberRule(2, 0, 600, why="the first retry's delay; each next one doubles"),
     "NIMFLOW_S3_READ_TIMEOUT_SECONDS": NumberRule(120, 1, 3600, why="how long an S3 request may wait for data"),
     "NIMFLOW_PICKLE_MEMORY_MIB": NumberRule(1024, 128, 65536, whole=True, why="MiB of memory the pickle converter may use"),
+    "NIMFLOW_PROXY_MAX_BODY_MIB": NumberRule(16, 1, 4096, whole=True,
+                                             why="the largest request body, in MiB, the front proxy passes on"),
+    "NIMFLOW_PROXY_MAX_CONNECTIONS": NumberRule(256, 1, 10000, whole=True,
+                                                why="client connections the front proxy holds open at once"),
 }
 
 

@@ -391,7 +391,8 @@ class DeploySpec(_Spec):
     shm_size: str = Field("16g", description="Shared memory (`--shm-size`); NIM needs it for multi-GPU serving.")
     host: str = Field("127.0.0.1", description="Host address the NIM port is published on.")
     host_port: int = Field(8000, ge=1, le=65535, description="Host port published to the container's port 8000.")
-    cache_dir: Path = Field(description=f"Host directory mounted at {NIM_CACHE_MOUNT}; checkpoints and engines live here.")
+    cache_dir: Path = Field(description=f"Host directory where checkpoints and engines live; a NIM container gets only what "
+                            f"it serves (read-only) and its own cache, <cache_dir>/nimflow-nim/<name>, at {NIM_CACHE_MOUNT}.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the NIM container.")
     user: str | None = Field(None, description="User to run the container as (the guide uses `root`).")
     container_name: str | None = Field(None, description="Container name; `nimflow-<name>` when absent.")

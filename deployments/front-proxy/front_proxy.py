@@ -3,8 +3,15 @@
 
 A threaded HTTP/1.1 reverse proxy. Clients keep their connections alive; each request opens one
 connection to the upstream named by the route file, so a switch takes effect at the next request
-and a request already running finishes on the container it started on. Response bodies are
-streamed as they arrive (Content-Length, chunked and server-sent-event bodies alike).
+and a request already running finishes on the container it started on. Request and response
+bodies are streamed piece by piece as they arrive (Content-Length, chunked and server-sent-event
+bodies alike), never held whole: memory stays bounded whatever clients send.
+
+Two limits keep hostile or broken clients contained (nimflow passes both; the defaults are for
+running it by hand): a request body larger than ``--max-body-bytes`` is answered
+``413`` (at once when its Content-Length says so, else when the streamed chunks pass it; the
+upstream connection is then cut, so the upstream discards the partial body), and a client
+connection beyond ``--max-connections`` open at once is answered ``503`` and closed.
 
 The route file (``<route-dir>/route.json``, written atomically by nimflow)::
 
@@ -26,6 +33,8 @@ import argparse
 import http.client
 import json
 import os
+import re
+import select
 import signal
 import socket
 import sys
@@ -48,12 +57,54 @@ READ_TIMEOUT = 3600.0
 CLIENT_IDLE_TIMEOUT = 300.0
 #: At most this often is applied.json rewritten for in-flight changes alone.
 WRITE_INTERVAL = 0.05
+#: Defaults of --max-body-bytes and --max-connections (nimflow passes its own settings).
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+DEFAULT_MAX_CONNECTIONS = 256
+#: A chunk-size line is a hex number (at most 16 digits) and optional extensions: longer is malformed.
+CHUNK_LINE_LIMIT = 1024
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: Trailer lines of a chunked body are read and dropped, at most this many.
+TRAILER_LINES_LIMIT = 100
+#: After refusing a request whose body is still arriving, the proxy reads and drops what the
+#: client sends for at most this long before closing, so the client reads the answer instead of a
+#: reset (a lingering close, as Apache does it).
+LINGER_SECONDS = 2.0
+#: At most this many refusals (503, too many connections) linger at once; beyond that, closed at once.
+LINGERING_REFUSALS = 32
 
 
 def log(message: str) -> None:
     """One line on stderr (docker logs)."""
     sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} front-proxy: {message}\n")
     sys.stderr.flush()
+
+
+def error_body(status: int, message: str, kind: str) -> bytes:
+    """The OpenAI-style JSON error body every answer of the proxy's own carries."""
+    return (json.dumps({"object": "error", "error": {"message": message, "type": kind, "param": None,
+                                                     "code": status}}) + "\n").encode()
+
+
+def linger_and_close(sock: socket.socket) -> None:
+    """Close after a refusal: stop sending, drop what the client still sends (bounded), then close."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_SECONDS
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([sock], [], [], left)[0] or not sock.recv(CHUNK):
+                break
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+class BodyTooLarge(Exception):
+    """The request body passed --max-body-bytes."""
+
+
+class BadBody(Exception):
+    """The client's request body is malformed or ended early."""
 
 
 def write_atomically(path: str, data: dict) -> None:
@@ -159,12 +210,13 @@ class Router:
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
-    """Forwards every method to the current upstream."""
+    """Forwards every method to the current upstream, streaming the bodies both ways."""
 
     protocol_version = "HTTP/1.1"
     server_version = "nimflow-front-proxy"
     timeout = CLIENT_IDLE_TIMEOUT
     router: Router  # set on the subclass made in main()
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # likewise
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass  # one line per request would drown the route changes; errors are logged below
@@ -176,49 +228,146 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # --- client side --------------------------------------------------------------------------
 
-    def _read_request_body(self) -> bytes | None:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            parts = []
-            while True:
-                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    return b"".join(parts)
-                parts.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = self.headers.get("Content-Length")
-        return self.rfile.read(int(length)) if length else None
+    def _framing(self) -> tuple[bool, int | None]:
+        """(chunked, declared length) of the request body; (False, None) when it has none.
 
-    def _send_json(self, status: int, message: str, kind: str) -> None:
-        body = (json.dumps({"object": "error", "error": {"message": message, "type": kind, "param": None,
-                                                          "code": status}}) + "\n").encode()
+        Raises:
+            BadBody: a Content-Length that is not one decimal number, or a transfer coding other than chunked.
+        """
+        coding = self.headers.get("Transfer-Encoding")
+        if coding is not None:  # it overrides any Content-Length (RFC 9112 §6.3)
+            if coding.strip().lower() != "chunked":
+                raise BadBody(f"transfer coding {coding!r} is not supported (only chunked)")
+            return True, None
+        length = self.headers.get_all("Content-Length") or []
+        if not length:
+            return False, None
+        if len(set(length)) != 1 or not length[0].strip().isdigit() or not length[0].strip().isascii():
+            raise BadBody(f"Content-Length {', '.join(length)!r} is not one decimal number")
+        return False, int(length[0])
+
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue`` with a body declared too large: 413 before the client sends it."""
+        try:
+            _, length = self._framing()
+        except BadBody:
+            length = None  # answered as a malformed request once the handler runs
+        if length is not None and length > self.max_body_bytes:
+            self._too_large(f"{length} bytes (Content-Length)", linger=False)
+            return False
+        return super().handle_expect_100()
+
+    def _read_client(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the body as they arrive (at least one).
+
+        Raises:
+            BadBody: the client closed the connection or stopped sending (idle timeout) mid-body.
+        """
+        try:
+            piece = self.rfile.read1(size)
+        except OSError as exc:
+            raise BadBody(f"the request body broke off ({type(exc).__name__})") from None
+        if not piece:
+            raise BadBody("the client closed the connection before the end of the request body")
+        return piece
+
+    def _read_line(self, limit: int) -> bytes:
+        try:
+            line = self.rfile.readline(limit + 1)
+        except OSError as exc:
+            raise BadBody(f"the request body broke off ({type(exc).__name__})") from None
+        if not line.endswith(b"\n") or len(line) > limit:
+            raise BadBody("a chunk line of the request body is too long or cut off")
+        return line
+
+    def _pipe(self, upstream: http.client.HTTPConnection, size: int) -> None:
+        """Pass ``size`` bytes of the client's body to the upstream, piece by piece."""
+        while size > 0:
+            piece = self._read_client(min(CHUNK, size))
+            upstream.send(piece)
+            size -= len(piece)
+
+    def _send_body(self, upstream: http.client.HTTPConnection, chunked: bool, length: int | None) -> None:
+        """Stream the request body to the upstream (chunked stays chunked), counting it against the limit.
+
+        Raises:
+            BodyTooLarge: the chunks passed --max-body-bytes (what was sent is cut off with the upstream connection).
+            BadBody: malformed chunks, or the client stopped mid-body.
+            OSError: the upstream connection failed.
+        """
+        if not chunked:
+            self._pipe(upstream, length or 0)
+            return
+        total = 0
+        while True:
+            size_text = self._read_line(CHUNK_LINE_LIMIT).split(b";", 1)[0].strip()
+            if not CHUNK_SIZE.fullmatch(size_text):
+                raise BadBody(f"chunk size {size_text[:40]!r} is not a hexadecimal number")
+            size = int(size_text, 16)
+            if size == 0:
+                for _ in range(TRAILER_LINES_LIMIT):  # trailers are dropped, like every other hop's header
+                    if self._read_line(CHUNK_LINE_LIMIT * 8) in (b"\r\n", b"\n"):
+                        upstream.send(b"0\r\n\r\n")
+                        return
+                raise BadBody(f"more than {TRAILER_LINES_LIMIT} trailer lines")
+            total += size
+            if total > self.max_body_bytes:
+                raise BodyTooLarge(f"at least {total} bytes, chunked")
+            upstream.send(b"%x\r\n" % size)
+            self._pipe(upstream, size)
+            if self._read_line(2) not in (b"\r\n", b"\n"):
+                raise BadBody("a chunk of the request body is longer than its size says")
+            upstream.send(b"\r\n")
+
+    def _send_json(self, status: int, message: str, kind: str, *, close: bool = False) -> None:
+        body = error_body(status, message, kind)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if close:
+            self.close_connection = True
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _too_large(self, seen: str, *, linger: bool) -> None:
+        """413, and the connection closed: the rest of the body is never read."""
+        self._send_json(413, f"nimflow front proxy: the request body ({seen}) is larger than the limit of "
+                             f"{self.max_body_bytes} bytes (--max-body-bytes)", "RequestEntityTooLargeError", close=True)
+        if linger:  # the client may still be sending: let it read the answer, not a reset
+            self.wfile.flush()
+            linger_and_close(self.connection)
+
+    def _malformed(self, exc: BadBody) -> None:
+        try:
+            self._send_json(400, f"nimflow front proxy: malformed request body: {exc}", "BadRequestError", close=True)
+        except OSError:
+            self.close_connection = True  # the client is gone
 
     # --- one request --------------------------------------------------------------------------
 
     def _proxy(self) -> None:
         try:
-            body = self._read_request_body()
-        except (ValueError, OSError):
-            self.close_connection = True
-            self._send_json(400, "malformed request body", "BadRequestError")
+            chunked, length = self._framing()
+        except BadBody as exc:
+            self._malformed(exc)
+            return
+        if length is not None and length > self.max_body_bytes:
+            self._too_large(f"{length} bytes (Content-Length)", linger=True)
             return
         generation, upstream = self.router.acquire()
         if upstream is None:
-            self._send_json(503, "nimflow front proxy: no route yet (no backend has been promoted)", "ServiceUnavailableError")
+            # The body (if any) is left unread, so the connection cannot carry another request.
+            self._send_json(503, "nimflow front proxy: no route yet (no backend has been promoted)",
+                            "ServiceUnavailableError", close=chunked or bool(length))
             return
         try:
-            self._forward(upstream, body)
+            self._forward(upstream, chunked, length)
         finally:
             self.router.release(upstream)
 
-    def _forward(self, upstream: str, body: bytes | None) -> None:
+    def _forward(self, upstream: str, chunked: bool, length: int | None) -> None:
         host, _, port = upstream.rpartition(":")
         # One connection per request: the name is resolved again each time (Docker DNS), so a
         # backend restarted with a new address is found, and a switch needs no connection draining.
@@ -234,14 +383,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if "host" not in {k.lower() for k in self.headers.keys()}:
                     connection.putheader("Host", upstream)
                 connection.putheader("X-Forwarded-For", self.client_address[0])
-                if body is not None:
-                    connection.putheader("Content-Length", str(len(body)))
-                connection.endheaders(body)
+                if chunked:
+                    connection.putheader("Transfer-Encoding", "chunked")
+                elif length is not None:
+                    connection.putheader("Content-Length", str(length))
+                connection.endheaders()
+                self._send_body(connection, chunked, length)
                 response = connection.getresponse()
+            except BodyTooLarge as exc:
+                log(f"request body refused ({exc}, over {self.max_body_bytes} bytes); the request to {upstream} was cut off")
+                connection.close()  # the upstream sees the body break off and discards it
+                self._too_large(str(exc), linger=True)
+                return
+            except BadBody as exc:
+                connection.close()
+                self._malformed(exc)
+                return
             except (OSError, http.client.HTTPException) as exc:
                 log(f"upstream {upstream} unreachable: {type(exc).__name__}: {exc}")
+                # A body the upstream did not take may be half read: this connection ends here.
                 self._send_json(502, f"nimflow front proxy: upstream {upstream} unreachable ({type(exc).__name__}: {exc})",
-                                "BadGatewayError")
+                                "BadGatewayError", close=chunked or bool(length))
                 return
             self._relay(response)
         finally:
@@ -278,8 +440,55 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
+    """One thread per client connection, at most ``max_connections`` at once; more are answered 503."""
+
     daemon_threads = True
     allow_reuse_address = True
+    # A burst of connections waits in the kernel's queue instead of being refused by it.
+    request_queue_size = 128
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # set on the subclass made in main()
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._open = 0
+        self._open_lock = threading.Lock()
+        self._refusals = threading.BoundedSemaphore(LINGERING_REFUSALS)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        """Serve the connection in its own thread, or refuse it with a 503 when the cap is reached."""
+        with self._open_lock:
+            admitted = self._open < self.max_connections
+            if admitted:
+                self._open += 1
+        if admitted:
+            super().process_request(request, client_address)  # type: ignore[arg-type]
+            return
+        if not self._refusals.acquire(blocking=False):  # a flood: no thread per refusal either
+            request.close()
+            return
+        threading.Thread(target=self._refuse, args=(request,), daemon=True).start()
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[arg-type]
+        finally:
+            with self._open_lock:
+                self._open -= 1
+
+    def _refuse(self, request: socket.socket) -> None:
+        """503 on a connection over the cap, before reading anything from it, then a lingering close."""
+        body = error_body(503, f"nimflow front proxy: too many connections (the limit is {self.max_connections}, "
+                               "--max-connections); retry later", "ServiceUnavailableError")
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\nRetry-After: 1\r\n\r\n").encode()
+        try:
+            request.settimeout(LINGER_SECONDS)
+            request.sendall(head + body)
+        except OSError:
+            pass
+        finally:
+            linger_and_close(request)
+            self._refusals.release()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,12 +499,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--poll", type=float, default=0.2, help="seconds between route file checks without requests")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="larger request bodies are answered 413 (default %(default)s)")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="client connections open at once; more are answered 503 (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.max_body_bytes < 0 or args.max_connections < 1:
+        parser.error("--max-body-bytes must be >= 0 and --max-connections >= 1")
 
     router = Router(args.route_dir, args.state_dir)
-    handler = type("BoundProxyHandler", (ProxyHandler,), {"router": router})
+    handler = type("BoundProxyHandler", (ProxyHandler,), {"router": router, "max_body_bytes": args.max_body_bytes})
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    server_class = type("BoundServer", (Server,), {"address_family": family})
+    server_class = type("BoundServer", (Server,), {"address_family": family, "max_connections": args.max_connections})
     # Listen first, then report: nimflow takes applied.json as "the endpoint serves this route",
     # and a client arriving through Docker's port forwarding before the socket listens is reset.
     # Connections that arrive meanwhile wait in the backlog until the route is loaded.
@@ -312,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log(f"listening on {args.host}:{args.port}; route generation {router.generation}: {router.upstream}")
+    log(f"listening on {args.host}:{args.port} (request bodies up to {args.max_body_bytes} bytes, "
+        f"{args.max_connections} connections); route generation {router.generation}: {router.upstream}")
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

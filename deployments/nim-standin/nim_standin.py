@@ -1464,13 +1464,37 @@ class Handler(BaseHTTPRequestHandler):
 
     do_HEAD = do_GET
 
+    def _read_body(self, limit: int) -> bytes:
+        """The request body, Content-Length or chunked (uvicorn reads both); b"" past ``limit`` bytes.
+
+        A body left unread (too large, or malformed chunks) makes the connection unusable: it is closed.
+        """
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts, size = [], 0
+            try:
+                while (chunk := int(self.rfile.readline(64).split(b";", 1)[0].strip() or b"0", 16)) > 0:
+                    size += chunk
+                    if size > limit:
+                        self.close_connection = True
+                        return b""
+                    parts.append(self.rfile.read(chunk))
+                    self.rfile.readline(64)
+                while self.rfile.readline(64 << 10) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+            except ValueError:
+                self.close_connection = True
+                return b""
+            return b"".join(parts)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > limit:
+            self.close_connection = True
+            return b""
+        return self.rfile.read(length) if length > 0 else b""
+
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
         self._t0 = time.monotonic()
         path = self.path.split("?", 1)[0].rstrip("/")
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if 0 < length <= 16 << 20 else b""
-        if length > 16 << 20:  # body left unread: this connection cannot be reused
-            self.close_connection = True
+        raw = self._read_body(16 << 20)
         if path not in ("/v1/chat/completions", "/v1/completions"):
             self._error(404, f"Not found: {self.path}", "NotFoundError")
             return

@@ -246,6 +246,25 @@ def test_serve_hf_dir_full_http_contract(model_dir: Path) -> None:
     assert SECRET not in out and "NGC_API_KEY=<redacted>" in out
 
 
+def test_serve_reads_chunked_request_bodies(model_dir: Path) -> None:
+    """A chunked request body is read like a Content-Length one (uvicorn, under NIM, reads both): the
+    front proxy streams a chunked client body on as chunked."""
+    import http.client
+
+    with server(NIM_MODEL_NAME=str(model_dir), NIM_SERVED_MODEL_NAME="tiny-llm", NIMSTANDIN_READY_DELAY="0") as (base, _):
+        wait_for(f"{base}/v1/health/ready")
+        connection = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=30)
+        body = json.dumps({"model": "tiny-llm", "prompt": "once upon"}).encode()
+        connection.request("POST", "/v1/completions", body=iter([body[:7], body[7:]]), encode_chunked=True,
+                           headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["choices"][0]["text"].endswith("once upon")
+        # The connection stays usable: the whole chunked body, terminator included, was read.
+        connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        assert connection.getresponse().status == 200
+        connection.close()
+
+
 def test_serve_plain_name_and_bad_paths(tmp_path: Path, model_dir: Path) -> None:
     with server(NIM_MODEL_NAME="meta/llama-3.1-8b-instruct", NIMSTANDIN_READY_DELAY="0") as (base, _):
         wait_for(f"{base}/v1/health/ready")

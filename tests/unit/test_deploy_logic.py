@@ -57,15 +57,15 @@ def test_all_gpus_is_count_minus_one() -> None:
 # --- model_mount --------------------------------------------------------------------------------
 
 
-def test_model_inside_cache_dir_uses_cache_mount(tmp_path: Path) -> None:
-    """A model under cache_dir is reached through the cache mount; no extra volume."""
+def test_model_inside_cache_dir_keeps_its_cache_path_read_only(tmp_path: Path) -> None:
+    """A model under cache_dir keeps its path under the cache mount, mounted there alone and read-only."""
     cache = tmp_path / "cache"
     model = cache / "engines" / "abc123"
     model.mkdir(parents=True)
     path, volumes = model_mount(_deploy(cache), model)
     assert path == f"{NIM_CACHE_MOUNT}/engines/abc123"
     assert path == "/opt/nim/.cache/engines/abc123"
-    assert volumes == {}
+    assert volumes == {str(model.resolve()): {"bind": path, "mode": "ro"}}
 
 
 def test_model_inside_cache_dir_via_relative_spelling(tmp_path: Path) -> None:
@@ -74,7 +74,20 @@ def test_model_inside_cache_dir_via_relative_spelling(tmp_path: Path) -> None:
     (cache / "m").mkdir(parents=True)
     path, volumes = model_mount(_deploy(cache), cache / ".." / "cache" / "m")
     assert path == "/opt/nim/.cache/m"
-    assert volumes == {}
+    assert volumes == {str((cache / "m").resolve()): {"bind": path, "mode": "ro"}}
+
+
+@pytest.mark.parametrize("served", ["", "nimflow-front", "nimflow-front/demo/route", "nimflow-nim/demo", "..", "../.."])
+def test_served_directory_may_not_expose_nimflows_own_directories(tmp_path: Path, served: str) -> None:
+    """The cache dir itself, a parent of it, or anything in the route or NIM cache directories is refused:
+    route files and other deployments' caches never reach a NIM container."""
+    cache = tmp_path / "a" / "cache"
+    (cache / served).mkdir(parents=True, exist_ok=True)
+    with pytest.raises(DeploymentError, match="nimflow's own directory") as caught:
+        model_mount(_deploy(cache), cache / served)
+    assert str((cache / served).resolve()) in str(caught.value)
+    with pytest.raises(DeploymentError, match="the LoRA adapters to serve"):
+        serving_config(_deploy(cache), _V1, str(tmp_path / "model"), str(cache / served))
 
 
 def test_model_outside_cache_dir_gets_read_only_volume(tmp_path: Path) -> None:
@@ -111,7 +124,7 @@ def clean_secrets(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_environment_sets_model_and_keeps_deploy_env(tmp_path: Path, clean_secrets: pytest.MonkeyPatch) -> None:
     """The model names and cache path come from the spec; deploy.env is kept; no secrets unless set."""
     deploy = _deploy(tmp_path, served_model_name="my-model", env={"NIM_LOG_LEVEL": "DEBUG", "FOO": "bar"})
-    env = container_environment(deploy, {"NIM_MODEL_NAME": "/opt/nim/.cache/engines/k"})
+    env = container_environment(deploy, {"NIM_MODEL_NAME": "/opt/nim/.cache/engines/k"}, source="manifest")
     assert env == {
         "NIM_LOG_LEVEL": "DEBUG",
         "FOO": "bar",
@@ -121,15 +134,18 @@ def test_environment_sets_model_and_keeps_deploy_env(tmp_path: Path, clean_secre
     }
 
 
-def test_environment_passes_secrets_from_process(tmp_path: Path, clean_secrets: pytest.MonkeyPatch) -> None:
-    """NGC_API_KEY and HF_TOKEN exported where nimflow runs reach the container."""
+def test_environment_passes_secrets_only_to_a_nim_that_downloads(tmp_path: Path, clean_secrets: pytest.MonkeyPatch) -> None:
+    """NGC_API_KEY and HF_TOKEN exported where nimflow runs reach a NIM that fetches its model (guide §1);
+    one that serves a directory from this host gets neither."""
     clean_secrets.setenv("NGC_API_KEY", "nvapi-test-key")
     clean_secrets.setenv("HF_TOKEN", "hf_test_token")
-    env = container_environment(_deploy(tmp_path, env={"A": "1"}), {"NIM_MODEL_NAME": "/opt/nim/model"})
+    env = container_environment(_deploy(tmp_path, env={"A": "1"}), {"NIM_MODEL_NAME": "org/model"}, source="manifest")
     assert env["NGC_API_KEY"] == "nvapi-test-key"
     assert env["HF_TOKEN"] == "hf_test_token"
     assert env["A"] == "1"
-    assert env["NIM_MODEL_NAME"] == "/opt/nim/model"
+    assert env["NIM_MODEL_NAME"] == "org/model"
+    env = container_environment(_deploy(tmp_path), {"NIM_MODEL_NAME": "/opt/nim/model"}, source="directory")
+    assert not {"NGC_API_KEY", "HF_TOKEN"} & set(env)
 
 
 def test_environment_prefers_ngc_cli_api_key(tmp_path: Path, clean_secrets: pytest.MonkeyPatch) -> None:
@@ -137,7 +153,7 @@ def test_environment_prefers_ngc_cli_api_key(tmp_path: Path, clean_secrets: pyte
     clean_secrets.setenv("NGC_API_KEY", "old")
     clean_secrets.setenv("NGC_CLI_API_KEY", "cli")
     clean_secrets.setenv("HUGGING_FACE_HUB_TOKEN", "hf_legacy")
-    env = container_environment(_deploy(tmp_path), {"NIM_MODEL_PATH": "/opt/nim/model"})
+    env = container_environment(_deploy(tmp_path), {"NIM_MODEL_NAME": "org/model"}, source="manifest")
     assert env["NGC_API_KEY"] == "cli"
     assert env["HF_TOKEN"] == "hf_legacy"
 
@@ -153,7 +169,8 @@ def test_nim_1x_is_told_the_model_by_nim_model_name(tmp_path: Path) -> None:
     (tmp_path / "engines" / "k").mkdir(parents=True)
     config = serving_config(_deploy(tmp_path), _V1, str(tmp_path / "engines" / "k"), None)
     assert config.environment == {"NIM_MODEL_NAME": "/opt/nim/.cache/engines/k"}
-    assert config.model_root == "/opt/nim/.cache/engines/k" and config.volumes == {}
+    assert config.model_root == "/opt/nim/.cache/engines/k" and config.source == "directory"
+    assert config.volumes == {str((tmp_path / "engines" / "k").resolve()): {"bind": "/opt/nim/.cache/engines/k", "mode": "ro"}}
 
 
 def test_nim_2x_is_told_the_model_by_nim_model_path(tmp_path: Path) -> None:
@@ -171,6 +188,7 @@ def test_manifest_mode_names_the_manifest_model(tmp_path: Path) -> None:
     config = serving_config(_deploy(tmp_path), serving, None, None)
     assert config.environment == {"NIM_MODEL_NAME": "mistralai/mistral-7b-instruct-v0.3"}
     assert config.model_root == "mistralai/mistral-7b-instruct-v0.3"
+    assert (config.source, config.volumes) == ("manifest", {})  # it downloads: it gets the secrets, nothing mounted
 
 
 def test_nothing_to_serve_is_a_clear_error(tmp_path: Path) -> None:
@@ -180,16 +198,17 @@ def test_nothing_to_serve_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_lora_adapters_add_peft_source_and_rank(tmp_path: Path) -> None:
-    """Adapters in the cache dir are reached through the cache mount; elsewhere they get /opt/nim/loras."""
+    """Adapters in the cache dir keep their cache path; elsewhere they get /opt/nim/loras; read-only either way."""
     (tmp_path / "cache" / "m").mkdir(parents=True)
     (tmp_path / "cache" / "loras" / "d").mkdir(parents=True)
     inside = serving_config(_deploy(tmp_path / "cache"), _V1, str(tmp_path / "cache" / "m"), str(tmp_path / "cache" / "loras" / "d"), 64)
     assert inside.environment == {"NIM_MODEL_NAME": "/opt/nim/.cache/m", "NIM_PEFT_SOURCE": "/opt/nim/.cache/loras/d",
                                   "NIM_MAX_LORA_RANK": "64"}
+    assert {v["bind"]: v["mode"] for v in inside.volumes.values()} == {"/opt/nim/.cache/m": "ro", "/opt/nim/.cache/loras/d": "ro"}
     (tmp_path / "adapters").mkdir()
     outside = serving_config(_deploy(tmp_path / "cache"), _V2, str(tmp_path / "cache" / "m"), str(tmp_path / "adapters"))
     assert outside.environment["NIM_PEFT_SOURCE"] == "/opt/nim/loras" and outside.environment["NIM_MAX_LORA_RANK"] == "32"
-    assert outside.volumes == {str((tmp_path / "adapters").resolve()): {"bind": "/opt/nim/loras", "mode": "ro"}}
+    assert outside.volumes[str((tmp_path / "adapters").resolve())] == {"bind": "/opt/nim/loras", "mode": "ro"}
 
 
 def test_provenance_labels() -> None:

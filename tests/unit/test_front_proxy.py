@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -36,6 +37,7 @@ class Upstream:
         self.slow_release = threading.Event()
         self.second_event = threading.Event()
         self.second_event_waited_out = False
+        self.cut_off = threading.Event()
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,13 +78,26 @@ class Upstream:
                 else:
                     self._json(404, {"error": f"no {self.path} on {upstream.name}"})
 
+            def _body(self) -> tuple[bytes, str]:
+                """The request body and how it was framed (a request's framing passes the proxy unchanged)."""
+                if self.headers.get("Transfer-Encoding") == "chunked":
+                    parts = []
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return b"".join(parts), "chunked"
+                return self.rfile.read(int(self.headers["Content-Length"])), "length"
+
             def do_POST(self) -> None:  # noqa: N802
-                if "chunked" in self.headers.get("Transfer-Encoding", ""):
-                    self._json(400, {"error": "the proxy must send a Content-Length"})
+                try:
+                    body, framing = self._body()
+                except ValueError:  # the proxy cut the body off (over its limit)
+                    upstream.cut_off.set()
+                    self.close_connection = True
                     return
-                body = self.rfile.read(int(self.headers["Content-Length"]))
                 self._json(201, {"name": upstream.name, "echo": body.decode(), "path": self.path,
-                                 "x_client": self.headers.get("X-Client")}, X_Echo="yes")
+                                 "x_client": self.headers.get("X-Client"), "framing": framing}, X_Echo="yes")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -99,14 +114,14 @@ class Upstream:
 class Proxy:
     """The proxy program as a subprocess on a free loopback port."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *options: str) -> None:
         self.directory = directory
         self.port = free_port()
         (directory / "route").mkdir(parents=True, exist_ok=True)
         (directory / "state").mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [sys.executable, str(PROXY_SCRIPT), "--host", "127.0.0.1", "--port", str(self.port),
-             "--route-dir", str(directory / "route"), "--state-dir", str(directory / "state"), "--poll", "0.05"],
+             "--route-dir", str(directory / "route"), "--state-dir", str(directory / "state"), "--poll", "0.05", *options],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.monotonic() + WAIT
@@ -151,11 +166,11 @@ def upstreams() -> Iterator[tuple[Upstream, Upstream]]:
 
 
 @pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[Callable[[], Proxy]]:
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     started: list[Proxy] = []
 
-    def start() -> Proxy:
-        started.append(Proxy(tmp_path / "front"))
+    def start(*options: str) -> Proxy:
+        started.append(Proxy(tmp_path / "front", *options))
         return started[-1]
 
     yield start
@@ -268,12 +283,14 @@ def test_status_headers_and_bodies_pass_both_ways(tmp_path: Path, upstreams: tup
                        headers={"Content-Type": "application/json", "X-Client": "t1"})
     response = connection.getresponse()
     assert response.status == 201 and response.getheader("X-Echo") == "yes"
-    assert json.loads(response.read()) == {"name": "A", "echo": '{"prompt": "hi"}', "path": "/v1/echo?x=1", "x_client": "t1"}
+    assert json.loads(response.read()) == {"name": "A", "echo": '{"prompt": "hi"}', "path": "/v1/echo?x=1", "x_client": "t1",
+                                           "framing": "length"}
 
     connection.request("POST", "/chunked", body=iter([b"part1-", b"part2"]), encode_chunked=True,
                        headers={"Transfer-Encoding": "chunked"})
     response = connection.getresponse()
-    assert (response.status, json.loads(response.read())["echo"]) == (201, "part1-part2")
+    echoed = json.loads(response.read())
+    assert (response.status, echoed["echo"], echoed["framing"]) == (201, "part1-part2", "chunked")  # streamed on as chunks
 
     connection.request("GET", "/nowhere")
     response = connection.getresponse()
@@ -349,3 +366,99 @@ def test_route_is_reported_only_once_the_proxy_listens(tmp_path: Path) -> None:
         )
     assert ended.returncode != 0 and "Address already in use" in ended.stderr
     assert read_applied(tmp_path) is None
+
+
+# --- limits: request body size and open connections -----------------------------------------------
+
+
+def raw_exchange(port: int, head: bytes, chunks: int = 0, chunk: bytes = b"x" * 65536) -> bytes:
+    """Send ``head`` then up to ``chunks`` chunks of a never-ending chunked body, stopping as soon as the proxy
+    answers; return everything it sent back until it closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(head)
+        for _ in range(chunks):
+            if select.select([sock], [], [], 0)[0]:
+                break
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:
+                break
+        received = b""
+        while piece := sock.recv(65536):
+            received += piece
+        return received
+
+
+def test_declared_body_over_the_limit_is_a_413_before_anything_is_sent(
+    tmp_path: Path, upstreams: tuple[Upstream, Upstream], start_proxy: Callable[..., Proxy]
+) -> None:
+    """A Content-Length over --max-body-bytes is answered 413 at once (also to `Expect: 100-continue`);
+    at the limit the body passes."""
+    a, _ = upstreams
+    write_route(tmp_path / "front", Route(1, a.address))
+    proxy = start_proxy("--max-body-bytes", "10")
+    answer = raw_exchange(proxy.port, b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in answer
+    assert b"RequestEntityTooLargeError" in answer and b"limit of 10 bytes" in answer
+    answer = raw_exchange(proxy.port, b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n"
+                                      b"Expect: 100-continue\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
+    connection = proxy.connection()
+    connection.request("POST", "/v1/echo", body=b"0123456789")
+    response = connection.getresponse()
+    assert (response.status, json.loads(response.read())["echo"]) == (201, "0123456789")
+    connection.close()
+
+
+def test_endless_chunked_body_is_cut_off_with_a_413(
+    tmp_path: Path, upstreams: tuple[Upstream, Upstream], start_proxy: Callable[..., Proxy]
+) -> None:
+    """A chunked body that passes --max-body-bytes is answered 413 and the upstream connection cut, so the
+    upstream never sees a complete request. (Before streaming the proxy read such a body forever.)"""
+    a, _ = upstreams
+    write_route(tmp_path / "front", Route(1, a.address))
+    proxy = start_proxy("--max-body-bytes", str(1 << 20))
+    answer = raw_exchange(proxy.port, b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+                          chunks=64)  # 4 MiB at most: the loop ends by itself
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"at least" in answer and b"chunked" in answer
+    assert a.cut_off.wait(WAIT)  # the upstream saw the body break off: it answers nothing for it
+    assert proxy.get("/who") == (200, {"name": "A"})  # and the proxy serves on
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\n",
+    b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 2000 + b"\r\n",
+    b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n",
+    b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n",
+], ids=["not-hex", "negative", "long-size-line", "chunk-longer-than-its-size", "gzip-coding", "length-not-a-number"])
+def test_malformed_request_body_is_a_400(tmp_path: Path, upstreams: tuple[Upstream, Upstream],
+                                          start_proxy: Callable[..., Proxy], head: bytes) -> None:
+    """Malformed framing is answered 400 and the connection closed; the proxy serves on."""
+    a, _ = upstreams
+    write_route(tmp_path / "front", Route(1, a.address))
+    proxy = start_proxy()
+    answer = raw_exchange(proxy.port, head)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"malformed request" in answer
+    assert proxy.get("/who") == (200, {"name": "A"})
+
+
+def test_connections_over_the_cap_are_a_503_and_freed_slots_are_reused(
+    tmp_path: Path, upstreams: tuple[Upstream, Upstream], start_proxy: Callable[..., Proxy]
+) -> None:
+    """--max-connections open client connections are served; one more is answered 503 and closed."""
+    a, _ = upstreams
+    write_route(tmp_path / "front", Route(1, a.address))
+    proxy = start_proxy("--max-connections", "2")
+    held = [proxy.connection(), proxy.connection()]
+    for connection in held:  # both admitted: each gets an answer on its kept-alive connection
+        connection.request("GET", "/who")
+        assert connection.getresponse().read() == b'{"name": "A"}'
+    answer = raw_exchange(proxy.port, b"GET /who HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"too many connections" in answer and b"limit is 2" in answer
+    held.pop().close()
+    # The slot is free once the proxy has seen the close: a new connection is served again.
+    eventually(lambda: raw_exchange(proxy.port, b"GET /who HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+               .startswith(b"HTTP/1.1 200 "), "a freed connection slot reused")
+    held[0].close()
