@@ -101,7 +101,7 @@ def run_nimflow(server: S3Server, engine: Path, dest: Path) -> tuple[float, floa
     published = time.perf_counter()
     assert outcome.published, "the bench's engine key was already published"
     (engine / MANIFEST_NAME).unlink()
-    EngineStore(cache).restore(manifest, dest)
+    EngineStore(cache).restore(manifest, dest, engine_key=key)
     restored = time.perf_counter()
     return published - started, restored - published
 

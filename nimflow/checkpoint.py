@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from nimflow.containment import regular_files
 from nimflow.errors import InvalidWeights
 from nimflow.records import Checkpoint
 from nimflow.tensor_inventory import safetensors_header
@@ -58,13 +59,50 @@ _IGNORED_NAMES = (".nimflow-download.json", "nimflow-manifest.json")
 
 
 def model_files(directory: Path) -> list[Path]:
-    """Regular files of a model directory in a stable order, without download bookkeeping."""
+    """Regular files of a model directory nimflow wrote itself, in a stable order, without download bookkeeping.
+
+    For a directory from outside (a local source), use :func:`source_files`.
+    """
     files = []
     for path in sorted(directory.rglob("*")):
         rel = path.relative_to(directory)
         if path.is_file() and not any(p in _IGNORED_PARTS for p in rel.parts) and rel.name not in _IGNORED_NAMES:
             files.append(path)
     return files
+
+
+def source_files(directory: Path, *, source: str | None = None) -> dict[str, Path]:
+    """The model files of a local directory from outside: relative name -> the path whose bytes to read.
+
+    Read through :func:`nimflow.containment.regular_files`: regular files only, a link only when it
+    resolves inside the directory (or, for a Hugging Face cache snapshot, into the repo's ``blobs/``),
+    and then the link's target is returned, so callers copy and hash bytes, never the link. Hidden
+    entries and download bookkeeping are skipped.
+
+    Args:
+        source: how the directory is named in a refusal (default: its path).
+
+    Raises:
+        InvalidWeights: a link that leaves the directory, a FIFO, device or socket, or an unsafe
+            name, naming the entry.
+    """
+    return {
+        name: path
+        for name, path in regular_files(directory, source=source or str(directory))
+        if PurePosixPath(name).name not in _IGNORED_NAMES
+    }
+
+
+def side_files(directory: Path) -> dict[str, Path]:
+    """The model side files (:data:`MODEL_SIDE_FILES`) a local directory holds, as ``directory / name``.
+
+    Only names :func:`source_files` accepts: a side file linked out of the directory is refused.
+
+    Raises:
+        InvalidWeights: the directory holds a link out of it, a FIFO, device or socket.
+    """
+    files = source_files(directory)
+    return {name: directory / name for name in MODEL_SIDE_FILES if name in files}
 
 
 def sha256_file(path: Path) -> str:
@@ -96,14 +134,16 @@ def files_digest(files: dict[str, Path]) -> str:
 
 
 def local_checkpoint(directory: Path) -> Checkpoint:
-    """A local checkpoint directory, identified by the digest of its contents.
+    """A local checkpoint directory, identified by the digest of its contents (:func:`source_files`).
 
     Raises:
-        InvalidWeights: the directory does not exist or has no config.json.
+        InvalidWeights: the directory does not exist, has no config.json, or holds a link out of
+            it, a FIFO, device or socket.
     """
     if not (directory / "config.json").is_file():
         raise InvalidWeights(f"{directory}: source.local_dir must be a checkpoint directory with config.json")
-    return Checkpoint(path=str(directory), identity=f"sha256:{directory_digest(directory)}")
+    files = source_files(directory, source=f"{directory} (source.local_dir)")
+    return Checkpoint(path=str(directory), identity=f"sha256:{files_digest(files)}")
 
 
 # --- weight format -------------------------------------------------------------------------------
@@ -248,14 +288,12 @@ def check_matches_base(finetune_config: dict, base_config: dict, where: str) -> 
 
 
 def effective_side_files(finetune_dir: Path, base_dir: Path) -> dict[str, Path]:
-    """Which file NIM will get for each model side file: the fine-tune's own, else the base's."""
-    chosen = {}
-    for name in MODEL_SIDE_FILES:
-        for directory in (finetune_dir, base_dir):
-            if (directory / name).is_file():
-                chosen[name] = directory / name
-                break
-    return chosen
+    """Which file NIM will get for each model side file: the fine-tune's own, else the base's.
+
+    Raises:
+        InvalidWeights: either directory holds a link out of it, a FIFO, device or socket.
+    """
+    return {**side_files(base_dir), **side_files(finetune_dir)}
 
 
 def check_tokenizer(files: dict[str, Path], config: dict, config_path: Path) -> None:

@@ -40,7 +40,7 @@ from nimflow.build_config import (
     trtllm_build_arguments,
 )
 from nimflow.build_progress import BuildProgress, build_progress
-from nimflow.checkpoint import MODEL_SIDE_FILES
+from nimflow.checkpoint import side_files
 from nimflow.containers import (
     CONTAINER_PORT,
     LABEL_PREFIX,
@@ -165,9 +165,10 @@ def build_with_trtllm(
         {str(work): {"bind": _WORK_MOUNT, "mode": "rw"}, str(out_dir): {"bind": _OUTPUT_MOUNT, "mode": "rw"}},
         labels, progress,
     )
-    for name in MODEL_SIDE_FILES:  # NIM serves the engine with the model's config and tokenizer
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, out_dir / name)
+    # NIM serves the engine with the model's config and tokenizer. The engine travels to the store
+    # and every host: a side file linked out of the checkpoint is refused, never copied.
+    for name, path in side_files(model_dir).items():
+        shutil.copyfile(path, out_dir / name)
 
 
 def build_with_nim_jit(

@@ -96,14 +96,19 @@ def engine_record(key: str, path: Path, origin: str, manifest: dict[str, Any], l
 
 
 def _restore(store: EngineStore, manifest: dict[str, Any], cache_dir: Path, final: Path) -> TransferStats:
-    """Restore and verify the engine into a scratch dir, then publish it locally; the transfer's stats."""
+    """Restore and verify the engine into a scratch dir, then publish it locally; the transfer's stats.
+
+    ``manifest`` is one :meth:`EngineStore.manifest` returned (checked against its key); the restore
+    checks it again and writes only inside the scratch dir, which is renamed into place only after
+    every file's hash matched, and removed otherwise.
+    """
     key = manifest["engine_key"]
     staged = scratch_dir(cache_dir, f"restore-{key[:12]}")
     files = manifest["files"]
     try:
         with translated_errors(f"restoring engine {key} from {store.uri(key)}", domain=EngineStoreError), \
                 transfer_progress("restore", f"engine {key[:12]}", sum(f["size"] for f in files), len(files)) as progress:
-            store.restore(manifest, staged, on_bytes=progress.add_bytes, on_file_done=progress.file_done)
+            store.restore(manifest, staged, engine_key=key, on_bytes=progress.add_bytes, on_file_done=progress.file_done)
         publish_local(staged, final)
     finally:
         shutil.rmtree(staged, ignore_errors=True)

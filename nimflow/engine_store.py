@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -30,12 +31,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from nimflow.checkpoint import model_files, sha256_file
+from nimflow.containment import contained_path, safe_relative
 from nimflow.errors import EngineStoreError, is_transient
 from nimflow.s3 import is_missing, list_keys, s3_client, transfer_config
 from nimflow.spec import CacheSpec
@@ -54,6 +56,16 @@ MANIFEST_NAME = "nimflow-manifest.json"
 MANIFEST_SCHEMA = "nimflow-engine-manifest/2"
 STORE_MANIFEST = "manifest.json"
 UPLOADS = "uploads"
+
+#: Most files one engine's manifest may list: an engine is a few files per rank plus the model's side
+#: files (8 ranks: under 50); far more is not an engine, and each file costs requests and a thread slot.
+MAX_ENGINE_FILES = 10_000
+#: Most bytes one engine's manifest may declare: 2 TiB (a 405B-parameter engine in fp16 is about 0.8 TiB).
+MAX_ENGINE_BYTES = 2 << 40
+#: Longest manifest.json read from the store (10,000 entries take about 2 MiB).
+MAX_MANIFEST_BYTES = 16 * MIB
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_UPLOAD_ID = re.compile(r"[0-9a-f]{1,64}")
 
 
 # --- local engine directories -------------------------------------------------------------------
@@ -139,6 +151,98 @@ def publish_local(staged: Path, final: Path) -> Path:
     return final
 
 
+def check_manifest(manifest: object, engine_key: str, *, source: str) -> dict[str, Any]:
+    """An engine-store manifest, once every field a restore or a record reads is shown to be sound.
+
+    The store is written by other hosts: a manifest is checked before any of it is used. Its
+    schema and ``engine_key`` must be the ones asked for, its ``upload_id`` hex, every file entry a
+    safe relative path (:func:`nimflow.containment.safe_relative`), a non-negative int size and a
+    sha256, no name twice, no more than :data:`MAX_ENGINE_FILES` files and :data:`MAX_ENGINE_BYTES`
+    bytes, and at least one ``trtllm_engine/*.engine``.
+
+    Args:
+        source: the manifest's URI, named in every refusal.
+
+    Returns:
+        The manifest itself.
+
+    Raises:
+        EngineStoreError (permanent): the first problem, naming ``source`` and the offending entry.
+    """
+    def refuse(problem: str) -> EngineStoreError:
+        return EngineStoreError(
+            f"{source}: refused the manifest: {problem}; the store holds a corrupt or foreign manifest for this key: "
+            f"delete {source.removesuffix('/' + STORE_MANIFEST)}/ from the store to have the engine rebuilt"
+        )
+
+    if not isinstance(manifest, dict):
+        raise refuse(f"expected a JSON object, found {type(manifest).__name__}")
+    if manifest.get("schema") != MANIFEST_SCHEMA:
+        raise refuse(f"schema is {_shown(manifest.get('schema'))}, expected {MANIFEST_SCHEMA!r}")
+    if manifest.get("engine_key") != engine_key:
+        raise refuse(f"engine_key is {_shown(manifest.get('engine_key'))}, not the key asked for ({engine_key})")
+    upload_id = manifest.get("upload_id")
+    if not isinstance(upload_id, str) or not _UPLOAD_ID.fullmatch(upload_id):
+        raise refuse(f"upload_id is {_shown(upload_id)}, expected up to 64 hex digits")
+    _check_fields(manifest, refuse)
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        raise refuse(f"files is {type(files).__name__}, expected a list")
+    if len(files) > MAX_ENGINE_FILES:
+        raise refuse(f"it lists {len(files)} files, more than {MAX_ENGINE_FILES} files (the bound for one engine)")
+    names: set[str] = set()
+    total = 0
+    for index, entry in enumerate(files):
+        name = _checked_entry(entry, index, source, refuse)
+        if name in names:
+            raise refuse(f"files[{index}] names {name!r} twice")
+        names.add(name)
+        total += entry["size"]
+    if total > MAX_ENGINE_BYTES:
+        raise refuse(f"its files declare {total} bytes, more than {MAX_ENGINE_BYTES} bytes (the bound for one engine)")
+    clash = next((n for n in names for parent in PurePosixPath(n).parents if str(parent) in names), None)
+    if clash is not None:
+        raise refuse(f"{clash!r} lies under another entry that is a file")
+    if not any(n.startswith("trtllm_engine/") and n.endswith(".engine") for n in names):
+        raise refuse("no trtllm_engine/*.engine file")
+    return manifest
+
+
+def _shown(value: object) -> str:
+    """A value from a manifest as a refusal shows it: its repr, cut short (a hostile value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= 100 else f"{text[:100]}..."
+
+
+def _check_fields(manifest: dict[str, Any], refuse: Callable[[str], EngineStoreError]) -> None:
+    """The manifest's descriptive fields have the types their readers (records, `cache ls`, the serving check) expect."""
+    for field in ("key_inputs", "engine"):
+        if not isinstance(manifest.get(field), dict):
+            raise refuse(f"{field} is {type(manifest.get(field)).__name__}, expected an object")
+    inputs = manifest["key_inputs"]
+    for field, kinds in (("gpu", (dict, type(None))), ("build", (dict, type(None))), ("trtllm_version", (str, type(None)))):
+        if not isinstance(inputs.get(field), kinds):
+            raise refuse(f"key_inputs.{field} is {_shown(inputs.get(field))}, expected {' or '.join(k.__name__ for k in kinds)}")
+    for field in ("built_by", "created_at"):
+        if not isinstance(manifest.get(field, ""), str):
+            raise refuse(f"{field} is {_shown(manifest.get(field))}, expected a string")
+
+
+def _checked_entry(entry: object, index: int, source: str, refuse: Callable[[str], EngineStoreError]) -> str:
+    """``files[index]`` checked (path by the containment rule, size, sha256); its normalised name."""
+    if not isinstance(entry, dict):
+        raise refuse(f"files[{index}] is {_shown(entry)}, expected an object with path, size and sha256")
+    name = safe_relative(entry.get("path"), source=f"{source}: files[{index}]", error=EngineStoreError)
+    if name == MANIFEST_NAME:
+        raise refuse(f"files[{index}] is named {name!r}, the local manifest's own name")
+    size, digest = entry.get("size"), entry.get("sha256")
+    if type(size) is not int or size < 0:
+        raise refuse(f"files[{index}] ({name}) has size {_shown(size)}, expected a non-negative integer")
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise refuse(f"files[{index}] ({name}) has sha256 {_shown(digest)}, expected 64 hex digits")
+    return name
+
+
 def _for_each_file(entries: list[dict[str, Any]], action: Callable[[dict[str, Any]], None], workers: int) -> None:
     """Run ``action`` on manifest entries, up to ``workers`` files at a time (a multipart file's parts run in parallel too)."""
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(entries)))) as pool:
@@ -202,7 +306,12 @@ class EngineStore:
         return f"s3://{self.bucket}/{self.object_key(engine_key, *parts)}"
 
     def manifest(self, engine_key: str) -> dict[str, Any] | None:
-        """The engine's manifest, or None when the store does not (fully) hold it."""
+        """The engine's manifest, checked (:func:`check_manifest`), or None when the store does not hold it.
+
+        Raises:
+            EngineStoreError: the manifest is longer than :data:`MAX_MANIFEST_BYTES`, not JSON, or
+                fails :func:`check_manifest` (permanent: a corrupt or hostile manifest).
+        """
         key = self.object_key(engine_key, STORE_MANIFEST)
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
@@ -210,7 +319,22 @@ class EngineStore:
             if is_missing(self.client, self.bucket, key, exc):  # a 403 (no s3:ListBucket) raises, naming it
                 return None
             raise
-        return json.loads(body.read())
+        source = self.uri(engine_key, STORE_MANIFEST)
+        try:
+            data = body.read(MAX_MANIFEST_BYTES + 1)
+        finally:
+            body.close()
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise EngineStoreError(
+                f"{source}: refused the manifest: longer than {MAX_MANIFEST_BYTES} bytes; "
+                f"delete {self.uri(engine_key)}/ from the store to have the engine rebuilt"
+            )
+        try:
+            manifest = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise EngineStoreError(f"{source}: refused the manifest: not valid JSON ({type(exc).__name__}); "
+                                   f"delete {self.uri(engine_key)}/ from the store to have the engine rebuilt") from None
+        return check_manifest(manifest, engine_key, source=source)
 
     def upload(self, engine_dir: Path, manifest: dict[str, Any], *, on_bytes: BytesCallback | None = None,
                on_file_done: FileCallback | None = None) -> UploadOutcome:
@@ -285,36 +409,50 @@ class EngineStore:
         if on_bytes is not None:
             on_bytes(entry["size"])
 
-    def restore(self, manifest: dict[str, Any], dest: Path, *, on_bytes: BytesCallback | None = None,
+    def restore(self, manifest: dict[str, Any], dest: Path, *, engine_key: str, on_bytes: BytesCallback | None = None,
                 on_file_done: FileCallback | None = None) -> tuple[int, int]:
         """Download the manifest's upload into ``dest`` and verify every file's sha256.
+
+        Nothing in the manifest is trusted: it is checked (:func:`check_manifest`, against
+        ``engine_key``) and every file's path is placed inside ``dest`` before a byte is fetched;
+        an object is read no further than its declared size. ``dest`` is a staging directory:
+        callers publish it only once this returns (``engine_cache`` renames it into place), and
+        remove it when this raises. The local manifest is written last.
 
         Files up to ``cache.single_request_max_mib`` are hashed as they arrive (one pass, no
         re-read); larger ones are downloaded in parallel ranges and hashed after.
 
         Args:
+            engine_key: the key asked for; the manifest must be that key's.
             on_bytes: called (from worker threads) with each number of bytes received, for progress.
             on_file_done: called with the path of each file once it is verified.
 
         Raises:
-            EngineStoreError: a file's content does not match the manifest (corrupt store object).
+            EngineStoreError: the manifest is refused (naming the entry), or a file's content does
+                not match it (corrupt store object); both permanent.
         """
-        key, upload_id = manifest["engine_key"], manifest["upload_id"]
+        source = self.uri(engine_key, STORE_MANIFEST)
+        manifest = check_manifest(manifest, engine_key, source=source)
+        upload_id = manifest["upload_id"]
+        targets = {
+            entry["path"]: contained_path(dest, entry["path"], source=f"{source}: {entry['path']!r}", error=EngineStoreError)
+            for entry in manifest["files"]
+        }
 
         def fetch(entry: dict[str, Any]) -> None:
-            target = dest / entry["path"]
+            target = targets[entry["path"]]
             target.parent.mkdir(parents=True, exist_ok=True)
-            source = self._file_key(key, upload_id, entry["path"])
+            object_key = self._file_key(engine_key, upload_id, entry["path"])
             if entry["size"] > self._single_request_max:
-                self.client.download_file(self.bucket, source, str(target), Config=self._transfer, Callback=on_bytes)
+                stored = self.client.head_object(Bucket=self.bucket, Key=object_key)["ContentLength"]
+                if stored != entry["size"]:  # checked before a multipart download sizes itself by it
+                    raise self._corrupt(engine_key, object_key, f"{stored} bytes, the manifest declares {entry['size']}")
+                self.client.download_file(self.bucket, object_key, str(target), Config=self._transfer, Callback=on_bytes)
                 digest = sha256_file(target)
             else:
-                digest = self._get_hashed(source, target, on_bytes)
+                digest = self._get_hashed(object_key, target, on_bytes, entry["size"], engine_key)
             if digest != entry["sha256"]:
-                raise EngineStoreError(
-                    f"s3://{self.bucket}/{source}: content does not match the manifest's sha256; "
-                    f"the stored engine is corrupt: `nimflow cache gc` cannot fix it, delete {self.uri(key)} to have it rebuilt"
-                )
+                raise self._corrupt(engine_key, object_key, "its sha256 is not the manifest's")
             if on_file_done is not None:
                 on_file_done(entry["path"])
 
@@ -323,11 +461,22 @@ class EngineStore:
         _write_json_atomic(dest / MANIFEST_NAME, manifest)
         return len(files), sum(f["size"] for f in files)
 
-    def _get_hashed(self, source: str, target: Path, on_bytes: BytesCallback | None) -> str:
+    def _corrupt(self, engine_key: str, object_key: str, problem: str) -> EngineStoreError:
+        """The error for a stored file whose bytes are not what the manifest says."""
+        return EngineStoreError(
+            f"s3://{self.bucket}/{object_key}: content does not match the manifest ({problem}); the stored engine is "
+            f"corrupt: `nimflow cache gc` cannot fix it, delete {self.uri(engine_key)} to have it rebuilt"
+        )
+
+    def _get_hashed(self, source: str, target: Path, on_bytes: BytesCallback | None, size: int, engine_key: str) -> str:
         """Stream one object to ``target``, hashing each chunk as it arrives; return the sha256.
 
-        botocore retries a failed request but not a body cut short mid-stream; such a transient
-        fault (reset, read timeout) fetches the file again, up to :data:`STREAM_ATTEMPTS` times.
+        Reading stops once the object is longer than the ``size`` its manifest declares. botocore
+        retries a failed request but not a body cut short mid-stream; such a transient fault
+        (reset, read timeout) fetches the file again, up to :data:`STREAM_ATTEMPTS` times.
+
+        Raises:
+            EngineStoreError: the object is larger than ``size``.
         """
         for attempt in range(1, STREAM_ATTEMPTS + 1):
             digest, received = hashlib.sha256(), 0
@@ -336,9 +485,11 @@ class EngineStore:
                 try:
                     with target.open("wb") as handle:
                         for chunk in body.iter_chunks(STREAM_CHUNK):
+                            received += len(chunk)
+                            if received > size:
+                                raise self._corrupt(engine_key, source, f"larger than the {size} bytes it declares")
                             digest.update(chunk)
                             handle.write(chunk)
-                            received += len(chunk)
                             if on_bytes is not None:
                                 on_bytes(len(chunk))
                 finally:

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from nimflow.checkpoint import (
     check_matches_base,
@@ -23,6 +23,7 @@ from nimflow.checkpoint import (
     effective_side_files,
     model_files,
     read_config,
+    source_files,
 )
 from nimflow.errors import InvalidWeights
 from nimflow.pickle_weights import PICKLE_INDEX, convert_pickle_weights
@@ -34,6 +35,7 @@ from nimflow.weights_source import (
     fetch_source,
     file_sizes,
     parse_location,
+    place_file,
     record_path,
     reusable,
     save_record,
@@ -88,32 +90,27 @@ def check_finetune(source: Path, base_dir: Path, location: WeightsLocation, conv
     return weight_format
 
 
-def _place(src: Path, dest: Path, *, move: bool, link: bool) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if move:
-        os.replace(src, dest)
-        return
-    if link:  # a hub snapshot never changes in place: sharing its inodes is safe
-        with contextlib.suppress(OSError):
-            os.link(src, dest)
-            return
-    shutil.copyfile(src, dest)  # streams in chunks; never a link to a user's file that may change
-
-
 def assemble(source: Path, converted: Path | None, base_dir: Path, staged: Path, *, move: bool, link: bool) -> None:
     """Lay out the staged directory: the fine-tune's files (pickles replaced by their conversion),
-    then the side files NIM_FT_MODEL needs, taken from the base model where the fine-tune lacks them."""
-    for path in model_files(source):
-        rel = path.relative_to(source)
+    then the side files NIM_FT_MODEL needs, taken from the base model where the fine-tune lacks them.
+
+    The source is read through :func:`~nimflow.checkpoint.source_files`: regular files, and the
+    bytes of links that stay inside it (a Hugging Face cache snapshot's blobs), never a link.
+
+    Raises:
+        InvalidWeights: the source or the base holds a link out of it, a FIFO, device or socket.
+    """
+    for name, path in source_files(source).items():
+        rel = PurePosixPath(name)
         if converted is not None and (rel.name == PICKLE_INDEX or (len(rel.parts) == 1 and rel.suffix in _PICKLE_SUFFIXES)):
             continue  # the converted safetensors replace them; a pickle is never staged
-        _place(path, staged / rel, move=move, link=link)
+        place_file(path, staged / name, move=move, link=link)
     if converted is not None:
         for path in model_files(converted):
-            _place(path, staged / path.relative_to(converted), move=True, link=False)
+            place_file(path, staged / path.relative_to(converted), move=True)
     for name, path in effective_side_files(staged, base_dir).items():
         if path.parent != staged:
-            shutil.copyfile(path, staged / name)
+            place_file(path, staged / name)
 
 
 def _source_record(spec: FinetuneSpec, fingerprint: dict, base_identity: str, cache_dir: Path) -> tuple[Path, dict]:

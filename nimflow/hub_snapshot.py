@@ -16,6 +16,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import filter_repo_objects
 
 from nimflow.checkpoint import model_files
+from nimflow.containment import safe_relative
 from nimflow.errors import InvalidWeights, translated_errors
 from nimflow.progress import transfer_progress
 from nimflow.records import Checkpoint, TransferStats
@@ -127,10 +128,21 @@ def fetch_snapshot(
 
 
 def planned_files(repo_id: str, sha: str, allow_patterns: list[str] | None) -> dict[str, int]:
-    """Path and size of each file a snapshot download of these patterns fetches (for its progress total)."""
+    """Path and size of each file a snapshot download of these patterns fetches (for its progress total).
+
+    The names come from the hub's tree listing and become paths under the snapshot (the progress
+    sampler looks at them), so each passes the containment rule first. huggingface_hub refuses
+    such names itself before it writes (``_validate_relative_filename``); this refuses them before
+    the download starts, naming the repo.
+
+    Raises:
+        InvalidWeights: a file name that is absolute, has ``..`` or is otherwise unsafe.
+    """
     settings = get_settings()
     api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token_value())
     entries = [e for e in api.list_repo_tree(repo_id, revision=sha, recursive=True) if isinstance(e, RepoFile)]
+    for entry in entries:
+        safe_relative(entry.path, source=f"{repo_id}@{sha} (the hub's file list)")
     kept = set(filter_repo_objects([e.path for e in entries], allow_patterns=allow_patterns))
     return {e.path: e.size for e in entries if e.path in kept}
 

@@ -28,6 +28,7 @@ from nimflow.weights_source import (
     fetch_source,
     file_sizes,
     parse_location,
+    place_file,
     record_path,
     reusable,
     save_record,
@@ -269,8 +270,8 @@ def stage_adapters(lora: LoraSpec, base: Checkpoint, cache_dir: Path) -> tuple[S
                                     max_rank=lora.max_rank, allow_pickle=lora.allow_pickle, converted=work / "converted" / name)
             warnings += checked.warnings
             (staged / name).mkdir(parents=True)
-            shutil.copyfile(checked.config, staged / name / ADAPTER_CONFIG)
-            shutil.copyfile(checked.weights, staged / name / ADAPTER_WEIGHTS)  # streams in chunks
+            place_file(checked.config, staged / name / ADAPTER_CONFIG)
+            place_file(checked.weights, staged / name / ADAPTER_WEIGHTS)
         digest = directory_digest(staged)
         final = root / digest[:32]
         files = 0

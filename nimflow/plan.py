@@ -13,7 +13,7 @@ from pathlib import Path
 import docker
 
 from nimflow.build_lease import BuildLeases
-from nimflow.checkpoint import directory_digest
+from nimflow.checkpoint import local_checkpoint
 from nimflow.containers import docker_client
 from nimflow.engine_cache import plan_engine
 from nimflow.engine_store import EngineStore, local_engine_path, read_local_manifest
@@ -65,7 +65,7 @@ def make_plan(spec: HostingSpec) -> Plan:
         plan.add("download", "skip", f"NIM fetches {source.model_name} itself (guide §1 manifest)")
     elif source.local_dir is not None:
         model_dir = Path(source.local_dir)
-        weights = f"sha256:{directory_digest(model_dir)}"
+        weights = local_checkpoint(model_dir).identity  # the run's identity, by the run's rule
         plan.add("download", "skip", f"local checkpoint {model_dir}")
     else:
         assert source.repo_id is not None

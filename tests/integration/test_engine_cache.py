@@ -97,7 +97,7 @@ def test_lost_race_keeps_the_winner_whole(tmp_path: Path, testbed_env: dict, uni
     published = store.manifest(key)
     assert published is not None and published["upload_id"] == winner["upload_id"]
     restored = tmp_path / "third-host"
-    store.restore(published, restored)
+    store.restore(published, restored, engine_key=key)
     for entry in published["files"]:
         assert sha256(restored / entry["path"]) == entry["sha256"] == sha256(winner_dir / entry["path"])
 
@@ -189,7 +189,7 @@ def test_two_hosts_at_once_build_once_and_both_serve(
         endpoint = next(line for line in out.splitlines() if line.startswith("endpoint:")).split()[1]
         assert httpx.get(f"{endpoint}/v1/models").status_code == 200
     third = tmp_path / "third-host"
-    EngineStore(CacheSpec(uri=f"s3://{ENGINE_BUCKET}/two-{unique}")).restore(manifest, third)
+    EngineStore(CacheSpec(uri=f"s3://{ENGINE_BUCKET}/two-{unique}")).restore(manifest, third, engine_key=key)
     for entry in manifest["files"]:
         assert sha256(third / entry["path"]) == entry["sha256"]
         for host in ("a", "b"):  # both hosts hold exactly the published bytes

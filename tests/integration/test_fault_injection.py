@@ -210,7 +210,7 @@ def test_engine_upload_and_restore_survive_resets_503_bursts_latency_and_hangs(
     store = EngineStore(cache)
     restored = tmp_path / "restored"
 
-    files, size = store.restore(store.manifest(key) or {}, restored)
+    files, size = store.restore(store.manifest(key) or {}, restored, engine_key=key)
 
     assert (files, size) == (len(manifest["files"]), engine.bytes)
     for entry in manifest["files"]:

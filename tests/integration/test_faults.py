@@ -224,13 +224,13 @@ def test_large_engine_files_go_multipart_and_restore_verified(
     assert head["ETag"].strip('"').endswith("-3")  # 5 + 5 + 2 MiB parts
     store = EngineStore(cache)
     restored = tmp_path / "restored"
-    files, size = store.restore(store.manifest(key) or {}, restored)
+    files, size = store.restore(store.manifest(key) or {}, restored, engine_key=key)
     assert files == len(manifest["files"]) and (restored / "trtllm_engine" / "rank0.engine").read_bytes() == rank.read_bytes()
 
     # A corrupted object in the store is refused on restore, not served.
     client.put_object(Bucket=ENGINE_BUCKET, Key=f"{files_prefix}/config.json", Body=b'{"tampered": true}')
     with pytest.raises(EngineStoreError, match="does not match the manifest"):
-        store.restore(store.manifest(key) or {}, tmp_path / "restored-again")
+        store.restore(store.manifest(key) or {}, tmp_path / "restored-again", engine_key=key)
 
 
 def test_port_in_use_fails_once_naming_the_field(

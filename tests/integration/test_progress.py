@@ -69,7 +69,7 @@ def test_upload_and_restore_report_progress_to_the_prefect_api(tmp_path: Path, t
         restored = _restore(EngineStore(cache), manifest, tmp_path / "cache", tmp_path / "restored")
         # The store's own hooks, summed: every byte of every file is reported, once.
         summed, files_done = Summed(), []
-        EngineStore(cache).restore(manifest, tmp_path / "again", on_bytes=summed, on_file_done=files_done.append)
+        EngineStore(cache).restore(manifest, tmp_path / "again", engine_key=key, on_bytes=summed, on_file_done=files_done.append)
         return {"flow_run_id": get_run_context().flow_run.id, "upload": published.transfer, "restore": restored,
                 "summed": summed, "files_done": files_done}
 
