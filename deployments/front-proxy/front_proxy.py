@@ -10,7 +10,8 @@ bodies alike), never held whole: memory stays bounded whatever clients send.
 Two limits keep hostile or broken clients contained (nimflow passes both; the defaults are for
 running it by hand): a request body larger than ``--max-body-bytes`` is answered
 ``413`` (at once when its Content-Length says so, else when the streamed chunks pass it; the
-upstream connection is then cut, so the upstream discards the partial body), and a client
+upstream connection is then cut, so the upstream discards the partial body; the body is counted
+even after the upstream has failed, so that answer never depends on the upstream), and a client
 connection beyond ``--max-connections`` open at once is answered ``503`` and closed.
 
 The route file (``<route-dir>/route.json``, written atomically by nimflow)::
@@ -97,6 +98,28 @@ def linger_and_close(sock: socket.socket) -> None:
         pass
     finally:
         sock.close()
+
+
+class UpstreamBody:
+    """Where the request body goes: the upstream connection until a write to it fails, then nowhere.
+
+    The client's body is read, framed and counted against the limit the same way whether the upstream
+    takes it or has gone (crashed, restarted, closed early), so the answer to a body past the limit is
+    413 whenever the upstream fails, and the client connection stays in step with the request.
+    """
+
+    def __init__(self, connection: http.client.HTTPConnection) -> None:
+        self.connection = connection
+        self.error: OSError | None = None
+
+    def send(self, data: bytes) -> None:
+        """Forward ``data``, or drop it once the upstream has failed (the first failure is kept)."""
+        if self.error is not None:
+            return
+        try:
+            self.connection.send(data)
+        except OSError as exc:
+            self.error = exc
 
 
 class BodyTooLarge(Exception):
@@ -280,20 +303,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise BadBody("a chunk line of the request body is too long or cut off")
         return line
 
-    def _pipe(self, upstream: http.client.HTTPConnection, size: int) -> None:
+    def _pipe(self, upstream: UpstreamBody, size: int) -> None:
         """Pass ``size`` bytes of the client's body to the upstream, piece by piece."""
         while size > 0:
             piece = self._read_client(min(CHUNK, size))
             upstream.send(piece)
             size -= len(piece)
 
-    def _send_body(self, upstream: http.client.HTTPConnection, chunked: bool, length: int | None) -> None:
-        """Stream the request body to the upstream (chunked stays chunked), counting it against the limit.
+    def _send_body(self, upstream: UpstreamBody, chunked: bool, length: int | None) -> None:
+        """Read the request body to its end, counting it against the limit, and stream it to the upstream
+        (chunked stays chunked) for as long as the upstream takes it.
 
         Raises:
             BodyTooLarge: the chunks passed --max-body-bytes (what was sent is cut off with the upstream connection).
             BadBody: malformed chunks, or the client stopped mid-body.
-            OSError: the upstream connection failed.
         """
         if not chunked:
             self._pipe(upstream, length or 0)
@@ -372,23 +395,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
         # One connection per request: the name is resolved again each time (Docker DNS), so a
         # backend restarted with a new address is found, and a switch needs no connection draining.
         connection = http.client.HTTPConnection(host, int(port), timeout=CONNECT_TIMEOUT)
+        body = UpstreamBody(connection)
         try:
             try:
-                connection.connect()
-                connection.sock.settimeout(READ_TIMEOUT)
-                connection.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-                for key, value in self.headers.items():
-                    if key.lower() not in NOT_FORWARDED:
-                        connection.putheader(key, value)
-                if "host" not in {k.lower() for k in self.headers.keys()}:
-                    connection.putheader("Host", upstream)
-                connection.putheader("X-Forwarded-For", self.client_address[0])
-                if chunked:
-                    connection.putheader("Transfer-Encoding", "chunked")
-                elif length is not None:
-                    connection.putheader("Content-Length", str(length))
-                connection.endheaders()
-                self._send_body(connection, chunked, length)
+                try:
+                    self._send_head(connection, upstream, chunked, length)
+                except OSError as exc:
+                    body.error = exc
+                # The client's body decides first (413, 400), whatever the upstream did meanwhile: read to
+                # its end, it also leaves the client connection ready for its next request.
+                self._send_body(body, chunked, length)
+                if body.error is not None:
+                    raise body.error
                 response = connection.getresponse()
             except BodyTooLarge as exc:
                 log(f"request body refused ({exc}, over {self.max_body_bytes} bytes); the request to {upstream} was cut off")
@@ -401,13 +419,35 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return
             except (OSError, http.client.HTTPException) as exc:
                 log(f"upstream {upstream} unreachable: {type(exc).__name__}: {exc}")
-                # A body the upstream did not take may be half read: this connection ends here.
+                # The client's body was read to its end: its connection can carry the next request.
                 self._send_json(502, f"nimflow front proxy: upstream {upstream} unreachable ({type(exc).__name__}: {exc})",
-                                "BadGatewayError", close=chunked or bool(length))
+                                "BadGatewayError")
                 return
             self._relay(response)
         finally:
             connection.close()
+
+    def _send_head(self, connection: http.client.HTTPConnection, upstream: str, chunked: bool,
+                   length: int | None) -> None:
+        """Connect to the upstream and send the request line and headers (the body's framing kept).
+
+        Raises:
+            OSError: the upstream cannot be reached or closed the connection.
+        """
+        connection.connect()
+        connection.sock.settimeout(READ_TIMEOUT)
+        connection.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+        for key, value in self.headers.items():
+            if key.lower() not in NOT_FORWARDED:
+                connection.putheader(key, value)
+        if "host" not in {k.lower() for k in self.headers.keys()}:
+            connection.putheader("Host", upstream)
+        connection.putheader("X-Forwarded-For", self.client_address[0])
+        if chunked:
+            connection.putheader("Transfer-Encoding", "chunked")
+        elif length is not None:
+            connection.putheader("Content-Length", str(length))
+        connection.endheaders()
 
     def _relay(self, response: http.client.HTTPResponse) -> None:
         """Send the upstream's status, headers and body on, the body piece by piece as it arrives."""

@@ -38,6 +38,7 @@ class Upstream:
         self.second_event = threading.Event()
         self.second_event_waited_out = False
         self.cut_off = threading.Event()
+        self.hung_up = threading.Event()
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -90,6 +91,10 @@ class Upstream:
                 return self.rfile.read(int(self.headers["Content-Length"])), "length"
 
             def do_POST(self) -> None:  # noqa: N802
+                if self.path == "/hang-up":  # closes without reading the body (a crash, or an early close)
+                    upstream.hung_up.set()
+                    self.close_connection = True
+                    return
                 try:
                     body, framing = self._body()
                 except ValueError:  # the proxy cut the body off (over its limit)
@@ -423,6 +428,36 @@ def test_endless_chunked_body_is_cut_off_with_a_413(
     assert answer.startswith(b"HTTP/1.1 413 ") and b"at least" in answer and b"chunked" in answer
     assert a.cut_off.wait(WAIT)  # the upstream saw the body break off: it answers nothing for it
     assert proxy.get("/who") == (200, {"name": "A"})  # and the proxy serves on
+
+
+def test_body_over_the_limit_is_a_413_even_when_the_upstream_hangs_up_mid_body(
+    tmp_path: Path, upstreams: tuple[Upstream, Upstream], start_proxy: Callable[..., Proxy]
+) -> None:
+    """An upstream that closes while a chunked body is still arriving (a crash, a restart, a server that
+    answers early) does not decide the answer: the body is still counted, and past the limit it is a 413.
+    A body under the limit that the upstream did not take is a 502, and that connection serves on.
+
+    Failed before the fix (checked against the proxy as it was): the upstream's close turned into
+    `502 ... (BrokenPipeError: [Errno 32] Broken pipe)` or ConnectionResetError, whichever write noticed it
+    first - the race a loaded machine showed in tests/security/test_serving.py.
+    """
+    a, _ = upstreams
+    write_route(tmp_path / "front", Route(1, a.address))
+    proxy = start_proxy("--max-body-bytes", str(4 << 20))
+    answer = raw_exchange(proxy.port, b"POST /hang-up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+                          chunks=256)  # 16 MiB at most: the loop ends by itself
+    assert a.hung_up.is_set()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert b"RequestEntityTooLargeError" in answer and b"limit of 4194304 bytes" in answer
+    connection = proxy.connection()
+    body = b"x" * (1 << 20)  # under the limit, and more than the sockets' buffers hold: the upstream's close shows
+    connection.request("POST", "/hang-up", body=body, headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 502 and json.loads(response.read())["error"]["type"] == "BadGatewayError"
+    connection.request("GET", "/who")  # the body was read to its end: the same connection serves on
+    response = connection.getresponse()
+    assert (response.status, json.loads(response.read())) == (200, {"name": "A"})
+    connection.close()
 
 
 @pytest.mark.parametrize("head", [
