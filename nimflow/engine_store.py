@@ -269,6 +269,15 @@ class UploadOutcome:
 
 
 @dataclass(frozen=True)
+class StoredManifest:
+    """A published manifest as the store holds it: checked content, its ETag and the store's LastModified."""
+
+    manifest: dict[str, Any]
+    etag: str
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
 class AbandonedUpload:
     """An upload no manifest names (a lost race or a crash), with its size and last write."""
 
@@ -312,13 +321,27 @@ class EngineStore:
             EngineStoreError: the manifest is longer than :data:`MAX_MANIFEST_BYTES`, not JSON, or
                 fails :func:`check_manifest` (permanent: a corrupt or hostile manifest).
         """
+        stored = self.stored_manifest(engine_key)
+        return None if stored is None else stored.manifest
+
+    def stored_manifest(self, engine_key: str) -> StoredManifest | None:
+        """The engine's manifest with the version the store holds (ETag, LastModified), or None.
+
+        The ETag lets a writer act on exactly the version it read (``IfMatch``): gc deletes, and a
+        broken manifest is set aside, only if nobody replaced it in between. LastModified is the
+        store's own clock, not the builder's.
+
+        Raises:
+            EngineStoreError: as :meth:`manifest`.
+        """
         key = self.object_key(engine_key, STORE_MANIFEST)
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if is_missing(self.client, self.bucket, key, exc):  # a 403 (no s3:ListBucket) raises, naming it
                 return None
             raise
+        body = answer["Body"]
         source = self.uri(engine_key, STORE_MANIFEST)
         try:
             data = body.read(MAX_MANIFEST_BYTES + 1)
@@ -334,7 +357,11 @@ class EngineStore:
         except (ValueError, RecursionError) as exc:
             raise EngineStoreError(f"{source}: refused the manifest: not valid JSON ({type(exc).__name__}); "
                                    f"delete {self.uri(engine_key)}/ from the store to have the engine rebuilt") from None
-        return check_manifest(manifest, engine_key, source=source)
+        return StoredManifest(
+            manifest=check_manifest(manifest, engine_key, source=source),
+            etag=str(answer["ETag"]),
+            last_modified=answer["LastModified"].astimezone(timezone.utc),
+        )
 
     def upload(self, engine_dir: Path, manifest: dict[str, Any], *, on_bytes: BytesCallback | None = None,
                on_file_done: FileCallback | None = None) -> UploadOutcome:
