@@ -141,7 +141,9 @@ def _host(spec: HostingSpec) -> dict:
 
     if spec.build is not None and spec.cache is not None and model_path is not None:
         with _timed(timings, "compile"):
-            engine = with_current_retries(compile_engine)(spec.build, spec.cache, model_path, weights_identity, cache_dir, spec.deploy)
+            engine = with_current_retries(compile_engine)(
+                spec.build, spec.cache, model_path, weights_identity, cache_dir, spec.deploy, spec.source.allow_patterns
+            )
         with _timed(timings, "upload"):
             published = with_current_retries(upload_engine)(engine, spec.cache)
         model_path = engine.path

@@ -43,14 +43,26 @@ SUPPORTED_ARCHITECTURES: dict[str, frozenset[str]] = {
 _ENGINE_CONFIG = Path("trtllm_engine") / "config.json"
 
 
+#: ``build.env`` entries that cannot change the engine a build produces, so not in the engine key:
+#: logging and progress output (NIM, TensorRT-LLM, NCCL, Hugging Face, Python) and network proxies.
+#: Any other entry may steer the build (e.g. NIM_* profile or TensorRT-LLM feature switches) and is
+#: hashed. Extend this list only with variables whose documentation says they affect output alone.
+ENGINE_NEUTRAL_ENV: frozenset[str] = frozenset({
+    "NIM_LOG_LEVEL", "NIM_JSONL_LOGGING", "TLLM_LOG_LEVEL", "NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "TRANSFORMERS_VERBOSITY",
+    "HF_HUB_DISABLE_PROGRESS_BARS", "PYTHONUNBUFFERED", "TQDM_DISABLE",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+})
+
+
 def normalized_build_config(build: BuildSpec) -> dict[str, Any]:
     """What the backend is asked to build: the backend, every field it honours, and the build env.
 
     This is the build part of the engine key. Host details (GPU ids, shm, timeout, image tag) are
-    not in it: they do not change the engine.
+    not in it, nor are env entries in :data:`ENGINE_NEUTRAL_ENV`: they do not change the engine.
     """
     fields = {name: getattr(build, name) for name in sorted(BACKEND_FIELDS[build.backend])}
-    return {"backend": build.backend, **{k: v for k, v in fields.items() if v is not None}, "env": dict(sorted(build.env.items()))}
+    env = {name: value for name, value in sorted(build.env.items()) if name not in ENGINE_NEUTRAL_ENV}
+    return {"backend": build.backend, **{k: v for k, v in fields.items() if v is not None}, "env": env}
 
 
 # --- before the build ---------------------------------------------------------------------------

@@ -113,7 +113,9 @@ def explain(store: EngineStore, key: str, other: str | None = None) -> str:
     first = _manifest_or_fail(store, store.resolve_key(key))
     if other is None:
         lines = [f"engine {first['engine_key']}", "key inputs:"]
-        lines += [f"  {name}: {value}" for name, value in _flatten(first.get("key_inputs", {}))]
+        # A multi-line value (the rendered build config) stays on its line, escaped.
+        lines += [f"  {name}: {value!r}" if isinstance(value, str) and "\n" in value else f"  {name}: {value}"
+                  for name, value in _flatten(first.get("key_inputs", {}))]
         lines.append("built (from the engine's own config):")
         lines += [f"  {name}: {value}" for name, value in _flatten(first.get("engine", {}))]
         lines.append(f"upload {first.get('upload_id')} by {first.get('built_by', '?')} at {first.get('created_at', '?')}, "
@@ -124,6 +126,10 @@ def explain(store: EngineStore, key: str, other: str | None = None) -> str:
     header = f"{first['engine_key'][:12]} vs {second['engine_key'][:12]}"
     if not diffs:
         return f"{header}: identical inputs (the keys are equal)"
+    # The builder's command line follows from the build config: shown only when it alone differs
+    # (another nimflow version passing other flags), not as a second copy of a build.* change.
+    if any(name.startswith("build.") for name, _, _ in diffs):
+        diffs = [d for d in diffs if not d[0].startswith("builder.")]
     rows = [{"INPUT": name, first["engine_key"][:12]: str(a), second["engine_key"][:12]: str(b)} for name, a, b in diffs]
     return f"{header}: {len(diffs)} input(s) differ\n" + format_table(rows)
 

@@ -31,6 +31,8 @@ from typing import Any
 import docker
 
 from nimflow.build_config import (
+    TRTLLM_CONVERT_DIRS,
+    TRTLLM_EXAMPLES,
     check_built_engine,
     convert_arguments,
     convert_script,
@@ -88,6 +90,50 @@ def build_environment(build: BuildSpec, secrets: Mapping[str, str], fixed: Mappi
     return {**build.env, **(fixed or {}), **{name: secrets[name] for name in needed if name in secrets}}
 
 
+_NIM_OPTIMIZE_COMMAND = ["nim-optimize", "--model_dir", _MODEL_MOUNT, "--build_config", f"{_WORK_MOUNT}/build_config.yaml",
+                         "--output_engine_dir", _OUTPUT_MOUNT]
+
+
+def _trtllm_commands(build: BuildSpec, convert_script_path: str) -> tuple[list[str], list[str]]:
+    """The ``convert_checkpoint.py`` and ``trtllm-build`` command lines of a trtllm-build backend build."""
+    checkpoint = f"{_WORK_MOUNT}/checkpoint"
+    return (
+        ["python3", convert_script_path, *convert_arguments(build, _MODEL_MOUNT, checkpoint)],
+        ["trtllm-build", *trtllm_build_arguments(build, checkpoint, f"{_OUTPUT_MOUNT}/trtllm_engine", f"{_WORK_MOUNT}/timing.cache")],
+    )
+
+
+def _jit_fixed_environment(build: BuildSpec, custom_model_name: str) -> dict[str, str]:
+    """What nimflow sets for a NIM JIT build (on top of ``build.env``)."""
+    return {
+        **jit_environment(build),
+        "NIM_FT_MODEL": _MODEL_MOUNT,
+        "NIM_CUSTOM_MODEL_NAME": custom_model_name,
+        "NIM_SERVED_MODEL_NAME": custom_model_name,
+        "NIM_CACHE_PATH": _JIT_CACHE_MOUNT,
+        # Late NIM 1.x: the default PyTorch runtime does not build fine-tuned engines.
+        "NIM_USE_TRTLLM_LEGACY_BACKEND": "1",
+        "NIM_DISABLE_TRTLLM_PYTORCH_RT": "1",
+    }
+
+
+def builder_invocation(build: BuildSpec) -> dict[str, Any]:
+    """What nimflow asks the backend to run, as the engine key records it.
+
+    The same functions produce the build's command lines, rendered config and fixed environment,
+    so a change to any flag nimflow passes changes the key (no key-schema bump to remember). Parts
+    that follow from the weights are left symbolic: the checkpoint's architecture picks the
+    ``convert_checkpoint.py`` family (the table is hashed), and a JIT build's model name is the key.
+    """
+    if build.backend == "nim-optimize":
+        return {"commands": [_NIM_OPTIMIZE_COMMAND], "build_config": render_nim_optimize_config(build)}
+    if build.backend == "trtllm-build":
+        by_architecture = build.convert_script or f"{TRTLLM_EXAMPLES}/<family of the architecture>/convert_checkpoint.py"
+        table = None if build.convert_script else dict(sorted(TRTLLM_CONVERT_DIRS.items()))
+        return {"commands": list(_trtllm_commands(build, by_architecture)), "convert_families": table}
+    return {"environment": _jit_fixed_environment(build, "<engine key>")}
+
+
 def _build_environment(build: BuildSpec, fixed: Mapping[str, str] | None = None) -> dict[str, str]:
     # Secrets are looked up (environment, else Prefect Secret blocks) only where the backend needs them.
     needed = BUILD_SECRETS.get(build.backend, ())
@@ -134,9 +180,7 @@ def build_with_nim_optimize(
     config = work / "build_config.yaml"
     config.write_text(render_nim_optimize_config(build))
     _run_step(
-        client, build, "nim-optimize",
-        ["nim-optimize", "--model_dir", _MODEL_MOUNT, "--build_config", f"{_WORK_MOUNT}/build_config.yaml",
-         "--output_engine_dir", _OUTPUT_MOUNT],
+        client, build, "nim-optimize", _NIM_OPTIMIZE_COMMAND,
         {
             str(model_dir): {"bind": _MODEL_MOUNT, "mode": "ro"},
             str(out_dir): {"bind": _OUTPUT_MOUNT, "mode": "rw"},
@@ -151,17 +195,14 @@ def build_with_trtllm(
     model_config: dict[str, Any], progress: BuildProgress,
 ) -> None:
     """``convert_checkpoint.py`` then ``trtllm-build`` in a TensorRT-LLM image, laid out for NIM."""
-    checkpoint = f"{_WORK_MOUNT}/checkpoint"
+    convert, compile_ = _trtllm_commands(build, convert_script(build, model_config))
     _run_step(
-        client, build, "convert_checkpoint.py",
-        ["python3", convert_script(build, model_config), *convert_arguments(build, _MODEL_MOUNT, checkpoint)],
+        client, build, "convert_checkpoint.py", convert,
         {str(model_dir): {"bind": _MODEL_MOUNT, "mode": "ro"}, str(work): {"bind": _WORK_MOUNT, "mode": "rw"}},
         labels, progress,
     )
     _run_step(
-        client, build, "trtllm-build",
-        ["trtllm-build", *trtllm_build_arguments(
-            build, checkpoint, f"{_OUTPUT_MOUNT}/trtllm_engine", f"{_WORK_MOUNT}/timing.cache")],
+        client, build, "trtllm-build", compile_,
         {str(work): {"bind": _WORK_MOUNT, "mode": "rw"}, str(out_dir): {"bind": _OUTPUT_MOUNT, "mode": "rw"}},
         labels, progress,
     )
@@ -176,16 +217,7 @@ def build_with_nim_jit(
     custom_model_name: str, progress: BuildProgress,
 ) -> None:
     """Let NIM JIT-build the engine at start-up, then harvest it into ``out_dir``."""
-    env = _build_environment(build, {
-        **jit_environment(build),
-        "NIM_FT_MODEL": _MODEL_MOUNT,
-        "NIM_CUSTOM_MODEL_NAME": custom_model_name,
-        "NIM_SERVED_MODEL_NAME": custom_model_name,
-        "NIM_CACHE_PATH": _JIT_CACHE_MOUNT,
-        # Late NIM 1.x: the default PyTorch runtime does not build fine-tuned engines.
-        "NIM_USE_TRTLLM_LEGACY_BACKEND": "1",
-        "NIM_DISABLE_TRTLLM_PYTORCH_RT": "1",
-    })
+    env = _build_environment(build, _jit_fixed_environment(build, custom_model_name))
     options = _container_options(build, labels)
     options["environment"] = env
     name = f"nimflow-jit-{uuid.uuid4().hex[:12]}"

@@ -54,13 +54,15 @@ class EnginePlan:
 
 
 def plan_engine(
-    client: docker.DockerClient, build: BuildSpec, model_dir: Path | None, weights_identity: str, deploy: DeploySpec | None
+    client: docker.DockerClient, build: BuildSpec, model_dir: Path | None, weights_identity: str, deploy: DeploySpec | None,
+    *, allow_patterns: list[str] | None = None,
 ) -> EnginePlan:
     """Check the build before any GPU time and compute the engine key.
 
     Args:
         model_dir: the checkpoint; None when it is not downloaded yet (``nimflow plan``): the
             checks that need its config.json are then left to the run.
+        allow_patterns: the source's ``allow_patterns``, which decide the side files in the engine directory.
 
     Raises:
         ConfigError: the build config does not fit the model or the GPUs (each rule names its field).
@@ -75,7 +77,9 @@ def plan_engine(
         target = probe_target(client, build.image, build.gpus, build.env, field="build.gpus")
         build_image_id = image_id(client, build.image)
     check_against_target(build, target)
-    inputs = engine_key_inputs(weights_identity=weights_identity, build=build, image_id=build_image_id, target=target)
+    inputs = engine_key_inputs(
+        weights_identity=weights_identity, build=build, image_id=build_image_id, target=target, allow_patterns=allow_patterns
+    )
     key = engine_key(inputs)
     differences: list[str] = []
     if deploy is not None and (deploy.image, deploy.gpus, deploy.env) != (build.image, build.gpus, build.env):

@@ -7,6 +7,7 @@ directory with the marker holds a complete download and is never fetched again. 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -28,9 +29,18 @@ SHA = re.compile(r"^[0-9a-f]{40}$")
 COMPLETE_MARKER = ".nimflow-download.json"
 
 
-def snapshot_path(cache_dir: Path, repo_id: str, sha: str) -> Path:
-    """Where a repo snapshot lives inside the NIM cache mount."""
-    return cache_dir / "models" / repo_id.replace("/", "--") / sha
+def snapshot_path(cache_dir: Path, repo_id: str, sha: str, allow_patterns: list[str] | None = None) -> Path:
+    """Where a repo snapshot lives inside the NIM cache mount.
+
+    A snapshot limited by ``allow_patterns`` has its own directory (named by a digest of the
+    patterns): one directory never holds files another spec's patterns excluded, which would end
+    up next to an engine whose key says they are not there.
+    """
+    base = cache_dir / "models" / repo_id.replace("/", "--") / sha
+    if allow_patterns is None:
+        return base
+    digest = hashlib.sha256(json.dumps(sorted(set(allow_patterns))).encode()).hexdigest()[:12]
+    return base.with_name(f"{sha}-files-{digest}")
 
 
 def resolve_revision(repo_id: str, revision: str) -> str:
@@ -87,7 +97,7 @@ def fetch_snapshot(
         InvalidWeights: ``required_file`` was not downloaded.
     """
     sha = pinned_sha(repo_id, revision)
-    target = snapshot_path(cache_dir, repo_id, sha)
+    target = snapshot_path(cache_dir, repo_id, sha, allow_patterns)
     if completed_snapshot(target, allow_patterns):
         return Checkpoint(path=str(target), identity=f"hf:{repo_id}@{sha}", repo_id=repo_id, revision=revision, revision_sha=sha)
 

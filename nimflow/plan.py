@@ -71,7 +71,7 @@ def make_plan(spec: HostingSpec) -> Plan:
         assert source.repo_id is not None
         sha = pinned_sha(source.repo_id, source.revision)
         weights = f"hf:{source.repo_id}@{sha}"
-        target = snapshot_path(cache_dir, source.repo_id, sha)
+        target = snapshot_path(cache_dir, source.repo_id, sha, source.allow_patterns)
         complete = completed_snapshot(target, source.allow_patterns)
         model_dir = target if complete else None
         plan.add("download", "hit" if complete else "run",
@@ -102,7 +102,7 @@ def make_plan(spec: HostingSpec) -> Plan:
         plan.add("upload", "?", "depends on the fine-tuned weights")
     else:
         client = docker_client()
-        engine = plan_engine(client, spec.build, model_dir, weights, spec.deploy)
+        engine = plan_engine(client, spec.build, model_dir, weights, spec.deploy, allow_patterns=source.allow_patterns)
         plan.engine_key = key = engine.key
         engine_path = local_engine_path(cache_dir, key)
         store = EngineStore(spec.cache)

@@ -430,3 +430,34 @@ def test_container_that_cannot_start_leaves_no_husk(
         state.result()
     assert task_runs(state.state_details.flow_run_id)["compile-engine"].run_count == 1
     assert {c.id for c in docker_client.containers.list(all=True)} == before
+
+
+# --- the key covers what goes into the engine directory ----------------------------------------------
+
+
+def test_an_allow_patterns_change_is_a_new_engine(
+    tmp_path: Path, testbed_env: dict, prefect_api: str, hub: Any, standin_image: str, unique: str,
+    cleanup_containers: list,
+) -> None:
+    """Two specs of one repo revision, one downloading every file and one leaving out
+    generation_config.json, get different engine keys and engines that hold what each downloaded.
+
+    On the old main (key without allow_patterns, one snapshot directory per revision) the second run
+    was a local-cache hit on the first run's engine key, so it served a generation_config.json its
+    spec had excluded: the key assertion below failed (checked by running this test there).
+    """
+    name, repo = f"files-{unique}", f"org/files-{unique}"
+    publish_tiny(hub, repo, tmp_path)
+    spec = make_spec(tmp_path, name, repo, standin_image)
+    cleanup_containers.append(f"nimflow-{name}")
+    everything = host_model(spec=str(write_spec(tmp_path / "all.yaml", spec)))
+    spec["source"]["allow_patterns"] = ["config.json", "tokenizer*", "special_tokens_map.json", "*.safetensors"]
+    spec["deploy"]["host_port"] = free_port()
+    some = host_model(spec=str(write_spec(tmp_path / "some.yaml", spec)))
+
+    assert some["engine_key"] != everything["engine_key"]
+    assert (Path(everything["model_path"]) / "generation_config.json").is_file()
+    assert not (Path(some["model_path"]) / "generation_config.json").exists()
+    assert (Path(some["model_path"]) / "tokenizer.json").is_file()
+    manifest = EngineStore(CacheSpec(uri=f"s3://{ENGINE_BUCKET}/{name}")).manifest(some["engine_key"])
+    assert manifest is not None and manifest["key_inputs"]["files"] == sorted(spec["source"]["allow_patterns"])

@@ -141,7 +141,7 @@ def test_full_flow_builds_once_and_serves(
     assert f"{name}/{record['engine_key']}/uploads/{manifest['upload_id']}/trtllm_engine/rank0.engine" in keys
     assert {f["path"] for f in manifest["files"]} >= {"trtllm_engine/rank0.engine", "trtllm_engine/config.json", "config.json"}
     # The manifest records what the key hashed and what was actually built.
-    assert manifest["key_inputs"]["schema"] == "nimflow-engine-key/2" and manifest["key_inputs"]["gpu"]["name"]
+    assert manifest["key_inputs"]["schema"] == "nimflow-engine-key/3" and manifest["key_inputs"]["gpu"]["name"]
     assert manifest["engine"]["max_num_tokens"] == 1024 and manifest["engine"]["max_batch_size"] == 4
     assert not [k for k in keys if k.endswith("lease.json")]  # released once published
 

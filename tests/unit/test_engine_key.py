@@ -34,7 +34,8 @@ def key_of(
     parsed = parse_spec(spec)
     assert parsed.build is not None
     target = TargetIdentity(gpus=[gpu] * parsed.build.world_size, trtllm_version=trtllm_version)
-    return engine_key(engine_key_inputs(weights_identity=weights, build=parsed.build, image_id=image_id, target=target))
+    return engine_key(engine_key_inputs(weights_identity=weights, build=parsed.build, image_id=image_id, target=target,
+                                        allow_patterns=parsed.source.allow_patterns))
 
 
 def changed(section: str, **fields: Any) -> dict[str, Any]:
@@ -72,7 +73,9 @@ KEY_INPUTS = {
     "max_batch_size": lambda: key_of(changed("build", max_batch_size=16)),
     "max_num_tokens": lambda: key_of(changed("build", max_num_tokens=1024)),
     "backend": lambda: key_of(changed("build", backend="trtllm-build")),
-    "build env": lambda: key_of(changed("build", env={"NIM_LOG_LEVEL": "DEBUG"})),
+    "build env": lambda: key_of(changed("build", env={"NIM_MANIFEST_PROFILE": "tp1-latency"})),
+    "source.allow_patterns": lambda: key_of(changed("source", allow_patterns=["*.safetensors", "config.json"])),
+    "trtllm convert_script": lambda: key_of(changed("build", backend="trtllm-build", convert_script="/x/convert.py")),
 }
 
 
@@ -94,6 +97,8 @@ NOT_KEY_INPUTS = {
     "build.image tag (same id)": changed("build", image="nvcr.io/nim/meta/llama:latest"),
     "cache.uri": changed("cache", uri="s3://other-bucket/x"),
     "name": {**SPEC, "name": "other-name"},
+    "build.env log level": changed("build", env={"NIM_LOG_LEVEL": "DEBUG", "TLLM_LOG_LEVEL": "INFO"}),
+    "build.env proxy": changed("build", env={"HTTPS_PROXY": "http://proxy:3128"}),
 }
 
 
@@ -110,11 +115,13 @@ def test_inputs_record_what_the_key_hashes() -> None:
     inputs = engine_key_inputs(
         weights_identity=WEIGHTS, build=parsed.build, image_id=IMAGE_ID, target=TargetIdentity(gpus=[H100], trtllm_version="0.17.0")
     )
-    assert inputs["schema"] == KEY_SCHEMA == "nimflow-engine-key/2"
+    assert inputs["schema"] == KEY_SCHEMA == "nimflow-engine-key/3"
+    assert inputs["files"] is None  # no allow_patterns: the whole repo
     assert inputs["gpu"] == {"name": H100.name, "compute_capability": "9.0", "pci_device_id": "0x233010de"}
     assert inputs["trtllm_version"] == "0.17.0" and inputs["image_id"] == IMAGE_ID and inputs["weights"] == WEIGHTS
     assert inputs["build"] == {"backend": "nim-optimize", "dtype": "float16", "tp_size": 1, "pp_size": 1, "max_seq_len": 2048,
                                "max_batch_size": 8, "max_num_tokens": 2048, "env": {}}
+    assert inputs["builder"]["commands"][0][0] == "nim-optimize" and "max_batch_size: 8" in inputs["builder"]["build_config"]
     reordered = dict(reversed(list(inputs.items())))
     assert engine_key(reordered) == engine_key(inputs)
 
@@ -134,3 +141,25 @@ def test_differing_inputs_names_each_leaf() -> None:
     a = {"gpu": {"name": "A", "compute_capability": "8.0"}, "build": {"dtype": "float16"}, "weights": "w"}
     b = {"gpu": {"name": "B", "compute_capability": "8.0"}, "build": {"dtype": "bfloat16"}, "weights": "w"}
     assert differing_inputs(a, b) == [("build.dtype", "float16", "bfloat16"), ("gpu.name", "A", "B")]
+
+
+def test_allow_patterns_are_a_set() -> None:
+    """Order and repeats of allow_patterns do not change what is downloaded, nor the key."""
+    first = key_of(changed("source", allow_patterns=["config.json", "*.safetensors"]))
+    assert key_of(changed("source", allow_patterns=["*.safetensors", "config.json", "config.json"])) == first
+
+
+def test_the_builder_command_line_is_hashed_from_the_build_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flag nimflow passes to trtllm-build changes the key without a schema bump.
+
+    The key and the build take their command lines from the same function, so changing one
+    changes the other (here: a different trtllm-build argument list).
+    """
+    from nimflow import build_config
+
+    spec = changed("build", backend="trtllm-build")
+    before = key_of(spec)
+    original = build_config.trtllm_build_arguments
+    monkeypatch.setattr("nimflow.engine_build.trtllm_build_arguments",
+                        lambda *args: [*original(*args), "--gemm_plugin", "auto"])
+    assert key_of(spec) != before
