@@ -4,14 +4,18 @@ Layout in the store::
 
     s3://bucket/prefix/<engine_key>/uploads/<upload_id>/<path>   the files of one upload, never shared
     s3://bucket/prefix/<engine_key>/manifest.json                written LAST, once: names the upload
-    s3://bucket/prefix/<engine_key>/lease.json                   while one host builds the key (build_lease)
+    s3://bucket/prefix/<engine_key>/lease.json                   while one host builds or uploads the key (build_lease)
+    s3://bucket/prefix/<engine_key>/in-use/<host>--<name>.json   a host serves it (engine_use; TTL'd)
 
 Engine builds are not byte-reproducible, so two hosts that build the same key upload different
 bytes. Each upload therefore has its own prefix (the upload id is a digest of its files, so a
 retried upload resumes file by file), and the manifest, created with ``IfNoneMatch="*"``, names
 the one upload that won. A restore reads only that upload's files and re-hashes every byte; the
 loser of a race removes its own upload, and ``gc`` removes uploads a crash left behind. An engine
-exists in the store only when its manifest does.
+exists in the store only when its manifest does. ``gc`` works on a key only under its build lease,
+deletes a manifest only with ``IfMatch`` on the version it planned with, and then only the objects
+of the upload that manifest named (never the ``<key>/`` prefix wholesale), so a manifest never
+names files that are gone.
 
 Locally, engines are built or restored into a temporary directory and renamed into
 ``<cache_dir>/engines/<engine_key>`` once their manifest is written.
@@ -61,11 +65,6 @@ STORE_MANIFEST = "manifest.json"
 UPLOADS = "uploads"
 #: Scratch directories (restores and builds in progress) start with this, under the engines dir.
 SCRATCH_PREFIX = ".tmp-"
-#: The file in a scratch directory its process holds ``flock``-ed while it works there.
-SCRATCH_LOCK = ".nimflow-scratch.lock"
-#: Least age of a scratch directory without a lock file before gc removes it (a crash in the gap
-#: between creating the directory and locking it, or a directory an older nimflow left).
-UNLOCKED_SCRATCH_SECONDS = 3600.0
 
 #: Most files one engine's manifest may list: an engine is a few files per rank plus the model's side
 #: files (8 ranks: under 50); far more is not an engine, and each file costs requests and a thread slot.
@@ -98,17 +97,23 @@ def local_engine_path(cache_dir: Path, key: str) -> Path:
 def scratch_dir(cache_dir: Path, purpose: str) -> Path:
     """A fresh private (0700) temporary directory under the engines dir (same filesystem, so rename is atomic).
 
-    The directory holds :data:`SCRATCH_LOCK`, ``flock``-ed by this process for as long as the
-    directory exists: the kernel drops the lock when the process dies, so ``nimflow cache gc``
-    (:func:`remove_stale_scratch`) can tell a killed run's leftovers from work in progress.
+    The directory itself is ``flock``-ed by this process for as long as it exists under its name
+    (nothing is added inside it: it becomes the engine directory): the kernel drops the lock when
+    the process dies, so ``nimflow cache gc`` (:func:`remove_stale_scratch`) can tell a killed
+    run's leftovers from work in progress. A filesystem without ``flock`` leaves it unlocked: gc's
+    age bound alone protects it then.
     """
     root = engines_dir(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{purpose}-", dir=root))
-    lock = os.open(path / SCRATCH_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError:
+        os.close(lock)
+        return path
     with _scratch_guard:
-        # Callers remove their scratch dirs when done; the locks of the removed ones are closed here.
+        # Callers remove (or rename into place) their scratch dirs when done; those locks are closed here.
         for held, descriptor in list(_scratch_locks.items()):
             if not held.exists():
                 os.close(descriptor)
@@ -119,7 +124,7 @@ def scratch_dir(cache_dir: Path, purpose: str) -> Path:
 
 @dataclass(frozen=True)
 class StaleScratch:
-    """A scratch directory ``remove_stale_scratch`` looked at, and what it did."""
+    """A scratch directory ``remove_stale_scratch`` looked at, and what it did (or, not removing, would do)."""
 
     path: Path
     removed: bool
@@ -129,11 +134,9 @@ class StaleScratch:
 def remove_stale_scratch(cache_dir: Path, older_than: float, *, remove: bool = True) -> list[StaleScratch]:
     """Remove the scratch directories of killed runs under ``cache_dir``'s engines dir.
 
-    A directory goes only when nobody holds its :data:`SCRATCH_LOCK` (its process is gone) and it
-    was last changed more than ``older_than`` seconds ago (this host's clock: these are local
-    files). The lock is held while it is removed, so no run can be using it. A directory without
-    a lock file (a crash between creating it and locking it, or an older nimflow) needs at least
-    :data:`UNLOCKED_SCRATCH_SECONDS` of age as well.
+    A directory goes only when nobody holds its ``flock`` (its process is gone, see
+    :func:`scratch_dir`) and it was last changed more than ``older_than`` seconds ago (this host's
+    clock: these are local files). gc holds the lock while it removes it, so no run can be using it.
 
     Args:
         remove: False only decides (a dry run): ``removed`` then says what would go.
@@ -141,27 +144,19 @@ def remove_stale_scratch(cache_dir: Path, older_than: float, *, remove: bool = T
     root = engines_dir(cache_dir)
     results = []
     for path in sorted(root.glob(f"{SCRATCH_PREFIX}*")) if root.is_dir() else []:
-        if not path.is_dir() or path.is_symlink():
-            continue
         try:
-            age = time.time() - path.stat().st_mtime
-            lock = os.open(path / SCRATCH_LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            if age > max(older_than, UNLOCKED_SCRATCH_SECONDS):
-                if remove:
-                    shutil.rmtree(path, ignore_errors=True)
-                results.append(StaleScratch(path, True, f"no lock file, untouched for {age:.0f}s"))
-            else:
-                results.append(StaleScratch(path, False, "no lock file yet, recent"))
-            continue
+            lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # not a directory (or gone since the listing)
         try:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 results.append(StaleScratch(path, False, "in use by a running process"))
                 continue
+            age = time.time() - os.fstat(lock).st_mtime
             if age <= older_than:
-                results.append(StaleScratch(path, False, f"its run ended {age:.0f}s ago, within the bound"))
+                results.append(StaleScratch(path, False, f"last changed {age:.0f}s ago, within the bound"))
                 continue
             if remove:
                 shutil.rmtree(path, ignore_errors=True)

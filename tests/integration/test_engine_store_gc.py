@@ -160,8 +160,8 @@ def test_stale_gc_plan_never_breaks_an_engine_published_after_it(
     new_dir, new = fake_engine(tmp_path / "host-h", key, b"NEWBUILD")
     published, report = published_while_gc_runs(new_dir, new, uri, proxy, lambda: run_gc(direct, plan_x, dry_run=False))
     assert published.published_by_this_run
-    assert f"kept {key[:12]}: being built/uploaded by" in report, report
     assert restores_whole(direct, key, tmp_path / "restore-1")["upload_id"] == new["upload_id"]
+    assert f"kept {key[:12]}: being built/uploaded by" in report, report
 
     # Once H is done (lease released), gc X's plan names a manifest version that no longer exists.
     report = run_gc(direct, plan_x, dry_run=False)
@@ -179,7 +179,7 @@ def test_republish_after_a_local_hit_is_not_taken_for_an_abandoned_upload(
 
     Checked on main before this change: the re-publish ran without a lease, found every file
     already stored, and was held at its manifest PUT while gc deleted "the abandoned upload"; its
-    manifest was then created over deleted files (``NoSuchKey`` for all 3 files).
+    manifest was then created over an upload of which none of the 3 files was left.
     """
     uri, key = f"s3://{ENGINE_BUCKET}/republish-{unique}", key_of(f"republish-{unique}")
     direct = store_at(uri, s3_server.url)
@@ -194,10 +194,10 @@ def test_republish_after_a_local_hit_is_not_taken_for_an_abandoned_upload(
                                                  lambda: run_gc(direct, plan, dry_run=False))
 
     assert published.published_by_this_run and published.uploaded_files == 0  # every file was already there
-    assert f"kept {key[:12]}: being built/uploaded by" in report, report
-    for entry in manifest["files"]:
-        direct.client.head_object(Bucket=ENGINE_BUCKET, Key=direct.object_key(key, "uploads", manifest["upload_id"], entry["path"]))
+    stored = direct.client.list_objects_v2(Bucket=ENGINE_BUCKET, Prefix=direct.object_key(key, "uploads") + "/").get("Contents", [])
+    assert len(stored) == len(manifest["files"]), report
     restores_whole(direct, key, tmp_path / "restored")
+    assert f"kept {key[:12]}: being built/uploaded by" in report, report
     assert BuildLeases(direct, 300).current(key) is None  # the re-publish released the lease it took
 
 
@@ -277,8 +277,8 @@ def test_keep_groups_by_build_not_by_model_and_ages_by_the_store(
     store's LastModified.
 
     Checked on main before this change: groups were (model, GPU) and ages ``created_at``, so
-    `--keep 1` kept the rev1 tp2 engine (its created_at the latest) and removed both the rev1
-    tp1 engine and the rev2 engine published last.
+    `--keep 1` kept only the rev1 tp2 engine and removed the rev1 tp1 engine and the rev2 engine
+    published last (its created_at the oldest); the restore of the rev2 engine found no manifest.
     """
     uri = f"s3://{ENGINE_BUCKET}/keep-{unique}"
     direct = store_at(uri, s3_server.url)
@@ -409,3 +409,32 @@ def test_corrupt_manifest_is_reported_not_fatal_and_never_deleted(
     assert gc.returncode == 0, gc.stderr
     assert f"removed engine {good[:12]}" in gc.stdout and f"refused {direct.uri(bad)}: never removed" in gc.stdout, gc.stdout
     assert direct.client.get_object(Bucket=ENGINE_BUCKET, Key=direct.object_key(bad, "manifest.json"))["Body"].read() == b'{"schema": 1}'
+
+
+def test_reconcile_refreshes_the_in_use_marker_of_each_deployment_serving_an_engine(
+    tmp_path: Path, s3_env: dict, s3_server: Service, unique: str
+) -> None:
+    """A running deployment's marker is (re)written; a stopped one or one without an engine gets none;
+    a store that refuses is reported as one line, never raised (serving goes on)."""
+    from nimflow.deployments_admin import DeploymentStatus
+    from nimflow.engine_use import EngineUse, record_in_use
+    from nimflow.reconcile import refresh_in_use
+
+    uri = f"s3://{ENGINE_BUCKET}/reconcile-{unique}"
+    serving, stopped = key_of(f"serving-{unique}"), key_of(f"stopped-{unique}")
+    statuses = [
+        DeploymentStatus("chat", "http://127.0.0.1:1", "ready", active="nimflow-chat-blue", active_state="running", engine_key=serving),
+        DeploymentStatus("old", None, "no endpoint", active="nimflow-old-blue", active_state="exited", engine_key=stopped),
+        DeploymentStatus("weights", "http://127.0.0.1:2", "ready", active="nimflow-weights-blue", active_state="running"),
+    ]
+
+    def mark_in(cache: CacheSpec) -> Callable[[DeploymentStatus], str | None]:
+        return lambda status: record_in_use(cache, str(status.engine_key), tmp_path / "cache", status.name, status.active)
+
+    assert refresh_in_use(statuses, mark_in(CacheSpec(uri=uri, endpoint_url=s3_server.url))) == []
+    use = EngineUse(store_at(uri, s3_server.url))
+    assert [m.serving.split(" on ")[0] for m in use.live(serving)] == ["chat"]
+    assert use.markers(stopped) == []
+
+    refused = refresh_in_use(statuses, mark_in(CacheSpec(uri=f"s3://no-such-bucket-{unique}/x", endpoint_url=s3_server.url)))
+    assert len(refused) == 1 and f"that chat serves engine {serving[:12]}" in refused[0] and "NoSuchBucket" in refused[0]
