@@ -2,8 +2,9 @@
 
 Schedule it on each GPU host (prefect.yaml's ``reconcile`` deployment, every 5 minutes). Every
 deployment on the worker's Docker host is checked; an unhealthy one whose spec still exists is healed
-by running ``host_model`` for it again (as a subflow); the findings are a table artifact. The
-mechanism is in :mod:`nimflow.reconcile`.
+by running ``host_model`` for it again (as a subflow); the findings are a table artifact. Each
+deployment serving an engine has its in-use marker in the engine store refreshed, so gc on any host
+keeps that engine. The mechanism is in :mod:`nimflow.reconcile`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from nimflow.containers import docker_client
-from nimflow.deployments_admin import deployment_status
+from nimflow.deployments_admin import DeploymentStatus, deployment_status
+from nimflow.engine_use import record_in_use
 from nimflow.errors import ConfigError, NimflowError
-from nimflow.reconcile import HealResult, as_table, health_problem, reconcile_deployments
-from nimflow.spec_registry import spec_names
+from nimflow.reconcile import HealResult, as_table, health_problem, reconcile_deployments, refresh_in_use
+from nimflow.spec_registry import load_named_spec, spec_names
 
 ARTIFACT_KEY = "nimflow-reconcile"
 
@@ -28,6 +30,17 @@ def _heal(name: str) -> HealResult:
         return HealResult(False, f"host_model {state.name}: {state.message or 'no message'}")
     record = state.result()
     return HealResult(True, f"{record['served_model_name']} at {record['endpoint']} ({record['container_id'][:12]})")
+
+
+def _mark_in_use(status: DeploymentStatus) -> str | None:
+    """Refresh the in-use marker of a deployment serving an engine, in its spec's store; why not, or None."""
+    try:
+        spec = load_named_spec(status.name)
+    except ConfigError:
+        return None  # no spec: no store known for it (the heal pass reports the deployment)
+    if spec.cache is None or status.engine_key is None:
+        return None
+    return record_in_use(spec.cache, status.engine_key, spec.deploy.cache_dir, status.name, status.active)
 
 
 def _recheck(name: str) -> str | None:
@@ -53,6 +66,8 @@ def reconcile(heal: bool = True) -> list[dict[str, str]]:
     except ConfigError as exc:
         log.warning("no specs to heal from: %s", exc)
         known = set()
+    for problem in refresh_in_use([s for s in statuses if s.name in known], _mark_in_use):
+        log.warning("%s", problem)
     findings = reconcile_deployments(statuses, known, _heal if heal else None, _recheck)
     for finding in findings:
         log.info("%s: %s; %s: %s", finding.name, finding.state, finding.action, finding.result)

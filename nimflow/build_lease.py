@@ -59,10 +59,10 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def _body(token: str, ttl: float) -> bytes:
+def _body(token: str, ttl: float, purpose: str = "") -> bytes:
     return json.dumps({
         "token": token,
-        "holder": f"{socket.gethostname()} pid {os.getpid()}",
+        "holder": f"{socket.gethostname()} pid {os.getpid()}" + (f" ({purpose})" if purpose else ""),
         "ttl_seconds": ttl,
         "renewed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }).encode()
@@ -71,16 +71,22 @@ def _body(token: str, ttl: float) -> bytes:
 class BuildLeases:
     """The build leases of one engine store."""
 
-    def __init__(self, store: EngineStore, ttl_seconds: float) -> None:
+    def __init__(self, store: EngineStore, ttl_seconds: float, purpose: str = "") -> None:
+        """The leases of ``store``.
+
+        Args:
+            purpose: named in the holder text others see (``nimflow cache gc``); empty for a build.
+        """
         self.store = store
         self.ttl = ttl_seconds
+        self.purpose = purpose
 
     def _key(self, engine_key: str) -> str:
         return self.store.object_key(engine_key, LEASE_NAME)
 
     def _put(self, engine_key: str, token: str, **condition: str) -> str:
         answer = self.store.client.put_object(
-            Bucket=self.store.bucket, Key=self._key(engine_key), Body=_body(token, self.ttl),
+            Bucket=self.store.bucket, Key=self._key(engine_key), Body=_body(token, self.ttl, self.purpose),
             ContentType="application/json", **condition,
         )
         return str(answer["ETag"])

@@ -7,18 +7,29 @@ precision, parallelism, GPU, TensorRT-LLM version), its size and age.
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import docker
 
-from nimflow.build_lease import BuildLeases
+from nimflow.build_lease import BuildLeases, Lease, LeaseHolder
 from nimflow.containers import LABEL_PREFIX
 from nimflow.engine_key import differing_inputs
-from nimflow.engine_store import AbandonedUpload, EngineStore
-from nimflow.errors import ConfigError, EngineStoreError, Problem
+from nimflow.engine_store import (
+    AbandonedUpload,
+    EngineStore,
+    IncompleteUpload,
+    RefusedManifest,
+    StoredManifest,
+    remove_stale_scratch,
+)
+from nimflow.engine_use import EngineUse, InUseMarker
+from nimflow.errors import ConfigError, EngineStoreError, ManifestRefused, Problem
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -55,8 +66,8 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def entry_row(manifest: dict[str, Any]) -> dict[str, str]:
-    """One `cache ls` row of a manifest."""
+def entry_row(manifest: dict[str, Any], published: datetime | None = None) -> dict[str, str]:
+    """One `cache ls` row of a manifest; ``published`` is its LastModified in the store (the store's clock)."""
     inputs = manifest.get("key_inputs", {})
     engine = manifest.get("engine", {})
     model, revision = describe_weights(str(inputs.get("weights", "?")))
@@ -70,7 +81,7 @@ def entry_row(manifest: dict[str, Any]) -> dict[str, str]:
         "TRT-LLM": str(inputs.get("trtllm_version") or engine.get("version") or "?"),
         "BACKEND": str(inputs.get("build", {}).get("backend", "?")),
         "SIZE": _size(sum(f["size"] for f in manifest.get("files", []))),
-        "CREATED": str(manifest.get("created_at", "?")),
+        "PUBLISHED": f"{published:%Y-%m-%dT%H:%M:%SZ}" if published else "?",
     }
 
 
@@ -86,11 +97,18 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 
 def list_entries(store: EngineStore) -> str:
-    """The `cache ls` listing of a store."""
-    manifests = store.manifests()
-    if not manifests:
-        return f"No engines in {store.cache.uri}"
-    return f"Engines in {store.cache.uri} ({len(manifests)}):\n" + format_table([entry_row(m) for m in manifests])
+    """The `cache ls` listing of a store: one row per engine, newest first, then one line per refused manifest."""
+    listing = store.listing()
+    refused = [f"refused {store.uri(r.engine_key)}: {_refusal(r)}" for r in listing.refused]
+    if not listing.engines:
+        return "\n".join([f"No engines in {store.cache.uri}", *refused])
+    rows = [entry_row(s.manifest, s.last_modified) for s in listing.engines]
+    return "\n".join([f"Engines in {store.cache.uri} ({len(rows)}):", format_table(rows), *refused])
+
+
+def _refusal(refused: RefusedManifest) -> str:
+    """Why a manifest was refused, without the URI the line already names."""
+    return refused.reason.partition(": refused the manifest: ")[2] or refused.reason
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -149,14 +167,34 @@ def engines_in_use(client: docker.DockerClient | None) -> dict[str, str]:
     return {c.labels[f"{LABEL_PREFIX}engine-key"]: c.name for c in running}
 
 
+def keep_group(key_inputs: dict[str, Any]) -> str:
+    """What ``--keep N`` counts engines within: every key input except the weights revision.
+
+    The revision is the ``@<sha>`` of ``hf:org/name@sha`` or the content digest of a local
+    checkpoint; a fine-tune's digest, the build config, GPU, image and TensorRT-LLM version stay,
+    so a tp2 engine or another fine-tune of the same base is never "an older version" of a tp1 one.
+    """
+    weights = str(key_inputs.get("weights", ""))
+    base, marker, finetune = weights.partition("+ft:")
+    if base.startswith("hf:") and "@" in base:
+        base = base.rpartition("@")[0]
+    elif base.startswith("sha256:"):
+        base = "sha256:(local checkpoint)"
+    return json.dumps({**key_inputs, "weights": base + marker + finetune}, sort_keys=True, default=str)
+
+
 @dataclass
 class GcPlan:
-    """What `cache gc` removes and keeps, and why."""
+    """What `cache gc` removes and keeps, and why; acted on later under each key's build lease."""
 
-    engines: list[dict[str, Any]] = field(default_factory=list)
+    engines: list[StoredManifest] = field(default_factory=list)
     uploads: list[AbandonedUpload] = field(default_factory=list)
+    multipart: list[IncompleteUpload] = field(default_factory=list)
     kept_in_use: list[tuple[str, str]] = field(default_factory=list)
     kept_in_progress: list[AbandonedUpload] = field(default_factory=list)
+    kept_multipart: list[tuple[IncompleteUpload, str]] = field(default_factory=list)
+    refused: list[RefusedManifest] = field(default_factory=list)
+    lapsed_markers: list[InUseMarker] = field(default_factory=list)
 
 
 def plan_gc(
@@ -166,73 +204,213 @@ def plan_gc(
     older_than: timedelta | None,
     abandoned_after: timedelta,
     in_use: dict[str, str],
-    now: datetime | None = None,
     lease_seconds: float = 300,
 ) -> GcPlan:
-    """Decide what `cache gc` removes.
+    """Decide what `cache gc` removes (nothing is deleted here).
+
+    Ages are the store's LastModified against the store's clock, never a host's.
 
     Args:
-        keep: keep the N newest engines of each (model, GPU); older ones go.
-        older_than: remove engines created longer ago than this.
-        abandoned_after: uploads no manifest names are removed once untouched this long (an
-            upload still being written is recent, or its key has a live build lease).
-        in_use: engine keys served by running containers on this host: never removed.
+        keep: keep the N newest engines of each :func:`keep_group`; older ones go.
+        older_than: remove engines published longer ago than this.
+        abandoned_after: uploads no manifest names, and incomplete multipart uploads, are removed
+            once this old and their key has no live build lease.
+        in_use: engine keys served by running containers on this host: never removed (engines
+            with a live in-use marker from any host are kept too).
+
+    Raises:
+        EngineStoreError / ClientError / BotoCoreError: the store refused or did not answer.
     """
-    now = now or datetime.now(timezone.utc)
     plan = GcPlan()
-    groups: dict[tuple[str, str], int] = {}
-    manifests = store.manifests()
-    for manifest in manifests:  # newest first
-        row = entry_row(manifest)
-        group = (row["MODEL"], row["GPU"])
-        groups[group] = groups.get(group, 0) + 1
-        created = _parse_time(manifest.get("created_at"))
-        expired = older_than is not None and created is not None and now - created > older_than
-        surplus = keep is not None and groups[group] > keep
+    listing = store.listing()
+    plan.refused = listing.refused
+    use = EngineUse(store)
+    counted: dict[str, int] = {}
+    for stored in listing.engines:  # newest first
+        key = stored.manifest["engine_key"]
+        group = keep_group(stored.manifest["key_inputs"])
+        counted[group] = counted.get(group, 0) + 1
+        expired = older_than is not None and listing.now - stored.last_modified > older_than
+        surplus = keep is not None and counted[group] > keep
         if not (expired or surplus):
             continue
-        if manifest["engine_key"] in in_use:
-            plan.kept_in_use.append((manifest["engine_key"], in_use[manifest["engine_key"]]))
+        markers = use.markers(key)
+        plan.lapsed_markers.extend(m for m in markers if not m.live)
+        if key in in_use:
+            plan.kept_in_use.append((key, f"in use by running container {in_use[key]}"))
+        elif live := [m for m in markers if m.live]:
+            plan.kept_in_use.append((key, _served_by(live)))
         else:
-            plan.engines.append(manifest)
-    removed_keys = {m["engine_key"] for m in plan.engines}
+            plan.engines.append(stored)
     leases = BuildLeases(store, lease_seconds)
-    for upload in store.abandoned_uploads(manifests):
-        if upload.engine_key in removed_keys:
-            continue  # goes with its engine
-        if now - upload.last_modified < abandoned_after or leases.live_holder(upload.engine_key) is not None:
+    refused_keys = {r.engine_key for r in listing.refused}
+    for upload in store.abandoned_uploads([s.manifest for s in listing.engines], skip_keys=refused_keys):
+        if listing.now - upload.last_modified < abandoned_after or leases.live_holder(upload.engine_key) is not None:
             plan.kept_in_progress.append(upload)
         else:
             plan.uploads.append(upload)
+    for pending in store.incomplete_uploads():
+        if pending.engine_key is None:
+            plan.kept_multipart.append((pending, "not under an engine key"))
+        elif pending.age_seconds < abandoned_after.total_seconds():
+            plan.kept_multipart.append((pending, "recent"))
+        elif (holder := leases.live_holder(pending.engine_key)) is not None:
+            plan.kept_multipart.append((pending, f"being built/uploaded by {holder.holder}"))
+        else:
+            plan.multipart.append(pending)
     return plan
 
 
-def _parse_time(text: Any) -> datetime | None:
-    try:
-        return datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-    except ValueError:
-        return None
+def _served_by(markers: list[InUseMarker]) -> str:
+    first = markers[0]
+    more = f" and {len(markers) - 1} more" if len(markers) > 1 else ""
+    return f"in use by {first.serving} (in-use marker renewed {first.age_seconds:.0f}s ago){more}"
 
 
-def run_gc(store: EngineStore, plan: GcPlan, *, dry_run: bool) -> str:
-    """Carry out (or, with ``dry_run``, only describe) a :class:`GcPlan`; return the report."""
+class _GcLease:
+    """gc's hold on one key's build lease, renewed before it goes stale by gc's own (monotonic) clock.
+
+    Every upload runs under the key's lease, so while gc holds it nobody publishes or uploads
+    under that key. Before each delete gc asks :meth:`fresh`: past a third of the TTL since the
+    last write it renews (``IfMatch``); a renewal refused means the lease was taken over (gc was
+    paused past the TTL) and gc stops touching the key.
+    """
+
+    def __init__(self, leases: BuildLeases, lease: Lease) -> None:
+        self.leases, self.lease, self.since = leases, lease, time.monotonic()
+
+    def fresh(self) -> bool:
+        if time.monotonic() - self.since < self.leases.ttl / 3:
+            return True
+        renewed = self.leases.renew(self.lease)
+        if renewed is None:
+            return False
+        self.lease, self.since = renewed, time.monotonic()
+        return True
+
+
+def run_gc(store: EngineStore, plan: GcPlan, *, dry_run: bool, lease_seconds: float = 300) -> str:
+    """Carry out (or, with ``dry_run``, only describe) a :class:`GcPlan`; return the report.
+
+    The plan may be stale by now: each key is acted on only under its build lease (a key whose
+    lease someone else holds is skipped), a manifest is deleted only if it is still the version
+    planned with (``IfMatch``), and then only the files of the upload it named; an abandoned
+    upload only if the manifest does not name it now, and only the objects listed in the plan.
+    A live in-use marker that appeared since the plan keeps its engine.
+
+    Raises:
+        EngineStoreError / ClientError / BotoCoreError: the store refused or did not answer.
+    """
     verb = "would remove" if dry_run else "removed"
-    lines = []
-    for manifest in plan.engines:
-        row = entry_row(manifest)
-        if not dry_run:
-            store.delete_engine(manifest["engine_key"])
-        lines.append(f"{verb} engine {row['KEY']}  {row['MODEL']}@{row['REVISION']}  {row['GPU']}  {row['SIZE']}  created {row['CREATED']}")
-    for upload in plan.uploads:
-        if not dry_run:
-            store.delete_upload(upload.engine_key, upload.upload_id)
-        lines.append(f"{verb} abandoned upload {upload.engine_key[:12]}/{upload.upload_id}  {upload.objects} objects, "
-                     f"{_size(upload.bytes)}, last written {upload.last_modified:%Y-%m-%dT%H:%M:%SZ}")
-    for key, container in plan.kept_in_use:
-        lines.append(f"kept engine {key[:12]}: in use by running container {container}")
+    lines: list[str] = []
+    removed_engines: list[StoredManifest] = []
+    removed_uploads: list[AbandonedUpload] = []
+    aborted = 0
+    leases = BuildLeases(store, lease_seconds, purpose="nimflow cache gc")
+    use = EngineUse(store)
+    for key in _keys_in(plan):
+        engines = [s for s in plan.engines if s.manifest["engine_key"] == key]
+        uploads = [u for u in plan.uploads if u.engine_key == key]
+        multipart = [m for m in plan.multipart if m.engine_key == key]
+        if dry_run:
+            lines += [_engine_line(verb, s) for s in engines] + [_upload_line(verb, u) for u in uploads]
+            lines += [_multipart_line(verb, m) for m in multipart]
+            removed_engines += engines
+            removed_uploads += uploads
+            aborted += len(multipart)
+            continue
+        got = leases.try_acquire(key)
+        if isinstance(got, LeaseHolder):
+            lines.append(f"kept {key[:12]}: being built/uploaded by {got.holder} (lease renewed {got.age_seconds:.0f}s ago)")
+            continue
+        held = _GcLease(leases, got)
+        try:
+            for stored in engines:
+                if (live := use.live(key)):
+                    lines.append(f"kept engine {key[:12]}: {_served_by(live)}")
+                elif not held.fresh():
+                    lines.append(f"kept engine {key[:12]}: gc lost the build lease (paused past its TTL); left alone")
+                elif not store.delete_manifest(stored):
+                    lines.append(f"kept engine {key[:12]}: its manifest was replaced or removed since the plan; left alone")
+                else:
+                    # Unpublished: nobody restores it now, and nobody uploads under the key while gc holds the lease.
+                    store.delete_objects(store.upload_object_keys(key, stored.manifest["upload_id"]))
+                    lines.append(_engine_line(verb, stored))
+                    removed_engines.append(stored)
+            for upload in uploads:
+                current = _current_upload(store, key)
+                if current == upload.upload_id or current is _REFUSED:
+                    why = "published since the plan" if current == upload.upload_id else "the key's manifest is refused"
+                    lines.append(f"kept upload {key[:12]}/{upload.upload_id}: {why}")
+                elif not held.fresh():
+                    lines.append(f"kept upload {key[:12]}/{upload.upload_id}: gc lost the build lease; left alone")
+                else:
+                    store.delete_objects(upload.object_keys)
+                    lines.append(_upload_line(verb, upload))
+                    removed_uploads.append(upload)
+            for pending in multipart:
+                if held.fresh():
+                    store.abort_incomplete(pending)
+                    lines.append(_multipart_line(verb, pending))
+                    aborted += 1
+        finally:
+            leases.release(held.lease)
+    for marker in plan.lapsed_markers:
+        if dry_run or use.remove_lapsed(marker):
+            lines.append(f"{verb} lapsed in-use marker {marker.engine_key[:12]}/{marker.name} (renewed {marker.age_seconds:.0f}s ago)")
+    for key, why in plan.kept_in_use:
+        lines.append(f"kept engine {key[:12]}: {why}")
     for upload in plan.kept_in_progress:
         lines.append(f"kept upload {upload.engine_key[:12]}/{upload.upload_id}: recent or its build is still running")
-    freed = sum(sum(f["size"] for f in m.get("files", [])) for m in plan.engines) + sum(u.bytes for u in plan.uploads)
-    lines.append(f"{verb} {len(plan.engines)} engine(s) and {len(plan.uploads)} abandoned upload(s), {_size(freed)}"
-                 + (" (dry run: nothing was deleted)" if dry_run else ""))
+    for pending, why in plan.kept_multipart:
+        lines.append(f"kept incomplete multipart upload of {pending.object_key}: {why}")
+    for refused in plan.refused:
+        lines.append(f"refused {store.uri(refused.engine_key)}: never removed automatically; {_refusal(refused)}")
+    freed = sum(sum(f["size"] for f in s.manifest["files"]) for s in removed_engines) + sum(u.bytes for u in removed_uploads)
+    lines.append(f"{verb} {len(removed_engines)} engine(s), {len(removed_uploads)} abandoned upload(s) and "
+                 f"{aborted} incomplete multipart upload(s), {_size(freed)}" + (" (dry run: nothing was deleted)" if dry_run else ""))
     return "\n".join(lines)
+
+
+_REFUSED = object()
+
+
+def _current_upload(store: EngineStore, key: str) -> object:
+    """The upload id the key's manifest names now; None without one; :data:`_REFUSED` for a refused manifest."""
+    try:
+        stored = store.stored_manifest(key)
+    except ManifestRefused:
+        return _REFUSED
+    return None if stored is None else stored.manifest["upload_id"]
+
+
+def _keys_in(plan: GcPlan) -> list[str]:
+    """The keys a plan touches, each once, in plan order."""
+    keys = [s.manifest["engine_key"] for s in plan.engines] + [u.engine_key for u in plan.uploads]
+    keys += [m.engine_key for m in plan.multipart if m.engine_key is not None]
+    return list(dict.fromkeys(keys))
+
+
+def _engine_line(verb: str, stored: StoredManifest) -> str:
+    row = entry_row(stored.manifest, stored.last_modified)
+    return (f"{verb} engine {row['KEY']}  {row['MODEL']}@{row['REVISION']}  {row['GPU']}  {row['SIZE']}  "
+            f"published {row['PUBLISHED']}")
+
+
+def _upload_line(verb: str, upload: AbandonedUpload) -> str:
+    return (f"{verb} abandoned upload {upload.engine_key[:12]}/{upload.upload_id}  {upload.objects} objects, "
+            f"{_size(upload.bytes)}, last written {upload.last_modified:%Y-%m-%dT%H:%M:%SZ}")
+
+
+def _multipart_line(verb: str, pending: IncompleteUpload) -> str:
+    verb = {"would remove": "would abort", "removed": "aborted"}[verb]
+    return f"{verb} incomplete multipart upload of {pending.object_key} (started {pending.initiated:%Y-%m-%dT%H:%M:%SZ})"
+
+
+def clean_scratch(cache_dir: Path, older_than: timedelta, *, dry_run: bool) -> list[str]:
+    """Remove (or, with ``dry_run``, only name) the scratch directories killed runs left under ``cache_dir``; the report lines."""
+    lines = []
+    for found in remove_stale_scratch(cache_dir, older_than.total_seconds(), remove=not dry_run):
+        verb = ("would remove" if dry_run else "removed") if found.removed else "kept"
+        lines.append(f"{verb} scratch directory {found.path}: {found.reason}")
+    return lines

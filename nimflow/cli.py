@@ -80,6 +80,13 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec_cache_dir(args: argparse.Namespace) -> Path | None:
+    """The ``deploy.cache_dir`` of the --config spec (where this host's engines and scratch dirs live), if given."""
+    from nimflow.spec import load_spec
+
+    return Path(load_spec(args.config).deploy.cache_dir) if args.config else None
+
+
 def _store(args: argparse.Namespace) -> EngineStore:
     """The engine store named by --store (with --endpoint-url) or by a spec's `cache` section."""
     from nimflow.engine_store import EngineStore
@@ -119,15 +126,19 @@ def _cache(args: argparse.Namespace) -> int:
             abandoned = cache_admin.parse_duration(args.abandoned_after, option="--abandoned-after")
             try:
                 in_use = cache_admin.engines_in_use(docker_client())
-            except Exception as exc:  # noqa: BLE001 - without Docker nothing on this host can use an engine
-                print(f"nimflow cache gc: cannot see this host's containers ({type(exc).__name__}); "
-                      "engines served here are not protected", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - in-use markers in the store still protect what hosts serve
+                print(f"nimflow cache gc: cannot see this host's containers ({type(exc).__name__}); engines are "
+                      "protected by the in-use markers hosts write (deploy, reconcile) only", file=sys.stderr)
                 in_use = {}
             plan = cache_admin.plan_gc(
                 store, keep=args.keep, older_than=older, abandoned_after=abandoned, in_use=in_use,
                 lease_seconds=store.cache.build_lease_seconds,
             )
-            print(cache_admin.run_gc(store, plan, dry_run=args.dry_run))
+            print(cache_admin.run_gc(store, plan, dry_run=args.dry_run, lease_seconds=store.cache.build_lease_seconds))
+            cache_dir = args.cache_dir or _spec_cache_dir(args)
+            if cache_dir is not None:
+                for line in cache_admin.clean_scratch(Path(cache_dir), abandoned, dry_run=args.dry_run):
+                    print(line)
     return 0
 
 
@@ -246,10 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("key", metavar="KEY", help="an engine key or a unique prefix of one")
             command.add_argument("other", metavar="KEY2", nargs="?", help="a second key: show only what differs")
         if action == "gc":
-            command.add_argument("--keep", type=int, help="keep the N newest engines of each model and GPU")
-            command.add_argument("--older-than", help="remove engines created longer ago than this (e.g. 30d, 12h)")
+            command.add_argument("--keep", type=int, help="keep the N newest engines of each build (every key input "
+                                 "but the weights revision)")
+            command.add_argument("--older-than", help="remove engines published longer ago than this (e.g. 30d, 12h)")
             command.add_argument("--abandoned-after", default="24h",
-                                 help="remove uploads no manifest names once untouched this long (default 24h)")
+                                 help="remove uploads no manifest names, incomplete multipart uploads and killed runs' "
+                                 "scratch dirs once this old (default 24h)")
+            command.add_argument("--cache-dir", help="this host's cache dir, to remove killed runs' scratch dirs "
+                                 "(default: the --config spec's deploy.cache_dir)")
             command.add_argument("--dry-run", action="store_true", help="only print what would be removed")
 
     host = sub.add_parser("host", help="run the host_model flow for a hosting spec")

@@ -4,14 +4,18 @@ Layout in the store::
 
     s3://bucket/prefix/<engine_key>/uploads/<upload_id>/<path>   the files of one upload, never shared
     s3://bucket/prefix/<engine_key>/manifest.json                written LAST, once: names the upload
-    s3://bucket/prefix/<engine_key>/lease.json                   while one host builds the key (build_lease)
+    s3://bucket/prefix/<engine_key>/lease.json                   while one host builds or uploads the key (build_lease)
+    s3://bucket/prefix/<engine_key>/in-use/<host>--<name>.json   a host serves it (engine_use; TTL'd)
 
 Engine builds are not byte-reproducible, so two hosts that build the same key upload different
 bytes. Each upload therefore has its own prefix (the upload id is a digest of its files, so a
 retried upload resumes file by file), and the manifest, created with ``IfNoneMatch="*"``, names
 the one upload that won. A restore reads only that upload's files and re-hashes every byte; the
 loser of a race removes its own upload, and ``gc`` removes uploads a crash left behind. An engine
-exists in the store only when its manifest does.
+exists in the store only when its manifest does. ``gc`` works on a key only under its build lease,
+deletes a manifest only with ``IfMatch`` on the version it planned with, and then only the objects
+of the upload that manifest named (never the ``<key>/`` prefix wholesale), so a manifest never
+names files that are gone.
 
 Locally, engines are built or restored into a temporary directory and renamed into
 ``<cache_dir>/engines/<engine_key>`` once their manifest is written.
@@ -19,6 +23,7 @@ Locally, engines are built or restored into a temporary directory and renamed in
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -26,11 +31,13 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -38,7 +45,7 @@ from botocore.exceptions import ClientError
 
 from nimflow.checkpoint import model_files, sha256_file
 from nimflow.containment import contained_path, safe_relative
-from nimflow.errors import EngineStoreError, is_transient
+from nimflow.errors import EngineStoreError, ManifestRefused, is_transient
 from nimflow.s3 import is_missing, list_keys, s3_client, transfer_config
 from nimflow.spec import CacheSpec
 
@@ -56,6 +63,8 @@ MANIFEST_NAME = "nimflow-manifest.json"
 MANIFEST_SCHEMA = "nimflow-engine-manifest/2"
 STORE_MANIFEST = "manifest.json"
 UPLOADS = "uploads"
+#: Scratch directories (restores and builds in progress) start with this, under the engines dir.
+SCRATCH_PREFIX = ".tmp-"
 
 #: Most files one engine's manifest may list: an engine is a few files per rank plus the model's side
 #: files (8 ranks: under 50); far more is not an engine, and each file costs requests and a thread slot.
@@ -66,6 +75,10 @@ MAX_ENGINE_BYTES = 2 << 40
 MAX_MANIFEST_BYTES = 16 * MIB
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _UPLOAD_ID = re.compile(r"[0-9a-f]{1,64}")
+_ENGINE_KEY = re.compile(r"[0-9a-f]{64}")
+#: Open lock files of this process's scratch directories (see :func:`scratch_dir`).
+_scratch_locks: dict[Path, int] = {}
+_scratch_guard = threading.Lock()
 
 
 # --- local engine directories -------------------------------------------------------------------
@@ -82,10 +95,75 @@ def local_engine_path(cache_dir: Path, key: str) -> Path:
 
 
 def scratch_dir(cache_dir: Path, purpose: str) -> Path:
-    """A fresh private (0700) temporary directory under the engines dir (same filesystem, so rename is atomic)."""
+    """A fresh private (0700) temporary directory under the engines dir (same filesystem, so rename is atomic).
+
+    The directory itself is ``flock``-ed by this process for as long as it exists under its name
+    (nothing is added inside it: it becomes the engine directory): the kernel drops the lock when
+    the process dies, so ``nimflow cache gc`` (:func:`remove_stale_scratch`) can tell a killed
+    run's leftovers from work in progress. A filesystem without ``flock`` leaves it unlocked: gc's
+    age bound alone protects it then.
+    """
     root = engines_dir(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{purpose}-", dir=root))
+    path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{purpose}-", dir=root))
+    lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError:
+        os.close(lock)
+        return path
+    with _scratch_guard:
+        # Callers remove (or rename into place) their scratch dirs when done; those locks are closed here.
+        for held, descriptor in list(_scratch_locks.items()):
+            if not held.exists():
+                os.close(descriptor)
+                del _scratch_locks[held]
+        _scratch_locks[path] = lock
+    return path
+
+
+@dataclass(frozen=True)
+class StaleScratch:
+    """A scratch directory ``remove_stale_scratch`` looked at, and what it did (or, not removing, would do)."""
+
+    path: Path
+    removed: bool
+    reason: str
+
+
+def remove_stale_scratch(cache_dir: Path, older_than: float, *, remove: bool = True) -> list[StaleScratch]:
+    """Remove the scratch directories of killed runs under ``cache_dir``'s engines dir.
+
+    A directory goes only when nobody holds its ``flock`` (its process is gone, see
+    :func:`scratch_dir`) and it was last changed more than ``older_than`` seconds ago (this host's
+    clock: these are local files). gc holds the lock while it removes it, so no run can be using it.
+
+    Args:
+        remove: False only decides (a dry run): ``removed`` then says what would go.
+    """
+    root = engines_dir(cache_dir)
+    results = []
+    for path in sorted(root.glob(f"{SCRATCH_PREFIX}*")) if root.is_dir() else []:
+        try:
+            lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # not a directory (or gone since the listing)
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                results.append(StaleScratch(path, False, "in use by a running process"))
+                continue
+            age = time.time() - os.fstat(lock).st_mtime
+            if age <= older_than:
+                results.append(StaleScratch(path, False, f"last changed {age:.0f}s ago, within the bound"))
+                continue
+            if remove:
+                shutil.rmtree(path, ignore_errors=True)
+            results.append(StaleScratch(path, True, f"left by a run that ended, untouched for {age:.0f}s"))
+        finally:
+            os.close(lock)
+    return results
 
 
 def upload_id_of(files: list[dict[str, Any]]) -> str:
@@ -170,7 +248,7 @@ def check_manifest(manifest: object, engine_key: str, *, source: str) -> dict[st
         EngineStoreError (permanent): the first problem, naming ``source`` and the offending entry.
     """
     def refuse(problem: str) -> EngineStoreError:
-        return EngineStoreError(
+        return ManifestRefused(
             f"{source}: refused the manifest: {problem}; the store holds a corrupt or foreign manifest for this key: "
             f"delete {source.removesuffix('/' + STORE_MANIFEST)}/ from the store to have the engine rebuilt"
         )
@@ -232,7 +310,7 @@ def _checked_entry(entry: object, index: int, source: str, refuse: Callable[[str
     """``files[index]`` checked (path by the containment rule, size, sha256); its normalised name."""
     if not isinstance(entry, dict):
         raise refuse(f"files[{index}] is {_shown(entry)}, expected an object with path, size and sha256")
-    name = safe_relative(entry.get("path"), source=f"{source}: files[{index}]", error=EngineStoreError)
+    name = safe_relative(entry.get("path"), source=f"{source}: files[{index}]", error=ManifestRefused)
     if name == MANIFEST_NAME:
         raise refuse(f"files[{index}] is named {name!r}, the local manifest's own name")
     size, digest = entry.get("size"), entry.get("sha256")
@@ -279,13 +357,46 @@ class StoredManifest:
 
 @dataclass(frozen=True)
 class AbandonedUpload:
-    """An upload no manifest names (a lost race or a crash), with its size and last write."""
+    """An upload no manifest names (a lost race or a crash), with its size, last write and the objects listed."""
 
     engine_key: str
     upload_id: str
     objects: int
     bytes: int
     last_modified: datetime
+    object_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RefusedManifest:
+    """A key whose manifest could not be used (corrupt, hostile, too long): listed, never deleted automatically."""
+
+    engine_key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StoreListing:
+    """The published engines of a store (newest LastModified first), the keys whose manifest was refused, and when.
+
+    ``now`` is the store's clock when it was listed: ages are LastModified against it, so no host's
+    clock (the builder's ``created_at``, the one running gc) decides how old an engine is.
+    """
+
+    engines: list[StoredManifest]
+    refused: list[RefusedManifest]
+    now: datetime
+
+
+@dataclass(frozen=True)
+class IncompleteUpload:
+    """A multipart upload that was started and never completed or aborted (a killed transfer, or one in progress)."""
+
+    object_key: str
+    upload_id: str
+    engine_key: str | None
+    initiated: datetime
+    age_seconds: float
 
 
 class EngineStore:
@@ -348,14 +459,14 @@ class EngineStore:
         finally:
             body.close()
         if len(data) > MAX_MANIFEST_BYTES:
-            raise EngineStoreError(
+            raise ManifestRefused(
                 f"{source}: refused the manifest: longer than {MAX_MANIFEST_BYTES} bytes; "
                 f"delete {self.uri(engine_key)}/ from the store to have the engine rebuilt"
             )
         try:
             manifest = json.loads(data)
         except (ValueError, RecursionError) as exc:
-            raise EngineStoreError(f"{source}: refused the manifest: not valid JSON ({type(exc).__name__}); "
+            raise ManifestRefused(f"{source}: refused the manifest: not valid JSON ({type(exc).__name__}); "
                                    f"delete {self.uri(engine_key)}/ from the store to have the engine rebuilt") from None
         return StoredManifest(
             manifest=check_manifest(manifest, engine_key, source=source),
@@ -533,16 +644,46 @@ class EngineStore:
 
     def engine_keys(self) -> list[str]:
         """Every engine key with anything under it (published or not)."""
+        return self._engine_keys_at()[0]
+
+    def _engine_keys_at(self) -> tuple[list[str], datetime]:
+        """Every engine key, and the time on the store's clock (the listing's ``Date``; this host's without one)."""
         base = f"{self.prefix}/" if self.prefix else ""
         keys: list[str] = []
+        now = None
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
             keys.extend(item["Prefix"][len(base) :].rstrip("/") for item in page.get("CommonPrefixes", []))
-        return [key for key in keys if len(key) == 64 and all(c in "0123456789abcdef" for c in key)]
+            date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+            now = now or (parsedate_to_datetime(date) if date else None)
+        return [key for key in keys if _ENGINE_KEY.fullmatch(key)], now or datetime.now(timezone.utc)
+
+    def listing(self) -> StoreListing:
+        """Every published engine with its ETag and LastModified, newest first; refused manifests apart.
+
+        One corrupt or hostile manifest does not stop the listing: its key is reported in
+        ``refused`` (with the reason) and the others are listed. Only a store that does not answer
+        (or refuses access) raises.
+
+        Raises:
+            EngineStoreError / ClientError / BotoCoreError: the store refused the listing or did not answer.
+        """
+        engines: list[StoredManifest] = []
+        refused: list[RefusedManifest] = []
+        keys, now = self._engine_keys_at()
+        for key in keys:
+            try:
+                stored = self.stored_manifest(key)
+            except ManifestRefused as exc:  # a 403 or an outage is not this manifest's fault: it raises on
+                refused.append(RefusedManifest(key, str(exc)))
+                continue
+            if stored is not None:
+                engines.append(stored)
+        engines.sort(key=lambda s: s.last_modified, reverse=True)
+        return StoreListing(engines, refused, now)
 
     def manifests(self) -> list[dict[str, Any]]:
-        """The manifests of every published engine, newest first."""
-        found = [m for m in (self.manifest(key) for key in self.engine_keys()) if m is not None]
-        return sorted(found, key=lambda m: m.get("created_at", ""), reverse=True)
+        """The manifests of every published engine, newest (the store's LastModified) first; refused ones left out."""
+        return [stored.manifest for stored in self.listing().engines]
 
     def resolve_key(self, prefix: str) -> str:
         """The full engine key a unique prefix (as `cache ls` shows) names.
@@ -557,34 +698,75 @@ class EngineStore:
         return matches[0]
 
     def delete_upload(self, engine_key: str, upload_id: str) -> int:
-        """Delete every object of one upload; return how many."""
-        return self._delete_prefix(self.object_key(engine_key, UPLOADS, upload_id) + "/")
+        """Delete every object of one upload; return how many.
 
-    def delete_engine(self, engine_key: str) -> int:
-        """Unpublish an engine (manifest first, so it vanishes at once), then delete its files."""
-        self.client.delete_object(Bucket=self.bucket, Key=self.object_key(engine_key, STORE_MANIFEST))
-        return 1 + self._delete_prefix(self.object_key(engine_key) + "/")
+        Only for an uploader removing its own upload (a lost race); gc deletes the objects it listed.
+        """
+        return self.delete_objects(self.upload_object_keys(engine_key, upload_id))
 
-    def _delete_prefix(self, prefix: str) -> int:
-        keys = [key for key, _ in list_keys(self.client, self.bucket, prefix)]
+    def _upload_prefix(self, engine_key: str, upload_id: str) -> str:
+        return self.object_key(engine_key, UPLOADS, upload_id) + "/"
+
+    def delete_manifest(self, stored: StoredManifest) -> bool:
+        """Unpublish an engine: delete its manifest only if it is still the version read (``IfMatch`` its ETag).
+
+        The files of the upload it named are left to the caller (:meth:`upload_object_keys`,
+        :meth:`delete_objects`), who holds the key's build lease: never the whole ``<key>/``
+        prefix, where another upload, the lease and in-use markers live.
+
+        Returns:
+            False when the manifest was replaced or removed since it was read (nothing deleted).
+
+        Raises:
+            ClientError / BotoCoreError: the store refused or did not answer.
+        """
+        key = self.object_key(stored.manifest["engine_key"], STORE_MANIFEST)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=stored.etag)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("PreconditionFailed", "NoSuchKey", "404"):
+                return False
+            raise
+        return True
+
+    def upload_object_keys(self, engine_key: str, upload_id: str) -> list[str]:
+        """The object keys stored under one upload now."""
+        return [key for key, _ in list_keys(self.client, self.bucket, self._upload_prefix(engine_key, upload_id))]
+
+    def delete_objects(self, keys: list[str] | tuple[str, ...]) -> int:
+        """Delete exactly these objects (1,000 per request); return how many.
+
+        Raises:
+            EngineStoreError: the store refused some of them (names the first).
+        """
         for start in range(0, len(keys), 1000):
             batch = [{"Key": key} for key in keys[start : start + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            if errors := answer.get("Errors"):
+                first = errors[0]
+                raise EngineStoreError(f"s3://{self.bucket}/{first.get('Key')}: delete refused ({first.get('Code')}: "
+                                       f"{first.get('Message')}); {len(errors)} object(s) not deleted")
         return len(keys)
 
-    def abandoned_uploads(self, manifests: list[dict[str, Any]] | None = None) -> list[AbandonedUpload]:
+    def abandoned_uploads(self, manifests: list[dict[str, Any]] | None = None,
+                          skip_keys: frozenset[str] | set[str] = frozenset()) -> list[AbandonedUpload]:
         """Uploads that no manifest names: race losers that could not clean up, and crashed uploads.
 
         An upload still in progress is also listed here; callers keep recent ones (see ``gc``).
 
         Args:
             manifests: every published manifest, when the caller has just read them (saves a read per key).
+            skip_keys: keys not to look at (a refused manifest: which upload it names is unknown).
         """
         if manifests is None:
-            manifests = self.manifests()
+            listing = self.listing()
+            manifests = [stored.manifest for stored in listing.engines]
+            skip_keys = {*skip_keys, *(r.engine_key for r in listing.refused)}
         published_uploads = {m["engine_key"]: m.get("upload_id") for m in manifests}
         found = []
         for key in self.engine_keys():
+            if key in skip_keys:
+                continue
             published = published_uploads.get(key)
             base = self.object_key(key, UPLOADS) + "/"
             uploads: dict[str, list[dict[str, Any]]] = {}
@@ -597,5 +779,39 @@ class EngineStore:
                     found.append(AbandonedUpload(
                         engine_key=key, upload_id=upload_id, objects=len(items), bytes=sum(i["Size"] for i in items),
                         last_modified=max(i["LastModified"] for i in items).astimezone(timezone.utc),
+                        object_keys=tuple(i["Key"] for i in items),
                     ))
         return found
+
+    def incomplete_uploads(self) -> list[IncompleteUpload]:
+        """Multipart uploads under the store's prefix that were never completed or aborted.
+
+        Their parts are stored (and billed) but no object lists them. Age is on the store's clock
+        (``Initiated`` against the response's ``Date``; 0 without one).
+
+        Raises:
+            ClientError / BotoCoreError: the store refused (s3:ListBucketMultipartUploads) or did not answer.
+        """
+        base = f"{self.prefix}/" if self.prefix else ""
+        found = []
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=base):
+            date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+            for item in page.get("Uploads", []):
+                initiated = item["Initiated"].astimezone(timezone.utc)
+                age = max(0.0, (parsedate_to_datetime(date) - initiated).total_seconds()) if date else 0.0
+                engine_key = item["Key"][len(base) :].split("/", 1)[0]
+                found.append(IncompleteUpload(item["Key"], item["UploadId"],
+                                              engine_key if _ENGINE_KEY.fullmatch(engine_key) else None, initiated, age))
+        return found
+
+    def abort_incomplete(self, upload: IncompleteUpload) -> None:
+        """Abort a multipart upload: its parts are deleted (one gone already counts as done).
+
+        Raises:
+            ClientError / BotoCoreError: the store refused (s3:AbortMultipartUpload) or did not answer.
+        """
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload.object_key, UploadId=upload.upload_id)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) not in ("NoSuchUpload", "404"):
+                raise

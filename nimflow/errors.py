@@ -22,7 +22,8 @@ Exception tree::
     │   └── EndpointUnhealthy       the NIM never became ready / does not list or answer the model
     └── EngineStoreError            the engine store failed: refused (no bucket, access denied, corrupt
         │                           artifact; permanent) or, as EngineStoreUnavailable, did not answer
-        └── EngineStoreUnavailable  (transient, see above)
+        ├── EngineStoreUnavailable  (transient, see above)
+        └── ManifestRefused         a stored manifest is corrupt, hostile or foreign (permanent)
 
 Two questions, two axes. *Retry?* is answered by ``TransientError`` alone (:func:`is_transient`):
 anything else fails at once. *About what?* is answered by a domain base that callers catch.
@@ -143,6 +144,14 @@ class DeploymentError(PermanentError):
 
 class EndpointUnhealthy(PermanentError):
     """The deployed NIM did not become ready, or did not list or answer the served model."""
+
+
+class ManifestRefused(EngineStoreError):
+    """A manifest in the engine store is corrupt, hostile or foreign (permanent; the message names it).
+
+    Distinct from other store errors so a listing (``cache ls``, ``gc``) can report that one key
+    and go on, while a 403 or an outage still stops it.
+    """
 
 
 # --- classification of library exceptions ------------------------------------------------------

@@ -5,6 +5,9 @@ A deployment (see :mod:`nimflow.deployments_admin`) is healthy when its stable e
 is running. An unhealthy one whose spec still exists by name (the deployment name is the spec's
 ``name``) is healed by running its rollout again (``host_model``, given by the caller); one whose spec
 is gone is reported and left alone. The result is one :class:`Finding` per deployment.
+
+Every deployment found serving an engine has its in-use marker in the engine store refreshed
+(:func:`refresh_in_use`, :mod:`nimflow.engine_use`), so ``nimflow cache gc`` on any host keeps it.
 """
 
 from __future__ import annotations
@@ -115,6 +118,20 @@ def reconcile_deployments(
             result = f"healed: {outcome.detail}" if still is None else f"rollout completed, still unhealthy: {still}"
             findings.append(Finding(status.name, state, "heal", result))
     return findings
+
+
+def refresh_in_use(statuses: Iterable[DeploymentStatus], mark: Callable[[DeploymentStatus], str | None]) -> list[str]:
+    """Refresh the in-use marker of each deployment whose active backend runs with an engine; the failures.
+
+    Args:
+        mark: writes one deployment's marker (``record_in_use`` with its spec's store); returns
+            None, or why it could not.
+    """
+    problems = []
+    for status in statuses:
+        if status.engine_key and _backend_running(status) and (problem := mark(status)):
+            problems.append(problem)
+    return problems
 
 
 def as_table(findings: list[Finding]) -> list[dict[str, str]]:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from prefect import get_run_logger, task
 
+from nimflow.engine_use import record_in_use
 from nimflow.records import Deployment, Engine, ServingImage, StagedAdapters
 from nimflow.retries import transient_retries
 from nimflow.rollout import abort, deployment_labels, promote, start_candidate
@@ -46,6 +47,11 @@ def deploy_nim(
     """
     logger = get_run_logger()
     strategy = spec.rollout_strategy
+    if engine is not None and spec.cache is not None:
+        # Recorded before the container starts: from then on the engine is in use, and gc on any
+        # host keeps it in the store (reconcile refreshes the marker while the deployment serves).
+        if (problem := record_in_use(spec.cache, engine.engine_key, spec.deploy.cache_dir, spec.name, spec.container_name)):
+            logger.warning("%s", problem)
     deployment = start_candidate(
         spec.deploy, spec.rollout, strategy, spec.name, spec.container_name, serving, model_path,
         adapters.path if adapters else None, adapters.names if adapters else [], api, labels, engine,

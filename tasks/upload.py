@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 
-from nimflow.build_lease import BuildLeases
+from nimflow.build_lease import BuildLeases, Lease
 from nimflow.engine_store import STORE_MANIFEST, EngineStore, UploadOutcome, read_local_manifest
 from nimflow.errors import EngineStoreError, is_transient, translated_errors
 from nimflow.progress import transfer_progress
 from nimflow.records import Engine, PublishedEngine, TransferStats
 from nimflow.retries import transient_retries
 from nimflow.spec import CacheSpec
+
+logger = logging.getLogger(__name__)
 
 
 def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
@@ -34,10 +38,14 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
     published = PublishedEngine(engine_key=key, uri=store.uri(key), manifest_uri=store.uri(key, STORE_MANIFEST))
     leases = BuildLeases(store, cache.build_lease_seconds)
     lease = None
+    republish = False
     try:
         with translated_errors(f"publishing engine {key} to {store.uri(key)}", domain=EngineStoreError):
             lease = leases.adopt(key, engine.build_lease) if engine.build_lease else None
-            if store.manifest(key) is not None:
+            republish = engine.build_lease is None and store.manifest(key) is None
+            if republish:  # a local-cache hit: every upload runs under the key's lease, this one too
+                lease = _lease_to_republish(store, leases, key)
+            if (republish and lease is None) or store.manifest(key) is not None:
                 outcome = None
             elif lease is None:
                 outcome, seconds = _upload_watched(store, Path(engine.path), manifest)
@@ -46,8 +54,9 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
                     outcome, seconds = _upload_watched(store, Path(engine.path), manifest)
                 lease = held.lease
     except Exception as exc:
-        # A transient fault is retried by this task: keep the lease so nobody starts a second build.
-        if lease is not None and not is_transient(exc):
+        # A transient fault is retried by this task: keep a build's lease so nobody starts a second build
+        # (a re-publish's own lease goes: its retry takes the lease again).
+        if lease is not None and (republish or not is_transient(exc)):
             leases.release(lease)
         raise
     if lease is not None:
@@ -58,6 +67,34 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
         "uploaded_files": outcome.files, "uploaded_bytes": outcome.bytes, "published_by_this_run": outcome.published,
         "transfer": TransferStats(stage="upload", bytes=outcome.bytes, files=outcome.files, seconds=seconds),
     })
+
+
+def _lease_to_republish(store: EngineStore, leases: BuildLeases, key: str) -> Lease | None:
+    """The key's lease for re-publishing an engine this host already had (no build, so no lease yet).
+
+    Uploads and ``nimflow cache gc`` exclude each other through this lease: gc never deletes an
+    upload's files while it is held. Another holder (a build, an upload, gc) is waited for, up to
+    two lease TTLs, until either the lease is free or the manifest appears.
+
+    Returns:
+        The lease, or None when the re-publish is given up: the manifest appeared meanwhile, or
+        another holder kept the lease the whole time (it publishes the key; this host serves its
+        own copy either way).
+    """
+    give_up_at = time.monotonic() + 2 * leases.ttl
+    poll = min(5.0, max(0.5, leases.ttl / 4))
+    while True:
+        got = leases.try_acquire(key)
+        if isinstance(got, Lease):
+            return got
+        if store.manifest(key) is not None:
+            logger.info("engine %s was published by another host while this one waited to re-publish it: nothing to upload", key)
+            return None
+        if time.monotonic() > give_up_at:
+            logger.warning("engine %s: not re-published from this host: %s held its build lease for the %gs this run "
+                           "waited (it publishes the key itself)", key, got.holder, 2 * leases.ttl)
+            return None
+        time.sleep(poll)
 
 
 def _upload_watched(store: EngineStore, engine_dir: Path, manifest: dict[str, Any]) -> tuple[UploadOutcome, float]:

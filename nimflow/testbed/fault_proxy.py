@@ -9,7 +9,9 @@ fault matches. Each fault applies to the next ``count`` requests matching a meth
 * :meth:`FaultProxy.add_reset`: cut the connection (TCP reset) after N bytes of the response body,
   or after N bytes of the request body (a reset in the middle of an upload);
 * :meth:`FaultProxy.add_hang`: read the request and never answer, until the client gives up
-  (its own read timeout) or the proxy stops.
+  (its own read timeout) or the proxy stops;
+* :meth:`FaultProxy.add_hold`: hold the request (unread) until the test releases it, then forward
+  it: a client paused at one exact request, to interleave another actor there.
 
 ``requests`` logs ``(method, path, status, injected)``; ``exchanges`` logs the same with the fault's
 kind and the body bytes read from the client and sent back, so a test can tell what was transferred.
@@ -90,7 +92,7 @@ class Exchange(NamedTuple):
     response_bytes: int
 
 
-FaultKind = Literal["answer", "drop", "latency", "reset", "hang"]
+FaultKind = Literal["answer", "drop", "latency", "reset", "hang", "hold"]
 
 
 class _ClientGone(Exception):
@@ -106,6 +108,7 @@ class _Fault:
         self.status, self.remaining, self.body = status, count, body
         self.headers, self.delay = dict(headers or {}), delay
         self.after_bytes, self.of = after_bytes, of
+        self.gate = threading.Event()  # a hold: set to let the held requests through
 
     @property
     def drop(self) -> bool:
@@ -172,6 +175,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reset_request(fault.after_bytes)
             elif fault.kind == "hang":
                 self._hang()
+            elif fault.kind == "hold":
+                with proxy._lock:
+                    proxy._holding += 1
+                try:
+                    fault.gate.wait()
+                finally:
+                    with proxy._lock:
+                        proxy._holding -= 1
+                self._forward()
             else:
                 self._inject(fault)
         except (_ClientGone, OSError, http.client.HTTPException):
@@ -331,6 +343,7 @@ class FaultProxy(BackgroundServer):
         self._faults: list[_Fault] = []
         self._exchanges: list[Exchange] = []
         self._hanging = 0
+        self._holding = 0
         self._busy = 0  # requests being handled (hung ones included)
         self._settled = threading.Condition(self._lock)
         self._released = threading.Event()
@@ -371,6 +384,21 @@ class FaultProxy(BackgroundServer):
         own read timeout (or until the proxy stops)."""
         self._arm(_Fault("hang", method, path_pattern, count))
 
+    def add_hold(self, *, method: str | None = None, path_pattern: str = ".*", count: int = 1) -> threading.Event:
+        """Hold the next ``count`` matching requests until the returned event is set, then forward them.
+
+        :attr:`holding` says how many are held now; :meth:`stop` releases them too.
+        """
+        fault = _Fault("hold", method, path_pattern, count)
+        self._arm(fault)
+        return fault.gate
+
+    @property
+    def holding(self) -> int:
+        """How many requests a hold fault keeps waiting right now."""
+        with self._lock:
+            return self._holding
+
     def _arm(self, fault: _Fault) -> None:
         if fault.remaining < 1:
             raise ValueError("count must be >= 1")
@@ -408,7 +436,7 @@ class FaultProxy(BackgroundServer):
     def _wait_settled(self, timeout: float = 5.0) -> None:
         """Wait (holding the lock) until no request but hung ones is being handled, at most ``timeout``."""
         deadline = time.monotonic() + timeout
-        while self._busy > self._hanging and time.monotonic() < deadline:
+        while self._busy > self._hanging + self._holding and time.monotonic() < deadline:
             self._settled.wait(0.05)
 
     @property
@@ -437,6 +465,9 @@ class FaultProxy(BackgroundServer):
         super().start()
 
     def stop(self) -> None:
-        """Release hung connections, stop serving and close the listening socket."""
+        """Release hung and held connections, stop serving and close the listening socket."""
         self._released.set()
+        with self._lock:
+            for fault in self._faults:
+                fault.gate.set()
         super().stop()

@@ -12,6 +12,9 @@ import boto3
 import pytest
 from nimflow.flows.host_model import host_model
 
+from nimflow.engine_store import EngineStore
+from nimflow.engine_use import EngineUse
+from nimflow.spec import CacheSpec
 from tests.conftest import ENGINE_BUCKET, write_spec
 from tests.integration.test_host_model import make_spec, publish_tiny
 
@@ -78,18 +81,26 @@ def test_plan_then_cache_ls_explain_and_gc(
     s3 = boto3.client("s3", region_name="us-east-1")
     s3.put_object(Bucket=ENGINE_BUCKET, Key=f"{name}/{key}/uploads/crashed0000/trtllm_engine/rank0.engine", Body=b"x" * 10)
 
-    # Both engines are served here: --keep 1 removes neither while their containers run.
-    kept = nimflow("cache", "gc", "--keep", "1", "--abandoned-after", "0s", "--config", str(config), env=env)
+    # Both engines are served here: gc removes neither while their containers run.
+    kept = nimflow("cache", "gc", "--older-than", "0s", "--abandoned-after", "0s", "--config", str(config), env=env)
     assert f"kept engine {key[:12]}: in use by running container nimflow-{name}-blue" in kept.stdout, kept.stdout
     assert f"removed abandoned upload {key[:12]}/crashed0000" in kept.stdout
     assert not [k for k in _keys(s3, f"{name}/{key}/uploads/") if "/crashed0000/" in k]
 
+    # Its deployment wrote an in-use marker (fleet-wide protection): the container going away is not
+    # enough, the marker must go too (or lapse). Here the host says it stopped serving.
+    cache_dir = Path(spec["deploy"]["cache_dir"])
+    assert _keys(s3, f"{name}/{key}/in-use/"), "deploy_nim wrote no in-use marker"
     docker_client.containers.get(f"nimflow-{name}-blue").remove(force=True)
-    dry = nimflow("cache", "gc", "--keep", "1", "--dry-run", "--config", str(config), env=env)
+    still = nimflow("cache", "gc", "--older-than", "0s", "--dry-run", "--config", str(config), env=env)
+    assert f"kept engine {key[:12]}: in use by {name} on " in still.stdout, still.stdout
+    EngineUse(EngineStore(CacheSpec(uri=f"s3://{ENGINE_BUCKET}/{name}"))).unmark(key, cache_dir, name)
+
+    dry = nimflow("cache", "gc", "--older-than", "0s", "--dry-run", "--config", str(config), env=env)
     assert f"would remove engine {key[:12]}" in dry.stdout and "dry run: nothing was deleted" in dry.stdout
     assert _keys(s3, f"{name}/{key}/manifest.json")
-    gone = nimflow("cache", "gc", "--keep", "1", "--config", str(config), env=env)
-    assert f"removed engine {key[:12]}" in gone.stdout and key2[:12] not in gone.stdout.split("removed 1")[0]
+    gone = nimflow("cache", "gc", "--older-than", "0s", "--config", str(config), env=env)
+    assert f"removed engine {key[:12]}" in gone.stdout and f"kept engine {key2[:12]}: in use by" in gone.stdout, gone.stdout
     assert not _keys(s3, f"{name}/{key}/") and _keys(s3, f"{name}/{key2}/manifest.json")
 
     bad = nimflow("cache", "gc", "--older-than", "soon", "--config", str(config), env=env)
