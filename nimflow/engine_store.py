@@ -535,8 +535,10 @@ class EngineStore:
             on_file_done: called with the path of each file once it is verified.
 
         Raises:
-            EngineStoreError: the manifest is refused (naming the entry), or a file's content does
-                not match it (corrupt store object); both permanent.
+            StoredEngineBroken: an object the manifest names is missing, or its content does not
+                match the manifest (permanent for this manifest: callers set it aside and rebuild).
+            EngineStoreError: the manifest is refused, naming the entry (permanent), or the store
+                refused or did not answer (a 403 names the permission; EngineStoreUnavailable is transient).
         """
         source = self.uri(engine_key, STORE_MANIFEST)
         manifest = check_manifest(manifest, engine_key, source=source)

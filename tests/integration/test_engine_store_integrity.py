@@ -283,7 +283,10 @@ def test_second_broken_manifest_in_one_run_fails_naming_both(fleet: Fleet) -> No
 
 @pytest.mark.testbed
 def test_foreign_manifest_is_refused_not_set_aside(fleet: Fleet) -> None:
-    """A manifest ``check_manifest`` refuses (it may be a newer nimflow's) fails with its message and stays."""
+    """A manifest ``check_manifest`` refuses (it may be a newer nimflow's) fails with its message and stays.
+
+    A guard for the self-healing, not a reproduction: it passed on the code before the fix too.
+    """
     manifest_key = fleet.store.object_key(fleet.key, "manifest.json")
     s3().put_object(Bucket=ENGINE_BUCKET, Key=manifest_key, Body=json.dumps({"schema": "nimflow-engine-manifest/99"}).encode())
 
@@ -307,7 +310,10 @@ def s3_proxy(s3_server: Service, testbed_env: dict, monkeypatch: pytest.MonkeyPa
 def test_transient_fault_during_a_restore_sets_nothing_aside(
     tmp_path: Path, standin_image: str, unique: str, docker_client: Any, s3_proxy: FaultProxy
 ) -> None:
-    """A store that answers 503 while a file is restored is unavailable, not broken: the manifest stays."""
+    """A store that answers 503 while a file is restored is unavailable, not broken: the manifest stays.
+
+    A guard for the self-healing, not a reproduction: it passed on the code before the fix too.
+    """
     model_dir = write_tiny_llama(tmp_path / "model")
     spec = parse_spec(make_spec(tmp_path, f"transient-{unique}", "org/unused", standin_image))
     assert spec.build is not None
@@ -388,7 +394,11 @@ def test_verification_record_skips_rehashing_until_a_file_changes(tmp_path: Path
     ("missing", "missing"), ("truncated", "bytes"), ("no-manifest", MANIFEST_NAME), ("not-a-file", "not a regular file"),
 ])
 def test_local_check_names_what_is_wrong(tmp_path: Path, damage: str, said: str) -> None:
-    """Sizes and presence are checked on every hit, whatever the record says."""
+    """Sizes and presence are checked on every hit, whatever the record says.
+
+    Failed on the code before the fix: there was no local check (``nimflow.engine_check`` did not exist);
+    a local hit read only the manifest.
+    """
     engine, manifest = _local_engine(tmp_path)
     record_verified(engine, manifest)
     rank = engine / RANK0
