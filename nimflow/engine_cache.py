@@ -5,6 +5,10 @@ the model's ``config.json`` and the probed GPUs, the serving GPU against the bui
 the engine key. :func:`obtain_engine` then looks on this host, then in the engine store, and
 otherwise takes the key's build lease and builds. Only one host builds a key at a time; the others
 wait for its manifest and restore (:mod:`nimflow.build_lease`).
+
+Nothing damaged is used: a local copy is checked first (:mod:`nimflow.engine_check`) and moved aside
+when it is not whole; a store engine whose files are missing or corrupt has its manifest set aside
+(:meth:`EngineStore.set_aside_manifest`) and the key is rebuilt, once per run.
 """
 
 from __future__ import annotations
@@ -23,16 +27,17 @@ from nimflow.build_lease import BuildLeases, Lease
 from nimflow.checkpoint import read_config
 from nimflow.containers import LABEL_PREFIX, image_id
 from nimflow.engine_build import build_engine, remove_stale_build_containers
+from nimflow.engine_check import check_local_engine, record_verified, set_aside
 from nimflow.engine_key import engine_key, engine_key_inputs
 from nimflow.engine_store import (
     EngineStore,
+    StoredManifest,
     local_engine_path,
     publish_local,
-    read_local_manifest,
     scratch_dir,
     write_manifest,
 )
-from nimflow.errors import EngineStoreError, TransientBuildError, translated_errors
+from nimflow.errors import EngineStoreError, StoredEngineBroken, TransientBuildError, translated_errors
 from nimflow.gpu_identity import TargetIdentity, check_serving_target, probe_target
 from nimflow.progress import transfer_progress
 from nimflow.records import Engine, TransferStats
@@ -99,12 +104,37 @@ def engine_record(key: str, path: Path, origin: str, manifest: dict[str, Any], l
     )
 
 
+def _local_engine(final: Path, log: Log) -> dict[str, Any] | None:
+    """The manifest of this host's copy of the engine when it is whole, else None.
+
+    A damaged or half-written copy is moved aside (one warning naming what is wrong and where it
+    went) so that a restore or build can take its place.
+
+    Raises:
+        PermanentError: the copy could not be moved aside (permissions on the engines directory).
+    """
+    while (checked := check_local_engine(final)) is not None:
+        if checked.manifest is not None:
+            return checked.manifest
+        with translated_errors(f"moving the damaged local engine {final} aside ({checked.problem}); move it by hand"):
+            aside = set_aside(final, checked)
+        if aside is not None:
+            log.warning("Local engine %s at %s is damaged: %s; moved it aside to %s (look at it, then delete it); "
+                        "restoring it from the store or rebuilding it", final.name, final, checked.problem, aside)
+        # else another run on this host moved it or published a fresh copy meanwhile: check again
+    return None
+
+
 def _restore(store: EngineStore, manifest: dict[str, Any], cache_dir: Path, final: Path) -> TransferStats:
     """Restore and verify the engine into a scratch dir, then publish it locally; the transfer's stats.
 
     ``manifest`` is one :meth:`EngineStore.manifest` returned (checked against its key); the restore
     checks it again and writes only inside the scratch dir, which is renamed into place only after
-    every file's hash matched, and removed otherwise.
+    every file's hash matched and everything was fsynced, and removed otherwise.
+
+    Raises:
+        StoredEngineBroken: a file the manifest names is missing or corrupt in the store.
+        EngineStoreError: the store refused or did not answer (EngineStoreUnavailable).
     """
     key = manifest["engine_key"]
     staged = scratch_dir(cache_dir, f"restore-{key[:12]}")
@@ -113,10 +143,55 @@ def _restore(store: EngineStore, manifest: dict[str, Any], cache_dir: Path, fina
         with translated_errors(f"restoring engine {key} from {store.uri(key)}", domain=EngineStoreError), \
                 transfer_progress("restore", f"engine {key[:12]}", sum(f["size"] for f in files), len(files)) as progress:
             store.restore(manifest, staged, engine_key=key, on_bytes=progress.add_bytes, on_file_done=progress.file_done)
-        publish_local(staged, final)
+        if publish_local(staged, final):
+            record_verified(final, manifest)  # every byte was just hashed: the first local hit hashes nothing
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return progress.finish()
+
+
+@dataclass(frozen=True)
+class _BrokenManifest:
+    """The store manifest a run found broken (and set aside, or tried to), with why."""
+
+    etag: str
+    error: StoredEngineBroken
+
+    def describe(self) -> str:
+        """What is missing or corrupt: the object's URI (it names the upload) and the problem."""
+        return f"{self.error.object_uri}: {self.error.problem}"
+
+
+def _set_aside_broken(store: EngineStore, stored: StoredManifest, broken: _BrokenManifest, log: Log) -> bool:
+    """Unpublish a manifest whose files are missing or corrupt (keeping a copy), so the key is rebuilt.
+
+    Returns:
+        True when this run set it aside; False when the store's manifest changed first (another host
+        set it aside or published a new one): the caller looks again.
+
+    Raises:
+        EngineStoreError: the store refused or did not answer.
+    """
+    key = stored.manifest["engine_key"]
+    with translated_errors(f"setting aside the manifest of engine {key} in {store.uri(key)}", domain=EngineStoreError):
+        aside = store.set_aside_manifest(key, stored)
+    if aside is None:
+        log.info("Engine %s in %s: %s; another host set its manifest aside or replaced it first: looking again",
+                 key, store.uri(key), broken.describe())
+        return False
+    log.warning("Engine %s in %s: %s; set its manifest aside to %s; rebuilding it", key, store.uri(key),
+                broken.describe(), aside)
+    return True
+
+
+def _broken_twice(store: EngineStore, key: str, first: _BrokenManifest, second: _BrokenManifest) -> StoredEngineBroken:
+    """The error for a second broken manifest in one run: healing is tried once, a person looks at the rest."""
+    return StoredEngineBroken.at(second.error.object_uri, second.error.problem, (
+        f"engine {key} in {store.uri(key)} is broken again: {second.describe()}; this run already set aside a broken "
+        f"manifest of the key ({first.describe()}) and sets aside at most one. Something keeps publishing engines "
+        f"whose files are missing or corrupt (a gc racing uploads, a store losing objects): look at "
+        f"{store.uri(key)}/ (set-aside/ keeps the first), then delete {store.uri(key, 'manifest.json')} to have it rebuilt"
+    ))
 
 
 def obtain_engine(
@@ -134,18 +209,23 @@ def obtain_engine(
     keep it until the manifest is published. Runs that find the lease taken wait for the
     manifest and restore.
 
+    This host's copy is used only when it is whole (:func:`nimflow.engine_check.check_local_engine`);
+    a damaged one is moved aside and replaced. A store engine whose files are missing or corrupt has
+    its manifest set aside and the key is rebuilt; a second broken manifest in the same run fails.
+
     Raises:
         BuildFailed / TransientBuildError: the build failed (logs in the message).
-        EngineStoreError / ServiceUnavailable: the store refused or did not answer.
+        StoredEngineBroken: a second store manifest of the key, in this run, names missing or corrupt files.
+        EngineStoreError / ServiceUnavailable: the store refused (a manifest it cannot read) or did not answer.
         DeploymentError: the checkpoint directory is, holds or lies in nimflow's own directories.
     """
     key = plan.key
     # The build container mounts the checkpoint: it must not carry the route files or NIM caches along.
     refuse_nimflow_dirs(cache_dir, model_dir, "the checkpoint to build from")
     final = local_engine_path(cache_dir, key)
-    manifest = read_local_manifest(final)
+    manifest = _local_engine(final, log)
     if manifest is not None:
-        log.info("Engine %s is already on this host at %s: nothing to build", key, final)
+        log.info("Engine %s is already on this host at %s (checked): nothing to build", key, final)
         return engine_record(key, final, "local-cache", manifest)
 
     store = EngineStore(cache)
@@ -153,17 +233,34 @@ def obtain_engine(
     poll = min(5.0, max(0.5, cache.build_lease_seconds / 4))
     give_up_at = time.monotonic() + build.timeout_seconds + 2 * cache.build_lease_seconds
     last_note = 0.0
+    broken: _BrokenManifest | None = None  # the manifest this run found broken: healed once per run
     while True:
         with translated_errors(f"looking up engine {key} in {cache.uri}", domain=EngineStoreError):
-            manifest = store.manifest(key)
-            got = None if manifest is not None else leases.try_acquire(key)
-            if isinstance(got, Lease) and (manifest := store.manifest(key)) is not None:
+            stored = store.stored_manifest(key)
+            got = None if stored is not None else leases.try_acquire(key)
+            if isinstance(got, Lease) and (stored := store.stored_manifest(key)) is not None:
                 leases.release(got)  # published just before we took the lease
-        if manifest is not None:
-            transfer = _restore(store, manifest, cache_dir, final)
-            log.info("Engine %s restored from %s (%.0f MiB/s, every byte verified): nothing to build",
-                     key, store.uri(key), transfer.mib_per_s)
-            return engine_record(key, final, "engine-store", manifest).model_copy(update={"transfer": transfer})
+        if stored is not None:
+            if broken is None or stored.etag != broken.etag:
+                try:
+                    transfer = _restore(store, stored.manifest, cache_dir, final)
+                except StoredEngineBroken as exc:
+                    found = _BrokenManifest(stored.etag, exc)
+                    if broken is not None:
+                        raise _broken_twice(store, key, broken, found) from exc
+                    broken = found
+                else:
+                    log.info("Engine %s restored from %s (%.0f MiB/s, every byte verified): nothing to build",
+                             key, store.uri(key), transfer.mib_per_s)
+                    return engine_record(key, final, "engine-store", stored.manifest).model_copy(update={"transfer": transfer})
+            # The manifest names missing or corrupt files: unpublish it (again, if a conflict stopped the last try).
+            assert broken is not None
+            if not _set_aside_broken(store, stored, broken, log):
+                if time.monotonic() > give_up_at:
+                    raise TransientBuildError(f"engine {key} in {store.uri(key)}: could not set its broken manifest "
+                                              f"aside ({broken.describe()}); it is tried again on retry")
+                time.sleep(min(poll, 1.0))  # paces repeated conflicts (409) on the same manifest
+            continue
         assert got is not None  # no manifest: try_acquire gave a lease or the current holder
         if isinstance(got, Lease):
             return _build(client, plan, build, leases, got, model_dir, cache_dir, final, log)
@@ -202,7 +299,8 @@ def _build(
                         trtllm_version=plan.target.trtllm_version,
                     )
                 manifest = write_manifest(staged, key, plan.inputs, built)
-                publish_local(staged, final)
+                if publish_local(staged, final):
+                    record_verified(final, manifest)  # write_manifest just hashed every byte
             finally:
                 current = held.lease
                 shutil.rmtree(staged, ignore_errors=True)

@@ -18,7 +18,10 @@ of the upload that manifest named (never the ``<key>/`` prefix wholesale), so a 
 names files that are gone.
 
 Locally, engines are built or restored into a temporary directory and renamed into
-``<cache_dir>/engines/<engine_key>`` once their manifest is written.
+``<cache_dir>/engines/<engine_key>`` once their manifest is written. Every file, directory and the
+manifest are fsynced before that rename, and the parent after it, so a crash leaves either no
+directory or a complete one. A local engine is checked before it is used
+(:mod:`nimflow.engine_check`).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from botocore.exceptions import ClientError
 
 from nimflow.checkpoint import model_files, sha256_file
 from nimflow.containment import contained_path, safe_relative
-from nimflow.errors import EngineStoreError, ManifestRefused, is_transient
+from nimflow.errors import EngineStoreError, ManifestRefused, StoredEngineBroken, is_transient
 from nimflow.s3 import is_missing, list_keys, s3_client, transfer_config
 from nimflow.spec import CacheSpec
 
@@ -65,6 +68,8 @@ STORE_MANIFEST = "manifest.json"
 UPLOADS = "uploads"
 #: Scratch directories (restores and builds in progress) start with this, under the engines dir.
 SCRATCH_PREFIX = ".tmp-"
+#: Where a manifest whose files are missing or corrupt is kept once it is unpublished (for a person to look at).
+SET_ASIDE = "set-aside"
 
 #: Most files one engine's manifest may list: an engine is a few files per rank plus the model's side
 #: files (8 ranks: under 50); far more is not an engine, and each file costs requests and a thread slot.
@@ -179,11 +184,17 @@ def upload_id_of(files: list[dict[str, Any]]) -> str:
 
 
 def write_manifest(engine_dir: Path, key: str, key_inputs: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file of ``engine_dir`` and write its manifest; return the manifest.
+    """Hash every file of ``engine_dir``, make it durable (fsync) and write its manifest; return the manifest.
+
+    The files and directories are fsynced before the manifest is written (itself durably), so a
+    manifest on disk never names bytes that a crash could still lose.
 
     Args:
         key_inputs: what the key was computed from (weights, build config, image, GPU, TensorRT-LLM).
         engine: what was actually built, read from the engine's own config.
+
+    Raises:
+        EngineStoreError: the directory holds no ``trtllm_engine/*.engine`` file.
     """
     paths = model_files(engine_dir)
     # Files are hashed in parallel: hashlib releases the GIL on large updates, so ranks hash on all cores.
@@ -205,7 +216,8 @@ def write_manifest(engine_dir: Path, key: str, key_inputs: dict[str, Any], engin
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": files,
     }
-    _write_json_atomic(engine_dir / MANIFEST_NAME, manifest)
+    fsync_tree(engine_dir)
+    write_json_atomic(engine_dir / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -217,8 +229,16 @@ def read_local_manifest(engine_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def publish_local(staged: Path, final: Path) -> Path:
-    """Move a complete staged engine into place; if another run got there first, keep theirs."""
+def publish_local(staged: Path, final: Path) -> bool:
+    """Move a complete staged engine into place (durably); False when another run got there first and theirs is kept.
+
+    ``staged`` must be durable already (:func:`write_manifest`, :meth:`EngineStore.restore`). A
+    directory at ``final`` without a readable manifest is not this function's to remove: the
+    caller sets it aside first (:func:`nimflow.engine_check.set_aside`).
+
+    Raises:
+        OSError: the rename failed and ``final`` holds no readable manifest.
+    """
     staged.chmod(0o755)  # scratch directories are private; the NIM container may run as another user
     try:
         os.rename(staged, final)
@@ -226,10 +246,44 @@ def publish_local(staged: Path, final: Path) -> Path:
         if read_local_manifest(final) is None:
             raise
         shutil.rmtree(staged, ignore_errors=True)
-    return final
+        return False
+    fsync_dir(final.parent)  # the rename itself survives a crash
+    return True
 
 
-def check_manifest(manifest: object, engine_key: str, *, source: str) -> dict[str, Any]:
+def fsync_file(path: Path) -> None:
+    """Flush a file's bytes to the disk (a crash after this cannot lose them)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (names created, renamed or removed in it) to the disk."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(root: Path, *, files: bool = True) -> None:
+    """fsync every regular file (unless ``files`` is False) and every directory under ``root``, deepest first.
+
+    Links are not followed: an engine directory holds regular files and directories only.
+    """
+    for directory, _, names in os.walk(root, topdown=False):
+        if files:
+            for name in names:
+                path = Path(directory, name)
+                if path.is_file() and not path.is_symlink():
+                    fsync_file(path)
+        fsync_dir(Path(directory))
+
+
+def check_manifest(manifest: object, engine_key: str, *, source: str, remedy: str | None = None) -> dict[str, Any]:
     """An engine-store manifest, once every field a restore or a record reads is shown to be sound.
 
     The store is written by other hosts: a manifest is checked before any of it is used. Its
@@ -240,6 +294,8 @@ def check_manifest(manifest: object, engine_key: str, *, source: str) -> dict[st
 
     Args:
         source: the manifest's URI, named in every refusal.
+        remedy: what the reader of a refusal can do; by default, for a store manifest, to delete it
+            (it is never deleted automatically: it may be a newer nimflow's). ``""`` for none.
 
     Returns:
         The manifest itself.
@@ -247,11 +303,12 @@ def check_manifest(manifest: object, engine_key: str, *, source: str) -> dict[st
     Raises:
         EngineStoreError (permanent): the first problem, naming ``source`` and the offending entry.
     """
+    if remedy is None:
+        remedy = (f"the store holds a corrupt or foreign manifest for this key: "
+                  f"delete {source.removesuffix('/' + STORE_MANIFEST)}/ from the store to have the engine rebuilt")
+
     def refuse(problem: str) -> EngineStoreError:
-        return ManifestRefused(
-            f"{source}: refused the manifest: {problem}; the store holds a corrupt or foreign manifest for this key: "
-            f"delete {source.removesuffix('/' + STORE_MANIFEST)}/ from the store to have the engine rebuilt"
-        )
+        return ManifestRefused(f"{source}: refused the manifest: {problem}{f'; {remedy}' if remedy else ''}")
 
     if not isinstance(manifest, dict):
         raise refuse(f"expected a JSON object, found {type(manifest).__name__}")
@@ -321,16 +378,39 @@ def _checked_entry(entry: object, index: int, source: str, refuse: Callable[[str
     return name
 
 
+def _condition_not_met(exc: ClientError) -> bool:
+    """Whether S3 did not apply a conditional request: its condition failed (412), or a concurrent
+    conditional request on the key won (409 ConditionalRequestConflict); either way, read again."""
+    error, meta = exc.response.get("Error", {}), exc.response.get("ResponseMetadata", {})
+    return error.get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409") or meta.get(
+        "HTTPStatusCode") in (409, 412)
+
+
 def _for_each_file(entries: list[dict[str, Any]], action: Callable[[dict[str, Any]], None], workers: int) -> None:
     """Run ``action`` on manifest entries, up to ``workers`` files at a time (a multipart file's parts run in parallel too)."""
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(entries)))) as pool:
         list(pool.map(action, entries))
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` so that readers (and a crash) see the old file or the new one, whole.
+
+    A temporary file of its own (two writers never share one) is written, fsynced and renamed over
+    ``path``, and the directory is fsynced. The file is readable by all (0644): NIM may run as
+    another user.
+    """
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(json.dumps(data, indent=2, sort_keys=True))
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o644)
+            os.fsync(handle.fileno())
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 # --- the shared store ---------------------------------------------------------------------------
@@ -566,8 +646,10 @@ class EngineStore:
             on_file_done: called with the path of each file once it is verified.
 
         Raises:
-            EngineStoreError: the manifest is refused (naming the entry), or a file's content does
-                not match it (corrupt store object); both permanent.
+            StoredEngineBroken: an object the manifest names is missing, or its content does not
+                match the manifest (permanent for this manifest: callers set it aside and rebuild).
+            EngineStoreError: the manifest is refused, naming the entry (permanent), or the store
+                refused or did not answer (a 403 names the permission; EngineStoreUnavailable is transient).
         """
         source = self.uri(engine_key, STORE_MANIFEST)
         manifest = check_manifest(manifest, engine_key, source=source)
@@ -581,30 +663,76 @@ class EngineStore:
             target = targets[entry["path"]]
             target.parent.mkdir(parents=True, exist_ok=True)
             object_key = self._file_key(engine_key, upload_id, entry["path"])
-            if entry["size"] > self._single_request_max:
-                stored = self.client.head_object(Bucket=self.bucket, Key=object_key)["ContentLength"]
-                if stored != entry["size"]:  # checked before a multipart download sizes itself by it
-                    raise self._corrupt(engine_key, object_key, f"{stored} bytes, the manifest declares {entry['size']}")
-                self.client.download_file(self.bucket, object_key, str(target), Config=self._transfer, Callback=on_bytes)
-                digest = sha256_file(target)
-            else:
-                digest = self._get_hashed(object_key, target, on_bytes, entry["size"], engine_key)
+            try:
+                if entry["size"] > self._single_request_max:
+                    stored = self.client.head_object(Bucket=self.bucket, Key=object_key)["ContentLength"]
+                    if stored != entry["size"]:  # checked before a multipart download sizes itself by it
+                        raise self._corrupt(engine_key, object_key, f"{stored} bytes, the manifest declares {entry['size']}")
+                    self.client.download_file(self.bucket, object_key, str(target), Config=self._transfer, Callback=on_bytes)
+                    digest = sha256_file(target)
+                else:
+                    digest = self._get_hashed(object_key, target, on_bytes, entry["size"], engine_key)
+            except ClientError as exc:
+                if is_missing(self.client, self.bucket, object_key, exc):  # a 403 raises, naming the permission
+                    raise self._broken(engine_key, object_key, "missing (the manifest names an object the store "
+                                       "no longer holds)") from exc
+                raise
             if digest != entry["sha256"]:
                 raise self._corrupt(engine_key, object_key, "its sha256 is not the manifest's")
+            fsync_file(target)
             if on_file_done is not None:
                 on_file_done(entry["path"])
 
         files = manifest["files"]
         _for_each_file(files, fetch, self.cache.max_concurrency)
-        _write_json_atomic(dest / MANIFEST_NAME, manifest)
+        fsync_tree(dest, files=False)  # each file was fsynced as it was verified
+        write_json_atomic(dest / MANIFEST_NAME, manifest)
         return len(files), sum(f["size"] for f in files)
 
-    def _corrupt(self, engine_key: str, object_key: str, problem: str) -> EngineStoreError:
+    def _broken(self, engine_key: str, object_key: str, problem: str) -> StoredEngineBroken:
+        """The error for a file the manifest names that the store no longer holds as it was."""
+        object_uri = f"s3://{self.bucket}/{object_key}"
+        return StoredEngineBroken.at(object_uri, problem, (
+            f"{object_uri}: {problem}; the stored engine {self.uri(engine_key)} is broken: a run that needs it sets its "
+            f"manifest aside and rebuilds it (or delete {self.uri(engine_key, STORE_MANIFEST)} to have it rebuilt)"
+        ))
+
+    def _corrupt(self, engine_key: str, object_key: str, problem: str) -> StoredEngineBroken:
         """The error for a stored file whose bytes are not what the manifest says."""
-        return EngineStoreError(
-            f"s3://{self.bucket}/{object_key}: content does not match the manifest ({problem}); the stored engine is "
-            f"corrupt: `nimflow cache gc` cannot fix it, delete {self.uri(engine_key)} to have it rebuilt"
-        )
+        return self._broken(engine_key, object_key, f"content does not match the manifest ({problem})")
+
+    def set_aside_manifest(self, engine_key: str, stored: StoredManifest) -> str | None:
+        """Unpublish a broken manifest, keeping a copy; the copy's URI, or None when the manifest changed meanwhile.
+
+        The manifest is copied to ``<key>/set-aside/<utc>-<etag>.json``, then deleted with
+        ``IfMatch`` on the ETag ``stored`` was read with: a manifest another host replaced (a new
+        build) or already set aside is never removed. In that case (412 or 404) the copy is deleted
+        again and None returned: the caller looks again (also after a 409 ConditionalRequestConflict,
+        whose outcome a read tells). The copy's own ``CopySourceIfMatch`` is a
+        courtesy (some stores ignore it); the delete's condition is what decides.
+
+        Raises:
+            ClientError: the store refused or did not answer (callers translate it).
+        """
+        manifest_key = self.object_key(engine_key, STORE_MANIFEST)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        etag = re.sub(r"[^0-9A-Za-z-]", "", stored.etag)
+        aside_key = self.object_key(engine_key, SET_ASIDE, f"{stamp}-{etag}.json")
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=aside_key, CopySourceIfMatch=stored.etag,
+                                    CopySource={"Bucket": self.bucket, "Key": manifest_key})
+        except ClientError as exc:
+            if _condition_not_met(exc) or is_missing(self.client, self.bucket, manifest_key, exc):
+                return None
+            raise
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=manifest_key, IfMatch=stored.etag)
+        except ClientError as exc:
+            self.client.delete_object(Bucket=self.bucket, Key=aside_key)  # not ours to set aside after all
+            if _condition_not_met(exc) or is_missing(self.client, self.bucket, manifest_key, exc):
+                return None
+            raise
+        return f"s3://{self.bucket}/{aside_key}"
 
     def _get_hashed(self, source: str, target: Path, on_bytes: BytesCallback | None, size: int, engine_key: str) -> str:
         """Stream one object to ``target``, hashing each chunk as it arrives; return the sha256.

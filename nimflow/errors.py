@@ -23,7 +23,9 @@ Exception tree::
     └── EngineStoreError            the engine store failed: refused (no bucket, access denied, corrupt
         │                           artifact; permanent) or, as EngineStoreUnavailable, did not answer
         ├── EngineStoreUnavailable  (transient, see above)
-        └── ManifestRefused         a stored manifest is corrupt, hostile or foreign (permanent)
+        ├── ManifestRefused         a stored manifest is corrupt, hostile or foreign (permanent)
+        └── StoredEngineBroken      (permanent) a published engine's file is missing or corrupt in the
+                                    store: the engine cache sets its manifest aside and rebuilds the key
 
 Two questions, two axes. *Retry?* is answered by ``TransientError`` alone (:func:`is_transient`):
 anything else fails at once. *About what?* is answered by a domain base that callers catch.
@@ -152,6 +154,29 @@ class ManifestRefused(EngineStoreError):
     Distinct from other store errors so a listing (``cache ls``, ``gc``) can report that one key
     and go on, while a 403 or an outage still stops it.
     """
+
+class StoredEngineBroken(EngineStoreError):
+    """A published engine cannot be restored: a file its manifest names is missing or corrupt in the store.
+
+    Permanent for that manifest (every restore of it fails the same way), unlike a refused manifest
+    (:func:`nimflow.engine_store.check_manifest`: maybe a newer nimflow's) or a store that did not
+    answer. :func:`nimflow.engine_cache.obtain_engine` heals it: the manifest is set aside and the key
+    rebuilt, once per run.
+
+    Attributes:
+        object_uri: the s3:// URI of the missing or corrupt object ("" when unknown).
+        problem: what is wrong with it, e.g. "missing" or "its sha256 is not the manifest's".
+    """
+
+    object_uri: str = ""
+    problem: str = ""
+
+    @classmethod
+    def at(cls, object_uri: str, problem: str, message: str) -> StoredEngineBroken:
+        """The error for ``object_uri``, carrying ``problem``; ``message`` is what it says."""
+        error = cls(message)
+        error.object_uri, error.problem = object_uri, problem
+        return error
 
 
 # --- classification of library exceptions ------------------------------------------------------

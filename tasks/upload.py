@@ -10,7 +10,8 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from nimflow.build_lease import BuildLeases, Lease
-from nimflow.engine_store import STORE_MANIFEST, EngineStore, UploadOutcome, read_local_manifest
+from nimflow.engine_check import check_local_engine
+from nimflow.engine_store import STORE_MANIFEST, EngineStore, UploadOutcome
 from nimflow.errors import EngineStoreError, is_transient, translated_errors
 from nimflow.progress import transfer_progress
 from nimflow.records import Engine, PublishedEngine, TransferStats
@@ -26,13 +27,14 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
     The build lease taken by the compile stage is kept alive during the upload and released once
     the manifest exists, so hosts waiting for this engine restore it instead of building it.
 
+    The local engine is checked first (:func:`nimflow.engine_check.check_local_engine`): a damaged
+    one is never uploaded.
+
     Raises:
-        EngineStoreError: no local manifest, or the store refused (missing bucket, access denied).
+        EngineStoreError: the local engine is missing or damaged, or the store refused (missing
+            bucket, access denied).
         ServiceUnavailable: the store answered 5xx/throttled after botocore's own retries.
     """
-    manifest = read_local_manifest(Path(engine.path))
-    if manifest is None:
-        raise EngineStoreError(f"{engine.path}: no engine manifest; the engine directory is incomplete")
     store = EngineStore(cache)
     key = engine.engine_key
     published = PublishedEngine(engine_key=key, uri=store.uri(key), manifest_uri=store.uri(key, STORE_MANIFEST))
@@ -42,6 +44,7 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
     try:
         with translated_errors(f"publishing engine {key} to {store.uri(key)}", domain=EngineStoreError):
             lease = leases.adopt(key, engine.build_lease) if engine.build_lease else None
+            manifest = _whole_local_engine(engine)  # under the lease: a refusal releases it
             republish = engine.build_lease is None and store.manifest(key) is None
             if republish:  # a local-cache hit: every upload runs under the key's lease, this one too
                 lease = _lease_to_republish(store, leases, key)
@@ -95,6 +98,23 @@ def _lease_to_republish(store: EngineStore, leases: BuildLeases, key: str) -> Le
                            "waited (it publishes the key itself)", key, got.holder, 2 * leases.ttl)
             return None
         time.sleep(poll)
+
+
+def _whole_local_engine(engine: Engine) -> dict[str, Any]:
+    """The local engine's manifest, once every file it lists is shown to be there with its size and sha256.
+
+    Raises:
+        EngineStoreError (permanent): the directory is missing or damaged; nothing is uploaded.
+    """
+    checked = check_local_engine(Path(engine.path), engine.engine_key)
+    if checked is None:
+        raise EngineStoreError(f"{engine.path}: no engine directory; not published")
+    if checked.manifest is None:
+        raise EngineStoreError(
+            f"{engine.path}: the local engine is damaged: {checked.problem}; not published. The next run of this "
+            "spec on this host moves it aside and restores or rebuilds it"
+        )
+    return checked.manifest
 
 
 def _upload_watched(store: EngineStore, engine_dir: Path, manifest: dict[str, Any]) -> tuple[UploadOutcome, float]:

@@ -27,6 +27,7 @@ from nimflow.tasks.upload import publish_engine
 from nimflow.build_lease import BuildLeases, Lease, LeaseHolder
 from nimflow.containers import docker_client as make_docker_client
 from nimflow.engine_cache import obtain_engine, plan_engine
+from nimflow.engine_check import VERIFIED_DIR
 from nimflow.engine_store import EngineStore, read_local_manifest, write_manifest
 from nimflow.errors import ConfigError, EngineIncompatible
 from nimflow.records import Engine, ServingImage
@@ -63,7 +64,9 @@ def leftovers(docker_client: Any, cache_dir: Path, key_label: str | None = None)
     if key_label:
         containers = [c for c in containers if c.labels.get("nimflow.engine-key") == key_label]
     engines = cache_dir / "engines"
-    scratch = sorted(p.name for p in engines.iterdir() if p.name.startswith(".")) if engines.is_dir() else []
+    # Hidden entries are scratch, except the verification records, which are kept on purpose.
+    hidden = [p.name for p in engines.iterdir() if p.name.startswith(".") and p.name != VERIFIED_DIR] if engines.is_dir() else []
+    scratch = sorted(hidden)
     return {"containers": [c.name for c in containers], "scratch": scratch}
 
 
