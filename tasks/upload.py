@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from nimflow.progress import transfer_progress
 from nimflow.records import Engine, PublishedEngine, TransferStats
 from nimflow.retries import transient_retries
 from nimflow.spec import CacheSpec
+from nimflow.store_conformance import require_conditional_writes
 
 
 def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
@@ -23,8 +25,10 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
     the manifest exists, so hosts waiting for this engine restore it instead of building it.
 
     Raises:
-        EngineStoreError: no local manifest, or the store refused (missing bucket, access denied).
+        EngineStoreError: no local manifest, or the store refused (missing bucket, access denied, it
+            does not enforce conditional writes).
         ServiceUnavailable: the store answered 5xx/throttled after botocore's own retries.
+        BuildLeaseLost: the build lease was lost before the manifest was written (nothing published).
     """
     manifest = read_local_manifest(Path(engine.path))
     if manifest is None:
@@ -36,6 +40,7 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
     lease = None
     try:
         with translated_errors(f"publishing engine {key} to {store.uri(key)}", domain=EngineStoreError):
+            require_conditional_writes(store)
             lease = leases.adopt(key, engine.build_lease) if engine.build_lease else None
             if store.manifest(key) is not None:
                 outcome = None
@@ -43,7 +48,8 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
                 outcome, seconds = _upload_watched(store, Path(engine.path), manifest)
             else:
                 with leases.kept_alive(lease) as held:
-                    outcome, seconds = _upload_watched(store, Path(engine.path), manifest)
+                    # The manifest is written only while the lease is shown to be ours.
+                    outcome, seconds = _upload_watched(store, Path(engine.path), manifest, before_publish=held.confirm)
                 lease = held.lease
     except Exception as exc:
         # A transient fault is retried by this task: keep the lease so nobody starts a second build.
@@ -60,12 +66,14 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
     })
 
 
-def _upload_watched(store: EngineStore, engine_dir: Path, manifest: dict[str, Any]) -> tuple[UploadOutcome, float]:
+def _upload_watched(store: EngineStore, engine_dir: Path, manifest: dict[str, Any],
+                    before_publish: Callable[[], None] | None = None) -> tuple[UploadOutcome, float]:
     """``store.upload`` with its progress shown; the outcome and the transfer's seconds."""
     files = manifest["files"]
     subject = f"engine {manifest['engine_key'][:12]}"
     with transfer_progress("upload", subject, sum(f["size"] for f in files), len(files)) as progress:
-        outcome = store.upload(engine_dir, manifest, on_bytes=progress.add_bytes, on_file_done=progress.file_done)
+        outcome = store.upload(engine_dir, manifest, on_bytes=progress.add_bytes, on_file_done=progress.file_done,
+                               before_publish=before_publish)
     return outcome, progress.finish().seconds
 
 
