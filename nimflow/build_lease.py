@@ -186,17 +186,22 @@ class BuildLeases:
         return "nobody now (the new holder already released it)" if held is None else str(held[0].get("holder", "another host"))
 
     def renew(self, lease: Lease) -> Lease | None:
-        """Extend a held lease; None when it was lost (expired and taken over).
+        """Extend a held lease; None when it was lost (expired and taken over, or removed).
 
         Uses short timeouts (:data:`RENEW_ATTEMPTS` tries of TTL/16 per connect and read): a hung
         renewal fails in time to be tried again before the lease expires.
+
+        Raises:
+            ClientError / BotoCoreError: the store refused or did not answer; a 409
+                ConditionalRequestConflict (a concurrent takeover attempt) too: transient, try again.
         """
         try:
             return self._put(lease.engine_key, lease.token, self._renew_client, IfMatch=lease.etag)
         except ClientError as exc:
-            if _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"):
-                return None
-            raise
+            if _code(exc) not in ("PreconditionFailed", "NoSuchKey", "404"):
+                raise
+        # Our own attempt whose answer was lost (botocore then retried it) also changed the ETag: still ours then.
+        return self.adopt(lease.engine_key, lease.token)
 
     def release(self, lease: Lease) -> None:
         """Give the lease up (only if still ours); never raises over the caller's outcome."""

@@ -30,7 +30,7 @@ import boto3
 import pytest
 from nimflow.tasks.upload import publish_engine
 
-from nimflow.build_lease import BuildLeases, Lease
+from nimflow.build_lease import BuildLeases, Lease, LeaseHolder
 from nimflow.engine_cache import EnginePlan, obtain_engine
 from nimflow.engine_store import EngineStore, read_local_manifest, write_manifest
 from nimflow.errors import BuildLeaseLost, EngineStoreError, is_transient
@@ -191,7 +191,7 @@ def test_a_409_conflict_on_the_manifest_is_retried_and_publishes(
 _HOLDER = """
 import sys
 from pathlib import Path
-from nimflow.build_lease import BuildLeases, Lease
+from nimflow.build_lease import BuildLeases, Lease, LeaseHolder
 from nimflow.engine_store import EngineStore, read_local_manifest
 from nimflow.records import Engine
 from nimflow.spec import CacheSpec
@@ -346,6 +346,26 @@ def test_a_build_whose_lease_was_lost_is_not_used_and_the_retry_restores_the_win
     assert retried.origin == "engine-store"
     restored = read_local_manifest(local_engine_path(cache_dir, plan.key))
     assert restored is not None and restored["upload_id"] == _local_manifest(winner)["upload_id"]
+
+
+def test_a_renewal_whose_answer_was_lost_keeps_the_lease(s3_proxy: FaultProxy, unique: str) -> None:
+    """The store wrote a renewal but its answer never arrived, so botocore sent it again on the ETag the holder
+    knew and got 412: the lease is still the holder's (its token is in it), not lost; others still wait.
+
+    On old main (356d66a) this failed: renew answered None (lost) to the retried renewal.
+    """
+    store = EngineStore(CacheSpec(uri=f"s3://{ENGINE_BUCKET}/renewed-{unique}"))
+    key = _key(f"renewed-{unique}")
+    leases = BuildLeases(store, ttl_seconds=60)
+    lease = leases.try_acquire(key)
+    assert isinstance(lease, Lease)
+    landed = leases.renew(lease)  # written by the store; its answer is the one "lost"
+    assert landed is not None
+
+    again = leases.renew(lease)  # the retry, conditioned on the ETag the holder still knows
+
+    assert again is not None and again.token == lease.token and again.etag == landed.etag
+    assert isinstance(BuildLeases(store, ttl_seconds=60).try_acquire(key), LeaseHolder)
 
 
 # --- no Date header ----------------------------------------------------------------------------------
