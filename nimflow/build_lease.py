@@ -106,7 +106,7 @@ class BuildLeases:
         timeout = max(1.0, self.ttl / 16)
         cache = self.store.cache
         return s3_client(endpoint_url=cache.endpoint_url, region=cache.region, max_pool=4,
-                         read_timeout=timeout, connect_timeout=timeout, max_attempts=RENEW_ATTEMPTS)
+                         read_timeout=timeout, connect_timeout=timeout, max_retries=RENEW_ATTEMPTS - 1)
 
     def _key(self, engine_key: str) -> str:
         return self.store.object_key(engine_key, LEASE_NAME)

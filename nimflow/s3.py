@@ -34,7 +34,7 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 def s3_client(
     *, endpoint_url: str | None = None, region: str | None = None, max_pool: int = 16,
-    read_timeout: float | None = None, connect_timeout: float = 10, max_attempts: int = 3,
+    read_timeout: float | None = None, connect_timeout: float = 10, max_retries: int = 3,
 ) -> Any:
     """A boto3 S3 client; ``endpoint_url`` falls back to ``AWS_ENDPOINT_URL(_S3)``.
 
@@ -48,14 +48,15 @@ def s3_client(
     that the task retries.
 
     Args:
-        read_timeout, connect_timeout, max_attempts: per request; the read timeout defaults to
-            ``NIMFLOW_S3_READ_TIMEOUT_SECONDS``. A caller on a deadline (a build lease's renewal)
-            passes smaller ones, so that all attempts together end well before it.
+        read_timeout, connect_timeout, max_retries: per request, ``max_retries`` counting the tries
+            after the first; the read timeout defaults to ``NIMFLOW_S3_READ_TIMEOUT_SECONDS``. A caller
+            on a deadline (a build lease's renewal) passes smaller ones, so that all attempts together
+            end well before it.
     """
     settings = get_settings()
     config = Config(
         max_pool_connections=max_pool,
-        retries={"max_attempts": max_attempts, "mode": "standard"},
+        retries={"max_attempts": max_retries, "mode": "standard"},  # botocore's max_attempts counts retries
         # Over plain http botocore would hash every byte for the signature; integrity is
         # checked end to end with the manifest's sha256 instead.
         s3={"payload_signing_enabled": False},

@@ -34,9 +34,10 @@ PROBE_DIR = ".nimflow-probe"
 WRONG_ETAG = '"00000000000000000000000000000000"'
 FIX = (
     "use a store that enforces S3 conditional writes (AWS S3 does: If-None-Match on PUT since August 2024, "
-    "If-Match on PUT since November 2024 and on DELETE since September 2025; so do recent MinIO releases), "
-    "or, if this host is the only one that will ever use this store, set `cache.single_writer: true` in the "
-    "spec (no fleet guarantees: two hosts could both build a key and replace each other's engine)"
+    "If-Match on PUT since November 2024 and on DELETE since September 2025; for MinIO and other S3-compatible "
+    "stores, use a release that enforces all three), or, if this host is the only one that will ever use this "
+    "store, set `cache.single_writer: true` in the spec (no fleet guarantees: two hosts could both build a key "
+    "and replace each other's engine)"
 )
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def ignored_conditions(store: EngineStore) -> tuple[str, ...]:
              lambda: client.put_object(Bucket=bucket, Key=key, Body=b"overwritten", IfNoneMatch="*")),
             ("PUT with If-Match on another ETag",
              lambda: client.put_object(Bucket=bucket, Key=key, Body=b"overwritten", IfMatch=WRONG_ETAG)),
-            ("DELETE with If-Match on another ETag",
+            ("DELETE with If-Match on another ETag (a lease release relies on it)",
              lambda: client.delete_object(Bucket=bucket, Key=key, IfMatch=WRONG_ETAG)),
         )
         for condition, write in checks:

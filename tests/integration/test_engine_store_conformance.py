@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,6 +156,28 @@ def test_a_single_writer_store_proceeds_with_a_warning(
     assert not _objects(f"{prefix}/{PROBE_DIR}/")
 
 
+def test_a_store_fault_during_the_check_stays_transient_and_is_not_remembered(
+    tmp_path: Path, s3_proxy: FaultProxy, unique: str
+) -> None:
+    """The store answers 503 to the probe (past botocore's retries): the check fails TRANSIENT (the task
+    retries) and remembers nothing, so the retry probes again, passes and publishes.
+
+    New behaviour (old main had no check; there this test failed with "DID NOT RAISE").
+    """
+    prefix = f"probe503-{unique}"
+    cache = CacheSpec(uri=f"s3://{ENGINE_BUCKET}/{prefix}")
+    engine = _engine(tmp_path, _key(prefix))
+    s3_proxy.add_fault(method="PUT", path_pattern=rf"/{re.escape(PROBE_DIR)}/", count=10, **s3_error("SlowDown")._asdict())
+
+    with pytest.raises(EngineStoreError) as unavailable:
+        publish_engine(engine, cache)
+
+    assert is_transient(unavailable.value) and "enforces conditional writes" in str(unavailable.value)
+    s3_proxy.clear_faults()  # the store recovers
+    assert publish_engine(engine, cache).published_by_this_run  # the retry probes again
+    assert not _objects(f"{prefix}/{PROBE_DIR}/")
+
+
 # --- 409 ConditionalRequestConflict ------------------------------------------------------------------
 
 
@@ -267,7 +290,7 @@ def test_a_holder_whose_renewals_hang_does_not_publish(tmp_path: Path, s3_proxy:
     it, and the holder refuses to publish, saying so. Nothing is published.
 
     On old main (356d66a) this failed with "DID NOT RAISE BuildLeaseLost": the renewal waited on the hung
-    request (botocore: 3 x 120 s), the lease expired, and publish_engine published the manifest anyway.
+    request (botocore's retries, 120 s each), the lease expired, and publish_engine published the manifest anyway.
     """
     prefix = f"hung-{unique}"
     ttl = 4.0
