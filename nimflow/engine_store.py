@@ -409,7 +409,8 @@ class EngineStore:
             winner = self.manifest(key) or {}
             if winner.get("upload_id") != upload_id:
                 self.delete_upload(key, upload_id)
-            return UploadOutcome(*sent, published=False, upload_id=upload_id)
+            # The same upload id: our own write, whose answer was lost and which botocore sent again.
+            return UploadOutcome(*sent, published=winner.get("upload_id") == upload_id, upload_id=upload_id)
         return UploadOutcome(*sent, published=True, upload_id=upload_id)
 
     def _create_manifest(self, key: str, body: bytes, before_publish: Callable[[], None] | None) -> bool:
