@@ -30,6 +30,7 @@ from nimflow.engine_store import (
 )
 from nimflow.engine_use import EngineUse, InUseMarker
 from nimflow.errors import ConfigError, EngineStoreError, ManifestRefused, Problem
+from nimflow.store_conformance import require_conditional_writes
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -289,6 +290,11 @@ class _GcLease:
         return True
 
 
+def _writes_to_store(plan: GcPlan) -> bool:
+    """Whether carrying out ``plan`` writes to the store at all."""
+    return bool(plan.engines or plan.uploads or plan.multipart or plan.lapsed_markers)
+
+
 def run_gc(store: EngineStore, plan: GcPlan, *, dry_run: bool, lease_seconds: float = 300) -> str:
     """Carry out (or, with ``dry_run``, only describe) a :class:`GcPlan`; return the report.
 
@@ -299,8 +305,12 @@ def run_gc(store: EngineStore, plan: GcPlan, *, dry_run: bool, lease_seconds: fl
     A live in-use marker that appeared since the plan keeps its engine.
 
     Raises:
+        EngineStoreError: the store does not enforce conditional writes (unless ``cache.single_writer``):
+            gc's safety rests on them, so it deletes nothing there.
         EngineStoreError / ClientError / BotoCoreError: the store refused or did not answer.
     """
+    if not dry_run and _writes_to_store(plan):
+        require_conditional_writes(store)
     verb = "would remove" if dry_run else "removed"
     lines: list[str] = []
     removed_engines: list[StoredManifest] = []

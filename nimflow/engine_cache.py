@@ -37,12 +37,13 @@ from nimflow.engine_store import (
     scratch_dir,
     write_manifest,
 )
-from nimflow.errors import EngineStoreError, StoredEngineBroken, TransientBuildError, translated_errors
+from nimflow.errors import BuildLeaseLost, EngineStoreError, StoredEngineBroken, TransientBuildError, translated_errors
 from nimflow.gpu_identity import TargetIdentity, check_serving_target, probe_target
 from nimflow.progress import transfer_progress
 from nimflow.records import Engine, TransferStats
 from nimflow.rollout import refuse_nimflow_dirs
 from nimflow.spec import BuildSpec, CacheSpec, DeploySpec
+from nimflow.store_conformance import require_conditional_writes
 
 Log = logging.Logger | logging.LoggerAdapter
 
@@ -216,7 +217,10 @@ def obtain_engine(
     Raises:
         BuildFailed / TransientBuildError: the build failed (logs in the message).
         StoredEngineBroken: a second store manifest of the key, in this run, names missing or corrupt files.
-        EngineStoreError / ServiceUnavailable: the store refused (a manifest it cannot read) or did not answer.
+        EngineStoreError / ServiceUnavailable: the store refused (a manifest it cannot read) or did not answer, or does not enforce
+            conditional writes (unless ``cache.single_writer``).
+        BuildLeaseLost: the build lease was lost during the build; its result is not used (the retry
+            restores the new holder's engine).
         DeploymentError: the checkpoint directory is, holds or lies in nimflow's own directories.
     """
     key = plan.key
@@ -229,6 +233,7 @@ def obtain_engine(
         return engine_record(key, final, "local-cache", manifest)
 
     store = EngineStore(cache)
+    require_conditional_writes(store)  # before the first lease or manifest write
     leases = BuildLeases(store, cache.build_lease_seconds)
     poll = min(5.0, max(0.5, cache.build_lease_seconds / 4))
     give_up_at = time.monotonic() + build.timeout_seconds + 2 * cache.build_lease_seconds
@@ -299,12 +304,15 @@ def _build(
                         trtllm_version=plan.target.trtllm_version,
                     )
                 manifest = write_manifest(staged, key, plan.inputs, built)
+                held.confirm()  # lost: another host may publish its build; this one is not used
                 if publish_local(staged, final):
                     record_verified(final, manifest)  # write_manifest just hashed every byte
             finally:
                 current = held.lease
                 shutil.rmtree(staged, ignore_errors=True)
                 shutil.rmtree(work, ignore_errors=True)
+    except BuildLeaseLost:
+        raise  # no longer ours to release
     except BaseException:
         leases.release(current)  # let a waiting host try (it fails the same way if the cause is permanent)
         raise

@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -78,6 +79,10 @@ MAX_ENGINE_FILES = 10_000
 MAX_ENGINE_BYTES = 2 << 40
 #: Longest manifest.json read from the store (10,000 entries take about 2 MiB).
 MAX_MANIFEST_BYTES = 16 * MIB
+#: Attempts at the manifest write while the store answers 409 ConditionalRequestConflict, and the first
+#: pause between them (doubling, jittered): a conflicting write settles in well under a second.
+MANIFEST_ATTEMPTS = 4
+MANIFEST_RETRY_SECONDS = 0.2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _UPLOAD_ID = re.compile(r"[0-9a-f]{1,64}")
 _ENGINE_KEY = re.compile(r"[0-9a-f]{64}")
@@ -555,7 +560,8 @@ class EngineStore:
         )
 
     def upload(self, engine_dir: Path, manifest: dict[str, Any], *, on_bytes: BytesCallback | None = None,
-               on_file_done: FileCallback | None = None) -> UploadOutcome:
+               on_file_done: FileCallback | None = None,
+               before_publish: Callable[[], None] | None = None) -> UploadOutcome:
         """Upload an engine under its own upload prefix, then try to publish its manifest.
 
         Files already uploaded under this upload id with the same sha256 (an interrupted earlier
@@ -565,6 +571,14 @@ class EngineStore:
         Args:
             on_bytes: called (from worker threads) with each number of bytes sent, for progress.
             on_file_done: called with the path of each file once it is stored.
+            before_publish: called immediately before each attempt at the manifest write; raises to
+                stop the upload unpublished (the build lease's ``LeaseHandle.confirm``).
+
+        Raises:
+            BuildLeaseLost: from ``before_publish``; no manifest was written.
+            ClientError / BotoCoreError: the store refused or did not answer, the manifest write's
+                409 ConditionalRequestConflict included once :data:`MANIFEST_ATTEMPTS` are spent
+                (transient: a retried upload skips the stored files and writes the manifest).
         """
         key, upload_id = manifest["engine_key"], manifest["upload_id"]
         sent_files: list[dict[str, Any]] = []
@@ -582,23 +596,40 @@ class EngineStore:
 
         _for_each_file(manifest["files"], put, self.cache.max_concurrency)
         sent = (len(sent_files), sum(f["size"] for f in sent_files))
-        body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        try:
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=self.object_key(key, STORE_MANIFEST),
-                Body=body,
-                ContentType="application/json",
-                IfNoneMatch="*",  # the first publisher wins; nobody overwrites a published engine
-            )
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":
-                raise
+        if not self._create_manifest(key, json.dumps(manifest, indent=2, sort_keys=True).encode(), before_publish):
             winner = self.manifest(key) or {}
             if winner.get("upload_id") != upload_id:
                 self.delete_upload(key, upload_id)
-            return UploadOutcome(*sent, published=False, upload_id=upload_id)
+            # The same upload id: our own write, whose answer was lost and which botocore sent again.
+            return UploadOutcome(*sent, published=winner.get("upload_id") == upload_id, upload_id=upload_id)
         return UploadOutcome(*sent, published=True, upload_id=upload_id)
+
+    def _create_manifest(self, key: str, body: bytes, before_publish: Callable[[], None] | None) -> bool:
+        """Create the key's manifest unless one exists; True when this call created it.
+
+        A 409 ConditionalRequestConflict (AWS: another conditional write of the key is in progress;
+        retry) is retried after a short jittered pause, up to :data:`MANIFEST_ATTEMPTS` attempts.
+        """
+        for attempt in range(1, MANIFEST_ATTEMPTS + 1):
+            if before_publish is not None:
+                before_publish()
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self.object_key(key, STORE_MANIFEST),
+                    Body=body,
+                    ContentType="application/json",
+                    IfNoneMatch="*",  # the first publisher wins; nobody overwrites a published engine
+                )
+                return True
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code == "PreconditionFailed":
+                    return False
+                if code != "ConditionalRequestConflict" or attempt == MANIFEST_ATTEMPTS:
+                    raise
+            time.sleep(MANIFEST_RETRY_SECONDS * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")
 
     def _file_key(self, key: str, upload_id: str, path: str) -> str:
         return self.object_key(key, UPLOADS, upload_id, path)

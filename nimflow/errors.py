@@ -11,7 +11,9 @@ Exception tree::
     ├── TransientError              retry with backoff: the same call may succeed later
     │   ├── ServiceUnavailable      5xx, throttling, connection resets, timeouts, daemon hiccups
     │   │   └── EngineStoreUnavailable   (also an EngineStoreError) the engine store answered 5xx/throttled
-    │   └── TransientBuildError     a build that failed for a reason outside the inputs (driver glitch)
+    │   ├── TransientBuildError     a build that failed for a reason outside the inputs (driver glitch)
+    │   └── BuildLeaseLost          this host's build lease was taken over or went unrenewed past its
+    │                               TTL: nothing published; the retry restores the new holder's engine
     ├── PermanentError              fail at once: retrying cannot help, the message names the fix
     │   ├── ConfigError             the hosting spec or environment is invalid (carries per-field problems)
     │   ├── CheckpointNotFound      repo, revision or file does not exist, or no access (gated/private)
@@ -179,6 +181,15 @@ class StoredEngineBroken(EngineStoreError):
         return error
 
 
+class BuildLeaseLost(TransientError):
+    """This host's build lease was taken over, or could not be renewed for longer than it is trusted.
+
+    Raised before anything is published (the local engine directory, the store's manifest): another
+    host may hold the lease and publish its own build. The retry finds that host's engine (or the
+    lease free) and restores or builds from there.
+    """
+
+
 # --- classification of library exceptions ------------------------------------------------------
 
 _TRANSIENT_HTTP_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -193,6 +204,8 @@ _TRANSIENT_S3_CODES = frozenset(
         "ServiceUnavailable",
         "RequestLimitExceeded",
         "TooManyRequestsException",
+        # 409: AWS's answer to concurrent conditional writes of one key; its documentation says to retry.
+        "ConditionalRequestConflict",
     }
 )
 # Docker answers 500 for some deterministic refusals too; these are not daemon hiccups.

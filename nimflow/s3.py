@@ -32,7 +32,10 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-def s3_client(*, endpoint_url: str | None = None, region: str | None = None, max_pool: int = 16) -> Any:
+def s3_client(
+    *, endpoint_url: str | None = None, region: str | None = None, max_pool: int = 16,
+    read_timeout: float | None = None, connect_timeout: float = 10, max_retries: int = 3,
+) -> Any:
     """A boto3 S3 client; ``endpoint_url`` falls back to ``AWS_ENDPOINT_URL(_S3)``.
 
     The region is ``region`` (the spec's ``cache.region``) when given, else boto3's own chain
@@ -43,16 +46,22 @@ def s3_client(*, endpoint_url: str | None = None, region: str | None = None, max
     botocore's own per-request retries (standard mode) absorb single 5xx/throttling answers
     without restarting a multi-GB transfer; what still fails surfaces as a transient error
     that the task retries.
+
+    Args:
+        read_timeout, connect_timeout, max_retries: per request, ``max_retries`` counting the tries
+            after the first; the read timeout defaults to ``NIMFLOW_S3_READ_TIMEOUT_SECONDS``. A caller
+            on a deadline (a build lease's renewal) passes smaller ones, so that all attempts together
+            end well before it.
     """
     settings = get_settings()
     config = Config(
         max_pool_connections=max_pool,
-        retries={"max_attempts": 3, "mode": "standard"},
+        retries={"max_attempts": max_retries, "mode": "standard"},  # botocore's max_attempts counts retries
         # Over plain http botocore would hash every byte for the signature; integrity is
         # checked end to end with the manifest's sha256 instead.
         s3={"payload_signing_enabled": False},
-        connect_timeout=10,
-        read_timeout=settings.s3_read_timeout_seconds,  # a hung request is retried after this
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout or settings.s3_read_timeout_seconds,  # a hung request is retried after this
     )
     session = boto3.session.Session(**settings.aws_credentials())
     endpoint = endpoint_url or settings.s3_endpoint_url

@@ -360,6 +360,12 @@ class CacheSpec(_Spec):
         description="How long a build lease lives without renewal: one host builds a key while others wait; "
         "a crashed builder blocks the others at most this long.",
     )
+    single_writer: bool = Field(
+        False,
+        description="Use a store that does not enforce S3 conditional writes (If-None-Match / If-Match), with a "
+        "warning instead of a refusal. No fleet guarantees: only ONE host may ever use this store, since two could "
+        "both take a build lease and replace each other's manifest. Off: such a store is refused on first use.",
+    )
 
     @field_validator("uri")
     @classmethod

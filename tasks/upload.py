@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from nimflow.progress import transfer_progress
 from nimflow.records import Engine, PublishedEngine, TransferStats
 from nimflow.retries import transient_retries
 from nimflow.spec import CacheSpec
+from nimflow.store_conformance import require_conditional_writes
 
 logger = logging.getLogger(__name__)
 
@@ -31,35 +33,37 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
     one is never uploaded.
 
     Raises:
-        EngineStoreError: the local engine is missing or damaged, or the store refused (missing
-            bucket, access denied).
+        EngineStoreError: the local engine is missing or damaged, or the store refused (missing bucket,
+            access denied, it does not enforce conditional writes).
         ServiceUnavailable: the store answered 5xx/throttled after botocore's own retries.
+        BuildLeaseLost: the build lease was lost before the manifest was written (nothing published).
     """
     store = EngineStore(cache)
     key = engine.engine_key
     published = PublishedEngine(engine_key=key, uri=store.uri(key), manifest_uri=store.uri(key, STORE_MANIFEST))
     leases = BuildLeases(store, cache.build_lease_seconds)
     lease = None
-    republish = False
+    taken_here = False
     try:
         with translated_errors(f"publishing engine {key} to {store.uri(key)}", domain=EngineStoreError):
+            require_conditional_writes(store)
             lease = leases.adopt(key, engine.build_lease) if engine.build_lease else None
             manifest = _whole_local_engine(engine)  # under the lease: a refusal releases it
-            republish = engine.build_lease is None and store.manifest(key) is None
-            if republish:  # a local-cache hit: every upload runs under the key's lease, this one too
-                lease = _lease_to_republish(store, leases, key)
-            if (republish and lease is None) or store.manifest(key) is not None:
+            if lease is None and store.manifest(key) is None:
+                # A local-cache hit (no build), or a build whose lease lapsed: every upload runs under
+                # the key's lease, this one too, so gc never deletes its files under it.
+                lease, taken_here = _lease_to_republish(store, leases, key), True
+            if lease is None or store.manifest(key) is not None:
                 outcome = None
-            elif lease is None:
-                outcome, seconds = _upload_watched(store, Path(engine.path), manifest)
             else:
                 with leases.kept_alive(lease) as held:
-                    outcome, seconds = _upload_watched(store, Path(engine.path), manifest)
+                    # The manifest is written only while the lease is shown to be ours.
+                    outcome, seconds = _upload_watched(store, Path(engine.path), manifest, before_publish=held.confirm)
                 lease = held.lease
     except Exception as exc:
         # A transient fault is retried by this task: keep a build's lease so nobody starts a second build
-        # (a re-publish's own lease goes: its retry takes the lease again).
-        if lease is not None and (republish or not is_transient(exc)):
+        # (a lease taken here goes: the retry takes it again).
+        if lease is not None and (taken_here or not is_transient(exc)):
             leases.release(lease)
         raise
     if lease is not None:
@@ -117,12 +121,14 @@ def _whole_local_engine(engine: Engine) -> dict[str, Any]:
     return checked.manifest
 
 
-def _upload_watched(store: EngineStore, engine_dir: Path, manifest: dict[str, Any]) -> tuple[UploadOutcome, float]:
+def _upload_watched(store: EngineStore, engine_dir: Path, manifest: dict[str, Any],
+                    before_publish: Callable[[], None] | None = None) -> tuple[UploadOutcome, float]:
     """``store.upload`` with its progress shown; the outcome and the transfer's seconds."""
     files = manifest["files"]
     subject = f"engine {manifest['engine_key'][:12]}"
     with transfer_progress("upload", subject, sum(f["size"] for f in files), len(files)) as progress:
-        outcome = store.upload(engine_dir, manifest, on_bytes=progress.add_bytes, on_file_done=progress.file_done)
+        outcome = store.upload(engine_dir, manifest, on_bytes=progress.add_bytes, on_file_done=progress.file_done,
+                               before_publish=before_publish)
     return outcome, progress.finish().seconds
 
 

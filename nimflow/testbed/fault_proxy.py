@@ -13,13 +13,19 @@ fault matches. Each fault applies to the next ``count`` requests matching a meth
 * :meth:`FaultProxy.add_hold`: hold the request (unread) until the test releases it, then forward
   it: a client paused at one exact request, to interleave another actor there.
 
+:meth:`FaultProxy.strip_headers` lasts until changed: it drops named request headers before
+forwarding (an S3-compatible store that ignores ``If-None-Match`` / ``If-Match``) and named response
+headers before relaying (an answer without ``Date``).
+
 ``requests`` logs ``(method, path, status, injected)``; ``exchanges`` logs the same with the fault's
 kind and the body bytes read from the client and sent back, so a test can tell what was transferred.
 
 **S3 SigV4 and the Host header.** A client signs the ``Host`` it connects to, i.e. the proxy's
 ``host:port``. The proxy forwards the ``Host`` header unchanged, so the upstream sees the signed value;
 moto does not verify signatures, so this is fine for moto. (Real S3 behind this proxy would need the
-client to sign the upstream's host instead.)
+client to sign the upstream's host instead.) botocore signs every request header but a few hop-by-hop
+ones, ``If-None-Match`` and ``If-Match`` included, so a stripped request header also breaks the
+signature: again only moto, which does not check it, accepts such a request.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
@@ -48,7 +55,8 @@ _CHUNK = 1024 * 1024
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
                "te", "trailer", "transfer-encoding", "upgrade", "expect"}
 _S3_STATUS = {"ServiceUnavailable": 503, "SlowDown": 503, "InternalError": 500, "RequestTimeout": 400,
-              "AccessDenied": 403, "NoSuchKey": 404, "NoSuchBucket": 404, "PreconditionFailed": 412}
+              "AccessDenied": 403, "NoSuchKey": 404, "NoSuchBucket": 404, "PreconditionFailed": 412,
+              "ConditionalRequestConflict": 409}
 
 
 class FaultResponse(NamedTuple):
@@ -263,8 +271,9 @@ class _Handler(BaseHTTPRequestHandler):
             chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
             try:
                 conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                stripped = proxy._stripped_request
                 for k, v in self.headers.items():
-                    if k.lower() not in _HOP_BY_HOP:
+                    if k.lower() not in _HOP_BY_HOP and k.lower() not in stripped:
                         conn.putheader(k, v)  # Host included unchanged (see module docstring)
                 if chunked:
                     conn.putheader("Transfer-Encoding", "chunked")
@@ -299,8 +308,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response_only(resp.status, resp.reason)
         length = resp.getheader("Content-Length")
         no_body = self.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
+        stripped = self.server.proxy._stripped_response
         for k, v in resp.getheaders():
-            if k.lower() not in _HOP_BY_HOP:
+            if k.lower() not in _HOP_BY_HOP and k.lower() not in stripped:
                 self.send_header(k, v)
         rechunk = not no_body and length is None
         if rechunk:  # unknown length: chunk it, so the client connection can stay alive
@@ -347,6 +357,8 @@ class FaultProxy(BackgroundServer):
         self._busy = 0  # requests being handled (hung ones included)
         self._settled = threading.Condition(self._lock)
         self._released = threading.Event()
+        self._stripped_request: frozenset[str] = frozenset()
+        self._stripped_response: frozenset[str] = frozenset()
 
     def add_fault(self, *, method: str | None = None, path_pattern: str = ".*", status: int = 503,
                   count: int = 1, body: bytes = b"", headers: dict[str, str] | None = None,
@@ -398,6 +410,14 @@ class FaultProxy(BackgroundServer):
         """How many requests a hold fault keeps waiting right now."""
         with self._lock:
             return self._holding
+
+    def strip_headers(self, *, request: Iterable[str] = (), response: Iterable[str] = ()) -> None:
+        """From now on, drop the ``request`` headers before forwarding and the ``response`` headers
+        before relaying (names case-insensitive), on every forwarded request; replaces the previous
+        setting (no names: strip nothing). A store that ignores conditional writes is
+        ``request=("If-None-Match", "If-Match")``; an answer without a clock, ``response=("Date",)``."""
+        self._stripped_request = frozenset(name.lower() for name in request)
+        self._stripped_response = frozenset(name.lower() for name in response)
 
     def _arm(self, fault: _Fault) -> None:
         if fault.remaining < 1:

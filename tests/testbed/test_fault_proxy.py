@@ -245,3 +245,24 @@ def test_a_hang_is_released_when_the_proxy_stops(moto_url: str) -> None:
     with pytest.raises((http.client.HTTPException, OSError)):
         conn.getresponse()  # closed without an answer, long before the client's 30 s timeout
     conn.close()
+
+
+def test_stripped_headers_make_a_store_that_ignores_conditions_and_has_no_clock(s3_proxy: FaultProxy, bucket: str) -> None:
+    """Stripped request headers never reach moto (a conditional write becomes a plain one); stripped response
+    headers never reach the client. Without stripping, the same requests are refused (412)."""
+    s3 = _s3(s3_proxy.url, retries={"total_max_attempts": 1})
+    s3.put_object(Bucket=bucket, Key="cond", Body=b"v1")
+    with pytest.raises(ClientError) as refused:
+        s3.put_object(Bucket=bucket, Key="cond", Body=b"v2", IfNoneMatch="*")
+    assert refused.value.response["Error"]["Code"] == "PreconditionFailed"
+
+    s3_proxy.strip_headers(request=("If-None-Match", "if-match"), response=("Date",))
+    s3.put_object(Bucket=bucket, Key="cond", Body=b"v2", IfNoneMatch="*")
+    answer = s3.put_object(Bucket=bucket, Key="cond", Body=b"v3", IfMatch='"not-the-etag"')
+    assert s3.get_object(Bucket=bucket, Key="cond")["Body"].read() == b"v3"
+    assert "date" not in answer["ResponseMetadata"]["HTTPHeaders"]
+
+    s3_proxy.strip_headers()  # back to forwarding everything
+    with pytest.raises(ClientError):
+        s3.put_object(Bucket=bucket, Key="cond", Body=b"v4", IfNoneMatch="*")
+    assert "date" in s3.get_object(Bucket=bucket, Key="cond")["ResponseMetadata"]["HTTPHeaders"]

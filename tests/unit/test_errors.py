@@ -117,6 +117,9 @@ CASES: list[tuple[str, Callable[[], BaseException], type[NimflowError] | None]] 
     ("s3-bare-503-code", lambda: client_error("503", None), ServiceUnavailable),
     ("s3-503-status", lambda: client_error("Unknown", 503), ServiceUnavailable),
     ("s3-no-such-bucket", lambda: client_error("NoSuchBucket", 404), EngineStoreError),
+    # AWS: concurrent conditional writes of one key, "retry"; a lost condition (412) is an answer, not a fault
+    ("s3-conditional-request-conflict", lambda: client_error("ConditionalRequestConflict", 409), ServiceUnavailable),
+    ("s3-precondition-failed", lambda: client_error("PreconditionFailed", 412), EngineStoreError),
     ("s3-access-denied", lambda: client_error("AccessDenied", 403), EngineStoreError),
     ("s3-endpoint-unreachable", lambda: EndpointConnectionError(endpoint_url=S3_ENDPOINT), ServiceUnavailable),
     ("s3-read-timeout", lambda: ReadTimeoutError(endpoint_url=S3_ENDPOINT), ServiceUnavailable),
