@@ -31,7 +31,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from functools import cached_property
 from typing import Any
 
@@ -40,7 +39,7 @@ from botocore.exceptions import ClientError
 from nimflow.engine_store import EngineStore
 from nimflow.errors import BuildLeaseLost, is_transient
 from nimflow.s3 import is_missing, s3_client
-from nimflow.store_conformance import store_now
+from nimflow.store_conformance import age_on_store_clock
 
 LEASE_NAME = "lease.json"
 #: Attempts at one renewal; with a timeout of TTL/16 per connect and per read, all of them end
@@ -137,10 +136,7 @@ class BuildLeases:
             body = json.loads(answer["Body"].read())
         except ValueError:
             body = {}
-        now = answer["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
-        # Without a Date the store's clock is read from a fresh object: the lease's own LastModified is no "now".
-        server_now = parsedate_to_datetime(now) if now else store_now(self.store)
-        age = max(0.0, (server_now - answer["LastModified"]).total_seconds())
+        age = age_on_store_clock(self.store, answer)
         return (body if isinstance(body, dict) else {}), str(answer["ETag"]), age
 
     def try_acquire(self, engine_key: str) -> Lease | LeaseHolder:

@@ -23,9 +23,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
 
 from botocore.exceptions import ClientError
 
@@ -33,6 +31,7 @@ from nimflow.engine_store import EngineStore
 from nimflow.s3 import is_missing
 from nimflow.settings import get_settings
 from nimflow.spec import CacheSpec
+from nimflow.store_conformance import age_on_store_clock
 
 IN_USE = "in-use"
 #: How long a marker protects its engine without a refresh: reconcile (every 5 minutes where
@@ -65,18 +64,6 @@ class InUseMarker:
     def live(self) -> bool:
         """True while the marker is within its TTL."""
         return self.age_seconds <= self.ttl_seconds
-
-
-def store_age(answer: dict[str, Any]) -> float:
-    """Seconds since an object's Last-Modified, on the store's clock (the response's ``Date``), from a GET's answer.
-
-    Without a ``Date`` header the age is 0: a marker then protects its engine (the safe side) rather
-    than be aged by this host's clock, which may be wrong.
-    """
-    date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    if not date:
-        return 0.0
-    return max(0.0, (parsedate_to_datetime(date) - answer["LastModified"]).total_seconds())
 
 
 class EngineUse:
@@ -146,7 +133,7 @@ class EngineUse:
         ttl = body.get("ttl_seconds")
         ttl = float(ttl) if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) else -1.0  # not a marker: lapsed
         serving = f"{body.get('deployment', '?')} on {body.get('host', '?')}"
-        return InUseMarker(engine_key, object_key[len(base):], serving, store_age(answer), ttl, str(answer["ETag"]))
+        return InUseMarker(engine_key, object_key[len(base):], serving, age_on_store_clock(self.store, answer), ttl, str(answer["ETag"]))
 
     def live(self, engine_key: str) -> list[InUseMarker]:
         """The live markers on ``engine_key``."""

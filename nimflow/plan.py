@@ -16,7 +16,8 @@ from nimflow.build_lease import BuildLeases
 from nimflow.checkpoint import local_checkpoint
 from nimflow.containers import docker_client
 from nimflow.engine_cache import plan_engine
-from nimflow.engine_store import EngineStore, local_engine_path, read_local_manifest
+from nimflow.engine_check import check_local_engine
+from nimflow.engine_store import EngineStore, local_engine_path
 from nimflow.errors import EngineStoreError, translated_errors
 from nimflow.finetune import staged_unchanged
 from nimflow.hub_snapshot import completed_snapshot, pinned_sha, snapshot_path
@@ -110,8 +111,11 @@ def make_plan(spec: HostingSpec) -> Plan:
             stored = store.manifest(key)
             lease = None if stored is not None else BuildLeases(store, spec.cache.build_lease_seconds).live_holder(key)
         on_target = f"on {engine.target.gpu.describe()}, TensorRT-LLM {engine.target.trtllm_version}"
-        if read_local_manifest(engine_path) is not None:
+        local = check_local_engine(engine_path, key)  # sizes always; sha256 only where not verified since written
+        if local is not None and local.manifest is not None:
             plan.add("compile", "hit", f"engine is on this host ({engine_path})")
+        elif local is not None and stored is not None:
+            plan.add("compile", "restore", f"the copy on this host is damaged ({local.problem}): set aside, then from {store.uri(key)}")
         elif stored is not None:
             size = sum(f["size"] for f in stored["files"])
             plan.add("compile", "restore", f"from {store.uri(key)} ({len(stored['files'])} files, {size} bytes), nothing to build")

@@ -21,6 +21,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -165,6 +166,21 @@ def store_now(store: EngineStore) -> datetime:
     finally:
         _remove(store, key)
     return modified
+
+
+def age_on_store_clock(store: EngineStore, answer: dict[str, Any]) -> float:
+    """Seconds since an object's LastModified on the store's clock, from the answer to its GET or HEAD.
+
+    "Now" is the answer's ``Date``; an answer without one reads the store's clock from a fresh
+    probe object (:func:`store_now`): the object's own LastModified is no "now", and this host's
+    clock may be wrong. Leases and in-use markers age this way.
+
+    Raises:
+        ClientError / BotoCoreError: the probe was refused or not answered (callers translate them).
+    """
+    date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    now = parsedate_to_datetime(date) if date else store_now(store)
+    return max(0.0, (now - answer["LastModified"]).total_seconds())
 
 
 def forget_checked_stores() -> None:

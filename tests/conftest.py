@@ -122,6 +122,19 @@ def testbed_env(monkeypatch: pytest.MonkeyPatch, s3_server: Service, hub: Any, p
 
 
 @pytest.fixture
+def s3_proxy(s3_server: Service, testbed_env: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A fault proxy in front of moto, used by every S3 client of this process (and its children)."""
+    from nimflow.store_conformance import forget_checked_stores
+    from nimflow.testbed.fault_proxy import FaultProxy
+
+    forget_checked_stores()  # a later proxy may get an earlier one's port: each store is checked afresh
+    with FaultProxy(s3_server.url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield proxy
+    forget_checked_stores()
+
+
+@pytest.fixture
 def unique() -> str:
     """A short unique suffix for repo names, ports' owners and containers."""
     return uuid.uuid4().hex[:8]

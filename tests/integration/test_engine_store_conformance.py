@@ -22,8 +22,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from nimflow.engine_store import EngineStore, read_local_manifest, write_manifes
 from nimflow.errors import BuildLeaseLost, EngineStoreError, is_transient
 from nimflow.records import Engine
 from nimflow.spec import BuildSpec, CacheSpec
-from nimflow.store_conformance import PROBE_DIR, forget_checked_stores
+from nimflow.store_conformance import PROBE_DIR
 from nimflow.testbed.fault_proxy import FaultProxy, s3_error
 from nimflow.testbed.services import Service
 from tests.conftest import ENGINE_BUCKET
@@ -46,17 +47,6 @@ pytestmark = pytest.mark.testbed
 
 CONDITIONAL_HEADERS = ("If-None-Match", "If-Match")
 
-
-@pytest.fixture
-def s3_proxy(s3_server: Service, testbed_env: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
-    """A fault proxy in front of moto, used by every S3 client of this process (and its children)."""
-    forget_checked_stores()  # a later proxy may get an earlier one's port: check each store afresh
-    proxy = FaultProxy(s3_server.url)
-    proxy.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    yield proxy
-    proxy.stop()
-    forget_checked_stores()
 
 
 def _key(name: str) -> str:
@@ -415,3 +405,32 @@ def test_without_a_date_header_an_expired_lease_is_taken_over(s3_proxy: FaultPro
     assert taken.token != first.token
     assert store.engine_keys() == [key]
     assert _objects(f"{prefix}/{PROBE_DIR}/") == []
+
+
+def test_gc_deletes_nothing_in_a_store_that_ignores_conditional_writes(
+    tmp_path: Path, s3_proxy: FaultProxy, s3_server: Service, unique: str
+) -> None:
+    """gc's safety rests on If-Match deletes and the lease: in a store that ignores them it removes nothing.
+
+    On old main gc deleted the engine through this proxy (it never checked the store).
+    """
+    from nimflow.cache_admin import plan_gc, run_gc
+
+    prefix = f"gc-ignored-{unique}"
+    engine = _engine(tmp_path, _key(prefix))
+    direct = EngineStore(CacheSpec(uri=f"s3://{ENGINE_BUCKET}/{prefix}", endpoint_url=s3_server.url))
+    manifest = read_local_manifest(Path(engine.path))
+    assert manifest is not None and direct.upload(Path(engine.path), manifest).published
+    stored = _objects(f"{prefix}/")
+
+    s3_proxy.strip_headers(request=CONDITIONAL_HEADERS)
+    store = EngineStore(CacheSpec(uri=f"s3://{ENGINE_BUCKET}/{prefix}"))
+    deadline = time.monotonic() + 30  # the store's clock has 1 s steps: older than 0 s once it ticks
+    while not (plan := plan_gc(store, keep=None, older_than=timedelta(0), abandoned_after=timedelta(hours=1),
+                               in_use={})).engines and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [s.manifest["engine_key"] for s in plan.engines] == [engine.engine_key]
+    with pytest.raises(EngineStoreError, match="cache.single_writer: true"):
+        run_gc(store, plan, dry_run=False)
+
+    assert _objects(f"{prefix}/") == stored

@@ -7,7 +7,6 @@ transient (what the task retries): ``EngineStoreUnavailable``. A refusal stays a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,19 +17,10 @@ from nimflow.errors import EngineStoreError, EngineStoreUnavailable, is_transien
 from nimflow.records import Engine
 from nimflow.spec import CacheSpec
 from nimflow.testbed.fault_proxy import FaultProxy, s3_error
-from nimflow.testbed.services import Service
 from tests.conftest import ENGINE_BUCKET
 
 pytestmark = pytest.mark.testbed
 
-
-@pytest.fixture
-def s3_proxy(s3_server: Service, testbed_env: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(s3_server.url)
-    proxy.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    yield proxy
-    proxy.stop()
 
 
 def _engine(root: Path, key: str) -> Engine:

@@ -19,7 +19,6 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,6 @@ from nimflow.errors import EngineStoreError, StoredEngineBroken, is_transient
 from nimflow.records import Engine
 from nimflow.spec import HostingSpec, parse_spec
 from nimflow.testbed.fault_proxy import FaultProxy, s3_error
-from nimflow.testbed.services import Service
 from nimflow.testbed.tiny_model import write_tiny_llama
 from tests.conftest import ENGINE_BUCKET
 from tests.integration.test_host_model import make_spec
@@ -296,14 +294,6 @@ def test_foreign_manifest_is_refused_not_set_aside(fleet: Fleet) -> None:
     assert not isinstance(refused.value, StoredEngineBroken)
     assert not fleet.stored_objects("set-aside") and fleet.stored_objects("manifest.json")
 
-
-@pytest.fixture
-def s3_proxy(s3_server: Service, testbed_env: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(s3_server.url)
-    proxy.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    yield proxy
-    proxy.stop()
 
 
 @pytest.mark.testbed

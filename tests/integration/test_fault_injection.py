@@ -68,12 +68,6 @@ def hub_proxy(hub: Any, testbed_env: dict, monkeypatch: pytest.MonkeyPatch) -> I
         yield proxy
 
 
-@pytest.fixture
-def s3_proxy(s3_server: Service, testbed_env: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
-    with FaultProxy(s3_server.url) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        yield proxy
-
 
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()

@@ -49,14 +49,6 @@ def hub_proxy(hub: Any, testbed_env: dict, monkeypatch: pytest.MonkeyPatch) -> I
     proxy.stop()
 
 
-@pytest.fixture
-def s3_proxy(s3_server: Service, testbed_env: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(s3_server.url)
-    proxy.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    yield proxy
-    proxy.stop()
-
 
 def test_hub_get_503_is_retried_to_success(tmp_path: Path, hub: Any, hub_proxy: FaultProxy, unique: str) -> None:
     repo = f"org/flaky-{unique}"
