@@ -83,11 +83,8 @@ class UiRecorder:
 
     def collect(self) -> None:
         """Read the browser's logs since the last call (each entry is returned once) and the toasts up now."""
-        from selenium.webdriver.common.by import By
 
-        for toast in self.browser.find_elements(By.CSS_SELECTOR, TOAST):
-            text = " ".join(toast.text.split())
-            kind = "error" if toast.find_elements(By.CSS_SELECTOR, ".p-toast__icon--error") else "info"
+        for kind, text in _visible_toasts(self.browser):
             if text and f"[{kind}] {text}" not in self.toasts:
                 self.toasts.append(f"[{kind}] {text}")
         self.console += self.browser.get_log("browser")
@@ -120,10 +117,28 @@ class UiRecorder:
                 f"console warnings/errors: {console[-20:]}")
 
 
-def _toasts_gone(browser: Any) -> bool:
-    from selenium.webdriver.common.by import By
+#: Toasts are read and closed in one script each: a toast closes itself (or is closed) at any moment, and
+#: an element found first and read after may be gone by then (StaleElementReferenceException).
+_READ_TOASTS = """
+return Array.from(document.querySelectorAll(arguments[0]))
+  .filter(t => t.getClientRects().length > 0)
+  .map(t => [t.querySelector('.p-toast__icon--error') ? 'error' : 'info', t.innerText.split(/\\s+/).join(' ').trim()]);
+"""
+_CLOSE_ERROR_TOASTS = """
+document.querySelectorAll(arguments[0]).forEach(t => {
+  const close = t.querySelector('.p-toast__icon--error') && t.querySelector('.p-toast__close-btn');
+  if (close) close.click();
+});
+"""
 
-    return not [t for t in browser.find_elements(By.CSS_SELECTOR, TOAST) if t.is_displayed()]
+
+def _visible_toasts(browser: Any) -> list[tuple[str, str]]:
+    """(kind, text) of every toast on screen now, read at once."""
+    return [(str(kind), str(text)) for kind, text in browser.execute_script(_READ_TOASTS, TOAST) or []]
+
+
+def _toasts_gone(browser: Any) -> bool:
+    return not _visible_toasts(browser)
 
 
 def _clear_toasts(browser: Any, recorder: UiRecorder) -> None:
@@ -134,14 +149,10 @@ def _clear_toasts(browser: Any, recorder: UiRecorder) -> None:
     toast's countdown ring, which takes a pointer click (the ElementClickInterceptedException of
     issue 12), and a scripted press cannot land on anything but the button it names.
     """
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     recorder.collect()
-    for toast in browser.find_elements(By.CSS_SELECTOR, TOAST):
-        if toast.find_elements(By.CSS_SELECTOR, ".p-toast__icon--error"):
-            for close in toast.find_elements(By.CSS_SELECTOR, ".p-toast__close-btn"):
-                browser.execute_script("arguments[0].click();", close)
+    browser.execute_script(_CLOSE_ERROR_TOASTS, TOAST)
     WebDriverWait(browser, TOAST_WAIT).until(_toasts_gone, f"a toast stayed up: {recorder.toasts}")
 
 
