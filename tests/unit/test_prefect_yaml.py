@@ -275,3 +275,16 @@ def test_the_pull_step_fails_naming_nimflow_home_when_it_is_not_a_checkout(
     assert "NIMFLOW_HOME" in str(cause)
     assert ("not set" in str(cause)) if not home else ("is not a nimflow checkout (no prefect.yaml, flows there)" in str(cause))
     assert Path.cwd() == tmp_path.resolve()
+
+
+def test_gpu_hosts_name_their_count_and_optionally_their_pool() -> None:
+    """`--gpu-host NAME=COUNT[@POOL]`: the pool a host's own reconcile goes to (a pool per GPU type)."""
+    from nimflow.bootstrap import GpuHost, host_reconcile_name, parse_gpu_hosts
+    from nimflow.errors import ConfigError
+
+    hosts = parse_gpu_hosts(["gpu-a=8", " gpu-c = 4 @ nimflow-a100 "])
+    assert hosts == {"gpu-a": GpuHost("gpu-a", 8), "gpu-c": GpuHost("gpu-c", 4, "nimflow-a100")}
+    assert host_reconcile_name("gpu-a") == "reconcile-gpu-a" and "reconcile" in DEPLOYMENTS
+    for bad in ("gpu-a", "gpu-a=0", "=4", "gpu-a=4@", "gpu-a=x@pool"):
+        with pytest.raises(ConfigError, match="NAME=COUNT"):
+            parse_gpu_hosts([bad])
