@@ -259,7 +259,7 @@ def ensure_work_queue(client: SyncPrefectClient, pool: str, name: str) -> str:
     return "created"
 
 
-def ensure_host_reconcile(client: SyncPrefectClient, template: Any, host: GpuHost) -> str:
+def ensure_host_reconcile(client: SyncPrefectClient, template: Any, host: GpuHost, flow_name: str) -> str:
     """Make ``reconcile-<host>``, a copy of ``template`` (reconcile) on host's work queue: created, updated or kept.
 
     A new one gets the template's schedules; an existing one keeps its own (paused stays paused) and its
@@ -268,7 +268,7 @@ def ensure_host_reconcile(client: SyncPrefectClient, template: Any, host: GpuHos
     name = host_reconcile_name(host.name)
     wanted = _as_host_copy(template, host)
     try:
-        current = client.read_deployment_by_name(f"{template.flow_name}/{name}")
+        current = client.read_deployment_by_name(f"{flow_name}/{name}")
     except ObjectNotFound:
         schedules = [DeploymentScheduleCreate(schedule=s.schedule, active=True, slug=s.slug) for s in template.schedules]
         client.create_deployment(flow_id=template.flow_id, name=name, schedules=schedules, **wanted)
@@ -290,11 +290,12 @@ def reconcile_per_host(client: SyncPrefectClient, hosts: list[GpuHost], report: 
         raise ConfigError("nimflow bootstrap", [Problem(
             "--gpu-host", f"no deployment named {RECONCILE_DEPLOYMENT!r} to copy for each host; is it in prefect.yaml?")])
     template = client.read_deployment(found[0].id)
+    flow_name = client.read_flow(template.flow_id).name
     for host in hosts:
         pool = host.pool or template.work_pool_name or "default"
         report.add("work queue", f"{pool}/{host.name}", ensure_work_queue(client, pool, host.name))
         name = host_reconcile_name(host.name)
-        report.add("deployment", name, ensure_host_reconcile(client, template, host))
+        report.add("deployment", name, ensure_host_reconcile(client, template, host, flow_name))
 
 
 def run_prefect_deploy(project_dir: Path, api_url: str) -> str:

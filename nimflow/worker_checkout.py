@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from uuid import UUID
 
 from nimflow.errors import ConfigError, Problem
 from nimflow.settings import get_settings
@@ -46,9 +47,23 @@ def enter_checkout() -> dict[str, str]:
     """Prefect pull step: change into this host's checkout; return it as ``directory`` (as Prefect's steps do).
 
     Raises:
-        ConfigError: NIMFLOW_HOME is unset, or does not name a nimflow checkout (the run fails with
-            this message in its logs before any flow code runs).
+        ConfigError: NIMFLOW_HOME is unset, or does not name a nimflow checkout (the run ends as Crashed,
+            this message in its log, before any flow code runs).
     """
-    directory = checkout_dir()
+    try:
+        directory = checkout_dir()
+    except ConfigError as exc:
+        _tell_the_run(str(exc))
+        raise
     os.chdir(directory)
     return {"directory": str(directory)}
+
+
+def _tell_the_run(message: str) -> None:
+    """Log ``message`` to the flow run being prepared: of a failed pull step Prefect logs there only
+    ``Encountered error while running <step>``; the cause goes to the worker's output alone."""
+    from prefect.logging.loggers import flow_run_logger
+    from prefect.runtime import flow_run
+
+    if flow_run.id:  # outside a flow-run process (a test, a shell) there is no run to tell
+        flow_run_logger(flow_run_id=UUID(flow_run.id)).error(message)
