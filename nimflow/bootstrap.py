@@ -220,9 +220,14 @@ def host_reconcile_name(host: str) -> str:
     return f"{RECONCILE_DEPLOYMENT}-{host}"
 
 
+def _deployment_limit(deployment: Any) -> int | None:
+    """The deployment's concurrency limit (its slots), None without one."""
+    return deployment.global_concurrency_limit.limit if deployment.global_concurrency_limit else None
+
+
 def _as_host_copy(template: Any, host: GpuHost) -> dict[str, Any]:
     """The fields of reconcile's deployment that ``host``'s copy has, on the host's own work queue."""
-    limit = template.global_concurrency_limit.limit if template.global_concurrency_limit else None
+    limit = _deployment_limit(template)
     return {
         "description": f"{template.description or ''} Runs on host {host.name}'s worker only (work queue {host.name!r}).".strip(),
         "tags": [*template.tags, f"host:{host.name}"],
@@ -239,12 +244,14 @@ def _as_host_copy(template: Any, host: GpuHost) -> dict[str, Any]:
 
 
 def _differs(current: Any, wanted: dict[str, Any]) -> bool:
+    """Whether the deployment ``current`` has another value for any field of ``wanted``."""
     def plain(value: Any) -> Any:
         return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
-    have = dict(wanted, concurrency_limit=current.global_concurrency_limit.limit if current.global_concurrency_limit else None)
-    return any(plain(have[key] if key == "concurrency_limit" else getattr(current, key)) != plain(value)
-               for key, value in wanted.items())
+    def have(key: str) -> Any:
+        return _deployment_limit(current) if key == "concurrency_limit" else getattr(current, key)
+
+    return any(plain(have(key)) != plain(value) for key, value in wanted.items())
 
 
 def ensure_work_queue(client: SyncPrefectClient, pool: str, name: str) -> str:
