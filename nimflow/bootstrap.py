@@ -3,14 +3,18 @@
 In order, each step only creating what is missing (so running it twice changes nothing):
 
 1. the work pools that ``prefect.yaml`` names (process type), plus any given with ``--pool``;
-2. the per-host GPU limits given with ``--gpu-host NAME=COUNT``: a global concurrency limit
+2. the per-host GPU limits given with ``--gpu-host NAME=COUNT[@POOL]``: a global concurrency limit
    ``nimflow-gpus-<NAME>`` of COUNT slots each (an existing one is set to COUNT);
 3. the per-spec queueing limits ``nimflow-spec-<name>`` (limit 1) of the specs in the specs directory
    (``host_model`` would create them on its first run; made here so they show in the UI at once);
 4. Secret blocks from ``HF_TOKEN``, ``NGC_API_KEY``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` when
    set (see :mod:`nimflow.credentials`; values are never printed);
 5. ``prefect --no-prompt deploy --all`` in the project directory; a redeploy re-activates schedules
-   that were paused, so the schedules paused before (by slug) and paused deployments are paused again.
+   that were paused, so the schedules paused before (by slug) and paused deployments are paused again;
+6. per ``--gpu-host``, a reconcile of its own: the deployment ``reconcile-<NAME>``, a copy of prefect.yaml's
+   ``reconcile`` on the work queue ``<NAME>`` of the host's pool (``@POOL``, else reconcile's), so each
+   host's worker (``--work-queue default --work-queue <NAME>``) checks its own Docker host. An existing
+   one is brought in line with ``reconcile`` but its schedules are left alone (a paused one stays paused).
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate, WorkPoolCreate
+from prefect.client.schemas.actions import (
+    DeploymentScheduleCreate,
+    DeploymentUpdate,
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+    WorkPoolCreate,
+)
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
@@ -40,6 +50,8 @@ from nimflow.spec_registry import spec_names
 
 #: How long ``prefect deploy --all`` may take (it imports every flow).
 DEPLOY_TIMEOUT_SECONDS = 600
+#: prefect.yaml's deployment that each ``--gpu-host`` gets a copy of, on a work queue of its own.
+RECONCILE_DEPLOYMENT = "reconcile"
 
 
 @dataclass(frozen=True)
@@ -71,18 +83,31 @@ class BootstrapReport:
         return "\n".join(f"{s.kind:<{width}}  {s.name}: {s.result}" for s in self.steps)
 
 
-def parse_gpu_hosts(values: list[str]) -> dict[str, int]:
-    """``["gpu-a=8", "gpu-b=4"]`` -> ``{"gpu-a": 8, "gpu-b": 4}``.
+@dataclass(frozen=True)
+class GpuHost:
+    """One ``--gpu-host NAME=COUNT[@POOL]``: a host of the fleet, its GPU count, and its work pool if given."""
+
+    name: str
+    gpus: int
+    #: The work pool its worker polls; None: the pool of prefect.yaml's reconcile deployment.
+    pool: str | None = None
+
+
+def parse_gpu_hosts(values: list[str]) -> dict[str, GpuHost]:
+    """``["gpu-a=8", "gpu-c=4@nimflow-a100"]`` -> the hosts by name.
 
     Raises:
-        ConfigError: an item is not ``NAME=COUNT`` with a positive COUNT.
+        ConfigError: an item is not ``NAME=COUNT[@POOL]`` with a positive COUNT.
     """
-    hosts: dict[str, int] = {}
+    hosts: dict[str, GpuHost] = {}
     for value in values:
-        name, _, count = value.partition("=")
-        if not name.strip() or not count.strip().isdigit() or int(count) < 1:
-            raise ConfigError("nimflow bootstrap", [Problem("--gpu-host", f"{value!r} is not NAME=COUNT (e.g. gpu-a=8)")])
-        hosts[name.strip()] = int(count)
+        name, _, rest = value.partition("=")
+        count, at, pool = rest.partition("@")
+        name, count, pool = name.strip(), count.strip(), pool.strip()
+        if not name or not count.isdigit() or int(count) < 1 or (at and not pool):
+            raise ConfigError("nimflow bootstrap", [Problem(
+                "--gpu-host", f"{value!r} is not NAME=COUNT or NAME=COUNT@POOL (e.g. gpu-a=8, gpu-c=4@nimflow-a100)")])
+        hosts[name] = GpuHost(name, int(count), pool or None)
     return hosts
 
 
@@ -190,6 +215,96 @@ def restore_paused(client: SyncPrefectClient, states: list[PausedState], report:
                 report.add("schedule", f"{state.name}/{schedule.slug}", "kept paused")
 
 
+def host_reconcile_name(host: str) -> str:
+    """The name of host ``host``'s own reconcile deployment (its work queue is called ``host``)."""
+    return f"{RECONCILE_DEPLOYMENT}-{host}"
+
+
+def _deployment_limit(deployment: Any) -> int | None:
+    """The deployment's concurrency limit (its slots), None without one."""
+    return deployment.global_concurrency_limit.limit if deployment.global_concurrency_limit else None
+
+
+def _as_host_copy(template: Any, host: GpuHost) -> dict[str, Any]:
+    """The fields of reconcile's deployment that ``host``'s copy has, on the host's own work queue."""
+    limit = _deployment_limit(template)
+    return {
+        "description": f"{template.description or ''} Runs on host {host.name}'s worker only (work queue {host.name!r}).".strip(),
+        "tags": [*template.tags, f"host:{host.name}"],
+        "work_pool_name": host.pool or template.work_pool_name,
+        "work_queue_name": host.name,
+        "entrypoint": template.entrypoint,
+        "pull_steps": template.pull_steps,
+        "parameter_openapi_schema": template.parameter_openapi_schema,
+        "enforce_parameter_schema": template.enforce_parameter_schema,
+        "job_variables": template.job_variables,
+        "concurrency_limit": limit,
+        "concurrency_options": template.concurrency_options if limit else None,
+    }
+
+
+def _differs(current: Any, wanted: dict[str, Any]) -> bool:
+    """Whether the deployment ``current`` has another value for any field of ``wanted``."""
+    def plain(value: Any) -> Any:
+        return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+    def have(key: str) -> Any:
+        return _deployment_limit(current) if key == "concurrency_limit" else getattr(current, key)
+
+    return any(plain(have(key)) != plain(value) for key, value in wanted.items())
+
+
+def ensure_work_queue(client: SyncPrefectClient, pool: str, name: str) -> str:
+    """Create the work queue ``name`` in ``pool`` unless it exists: ``created`` or ``kept``."""
+    try:
+        client.read_work_queue_by_name(name, work_pool_name=pool)
+        return "kept"
+    except ObjectNotFound:
+        pass
+    client.create_work_queue(name=name, work_pool_name=pool,
+                             description=f"Runs for host {name} only (its reconcile); its worker polls it beside `default`.")
+    return "created"
+
+
+def ensure_host_reconcile(client: SyncPrefectClient, template: Any, host: GpuHost, flow_name: str) -> str:
+    """Make ``reconcile-<host>``, a copy of ``template`` (reconcile) on host's work queue: created, updated or kept.
+
+    A new one gets the template's schedules; an existing one keeps its own (paused stays paused) and its
+    pause, and is otherwise brought in line with the template.
+    """
+    name = host_reconcile_name(host.name)
+    wanted = _as_host_copy(template, host)
+    try:
+        current = client.read_deployment_by_name(f"{flow_name}/{name}")
+    except ObjectNotFound:
+        schedules = [DeploymentScheduleCreate(schedule=s.schedule, active=True, slug=s.slug) for s in template.schedules]
+        client.create_deployment(flow_id=template.flow_id, name=name, schedules=schedules, **wanted)
+        return "created"
+    if not _differs(current, wanted):
+        return "kept"
+    client.update_deployment(current.id, DeploymentUpdate(**wanted))
+    return "updated"
+
+
+def reconcile_per_host(client: SyncPrefectClient, hosts: list[GpuHost], report: BootstrapReport) -> None:
+    """Each host's queue and its own reconcile deployment (see :func:`ensure_host_reconcile`).
+
+    Raises:
+        ConfigError: prefect.yaml's reconcile deployment is not on the server (it was not deployed).
+    """
+    found = existing_deployments(client, [RECONCILE_DEPLOYMENT])
+    if not found:
+        raise ConfigError("nimflow bootstrap", [Problem(
+            "--gpu-host", f"no deployment named {RECONCILE_DEPLOYMENT!r} to copy for each host; is it in prefect.yaml?")])
+    template = client.read_deployment(found[0].id)
+    flow_name = client.read_flow(template.flow_id).name
+    for host in hosts:
+        pool = host.pool or template.work_pool_name or "default"
+        report.add("work queue", f"{pool}/{host.name}", ensure_work_queue(client, pool, host.name))
+        name = host_reconcile_name(host.name)
+        report.add("deployment", name, ensure_host_reconcile(client, template, host, flow_name))
+
+
 def run_prefect_deploy(project_dir: Path, api_url: str) -> str:
     """``prefect --no-prompt deploy --all`` in ``project_dir``; return its output.
 
@@ -210,14 +325,14 @@ def run_prefect_deploy(project_dir: Path, api_url: str) -> str:
 
 
 def bootstrap(
-    project_dir: Path, *, extra_pools: list[str] | None = None, gpu_hosts: dict[str, int] | None = None, deploy: bool = True
+    project_dir: Path, *, extra_pools: list[str] | None = None, gpu_hosts: dict[str, GpuHost] | None = None, deploy: bool = True
 ) -> BootstrapReport:
     """Create what is missing on the Prefect server and (re)deploy the project; return what was done.
 
     Args:
         project_dir: the directory holding prefect.yaml (the checkout the workers run flows from).
         extra_pools: process work pools to create besides those prefect.yaml names.
-        gpu_hosts: host name -> GPU count, for the per-host GPU limits.
+        gpu_hosts: the fleet's hosts by name (:func:`parse_gpu_hosts`): GPU limits, and each a reconcile.
         deploy: run ``prefect deploy --all`` (off: only pools, limits and blocks).
 
     Raises:
@@ -233,8 +348,10 @@ def bootstrap(
     with translated_errors(f"bootstrapping the Prefect server at {redact_url(api_url)}"), get_client(sync_client=True) as client:
         for pool in dict.fromkeys([*pools_in(config), *(extra_pools or [])]):
             report.add("work pool", pool, ensure_process_pool(client, pool))
-        for host, count in (gpu_hosts or {}).items():
-            report.add("gpu limit", gpu_limit_name(host), ensure_limit(client, gpu_limit_name(host), count, update=True))
+        for host in (gpu_hosts or {}).values():
+            report.add("gpu limit", gpu_limit_name(host.name), ensure_limit(client, gpu_limit_name(host.name), host.gpus, update=True))
+        for pool in dict.fromkeys(h.pool for h in (gpu_hosts or {}).values() if h.pool):
+            report.add("work pool", pool, ensure_process_pool(client, pool))
         try:
             names = spec_names()
         except ConfigError as exc:
@@ -263,4 +380,7 @@ def bootstrap(
     finally:
         with translated_errors("pausing schedules again"), get_client(sync_client=True) as client:
             restore_paused(client, before, report)
+    if gpu_hosts and RECONCILE_DEPLOYMENT in deployment_names:
+        with translated_errors("making each host's reconcile"), get_client(sync_client=True) as client:
+            reconcile_per_host(client, list(gpu_hosts.values()), report)
     return report

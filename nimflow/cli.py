@@ -9,7 +9,7 @@
     nimflow testbed up|down           start/stop the local test bed (Docker, S3, hub, Prefect)
     nimflow demo                      test bed up + host configs/demo.yaml end to end
     nimflow notify SPEC --revision SHA | --uri s3://...   announce a new checkpoint (nimflow.checkpoint.landed)
-    nimflow bootstrap [--gpu-host NAME=COUNT]...   work pools, limits, Secret blocks, then `prefect deploy --all`
+    nimflow bootstrap [--gpu-host NAME=COUNT[@POOL]]...   work pools, limits, Secret blocks, `prefect deploy --all`, a reconcile per host
 
 User mistakes (bad configs, missing checkpoints, invalid weights) print one clear message and
 exit non-zero; tracebacks are kept for bugs.
@@ -299,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     notify.set_defaults(run=_notify)
 
     boot = sub.add_parser("bootstrap", help="create work pools, limits and Secret blocks, then deploy prefect.yaml (idempotent)")
-    boot.add_argument("--gpu-host", action="append", default=[], metavar="NAME=COUNT",
-                      help="a GPU host and its GPU count: global concurrency limit nimflow-gpus-NAME (repeatable)")
+    boot.add_argument("--gpu-host", action="append", default=[], metavar="NAME=COUNT[@POOL]",
+                      help="a GPU host, its GPU count and its work pool (default: reconcile's): global concurrency limit "
+                           "nimflow-gpus-NAME, work queue NAME and deployment reconcile-NAME on it (repeatable)")
     boot.add_argument("--pool", action="append", default=[], metavar="NAME",
                       help="another process work pool to create, e.g. one per GPU type (repeatable)")
     boot.add_argument("--project-dir", type=Path, default=Path("."), help="the checkout holding prefect.yaml (default: .)")

@@ -60,6 +60,9 @@ class Settings:
     #: This host's name in the fleet (NIMFLOW_HOST_NAME, default the hostname): its runs take GPU slots
     #: from the limit `nimflow-gpus-<host_name>` when `nimflow bootstrap --gpu-host` created one.
     host_name: str = ""
+    #: The nimflow checkout this host's worker runs the deployments' flows from (NIMFLOW_HOME; the
+    #: deployments' pull step, nimflow.worker_checkout, enters it). None when unset.
+    home: Path | None = None
     #: AWS keys as set in the environment; only `nimflow bootstrap` reads them (to save Secret blocks).
     #: boto3 reads its own credential chain; :meth:`aws_credentials` adds the blocks as a fallback.
     aws_access_key_id: SecretStr | None = None
@@ -110,6 +113,7 @@ class Settings:
             host_cache_dir=Path(env["NIMFLOW_CACHE_DIR"]) if env.get("NIMFLOW_CACHE_DIR") else None,
             host_gpus=env.get("NIMFLOW_GPUS", "").strip() or None,
             host_name=env.get("NIMFLOW_HOST_NAME", "").strip() or socket.gethostname(),
+            home=Path(env["NIMFLOW_HOME"].strip()) if env.get("NIMFLOW_HOME", "").strip() else None,
             aws_access_key_id=secret("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=secret("AWS_SECRET_ACCESS_KEY"),
             s3_read_timeout_seconds=float(numbers["NIMFLOW_S3_READ_TIMEOUT_SECONDS"]),

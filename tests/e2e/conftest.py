@@ -272,7 +272,8 @@ def _start_worker(name: str, env: dict[str, str], logs: Path, cache_dir: Path) -
         process = subprocess.Popen(
             [_bin("prefect"), "worker", "start", "--pool", POOL, "--name", name],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
-            env={**env, "NIMFLOW_CACHE_DIR": str(cache_dir)}, start_new_session=True,
+            # NIMFLOW_HOME: the checkout the deployments' pull step runs the flows from (prefect.yaml).
+            env={**env, "NIMFLOW_CACHE_DIR": str(cache_dir), "NIMFLOW_HOME": str(REPO_ROOT)}, start_new_session=True,
         )
     return Worker(name, process, log_path, cache_dir)
 

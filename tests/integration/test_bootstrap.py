@@ -76,7 +76,27 @@ def test_bootstrap_twice_creates_nothing_the_second_time_and_keeps_paused_schedu
         assert client.read_global_concurrency_limit_by_name(f"nimflow-spec-{spec_name}").limit == 1
     for name in ("host_model/host-model", "host_model/host-on-checkpoint", "reconcile/reconcile",
                  "watch_checkpoints/checkpoint-watcher"):
-        assert _deployment(name).work_pool_name == "nimflow-gpu"
+        deployment = _deployment(name)
+        assert deployment.work_pool_name == "nimflow-gpu"
+        # Run from each worker's NIMFLOW_HOME, not from this checkout's path (stored before: set_working_directory).
+        assert deployment.pull_steps == [{"nimflow.worker_checkout.enter_checkout": {}}], deployment.pull_steps
+    for name in ("reconcile/reconcile", "watch_checkpoints/checkpoint-watcher"):
+        deployment = _deployment(name)  # one run at a time, a new one cancelled (none before)
+        assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1, name
+        assert deployment.concurrency_options is not None
+        assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
+
+    # The host's own reconcile: reconcile's copy on the host's work queue, which only its worker polls.
+    # Failed on old main: no deployment reconcile-<host> (ObjectNotFound); one reconcile on the default queue.
+    own = _deployment(f"reconcile/reconcile-{host}")
+    assert f"reconcile-{host}: created" in first and f"nimflow-gpu/{host}: created" in first
+    assert (own.work_pool_name, own.work_queue_name) == ("nimflow-gpu", host)
+    assert own.entrypoint == "flows/reconcile.py:reconcile" and own.pull_steps == _deployment("reconcile/reconcile").pull_steps
+    assert own.global_concurrency_limit is not None and own.global_concurrency_limit.limit == 1
+    assert own.concurrency_options is not None and own.concurrency_options.collision_strategy == "CANCEL_NEW"
+    assert [(s.slug, s.active) for s in own.schedules] == [("reconcile-5m", True)]
+    with get_client(sync_client=True) as client:
+        client.update_deployment_schedule(own.id, own.schedules[0].id, active=False)  # stays paused below
 
     # An operator pauses the reconcile schedule; a redeploy alone would re-activate it (prefect.md §3.6).
     reconcile = _deployment("reconcile/reconcile")
@@ -92,6 +112,8 @@ def test_bootstrap_twice_creates_nothing_the_second_time_and_keeps_paused_schedu
     schedules = {s.slug: s.active for s in _deployment("reconcile/reconcile").schedules}
     assert schedules == {"reconcile-5m": False}
     assert {s.slug: s.active for s in _deployment("watch_checkpoints/checkpoint-watcher").schedules} == {"watch-2m": True}
+    assert f"reconcile-{host}: kept" in second and f"nimflow-gpu/{host}: kept" in second
+    assert {s.slug: s.active for s in _deployment(f"reconcile/reconcile-{host}").schedules} == {"reconcile-5m": False}
 
     # The secret values never appear in what bootstrap printed.
     for value in secrets.values():

@@ -37,17 +37,27 @@ def test_deployment_runs_on_a_process_worker(
     # The deploying process and the worker's runs find specs by name in this directory.
     env = {**os.environ, **testbed_env, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "1", "COLUMNS": "200",
            "NIMFLOW_SPECS_DIR": str(specs_dir)}
+    env.pop("NIMFLOW_HOME", None)  # the deploying process's checkout must not matter
 
     _prefect("work-pool", "create", "nimflow-gpu", "--type", "process", "--overwrite", env=env)
     _prefect("--no-prompt", "deploy", "--all", env=env)
     with get_client(sync_client=True) as client:
-        schema = client.read_deployment_by_name("host_model/host-model").parameter_openapi_schema
+        deployment = client.read_deployment_by_name("host_model/host-model")
+    schema = deployment.parameter_openapi_schema
+    # No path of the deploying checkout is stored: the worker's NIMFLOW_HOME names its own. Failed on
+    # old main: pull_steps was [{"prefect.deployments.steps.set_working_directory": {"directory": "<REPO_ROOT>"}}].
+    assert deployment.pull_steps == [{"nimflow.worker_checkout.enter_checkout": {}}]
+    assert str(REPO_ROOT) not in deployment.model_dump_json()
     # The UI's dropdown: the names in the specs directory when `prefect deploy` ran.
     assert schema["properties"]["spec"]["enum"] == [name]
     assert schema["properties"]["spec"]["title"] == "Model"
     run = _prefect("deployment", "run", "host_model/host-model", "--param", f"spec={name}", env=env)
     flow_run_id = next(line.split()[-1] for line in run.stdout.splitlines() if "UUID" in line)
-    _prefect("worker", "start", "--pool", "nimflow-gpu", "--run-once", env=env, timeout=240)
+    # The worker, started elsewhere, runs the flows from the checkout its NIMFLOW_HOME names.
+    worker_env = {**env, "NIMFLOW_HOME": str(REPO_ROOT)}
+    result = subprocess.run([str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", "nimflow-gpu", "--run-once"],
+                            capture_output=True, text=True, env=worker_env, cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, f"worker failed:\n{result.stdout}\n{result.stderr}"
 
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)

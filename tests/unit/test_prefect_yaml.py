@@ -85,7 +85,8 @@ def test_checkpoint_trigger_parameters_render_from_a_landed_event() -> None:
 
     trigger = DEPLOYMENTS["host-on-checkpoint"]["triggers"][0]
     assert trigger["expect"] == ["nimflow.checkpoint.landed"] and trigger["for_each"] == ["prefect.resource.id"]
-    assert trigger["match"] == {"prefect.resource.id": "nimflow.source.*"} and trigger["posture"] == "Reactive"
+    assert trigger["match"] == {"prefect.resource.id": "nimflow.source.*", "nimflow.spec": "?*"}
+    assert trigger["posture"] == "Reactive"
 
     def render(event: Event) -> dict[str, Any]:
         rendered = {}
@@ -101,6 +102,63 @@ def test_checkpoint_trigger_parameters_render_from_a_landed_event() -> None:
     assert render(landed) == {"spec": "llama-sft", "revision": "abc123", "checkpoint_uri": None}
     bare = Event(id=ids[1], occurred=now, event="nimflow.checkpoint.landed", resource={"prefect.resource.id": "nimflow.source.s3.b/p"})
     assert render(bare) == {"spec": "", "revision": None, "checkpoint_uri": None}
+
+
+def _server_trigger(deployment: str) -> Any:
+    """The deployment's first trigger as the server holds it: prefect.yaml -> the client's
+    DeploymentEventTrigger -> its automation (what `prefect deploy` sends) -> the server's EventTrigger."""
+    from prefect.server.events.schemas.automations import EventTrigger
+
+    trigger = DeploymentEventTrigger.model_validate({**DEPLOYMENTS[deployment]["triggers"][0], "name": f"{deployment}__automation_1"})
+    trigger.set_deployment_id(uuid4())
+    automation = trigger.as_automation()
+    return EventTrigger.model_validate(automation.trigger.model_dump(mode="json"))
+
+
+@pytest.mark.parametrize(("labels", "starts_a_run"), [
+    ({"nimflow.spec": "llama-sft"}, True),
+    ({"nimflow.spec": "a"}, True),
+    ({}, False),  # no nimflow.spec label: the trigger rendered spec='' and the run failed `no spec named ''`
+    ({"nimflow.spec": ""}, False),
+    ({"nimflow.spec": "llama-sft", "prefect.resource.id": "prefect.flow-run.1"}, False),  # not a checkpoint source
+])
+def test_the_checkpoint_trigger_matches_only_events_that_name_a_spec(labels: dict[str, str], starts_a_run: bool) -> None:
+    """The server's own matcher (EventTrigger.covers: fnmatch on each label of `match`, a missing label
+    never matches) decides which events start a run; no mocks, the trigger as prefect.yaml writes it.
+
+    Failed on old main (match on prefect.resource.id only): the events without `nimflow.spec` and with an
+    empty one were covered (`assert True is False` for the `{}` and `{"nimflow.spec": ""}` cases).
+    """
+    from prefect.server.events.schemas.events import ReceivedEvent
+
+    resource = {"prefect.resource.id": "nimflow.source.hf.org/repo", "prefect.resource.name": "org/repo", **labels}
+    event = ReceivedEvent(occurred=datetime.now(timezone.utc), event="nimflow.checkpoint.landed", resource=resource,
+                          payload={"spec": "llama-sft", "revision": "abc123"}, id=uuid4())
+    trigger = _server_trigger("host-on-checkpoint")
+    assert trigger.covers(event) is starts_a_run
+    other = event.model_copy(update={"event": "nimflow.checkpoint.seen"})
+    assert trigger.covers(other) is False
+
+
+@pytest.mark.parametrize("name", ["reconcile", "checkpoint-watcher"])
+def test_housekeeping_runs_never_overlap_themselves(name: str) -> None:
+    """One reconcile pass and one watcher pass at a time, a new one cancelled while one runs (two passes
+    of the watcher would announce a checkpoint twice). Failed on old main: no `concurrency_limit` (KeyError)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
+
+    limit = ConcurrencyLimitSpec.model_validate(DEPLOYMENTS[name]["concurrency_limit"])
+    assert limit.limit == 1
+    # What `prefect deploy` makes of it (cli/deploy/_core.py) must be a strategy the server knows.
+    options = ConcurrencyOptions(collision_strategy=limit.collision_strategy)  # type: ignore[arg-type]
+    assert options.collision_strategy is ConcurrencyLimitStrategy.CANCEL_NEW
+
+
+def test_deployments_run_from_the_workers_checkout_not_a_stored_path() -> None:
+    """The one pull step enters NIMFLOW_HOME; no absolute path in prefect.yaml. Failed on old main:
+    no `pull` section (KeyError), so `prefect deploy` stored the deploying checkout's absolute path."""
+    assert CONFIG["pull"] == [{"nimflow.worker_checkout.enter_checkout": {}}]
+    assert str(REPO_ROOT) not in (REPO_ROOT / "prefect.yaml").read_text()
+    assert all("pull" not in d for d in DEPLOYMENTS.values())  # none overrides it
 
 
 @pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
@@ -133,8 +191,10 @@ def test_docker_template_variables_are_all_used_and_defined() -> None:
 def test_docker_template_renders_gpus_cache_and_specs() -> None:
     rendered = apply_values(TEMPLATE["job_configuration"], {
         "image": "nimflow:1", "cache_dir": "/data/nim", "gpu_ids": "0,1", "specs_dir": "/etc/nimflow/specs",
+        "checkout_dir": TEMPLATE["variables"]["properties"]["checkout_dir"]["default"],
     })
-    assert rendered["env"] == {"NIMFLOW_CACHE_DIR": "/data/nim", "NIMFLOW_GPUS": "0,1", "NIMFLOW_SPECS_DIR": "/etc/nimflow/specs"}
+    assert rendered["env"] == {"NIMFLOW_CACHE_DIR": "/data/nim", "NIMFLOW_GPUS": "0,1", "NIMFLOW_SPECS_DIR": "/etc/nimflow/specs",
+                               "NIMFLOW_HOME": "/opt/nimflow"}  # the pull step's checkout
     assert "/data/nim:/data/nim" in rendered["volumes"] and "/var/run/docker.sock:/var/run/docker.sock" in rendered["volumes"]
     assert rendered["container_create_kwargs"]["device_requests"] == [{"count": -1, "capabilities": [["gpu"]]}]
     assert "command" not in rendered  # unset: the worker's default command
@@ -162,3 +222,69 @@ def test_the_trigger_deployments_schema_is_enforceable_without_a_list_of_specs(p
     assert "enum" not in schema["properties"]["spec"]  # no list of names frozen at deploy time
     assert set(schema["properties"]) == set(DEPLOYMENTS["host-on-checkpoint"]["triggers"][0]["parameters"])
     assert is_valid(parameters, schema) is valid
+
+
+def _run_pull_steps() -> dict[str, Any]:
+    """prefect.yaml's pull steps through Prefect's own step runner, as a flow-run process runs them.
+
+    The runner opens an API client for the blocks and variables a step's inputs could name; ours name
+    none, so it is pointed at a closed port (without an API URL it would start a temporary server).
+    """
+    import asyncio
+
+    from prefect.deployments.steps.core import run_steps
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from nimflow.testbed.services import free_port
+
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
+        return asyncio.run(run_steps(CONFIG["pull"]))
+
+
+def test_the_pull_step_enters_the_checkout_named_by_nimflow_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker anywhere runs the flows from its own checkout; Prefect then loads `flows/...` from there."""
+    monkeypatch.chdir(tmp_path)  # a process worker starts flow runs in a directory of its own
+    monkeypatch.setenv("NIMFLOW_HOME", str(REPO_ROOT))
+    output = _run_pull_steps()
+    assert output["directory"] == str(REPO_ROOT.resolve())
+    assert Path.cwd() == REPO_ROOT.resolve()
+    assert (Path.cwd() / DEPLOYMENTS["host-model"]["entrypoint"].partition(":")[0]).is_file()
+
+
+@pytest.mark.parametrize("home", [None, "", "not-a-checkout"])
+def test_the_pull_step_fails_naming_nimflow_home_when_it_is_not_a_checkout(
+    home: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clear failure before any flow code runs, never a run in whatever directory the worker chose."""
+    from prefect.deployments.steps.core import StepExecutionError
+
+    from nimflow.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    if home is None:
+        monkeypatch.delenv("NIMFLOW_HOME", raising=False)
+    else:
+        (tmp_path / "not-a-checkout").mkdir()
+        monkeypatch.setenv("NIMFLOW_HOME", home and str(tmp_path / home))
+    with pytest.raises(StepExecutionError) as failed:
+        _run_pull_steps()
+    cause = failed.value.__cause__
+    assert isinstance(cause, ConfigError), cause  # Prefect logs str(cause) to the flow run
+    assert "NIMFLOW_HOME" in str(cause)
+    assert ("not set" in str(cause)) if not home else ("is not a nimflow checkout (no prefect.yaml, flows there)" in str(cause))
+    assert Path.cwd() == tmp_path.resolve()
+
+
+def test_gpu_hosts_name_their_count_and_optionally_their_pool() -> None:
+    """`--gpu-host NAME=COUNT[@POOL]`: the pool a host's own reconcile goes to (a pool per GPU type)."""
+    from nimflow.bootstrap import GpuHost, host_reconcile_name, parse_gpu_hosts
+    from nimflow.errors import ConfigError
+
+    hosts = parse_gpu_hosts(["gpu-a=8", " gpu-c = 4 @ nimflow-a100 "])
+    assert hosts == {"gpu-a": GpuHost("gpu-a", 8), "gpu-c": GpuHost("gpu-c", 4, "nimflow-a100")}
+    assert host_reconcile_name("gpu-a") == "reconcile-gpu-a" and "reconcile" in DEPLOYMENTS
+    for bad in ("gpu-a", "gpu-a=0", "=4", "gpu-a=4@", "gpu-a=x@pool"):
+        with pytest.raises(ConfigError, match="NAME=COUNT"):
+            parse_gpu_hosts([bad])
