@@ -57,7 +57,7 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 #: A backstop for a hung run, not a budget: each stage has its own bound (S3 and hub read timeouts, the
 #: build's ``build.timeout_seconds``, default 2 h; ``verify.deadline_seconds``, default 30 min). 12 hours
 #: leaves room for a download of hundreds of GB, a long build and a queue for the spec's slot; a spec
-#: whose build timeout comes near it needs a larger one (docs/design.md, "Readable runs").
+#: whose build timeout comes near it needs a larger one (README, "Reading runs in the UI").
 HOST_MODEL_TIMEOUT_SECONDS = 12 * 3600
 
 
