@@ -66,7 +66,7 @@ def _events(api_url: str, name: str, resource_id: str) -> list[dict[str, Any]]:
 def test_runs_are_named_after_their_spec_and_revision_or_host(
     tmp_path: Path, testbed_env: dict, monkeypatch: pytest.MonkeyPatch, unique: str
 ) -> None:
-    """Failed on old main: the runs were named by Prefect at random (e.g. ``amigurumi-mongoose``)."""
+    """Failed on old main: the runs were named by Prefect at random (``evasive-silkworm``)."""
     monkeypatch.setenv("NIMFLOW_SPECS_DIR", str(tmp_path))  # an empty specs directory: nothing to load or watch
     monkeypatch.setenv("NIMFLOW_HOST_NAME", f"GPU-Host_{unique}")
 
@@ -102,8 +102,10 @@ def test_a_promoted_rollout_emits_an_event_and_keys_its_artifacts_by_spec(
     tmp_path: Path, testbed_env: dict, prefect_api: str, monkeypatch: pytest.MonkeyPatch, hub: Any, standin_image: str,
     unique: str, cleanup_containers: list,
 ) -> None:
-    """Failed on old main: no ``nimflow.endpoint.promoted`` event was stored; the progress artifacts were
-    keyed ``nimflow-download`` / ``nimflow-build`` / ``nimflow-upload`` for every model; the run had a random name."""
+    """Failed on old main (its flows and modules checked out under this test): the run had a random name
+    (``crazy-mackerel``); with that assertion skipped, the progress artifacts were keyed ``nimflow-download`` /
+    ``nimflow-build`` / ``nimflow-upload`` as for every model, and no ``nimflow.endpoint.promoted`` event
+    reached the API within the 60 s bound."""
     name, repo = f"promo-{unique}", f"org/tiny-{unique}"
     sha = publish_tiny(hub, repo, tmp_path)
     specs = tmp_path / "specs"
@@ -134,7 +136,8 @@ def test_a_promoted_rollout_emits_an_event_and_keys_its_artifacts_by_spec(
 
 def test_a_reconcile_run_is_named_and_reports_per_host(testbed_env: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                         docker_client: Any, unique: str) -> None:
-    """Failed on old main: a random run name, and the report keyed ``nimflow-reconcile`` on every host."""
+    """Failed on old main: a random run name (``musical-dugong``); its report was keyed ``nimflow-reconcile``
+    on every host."""
     monkeypatch.setenv("NIMFLOW_SPECS_DIR", str(tmp_path))
     monkeypatch.setenv("NIMFLOW_HOST_NAME", f"rack7.gpu{unique}")
     state = reconcile(heal=False, return_state=True)
