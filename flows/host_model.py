@@ -24,9 +24,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from nimflow import log_filter
+from nimflow.endpoint_events import emit_promoted
+from nimflow.progress import artifacts_for
 from nimflow.records import HostingRecord
 from nimflow.retries import with_current_retries
+from nimflow.run_names import host_model_run_name
 from nimflow.run_parameters import (
+    NO_OVERRIDES,
     CheckpointUri,
     EventCheckpointUri,
     EventRevision,
@@ -50,12 +54,20 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = round(time.monotonic() - started, 3)
 
 
-@flow(name="host_model", log_prints=False)
+#: A backstop for a hung run, not a budget: each stage has its own bound (S3 and hub read timeouts, the
+#: build's ``build.timeout_seconds``, default 2 h; ``verify.deadline_seconds``, default 30 min). 12 hours
+#: leaves room for a download of hundreds of GB, a long build and a queue for the spec's slot; a spec
+#: whose build timeout comes near it needs a larger one (README, "Reading runs in the UI").
+HOST_MODEL_TIMEOUT_SECONDS = 12 * 3600
+
+
+@flow(name="host_model", log_prints=False, flow_run_name=host_model_run_name,
+      timeout_seconds=HOST_MODEL_TIMEOUT_SECONDS)
 def host_model(
     spec: SpecName,
-    revision: Revision = None,
-    checkpoint_uri: CheckpointUri = None,
-    overrides: RunOverrides = None,
+    revision: Revision = "",
+    checkpoint_uri: CheckpointUri = "",
+    overrides: RunOverrides = NO_OVERRIDES,
 ) -> dict:
     """Host the model described by a hosting spec and return where it is served.
 
@@ -67,9 +79,12 @@ def host_model(
 
     Args:
         spec: the spec's name in the specs directory, or (Python, CLI) a path to a `.yaml` spec.
-        revision: overrides ``source.revision`` (e.g. the commit a checkpoint event names).
-        checkpoint_uri: overrides ``finetune.path`` (a checkpoint an event names); the spec needs `finetune`.
+        revision: overrides ``source.revision`` (e.g. the commit a checkpoint event names); empty: the spec's.
+        checkpoint_uri: overrides ``finetune.path`` (a checkpoint an event names); the spec needs `finetune`;
+            empty: the spec's.
         overrides: rollout strategy, verify deadline, force; for this run only.
+
+    The run is named ``<spec>@<revision>`` (:func:`nimflow.run_names.model_run_name`).
 
     Raises:
         ConfigError: the spec or a parameter is invalid (before anything is downloaded or started).
@@ -80,10 +95,12 @@ def host_model(
     with one_run_per_spec(resolved.name), host_gpu_slots(resolved) as slots:
         if slots:
             get_run_logger().info("Holding %d GPU slot(s) of this host (%s)", slots, gpu_limit_name(get_settings().host_name))
-        return _host(resolved)
+        with artifacts_for(resolved.name):  # progress artifacts keyed by the spec: nimflow-download-<name>
+            return _host(resolved)
 
 
-@flow(name="host_model", log_prints=False)
+@flow(name="host_model", log_prints=False, flow_run_name=host_model_run_name,
+      timeout_seconds=HOST_MODEL_TIMEOUT_SECONDS)
 def host_on_checkpoint(
     spec: EventSpecName,
     revision: EventRevision = None,
@@ -98,7 +115,7 @@ def host_on_checkpoint(
     Raises:
         ConfigError: as :func:`host_model`.
     """
-    return host_model.fn(spec, revision=revision, checkpoint_uri=checkpoint_uri)
+    return host_model.fn(spec, revision=revision or "", checkpoint_uri=checkpoint_uri or "")
 
 
 def _started_by_deployment() -> bool:
@@ -191,6 +208,8 @@ def _host(spec: HostingSpec) -> dict:
         transfers=[t for t in (checkpoint and checkpoint.transfer, engine and engine.transfer, published and published.transfer) if t],
     )
     create_markdown_artifact(markdown=render_record(record), key=f"host-model-{spec.name}", description="Hosted endpoint")
+    if not record.unchanged:
+        emit_promoted(record)  # nimflow.endpoint.promoted: for automations downstream (notifications, evals)
     get_run_logger().info("%s serves %s at %s", spec.name, record.served_model_name, record.endpoint)
     return record.model_dump()
 

@@ -18,9 +18,21 @@ from nimflow.deployments_admin import DeploymentStatus, deployment_status
 from nimflow.engine_use import record_in_use
 from nimflow.errors import ConfigError, NimflowError
 from nimflow.reconcile import HealResult, as_table, health_problem, reconcile_deployments, refresh_in_use
+from nimflow.run_names import artifact_key, reconcile_run_name
+from nimflow.settings import get_settings
 from nimflow.spec_registry import load_named_spec, spec_names
 
+#: The report's key without the host: ``nimflow-reconcile-<host>`` (:func:`report_key`).
 ARTIFACT_KEY = "nimflow-reconcile"
+
+#: A backstop for a hung pass. A pass checks each deployment in seconds, but a heal is a host_model run
+#: (hours, bounded by its own timeout); one heal fits, and what a cut-short pass left is the next one's.
+RECONCILE_TIMEOUT_SECONDS = 12 * 3600
+
+
+def report_key(host: str) -> str:
+    """The reconcile report's artifact key on ``host``: one per host, so hosts do not overwrite each other's."""
+    return artifact_key(ARTIFACT_KEY, host)
 
 
 def _heal(name: str) -> HealResult:
@@ -49,7 +61,7 @@ def _recheck(name: str) -> str | None:
     return health_problem(found[0]) if found else "no containers left"
 
 
-@flow(name="reconcile", log_prints=False)
+@flow(name="reconcile", log_prints=False, flow_run_name=reconcile_run_name, timeout_seconds=RECONCILE_TIMEOUT_SECONDS)
 def reconcile(heal: bool = True) -> list[dict[str, str]]:
     """Check every nimflow deployment on this Docker host and heal the unhealthy ones; return the table.
 
@@ -72,7 +84,8 @@ def reconcile(heal: bool = True) -> list[dict[str, str]]:
     for finding in findings:
         log.info("%s: %s; %s: %s", finding.name, finding.state, finding.action, finding.result)
     table = as_table(findings)
-    create_table_artifact(table=table, key=ARTIFACT_KEY, description="nimflow deployments on this Docker host: health and healing")
+    create_table_artifact(table=table, key=report_key(get_settings().host_name),
+                          description="nimflow deployments on this Docker host: health and healing")
     failed = [f for f in findings if f.failed]
     if failed:
         raise NimflowError("reconcile could not heal " + "; ".join(f"{f.name}: {f.result}" for f in failed))

@@ -13,10 +13,15 @@ from prefect.artifacts import create_markdown_artifact
 
 from nimflow.checkpoint_watch import render_markdown, watch_specs
 from nimflow.errors import NimflowError
+from nimflow.run_names import watcher_run_name
 from nimflow.spec_registry import load_named_spec, spec_names
 
+#: A pass lists refs and prefixes and emits events: minutes at most. Bounded, so a pass hung on a
+#: silent endpoint ends (failed, naming the timeout) and the next scheduled one runs.
+WATCH_TIMEOUT_SECONDS = 15 * 60
 
-@flow(name="watch_checkpoints", log_prints=False)
+
+@flow(name="watch_checkpoints", log_prints=False, flow_run_name=watcher_run_name, timeout_seconds=WATCH_TIMEOUT_SECONDS)
 def watch_checkpoints(specs: list[str] | None = None) -> dict:
     """Announce the new checkpoints of every watching spec (or of the named ones) and return what was sent.
 

@@ -19,7 +19,7 @@ checkpoints`` (``convert_checkpoint.py``). Every backend runs TensorRT-LLM's bui
 lines serve all three; a build that prints none of them (another NIM version) still gets its
 step, elapsed time and a line every :data:`STILL_RUNNING_SECONDS`, never a made-up percentage.
 
-:func:`build_progress` reports it through :mod:`nimflow.progress` as the ``nimflow-build``
+:func:`build_progress` reports it through :mod:`nimflow.progress` as the ``nimflow-build-<spec>``
 progress artifact and periodic log lines such as::
 
     build engine 3f2a9c1e04b7: trtllm-build, optimizing the engine (TensorRT), rank 2/4 (52%), 6m10s
@@ -193,7 +193,7 @@ class BuildProgress:
 @contextmanager
 def build_progress(subject: str, backend: str, ranks: int, *,
                    interval: float = REPORT_INTERVAL_SECONDS) -> Iterator[BuildProgress]:
-    """Report a build's phase while the block runs (``nimflow-build`` artifact and log lines); 100% once it completes.
+    """Report a build's phase while the block runs (``nimflow-build-<spec>`` artifact and log lines); 100% once it completes.
 
     Yields:
         The tracker: call :meth:`BuildProgress.start_step` as each container starts, pass

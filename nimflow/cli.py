@@ -63,7 +63,7 @@ def _host(spec: str, revision: str | None) -> int:
     from nimflow.flows.host_model import host_model
 
     try:
-        record = host_model(spec=spec, revision=revision)
+        record = host_model(spec=spec, revision=revision or "")
     except NimflowError as exc:
         print(f"nimflow: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED

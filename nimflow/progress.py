@@ -28,6 +28,7 @@ from typing import Any, Protocol, cast
 from uuid import UUID
 
 from nimflow.records import TransferStats
+from nimflow.run_names import artifact_key
 
 #: Seconds between two progress reports (log line and artifact update) of one transfer.
 REPORT_INTERVAL_SECONDS = 5.0
@@ -35,6 +36,29 @@ GIB = 1 << 30
 MIB = 1 << 20
 
 _fallback_logger = logging.getLogger("nimflow.progress")
+
+#: The spec whose run reports progress (see :func:`artifacts_for`); empty outside one.
+_artifact_scope: contextvars.ContextVar[str] = contextvars.ContextVar("nimflow_artifact_scope", default="")
+
+
+@contextmanager
+def artifacts_for(spec_name: str) -> Iterator[None]:
+    """Key the progress artifacts reported in this block by ``spec_name``: ``nimflow-<stage>-<spec_name>``.
+
+    Without it every model's download would be a new version of one ``nimflow-download`` artifact.
+    A context variable: tasks called in the block and the reporter threads (started in a copy of
+    the context) see it; nested blocks (a heal run inside reconcile) restore the outer one after.
+    """
+    token = _artifact_scope.set(spec_name)
+    try:
+        yield
+    finally:
+        _artifact_scope.reset(token)
+
+
+def progress_artifact_key(stage: str) -> str:
+    """The progress artifact's key for ``stage``: ``nimflow-<stage>-<spec>`` in a spec's run, else ``nimflow-<stage>``."""
+    return artifact_key("nimflow", stage, _artifact_scope.get())
 
 
 def _run_logger() -> Any:
@@ -157,7 +181,7 @@ class TransferProgress:
 class Reportable(Protocol):
     """What the reporter needs of a stage's progress; every method is called from the reporter's thread."""
 
-    stage: str  # the artifact's key is nimflow-<stage>
+    stage: str  # the artifact's key is nimflow-<stage>-<spec> (progress_artifact_key)
 
     def line(self) -> str:
         """The concise progress line (log line and artifact description)."""
@@ -205,7 +229,7 @@ class _Reporter:
             # _sync: the blocking call even where an event loop runs (an async flow), never a coroutine.
             if action == "create":
                 created = create_progress_artifact(  # type: ignore[call-arg]  # _sync: see above
-                    progress=value, key=f"nimflow-{self.progress.stage}", description=description, _sync=True
+                    progress=value, key=progress_artifact_key(self.progress.stage), description=description, _sync=True
                 )
                 self.artifact = cast(UUID, created)
             elif self.artifact is not None:
@@ -256,7 +280,8 @@ def transfer_progress(stage: str, subject: str, total_bytes: int, total_files: i
 def reporting(progress: Reportable, interval: float = REPORT_INTERVAL_SECONDS) -> Iterator[None]:
     """Report ``progress`` every ``interval`` seconds while the block runs, and once more if it completes.
 
-    The artifact (``nimflow-<stage>``) is created at once when this runs inside a Prefect run.
+    The artifact (``nimflow-<stage>-<spec>``, :func:`progress_artifact_key`) is created at once when
+    this runs inside a Prefect run.
     A block that raises gets no final report: its error says what happened.
     """
     reporter = _Reporter(progress, interval)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from nimflow.containment import safe_relative
 from nimflow.errors import ConfigError, PermanentError, Problem
@@ -20,23 +20,38 @@ from nimflow.spec_registry import host_overrides, load_named_spec, spec_names
 _CHECKPOINT_SCHEMES = ("s3://", "hf://")
 
 
+def _none_as(default: object) -> BeforeValidator:
+    """Take ``None`` (a Python caller's, or an older client's, "not given") as the field's plain default.
+
+    The UI's form shows a field typed ``X | None`` as a choice of types with a "None" toggle; typed
+    plain (``str`` with default ``""``) it is a plain field with its default. ``None`` still means "not
+    given" to Python callers, and a before-validator leaves the JSON schema as the plain type's.
+    """
+    return BeforeValidator(lambda value: default if value is None else value)
+
+
+#: The rollout strategy override that keeps the spec's ``rollout.strategy``.
+SPEC_STRATEGY: Literal["spec"] = "spec"
+
+
 class Overrides(BaseModel):
-    """Changes for this run only; the spec file is not changed. Empty fields keep the spec's value."""
+    """Changes for this run only; the spec file is not changed. Fields left at their defaults keep the spec's value."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, title="Overrides")
 
-    rollout_strategy: Literal["auto", "blue-green", "recreate"] | None = Field(
-        None,
+    rollout_strategy: Annotated[Literal["spec", "auto", "blue-green", "recreate"], _none_as(SPEC_STRATEGY)] = Field(
+        SPEC_STRATEGY,
         title="Rollout strategy",
         description="Replaces rollout.strategy: `blue-green` starts the new container beside the old one; "
-        "`recreate` stops the old one first; `auto` picks by GPUs. Empty: the spec's strategy.",
+        "`recreate` stops the old one first; `auto` picks by GPUs. `spec`: the spec's strategy.",
     )
-    verify_deadline_seconds: float | None = Field(
-        None,
-        gt=0,
+    verify_deadline_seconds: Annotated[float, _none_as(0.0)] = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
         title="Verify deadline (seconds)",
         description="Replaces verify.deadline_seconds: how long the new NIM may take to become ready. "
-        "Empty: the spec's deadline.",
+        "0: the spec's deadline.",
     )
     force: bool = Field(
         False,
@@ -48,9 +63,9 @@ class Overrides(BaseModel):
     def changes(self) -> dict[str, Any]:
         """The spec fields these overrides replace, by dotted path."""
         changes: dict[str, Any] = {}
-        if self.rollout_strategy is not None:
+        if self.rollout_strategy != SPEC_STRATEGY:
             changes["rollout.strategy"] = self.rollout_strategy
-        if self.verify_deadline_seconds is not None:
+        if self.verify_deadline_seconds:
             changes["verify.deadline_seconds"] = self.verify_deadline_seconds
         if self.force:
             changes["deploy.force"] = True
@@ -255,19 +270,27 @@ SpecName = Annotated[
     _ui("Model", "The hosting spec to run, by its `name`: a YAML file in the specs directory (NIMFLOW_SPECS_DIR, "
         "default `configs/`). From Python or `nimflow host`, a path to a `.yaml` file works too.", **_known_specs()),
 ]
+#: host_model's overrides when none are given: every field keeps the spec's value.
+NO_OVERRIDES = Overrides()
+
+# The optional parameters are plain types with an empty default, so the UI shows plain fields (module
+# `_none_as`); None from a Python caller still means "not given".
 Revision = Annotated[
-    str | None,
+    str,
+    _none_as(""),
     _ui("Revision", "Replaces source.revision: a branch, tag or commit sha (e.g. the commit a checkpoint event "
         "names). Empty: the spec's revision."),
 ]
 CheckpointUri = Annotated[
-    str | None,
+    str,
+    _none_as(""),
     _ui("Fine-tuned checkpoint", "Replaces finetune.path for this run: an s3://bucket/prefix/ or "
         "hf://org/repo@revision checkpoint (e.g. the one a checkpoint event names). Empty: the spec's."),
 ]
 RunOverrides = Annotated[
-    Overrides | None,
-    _ui("Overrides", "Rollout strategy, verify deadline and force, for this run only. Empty: the spec's settings."),
+    Overrides,
+    _none_as(NO_OVERRIDES),
+    _ui("Overrides", "Rollout strategy, verify deadline and force, for this run only. Defaults: the spec's settings."),
 ]
 
 # --- the parameters of the event-triggered deployment (host-on-checkpoint) ------------------------
@@ -286,6 +309,8 @@ EventSpecName = Annotated[
     _ui("Model", "The hosting spec to run, by its `name` (the event's `nimflow.spec` resource label): a YAML "
         "file in the specs directory (NIMFLOW_SPECS_DIR, default `configs/`). Never a path.", **_SPEC_NAME_SCHEMA),
 ]
+# Typed `X | None`, unlike host_model's: the trigger renders a missing event field as null
+# (`default(none)`), which the enforced schema must accept.
 EventRevision = Annotated[
     str | None,
     _ui("Revision", "Replaces source.revision: the commit a checkpoint event names. Empty: the spec's revision.",

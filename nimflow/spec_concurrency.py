@@ -7,7 +7,8 @@ does for any limit), while runs for other specs go ahead.
 Prefect 3.9 does not create a missing limit: the client has no ``create_if_missing`` and the server
 ignores the deprecated body field, and ``concurrency(..., strict=False)`` on a missing limit only logs
 a warning and runs unguarded. So :func:`one_run_per_spec` creates the limit (limit 1) when it is
-missing, then acquires with ``strict=True``, so a limit that still cannot be found fails the run
+missing (it reads it first: a create that meets an existing limit makes the server log an ERROR),
+then acquires with ``strict=True``, so a limit that still cannot be found fails the run
 instead of letting it race. An operator may raise a limit (``prefect gcl update nimflow-spec-NAME
 --limit 2``) or deactivate it; an existing limit is never changed. A slot's lease is renewed while the
 run lives; a crashed run's slot is freed when its lease expires (``lease_seconds``).
@@ -44,10 +45,18 @@ def ensure_spec_limit(spec_name: str) -> str:
     """
     name = spec_limit_name(spec_name)
     with translated_errors(f"creating the Prefect concurrency limit {name}"), get_client(sync_client=True) as client:
+        # Read first: the server logs every refused create (409) as an ERROR, and the limit exists on
+        # every run but a spec's first. Two first runs may both find it missing; the second create's
+        # conflict means the other one made it, which is as good.
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return name  # created before, by an operator or an earlier run: kept as it is
+        except ObjectNotFound:
+            pass
         try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         except ObjectAlreadyExists:
-            pass  # created before, by an operator or another run: kept as it is
+            pass  # created meanwhile by a concurrent run
     return name
 
 

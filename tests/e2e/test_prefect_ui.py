@@ -15,7 +15,7 @@ the server answers that request ``503 Service Unavailable`` ("retryable": Prefec
 it shows "Something went wrong trying to create a flow run" / "Oops. Something went wrong." and
 stays on the form. That is the test bed's database, not nimflow's deployment or parameters (a
 production server runs on PostgreSQL: docs/fleet.md), so the test presses Submit again, as a person
-would, only while the API has no run of that name. Any other failed request (a 4xx, a 500) is a
+would, only while the API has no new run of host-model. Any other failed request (a 4xx, a 500) is a
 real error and fails the test.
 """
 
@@ -203,7 +203,10 @@ def test_custom_run_from_the_ui_completes(e2e: E2E, browser: Any) -> None:
         run_name = browser.find_element(By.CSS_SELECTOR, ".flow-run-name-input input").get_attribute("value")
         assert run_name, "the form has no run name"
         browser.save_screenshot(str(recorder.out / "prefect-ui-custom-run-form.png"))
-        _submit(browser, recorder, e2e, run_name)
+        # The run is found as the one new run of host-model: the flow renames it when it starts
+        # (`<spec>@<revision>`, nimflow.run_names), so the form's name identifies it only until then.
+        earlier = {r.id for r in e2e.flow_runs("host-model")}
+        _submit(browser, recorder, e2e, earlier)
     except Exception as exc:
         recorder.save("failure", e2e)
         raise AssertionError(f"the UI run failed: {exc}\n{recorder.summary()}") from exc
@@ -212,24 +215,26 @@ def test_custom_run_from_the_ui_completes(e2e: E2E, browser: Any) -> None:
     # error of the deployment or its parameters (the UI shows it as a toast).
     assert recorder.api_failures() == [], recorder.summary()
 
-    runs = wait_for(f"the UI's flow run {run_name!r}",
-                    lambda: [r for r in e2e.flow_runs("host-model") if r.name == run_name], timeout=UI_WAIT)
+    runs = wait_for(f"the UI's flow run (form name {run_name!r})",
+                    lambda: [r for r in e2e.flow_runs("host-model") if r.id not in earlier], timeout=UI_WAIT)
     assert len(runs) == 1 and runs[0].parameters["spec"] == spec_name, runs
     final = e2e.wait_final(runs[0].id)
+    # Listed under its readable name: the spec's (the form gave no revision), not the form's random one.
+    assert final.name == spec_name, final.name
     assert final.state.is_completed(), f"{final.state}\n{e2e.flow_logs(final.id)[-3000:]}\n{e2e.worker_logs()}"
     assert final.work_queue_name is not None
     record = e2e.record(final.id)
     assert record["endpoint"].startswith("http")
 
 
-def _submit(browser: Any, recorder: UiRecorder, e2e: E2E, run_name: str, attempts: int = 3) -> None:
+def _submit(browser: Any, recorder: UiRecorder, e2e: E2E, earlier: set[Any], attempts: int = 3) -> None:
     """Press Submit until the UI creates the run, as an operator would.
 
     On success the UI leaves the form. When the server answers 503 (module docstring) the UI shows an
     error toast and stays on the form; the toast is recorded and closed before the next press
     (any other failure fails the test afterwards, through ``api_failures``). A press is repeated only
-    while the API has no run of that name, so a second press never makes a second run (the test
-    asserts exactly one).
+    while the API has no new run of host-model (none but the ``earlier`` ids), so a second press never
+    makes a second run (the test asserts exactly one).
     """
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
@@ -250,7 +255,7 @@ def _submit(browser: Any, recorder: UiRecorder, e2e: E2E, run_name: str, attempt
         except TimeoutException:
             recorder.toasts.append(f"(no answer to Submit within {UI_WAIT / 2:g} s)")
         recorder.collect()
-        if any(r.name == run_name for r in e2e.flow_runs("host-model")):
+        if any(r.id not in earlier for r in e2e.flow_runs("host-model")):
             return  # the run exists although the UI did not move on; the test goes on with it
     raise AssertionError(f"the UI did not create the run in {attempts} presses\n"
                          f"--- Prefect server log ---\n{e2e.server_log()}")

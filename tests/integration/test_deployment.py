@@ -51,6 +51,8 @@ def test_deployment_runs_on_a_process_worker(
     # The UI's dropdown: the names in the specs directory when `prefect deploy` ran.
     assert schema["properties"]["spec"]["enum"] == [name]
     assert schema["properties"]["spec"]["title"] == "Model"
+    # Plain fields with defaults (no "None" toggle in the form): an empty revision is the spec's.
+    assert {k: schema["properties"]["revision"][k] for k in ("type", "default")} == {"type": "string", "default": ""}
     run = _prefect("deployment", "run", "host_model/host-model", "--param", f"spec={name}", env=env)
     flow_run_id = next(line.split()[-1] for line in run.stdout.splitlines() if "UUID" in line)
     # The worker, started elsewhere, runs the flows from the checkout its NIMFLOW_HOME names.
@@ -63,3 +65,5 @@ def test_deployment_runs_on_a_process_worker(
         flow_run = client.read_flow_run(flow_run_id)
     assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
     assert flow_run.parameters["spec"] == name
+    # Listed under its readable name (the spec's: the run gave no revision), not a random one.
+    assert flow_run.name == name

@@ -157,10 +157,11 @@ def test_full_flow_builds_once_and_serves(
     # Progress people can watch: one progress artifact per transfer stage and one for the build,
     # each ending at 100%, and the record's throughput per stage (the upload moved exactly the
     # manifest's bytes).
+    # Keyed by the spec: nimflow-<stage>-<spec name>.
     progress = {a.key: a for a in artifacts if a.type == "progress"}
     assert {k: a.data for k, a in progress.items()} == {
-        "nimflow-download": 100.0, "nimflow-build": 100.0, "nimflow-upload": 100.0}, progress
-    assert (progress["nimflow-build"].description or "").startswith(f"build engine {record['engine_key'][:12]}: done (100%)")
+        f"nimflow-download-{name}": 100.0, f"nimflow-build-{name}": 100.0, f"nimflow-upload-{name}": 100.0}, progress
+    assert (progress[f"nimflow-build-{name}"].description or "").startswith(f"build engine {record['engine_key'][:12]}: done (100%)")
     assert f"build engine {record['engine_key'][:12]}: done (100%)" in flow_logs(state.state_details.flow_run_id)
     transfers = {t["stage"]: t for t in record["transfers"]}
     assert set(transfers) == {"download", "upload"}

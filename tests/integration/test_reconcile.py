@@ -10,10 +10,11 @@ from typing import Any
 import httpx
 import pytest
 from nimflow.flows.host_model import host_model
-from nimflow.flows.reconcile import ARTIFACT_KEY, reconcile
+from nimflow.flows.reconcile import reconcile, report_key
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+from nimflow.settings import get_settings
 from tests.conftest import write_spec
 from tests.integration.test_host_model import make_spec, publish_tiny
 
@@ -29,7 +30,7 @@ def _host(spec_path: Path) -> dict[str, Any]:
 def _table(flow_run_id: Any) -> dict[str, dict[str, str]]:
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    (artifact,) = [a for a in artifacts if a.key == ARTIFACT_KEY]
+    (artifact,) = [a for a in artifacts if a.key == report_key(get_settings().host_name)]
     assert artifact.type == "table"
     rows = artifact.data if isinstance(artifact.data, list) else json.loads(artifact.data)
     return {row["name"]: row for row in rows}

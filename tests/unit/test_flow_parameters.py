@@ -66,18 +66,62 @@ def test_the_schema_offers_the_spec_names_with_titles_and_descriptions(tmp_path:
     assert schema["required"] == ["spec"]
     assert props["spec"]["enum"] == ["alpha", "mid", "zeta"]
     assert props["spec"]["title"] == "Model" and "NIMFLOW_SPECS_DIR" in props["spec"]["description"]
-    assert [props[p]["title"] for p in ("revision", "checkpoint_uri", "overrides")] == [
-        "Revision", "Fine-tuned checkpoint", "Overrides"
-    ]
+    assert [props[p]["title"] for p in ("revision", "checkpoint_uri")] == ["Revision", "Fine-tuned checkpoint"]
+    # A `$ref` property keeps no title of its own (pydantic): the form shows the model's.
+    assert props["overrides"].get("title", schema["definitions"]["Overrides"]["title"]) == "Overrides"
     assert all(props[p]["description"] for p in props)
     assert [props[p]["position"] for p in ("spec", "revision", "checkpoint_uri", "overrides")] == [0, 1, 2, 3]
 
     overrides = schema["definitions"]["Overrides"]["properties"]
     assert set(overrides) == {"rollout_strategy", "verify_deadline_seconds", "force"}
-    assert overrides["rollout_strategy"]["anyOf"][0]["enum"] == ["auto", "blue-green", "recreate"]
+    assert overrides["rollout_strategy"]["enum"] == ["spec", "auto", "blue-green", "recreate"]
     assert overrides["verify_deadline_seconds"]["title"] == "Verify deadline (seconds)"
     assert overrides["force"] == {**overrides["force"], "type": "boolean", "default": False}
     assert all(field["description"] for field in overrides.values())
+
+
+def _null_choices(schema: object, where: str = "") -> list[str]:
+    """Where ``schema`` offers a choice of types with ``null`` (the UI's "None" toggle)."""
+    found: list[str] = []
+    if isinstance(schema, dict):
+        for choice in ("anyOf", "oneOf"):
+            if any(option.get("type") == "null" for option in schema.get(choice, [])):
+                found.append(where)
+        if isinstance(schema.get("type"), list) and "null" in schema["type"]:
+            found.append(where)
+        for key, value in schema.items():
+            found += _null_choices(value, f"{where}/{key}")
+    elif isinstance(schema, list):
+        for index, value in enumerate(schema):
+            found += _null_choices(value, f"{where}/{index}")
+    return found
+
+
+def test_the_form_has_plain_fields_with_defaults_and_no_none_toggles(tmp_path: Path) -> None:
+    """The UI renders `str | None` as a choice of types showing `Property is type "None"` (issue 15, item 8).
+
+    Failed on old main: `_null_choices` found /properties/revision, /properties/checkpoint_uri,
+    /properties/overrides and the Overrides fields rollout_strategy and verify_deadline_seconds.
+    """
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(_spec("alpha")))
+    schema = _schema_with_specs_dir(tmp_path)
+    assert _null_choices(schema) == []
+    props = schema["properties"]
+    assert (props["revision"]["type"], props["revision"]["default"]) == ("string", "")
+    assert (props["checkpoint_uri"]["type"], props["checkpoint_uri"]["default"]) == ("string", "")
+    assert props["overrides"]["default"] == {"rollout_strategy": "spec", "verify_deadline_seconds": 0.0, "force": False}
+    overrides = schema["definitions"]["Overrides"]["properties"]
+    assert (overrides["rollout_strategy"]["default"], overrides["verify_deadline_seconds"]["default"]) == ("spec", 0.0)
+
+
+def test_none_from_a_python_caller_still_means_not_given() -> None:
+    from nimflow.flows.host_model import host_model
+
+    params = host_model.validate_parameters({"spec": "alpha", "revision": None, "checkpoint_uri": None, "overrides": None})
+    assert (params["revision"], params["checkpoint_uri"], params["overrides"]) == ("", "", Overrides())
+    assert Overrides(rollout_strategy=None, verify_deadline_seconds=None).changes() == {}  # type: ignore[arg-type]
+    spec = parse_spec(_spec())
+    assert apply_run_parameters(spec, revision="", checkpoint_uri="", overrides=Overrides()) == spec
 
 
 def test_without_a_specs_directory_there_is_no_dropdown_but_the_flow_imports(tmp_path: Path) -> None:
@@ -92,7 +136,7 @@ def test_prefect_accepts_a_path_and_builds_the_overrides_model() -> None:
     assert params["spec"] == "/tmp/x.yaml"
     assert params["overrides"] == Overrides(rollout_strategy="recreate")
     with pytest.raises(Exception, match="verify_deadline_seconds"):
-        host_model.validate_parameters({"spec": "alpha", "overrides": {"verify_deadline_seconds": 0}})
+        host_model.validate_parameters({"spec": "alpha", "overrides": {"verify_deadline_seconds": -1}})
 
 
 # --- what the parameters change -----------------------------------------------------------------
@@ -117,9 +161,11 @@ def test_force_off_keeps_a_spec_that_forces() -> None:
 
 def test_overrides_are_checked_by_pydantic() -> None:
     with pytest.raises(ValidationError, match="rollout_strategy"):
-        Overrides(rollout_strategy="canary")  # type: ignore[arg-type]
+        Overrides(rollout_strategy="canary")
     with pytest.raises(ValidationError, match="verify_deadline_seconds"):
         Overrides(verify_deadline_seconds=-1)
+    with pytest.raises(ValidationError, match="verify_deadline_seconds"):
+        Overrides(verify_deadline_seconds=float("nan"))
 
 
 def test_revision_replaces_the_source_revision() -> None:

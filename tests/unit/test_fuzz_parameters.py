@@ -83,9 +83,9 @@ def test_run_parameters_apply_or_name_the_parameter(spec: HostingSpec, revision:
         assert isinstance(checkpoint_uri, str) and checkpoint_uri.startswith(("s3://", "hf://"))
         assert result.finetune is not None and result.finetune.path == checkpoint_uri.strip()
     if overrides is not None:
-        if overrides.rollout_strategy is not None:
+        if overrides.rollout_strategy != "spec":  # "spec" (the default): the spec's strategy stays
             assert result.rollout.strategy == overrides.rollout_strategy
-        if overrides.verify_deadline_seconds is not None:
+        if overrides.verify_deadline_seconds:  # 0 (the default): the spec's deadline stays
             assert result.verify.deadline_seconds == overrides.verify_deadline_seconds
             assert not math.isnan(result.verify.deadline_seconds)
         assert result.deploy.force == (overrides.force or spec.deploy.force)
