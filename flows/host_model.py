@@ -26,8 +26,9 @@ from prefect.artifacts import create_markdown_artifact
 from nimflow import log_filter
 from nimflow.endpoint_events import emit_promoted
 from nimflow.progress import artifacts_for
-from nimflow.records import HostingRecord
+from nimflow.records import Deployment, HostingRecord
 from nimflow.retries import with_current_retries
+from nimflow.rollout import abort
 from nimflow.run_names import host_model_run_name
 from nimflow.run_parameters import (
     NO_OVERRIDES,
@@ -180,6 +181,12 @@ def _host(spec: HostingSpec) -> dict:
                 # candidate failed; it is logged, and `nimflow status` shows what is left.
                 get_run_logger().error("Undoing the failed rollout of %s failed too: %s", candidate.container_name, cleanup)
             raise
+        except BaseException as interruption:
+            # Cancelled (Prefect's worker sends SIGTERM: TerminationSignal), terminated or interrupted
+            # mid-verification: not an Exception, but the rollout is undone all the same, then the
+            # interruption goes on to the engine, which marks the run Cancelled or Crashed.
+            _undo_interrupted_rollout(candidate, interruption)
+            raise
     with _timed(timings, "switch"):
         deployment = with_current_retries(promote_deployment)(candidate, spec.rollout)
 
@@ -212,6 +219,28 @@ def _host(spec: HostingSpec) -> dict:
         emit_promoted(record)  # nimflow.endpoint.promoted: for automations downstream (notifications, evals)
     get_run_logger().info("%s serves %s at %s", spec.name, record.served_model_name, record.endpoint)
     return record.model_dump()
+
+
+def _undo_interrupted_rollout(candidate: Deployment, interruption: BaseException) -> None:
+    """Remove the candidate of a run interrupted during verification; recreate: start the old backend again.
+
+    Not the ``abort-rollout`` task, and without waiting for the old backend to answer: the process
+    is being torn down (a worker sends SIGKILL 30 s after its SIGTERM), so only the Docker calls that
+    put the endpoint back are made, and no task run is created on an API that may be going away.
+    A failure is logged, never raised over the interruption.
+    """
+    logger = get_run_logger()
+    reason = type(interruption).__name__
+    try:
+        outcome = abort(candidate, wait_for_old=False)
+    except Exception as cleanup:  # noqa: BLE001 - the interruption stays the run's outcome
+        logger.error("Run interrupted (%s) during verification; undoing the rollout of %s failed: %s",
+                     reason, candidate.container_name, cleanup)
+        return
+    done = [f"removed candidate {outcome.removed}"] if outcome.removed else []
+    if outcome.restored:
+        done.append(f"started {outcome.restored} again")
+    logger.warning("Run interrupted (%s) during verification: %s", reason, "; ".join(done) or "nothing to undo")
 
 
 def render_record(record: HostingRecord) -> str:

@@ -7,11 +7,13 @@ In order, each step only creating what is missing (so running it twice changes n
    ``nimflow-gpus-<NAME>`` of COUNT slots each (an existing one is set to COUNT);
 3. the per-spec queueing limits ``nimflow-spec-<name>`` (limit 1) of the specs in the specs directory
    (``host_model`` would create them on its first run; made here so they show in the UI at once);
-4. Secret blocks from ``HF_TOKEN``, ``NGC_API_KEY``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` when
+4. the zombie-run automation (Prefect's documented recipe: a flow run silent for three heartbeats is
+   marked Crashed), created or updated in place by name; a paused one stays paused;
+5. Secret blocks from ``HF_TOKEN``, ``NGC_API_KEY``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` when
    set (see :mod:`nimflow.credentials`; values are never printed);
-5. ``prefect --no-prompt deploy --all`` in the project directory; a redeploy re-activates schedules
+6. ``prefect --no-prompt deploy --all`` in the project directory; a redeploy re-activates schedules
    that were paused, so the schedules paused before (by slug) and paused deployments are paused again;
-6. per ``--gpu-host``, a reconcile of its own: the deployment ``reconcile-<NAME>``, a copy of prefect.yaml's
+7. per ``--gpu-host``, a reconcile of its own: the deployment ``reconcile-<NAME>``, a copy of prefect.yaml's
    ``reconcile`` on the work queue ``<NAME>`` of the host's pool (``@POOL``, else reconcile's), so each
    host's worker (``--work-queue default --work-queue <NAME>``) checks its own Docker host. An existing
    one is brought in line with ``reconcile`` but its schedules are left alone (a paused one stays paused).
@@ -23,6 +25,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -36,8 +39,12 @@ from prefect.client.schemas.actions import (
     WorkPoolCreate,
 )
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, get_current_settings
 from prefect.workers.process import ProcessWorker
 
 from nimflow import bounded_yaml
@@ -305,6 +312,64 @@ def reconcile_per_host(client: SyncPrefectClient, hosts: list[GpuHost], report: 
         report.add("deployment", name, ensure_host_reconcile(client, template, host, flow_name))
 
 
+#: The zombie-run automation's name: bootstrap finds it by this name and updates it in place.
+ZOMBIE_AUTOMATION_NAME = "nimflow: crash zombie flow runs"
+#: How many heartbeat periods a run may stay silent before it is marked Crashed.
+MISSED_HEARTBEATS = 3
+
+
+def zombie_run_automation(heartbeat_seconds: int, *, enabled: bool = True) -> AutomationCore:
+    """Prefect's documented "crash zombie flows" automation: a flow run that sent a heartbeat and then
+    neither another one nor a final state for ``MISSED_HEARTBEATS`` heartbeat periods is marked Crashed.
+
+    A run whose host died (or whose process was SIGKILLed) otherwise stays Running for good, holding
+    its place in the UI and, for nimflow, its build container (see
+    :func:`nimflow.engine_build.remove_orphaned_build_containers`).
+    """
+    return AutomationCore(
+        name=ZOMBIE_AUTOMATION_NAME,
+        description=(f"Created by `nimflow bootstrap`: a flow run silent for {MISSED_HEARTBEATS} heartbeats "
+                     f"({heartbeat_seconds}s each, PREFECT_FLOWS_HEARTBEAT_FREQUENCY) is marked Crashed."),
+        enabled=enabled,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=MISSED_HEARTBEATS * heartbeat_seconds),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message="Marked Crashed by nimflow's zombie-run automation: no heartbeat")],
+    )
+
+
+def ensure_zombie_run_automation(client: SyncPrefectClient) -> str:
+    """Create the zombie-run automation, or bring it in line in place: ``created``, ``updated``, ``kept``
+    (``kept paused``), or ``skipped (...)`` when heartbeats are off.
+
+    Updated in place (never deleted and recreated), and an automation paused by the user stays paused.
+    """
+    heartbeat_seconds = get_current_settings().flows.heartbeat_frequency
+    if heartbeat_seconds is None:
+        return "skipped (PREFECT_FLOWS_HEARTBEAT_FREQUENCY is off: flow runs send no heartbeat to watch)"
+    existing = client.read_automations_by_name(ZOMBIE_AUTOMATION_NAME)
+    if not existing:
+        client.create_automation(zombie_run_automation(heartbeat_seconds))
+        return "created"
+    current = existing[0]  # newest first; nimflow only ever makes one
+    wanted = zombie_run_automation(heartbeat_seconds, enabled=current.enabled)
+    same = (current.description == wanted.description
+            and current.trigger.model_dump(exclude={"id"}) == wanted.trigger.model_dump(exclude={"id"})
+            and [a.model_dump() for a in current.actions] == [a.model_dump() for a in wanted.actions])
+    if same:
+        return "kept" if current.enabled else "kept paused"
+    client.update_automation(current.id, wanted)  # `enabled` is sent as it was: a paused one stays paused
+    return "updated"
+
+
 def run_prefect_deploy(project_dir: Path, api_url: str) -> str:
     """``prefect --no-prompt deploy --all`` in ``project_dir``; return its output.
 
@@ -359,6 +424,7 @@ def bootstrap(
             names = []
         for name in names:
             report.add("spec limit", spec_limit_name(name), ensure_limit(client, spec_limit_name(name), 1, update=False))
+        report.add("automation", ZOMBIE_AUTOMATION_NAME, ensure_zombie_run_automation(client))
     settings = get_settings()
     with translated_errors("saving Secret blocks"):
         saved = save_secrets({

@@ -252,7 +252,7 @@ def start_container(client: docker.DockerClient, image: str, *, name: str, **opt
     container = client.containers.create(image, name=name, detach=True, **options)
     try:
         container.start()
-    except Exception:
+    except BaseException:  # a cancellation (SIGTERM) mid-start too: no husk is left behind
         remove_container_quietly(client, container.id)
         raise
     return str(container.id)

@@ -479,7 +479,7 @@ def start_candidate(
                     ROUTE_DIR_LABEL: str(directory),
                 },
             )
-        except Exception:
+        except BaseException:  # a cancellation (SIGTERM) here too: the stopped old backend must not stay down
             if stopped_old and active is not None:
                 start_existing(client, active.id)  # the old one serves again; the start error is the news
             raise
@@ -590,12 +590,13 @@ class Abort:
     restored: str | None = None
 
 
-def abort(deployment: Deployment, *, deadline_seconds: float = 600.0) -> Abort:
+def abort(deployment: Deployment, *, deadline_seconds: float = 600.0, wait_for_old: bool = True) -> Abort:
     """Undo a candidate that failed verification; the route was never switched to it.
 
     The candidate is removed (verification already reported its logs). A reused deployment is
     the serving one and is left alone. For recreate, the stopped old backend is started again and
-    checked (ready, and /v1/models lists its model) through its own port.
+    checked (ready, and /v1/models lists its model) through its own port; with ``wait_for_old``
+    false (a run being cancelled, with seconds left), it is only started.
 
     Raises:
         DeploymentError: the old backend could not be brought back (the endpoint is down; the
@@ -620,6 +621,8 @@ def abort(deployment: Deployment, *, deadline_seconds: float = 600.0) -> Abort:
                 f"({deployment.previous_container_id[:12]}) is gone; fix the new version and run nimflow again"
             )
         start_existing(client, old.id)
+    if not wait_for_old:
+        return Abort(removed=removed, restored=old.name)
     try:
         with daemon_errors(f"restarting {old.name}"):
             endpoint = url(*_published_on(client, old.id))

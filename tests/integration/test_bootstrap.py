@@ -151,3 +151,53 @@ def test_bootstrap_without_an_api_url_says_so(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "nimflow bootstrap: PREFECT_API_URL: not set; point it at your Prefect server (e.g. export PREFECT_API_URL=http://prefect:4200/api)"
     ]
+
+
+def test_bootstrap_creates_the_zombie_run_automation_once_and_keeps_it_paused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], prefect_api: str,
+) -> None:
+    """Prefect's documented zombie-run automation (no heartbeat -> Crashed) is created once, repaired in
+    place when changed by hand, and a pause by the user survives later bootstraps.
+
+    On old main (checked with nimflow/bootstrap.py of main) bootstrap made no automation: its output had
+    no ``nimflow: crash zombie flow runs: created`` line.
+    """
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, Posture
+    from prefect.settings import get_current_settings
+
+    from nimflow.bootstrap import MISSED_HEARTBEATS, ZOMBIE_AUTOMATION_NAME
+
+    monkeypatch.chdir(REPO_ROOT)
+    heartbeat_seconds = get_current_settings().flows.heartbeat_frequency
+    assert heartbeat_seconds  # heartbeats are on by default
+    with get_client(sync_client=True) as client:  # the server is shared: start from none
+        for automation in client.read_automations_by_name(ZOMBIE_AUTOMATION_NAME):
+            client.delete_automation(automation.id)
+
+    def automations() -> list[Any]:
+        with get_client(sync_client=True) as client:
+            return client.read_automations_by_name(ZOMBIE_AUTOMATION_NAME)
+
+    first = _bootstrap(capsys, "--no-deploy")
+    assert f"{ZOMBIE_AUTOMATION_NAME}: created" in first, first
+    (automation,) = automations()
+    trigger = automation.trigger
+    assert automation.enabled and trigger.posture == Posture.Proactive and trigger.after == {"prefect.flow-run.heartbeat"}
+    assert trigger.within.total_seconds() == MISSED_HEARTBEATS * heartbeat_seconds and trigger.for_each == {"prefect.resource.id"}
+    assert {"prefect.flow-run.Completed", "prefect.flow-run.Crashed"} <= trigger.expect
+    (action,) = automation.actions
+    assert isinstance(action, ChangeFlowRunState) and action.state.value == "CRASHED"
+
+    assert f"{ZOMBIE_AUTOMATION_NAME}: kept" in _bootstrap(capsys, "--no-deploy")
+
+    # The user pauses it and someone edits its window by hand: bootstrap repairs it in place, still paused.
+    edited = AutomationCore(name=automation.name, description=automation.description, enabled=False,
+                            trigger=trigger.model_copy(update={"within": trigger.within * 10}), actions=automation.actions)
+    with get_client(sync_client=True) as client:
+        client.update_automation(automation.id, edited)
+    assert f"{ZOMBIE_AUTOMATION_NAME}: updated" in _bootstrap(capsys, "--no-deploy")
+    assert f"{ZOMBIE_AUTOMATION_NAME}: kept paused" in _bootstrap(capsys, "--no-deploy")
+    (after,) = automations()
+    assert after.id == automation.id and not after.enabled
+    assert after.trigger.within.total_seconds() == MISSED_HEARTBEATS * heartbeat_seconds
