@@ -273,7 +273,9 @@ def test_flow_killed_mid_upload_leaves_nothing_visible_and_a_rerun_publishes_onc
 ) -> None:
     key = engine_key(unique, "sigkill")
     engine = engine_dir(tmp_path, key, {"rank0.engine": 4 * MIB, "rank1.engine": 3 * MIB})
-    cache = CacheSpec(uri=f"s3://{ENGINE_BUCKET}/sigkill-{unique}")
+    # The killed run holds the key's lease (every upload does) and cannot release it: the rerun takes it
+    # over once it lapses, so a short TTL keeps that wait short.
+    cache = CacheSpec(uri=f"s3://{ENGINE_BUCKET}/sigkill-{unique}", build_lease_seconds=4)
     manifest = read_local_manifest(Path(engine.path))
     assert manifest is not None
     prefix = upload_prefix(f"sigkill-{unique}/{key}", manifest)
