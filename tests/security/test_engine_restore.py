@@ -3,7 +3,7 @@
 Whoever can write the engine store can publish a manifest for any key. Each hostile manifest is
 planted in the test bed's S3 under the key a spec needs (computed as ``nimflow plan`` does), then
 the spec is hosted: ``nimflow host`` as a subprocess, or the ``host_model`` flow. The run must be
-refused with an ``EngineStoreError`` naming the store URI and the offending entry, write nothing
+refused with a ``ManifestRefused`` (an ``EngineStoreError``) naming the store URI and the offending entry, write nothing
 outside the restore directory (the escape targets and the parent directories are checked), and
 leave no engine published on this host.
 
@@ -82,7 +82,7 @@ def test_manifest_entry_with_dotdot_is_refused(
 
     line = refusal_line(nimflow_host(write_spec(tmp_path / "spec.yaml", spec), {**testbed_env, "PREFECT_API_URL": prefect_api}))
 
-    assert "EngineStoreError" in line and uri in line and repr(hostile) in line, line
+    assert "ManifestRefused" in line and uri in line and repr(hostile) in line, line  # an EngineStoreError
     cache_dir = Path(spec["deploy"]["cache_dir"])
     assert_nothing_escaped(tmp_path, cache_dir, [tmp_path / f"escaped-{unique}.py"], marker)
     assert not local_engine_path(cache_dir, key).exists()
