@@ -34,8 +34,6 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import (
     DeploymentScheduleCreate,
     DeploymentUpdate,
-    GlobalConcurrencyLimitCreate,
-    GlobalConcurrencyLimitUpdate,
     WorkPoolCreate,
 )
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
@@ -52,7 +50,7 @@ from nimflow.credentials import save_secrets
 from nimflow.errors import ConfigError, PermanentError, Problem, translated_errors
 from nimflow.redaction import redact_url
 from nimflow.settings import get_settings
-from nimflow.spec_concurrency import gpu_limit_name, spec_limit_name
+from nimflow.spec_concurrency import ensure_limit, gpu_limit_name, spec_limit_name
 from nimflow.spec_registry import spec_names
 
 #: How long ``prefect deploy --all`` may take (it imports every flow).
@@ -160,23 +158,6 @@ def ensure_process_pool(client: SyncPrefectClient, name: str) -> str:
     template = ProcessWorker.get_default_base_job_template()
     client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
     return "created"
-
-
-def ensure_limit(client: SyncPrefectClient, name: str, limit: int, *, update: bool) -> str:
-    """Create the global concurrency limit ``name`` unless it exists.
-
-    With ``update``, an existing limit with another value is set to ``limit`` (``updated``); without,
-    it is left as the operator set it (``kept``).
-    """
-    try:
-        current = client.read_global_concurrency_limit_by_name(name)
-    except ObjectNotFound:
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
-        return "created"
-    if update and current.limit != limit:
-        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
-        return "updated"
-    return "kept"
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
@@ -37,6 +37,28 @@ def spec_limit_name(spec_name: str) -> str:
     return f"nimflow-spec-{spec_name}"
 
 
+def ensure_limit(client: SyncPrefectClient, name: str, limit: int, *, update: bool) -> str:
+    """Create the global concurrency limit ``name`` unless it exists: ``created``, ``updated`` or ``kept``.
+
+    Read first: the server logs every refused create (409) as an ERROR, and the limit exists on
+    every call but the first. Two first callers may both find it missing; the second create's
+    conflict means the other one made it, which is as good. With ``update``, an existing limit with
+    another value is set to ``limit``; without, it is left as the operator set it.
+    """
+    try:
+        current = client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+        except ObjectAlreadyExists:
+            return "kept"  # created meanwhile by a concurrent caller
+        return "created"
+    if update and current.limit != limit:
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
+        return "updated"
+    return "kept"
+
+
 def ensure_spec_limit(spec_name: str) -> str:
     """Create the spec's concurrency limit (limit 1) unless it exists; return its name.
 
@@ -45,18 +67,7 @@ def ensure_spec_limit(spec_name: str) -> str:
     """
     name = spec_limit_name(spec_name)
     with translated_errors(f"creating the Prefect concurrency limit {name}"), get_client(sync_client=True) as client:
-        # Read first: the server logs every refused create (409) as an ERROR, and the limit exists on
-        # every run but a spec's first. Two first runs may both find it missing; the second create's
-        # conflict means the other one made it, which is as good.
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-            return name  # created before, by an operator or an earlier run: kept as it is
-        except ObjectNotFound:
-            pass
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
-            pass  # created meanwhile by a concurrent run
+        ensure_limit(client, name, 1, update=False)  # an operator's setting is kept
     return name
 
 
