@@ -104,8 +104,8 @@ def host_model(
       timeout_seconds=HOST_MODEL_TIMEOUT_SECONDS)
 def host_on_checkpoint(
     spec: EventSpecName,
-    revision: EventRevision = None,
-    checkpoint_uri: EventCheckpointUri = None,
+    revision: EventRevision = "",
+    checkpoint_uri: EventCheckpointUri = "",
 ) -> dict:
     """``host_model`` as the checkpoint trigger runs it: the same flow, with a parameter schema Prefect can enforce.
 
@@ -116,7 +116,7 @@ def host_on_checkpoint(
     Raises:
         ConfigError: as :func:`host_model`.
     """
-    return host_model.fn(spec, revision=revision or "", checkpoint_uri=checkpoint_uri or "")
+    return host_model.fn(spec, revision=revision, checkpoint_uri=checkpoint_uri)
 
 
 def _started_by_deployment() -> bool:

@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from nimflow.checkpoint_watch import render_markdown, watch_specs
 from nimflow.errors import NimflowError
 from nimflow.run_names import watcher_run_name
+from nimflow.run_parameters import WatchedSpecs
 from nimflow.spec_registry import load_named_spec, spec_names
 
 #: A pass lists refs and prefixes and emits events: minutes at most. Bounded, so a pass hung on a
@@ -22,19 +23,19 @@ WATCH_TIMEOUT_SECONDS = 15 * 60
 
 
 @flow(name="watch_checkpoints", log_prints=False, flow_run_name=watcher_run_name, timeout_seconds=WATCH_TIMEOUT_SECONDS)
-def watch_checkpoints(specs: list[str] | None = None) -> dict:
+def watch_checkpoints(specs: WatchedSpecs = ()) -> dict:
     """Announce the new checkpoints of every watching spec (or of the named ones) and return what was sent.
 
     Args:
         specs: spec names (their ``name`` field) in the specs directory; all specs with a ``watch``
-            section when absent.
+            section when empty.
 
     Raises:
         ConfigError: a named spec does not exist.
         NimflowError: a spec's pass failed (after the other specs' passes ran and announced theirs).
     """
     log = get_run_logger()
-    names = specs if specs else spec_names()
+    names = list(specs) if specs else spec_names()
     loaded = {name: load_named_spec(name) for name in names}
     watching = {name: spec for name, spec in loaded.items() if spec.watch is not None}
     report = watch_specs(watching)

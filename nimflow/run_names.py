@@ -113,7 +113,7 @@ def watcher_run_name() -> str:
     """``watch-checkpoints-<host>``, or ``watch-checkpoints-<spec>,…`` for a pass over named specs."""
     try:
         specs = _parameters().get("specs")
-        if isinstance(specs, list) and specs:
+        if isinstance(specs, (list, tuple)) and specs:
             return "watch-checkpoints-" + _short(",".join(str(s) for s in specs))
         return f"watch-checkpoints-{_host()}"
     except Exception:  # noqa: BLE001 - a name is never worth a crashed run

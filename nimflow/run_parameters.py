@@ -309,16 +309,31 @@ EventSpecName = Annotated[
     _ui("Model", "The hosting spec to run, by its `name` (the event's `nimflow.spec` resource label): a YAML "
         "file in the specs directory (NIMFLOW_SPECS_DIR, default `configs/`). Never a path.", **_SPEC_NAME_SCHEMA),
 ]
-# Typed `X | None`, unlike host_model's: the trigger renders a missing event field as null
-# (`default(none)`), which the enforced schema must accept.
+# Plain `str` with an empty default, as host_model's: the trigger renders a missing event field as ""
+# (`default('')`), and the enforced schema's patterns accept "" (the UI form shows plain fields, no
+# "None" toggles). None from a Python caller, or from an automation made before this, still means "not given".
 EventRevision = Annotated[
-    str | None,
+    str,
+    _none_as(""),
     _ui("Revision", "Replaces source.revision: the commit a checkpoint event names. Empty: the spec's revision.",
         maxLength=255),
 ]
 EventCheckpointUri = Annotated[
-    str | None,
+    str,
+    _none_as(""),
     _ui("Fine-tuned checkpoint", "Replaces finetune.path for this run: an s3:// checkpoint directory under the "
         "spec's watch.s3_prefix (the one a checkpoint event names). Empty: the spec's.",
-        pattern="^s3://", maxLength=1024),
+        pattern="^(s3://|$)", maxLength=1024),
+]
+
+# --- the checkpoint watcher's parameter -------------------------------------------------------------
+
+#: The watcher's ``specs`` as a plain list field (no "None" toggle): empty means every spec with a
+#: ``watch`` section. A tuple, so the default is immutable (one default object serves every call);
+#: the schema is an array of strings either way, and Prefect passes a given list through as a tuple.
+WatchedSpecs = Annotated[
+    tuple[str, ...],
+    _none_as(()),
+    _ui("Specs", "Spec names (their `name` field) in the specs directory to watch in this pass. "
+        "Empty: every spec with a `watch` section."),
 ]

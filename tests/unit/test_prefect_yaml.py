@@ -99,9 +99,9 @@ def test_checkpoint_trigger_parameters_render_from_a_landed_event() -> None:
     landed = Event(id=ids[0], occurred=now, event="nimflow.checkpoint.landed",
                    resource={"prefect.resource.id": "nimflow.source.hf.org/repo", "nimflow.spec": "llama-sft"},
                    payload={"spec": "llama-sft", "revision": "abc123"})
-    assert render(landed) == {"spec": "llama-sft", "revision": "abc123", "checkpoint_uri": None}
+    assert render(landed) == {"spec": "llama-sft", "revision": "abc123", "checkpoint_uri": ""}
     bare = Event(id=ids[1], occurred=now, event="nimflow.checkpoint.landed", resource={"prefect.resource.id": "nimflow.source.s3.b/p"})
-    assert render(bare) == {"spec": "", "revision": None, "checkpoint_uri": None}
+    assert render(bare) == {"spec": "", "revision": "", "checkpoint_uri": ""}
 
 
 def _server_trigger(deployment: str) -> Any:
@@ -201,14 +201,14 @@ def test_docker_template_renders_gpus_cache_and_specs() -> None:
 
 
 @pytest.mark.parametrize(("parameters", "valid"), [
-    ({"spec": "llama-sft", "revision": "a" * 40, "checkpoint_uri": None}, True),
-    ({"spec": "llama-sft", "revision": None, "checkpoint_uri": "s3://b/runs/c1/"}, True),
-    ({"spec": "a-spec-added-after-deploy", "revision": None, "checkpoint_uri": None}, True),
-    ({"spec": "/etc/nimflow/evil.yaml", "revision": None, "checkpoint_uri": None}, False),
-    ({"spec": "../configs/demo.yaml", "revision": None, "checkpoint_uri": None}, False),
-    ({"spec": "", "revision": None, "checkpoint_uri": None}, False),  # an event without nimflow.spec
-    ({"spec": "llama-sft", "revision": None, "checkpoint_uri": "/data/ckpt"}, False),
-    ({"spec": "llama-sft", "revision": None, "checkpoint_uri": "hf://org/x@v1"}, False),
+    ({"spec": "llama-sft", "revision": "a" * 40, "checkpoint_uri": ""}, True),
+    ({"spec": "llama-sft", "revision": "", "checkpoint_uri": "s3://b/runs/c1/"}, True),
+    ({"spec": "a-spec-added-after-deploy", "revision": "", "checkpoint_uri": ""}, True),
+    ({"spec": "/etc/nimflow/evil.yaml", "revision": "", "checkpoint_uri": ""}, False),
+    ({"spec": "../configs/demo.yaml", "revision": "", "checkpoint_uri": ""}, False),
+    ({"spec": "", "revision": "", "checkpoint_uri": ""}, False),  # an event without nimflow.spec
+    ({"spec": "llama-sft", "revision": "", "checkpoint_uri": "/data/ckpt"}, False),
+    ({"spec": "llama-sft", "revision": "", "checkpoint_uri": "hf://org/x@v1"}, False),
 ])
 def test_the_trigger_deployments_schema_is_enforceable_without_a_list_of_specs(parameters: dict[str, Any], valid: bool) -> None:
     """The server validates a trigger's rendered parameters against the deployment's schema (enforced):
