@@ -1,6 +1,8 @@
 """An operator starts a run from the Prefect UI: Deployments → host-model → Run → Custom run → a spec
-from the dropdown → Submit; the run reaches Completed on a worker. Headless Chromium via Selenium,
-with Debian's browser and driver (nothing is downloaded).
+from the dropdown, a revision typed in → Submit; the run reaches Completed on a worker and is listed
+under its readable name (``<spec>@<revision>``). The custom-run forms of host-model, host-on-checkpoint
+and checkpoint-watcher have plain fields: no "None" toggles, no ``Property is type "None"``. Headless
+Chromium via Selenium, with Debian's browser and driver (nothing is downloaded).
 
 The test acts as a person does on a slow machine: it waits for what it needs to be on screen and
 clickable, gets toasts out of the way before it clicks (they stack in the bottom-right corner, over
@@ -178,15 +180,94 @@ def _click(browser: Any, recorder: UiRecorder, locator: tuple[str, str]) -> None
     raise AssertionError(f"{locator} stayed covered by another element; {recorder.summary()}")
 
 
+#: Deployments whose custom-run form is only looked at (host-model's is filled in and submitted).
+FORMS_ONLY = ("host-on-checkpoint", "checkpoint-watcher")
+
+#: What the UI's schema form shows for a parameter that may be null (Prefect UI's SchemaFormPropertyAnyOf
+#: and SchemaFormPropertyNull): a button group of the union's types, one of them "None", and, while None
+#: is chosen, the text `Property is type "None"`.
+_NONE_TOGGLES = """
+return {
+  none_buttons: Array.from(document.querySelectorAll('[class*="schema-form-property-any-of"] button'))
+    .filter(b => b.innerText.trim() === 'None').length,
+  null_properties: document.querySelectorAll('.schema-form-property-null').length,
+  none_text: document.body.innerText.includes('Property is type "None"'),
+};
+"""
+
+
+def _assert_plain_form(browser: Any, e2e: E2E, deployment: str) -> None:
+    """The custom-run form on screen has every parameter of ``deployment`` and shows no "None" toggle.
+
+    Waits until each parameter's label (its title in the deployment's schema, as the UI reads it) is on
+    screen, so the whole form has rendered before it is looked at.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    schema_of_form = e2e.deployment(deployment).parameter_openapi_schema
+    definitions = schema_of_form.get("definitions", {})
+    for key, schema in schema_of_form["properties"].items():
+        # A grouped parameter (host_model's Overrides) is a $ref: its title is the definition's.
+        referenced = definitions.get(str(schema.get("$ref", "")).rsplit("/", 1)[-1], {})
+        title = schema.get("title") or referenced.get("title") or key
+        WebDriverWait(browser, UI_WAIT).until(
+            ec.presence_of_element_located((By.XPATH, _label(title))), f"{deployment}'s form shows no field titled {title!r}")
+    browser.save_screenshot(str(artifacts_dir() / f"prefect-ui-form-{deployment}.png"))
+    toggles = browser.execute_script(_NONE_TOGGLES)
+    assert toggles == {"none_buttons": 0, "null_properties": 0, "none_text": False}, (
+        f"{deployment}'s run form has None toggles: {toggles}")
+
+
+def _label(title: str) -> str:
+    """XPath of a form field's label: the UI adds ``(Optional)`` to the title of a parameter that is not required."""
+    return (f"//span[contains(@class, 'schema-form-property__label')][normalize-space()={json.dumps(title)} "
+            f"or normalize-space()={json.dumps(title + ' (Optional)')}]")
+
+
+def _open_custom_run_form(browser: Any, recorder: UiRecorder, e2e: E2E, deployment: str) -> None:
+    """The deployment's custom-run page (Run → Custom run), opened by its address."""
+    browser.get(f"{e2e.ui_url}/deployments/deployment/{e2e.deployment(deployment).id}/run")
+    recorder.collect()
+
+
+def _listed_in_the_ui(browser: Any, e2e: E2E, run_name: str) -> bool:
+    """The flow runs page lists a run named ``run_name`` (reloaded: the list refreshes on its own only slowly)."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{e2e.ui_url}/runs")
+    try:
+        WebDriverWait(browser, UI_WAIT / 4).until(ec.presence_of_element_located(
+            (By.XPATH, f"//a[normalize-space()={json.dumps(run_name)}]")))
+    except TimeoutException:
+        return False  # not listed yet: the caller polls again
+    return True
+
+
 def test_custom_run_from_the_ui_completes(e2e: E2E, browser: Any) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     spec_name = sorted(e2e.specs)[0]
+    revision = e2e.hub_sha(spec_name)
+    readable_name = f"{spec_name}@{revision[:7]}"  # nimflow.run_names, spelled out here
     wait = WebDriverWait(browser, UI_WAIT)
     recorder = UiRecorder(browser, artifacts_dir())
     try:
+        # Plain fields in every run form. Failed on old main (checked by running this test with main's
+        # flows/, nimflow/run_parameters.py and prefect.yaml): host-on-checkpoint's form had "None" toggles
+        # for Revision and Fine-tuned checkpoint, each showing `Property is type "None"` ({'none_buttons': 2,
+        # 'none_text': True, 'null_properties': 2}); the watcher's `specs` (anyOf array/null there) is not
+        # reached then, tests/unit/test_parameter_forms.py shows it.
+        for deployment in FORMS_ONLY:
+            _open_custom_run_form(browser, recorder, e2e, deployment)
+            _assert_plain_form(browser, e2e, deployment)
+
         browser.get(f"{e2e.ui_url}/deployments")
         _click(browser, recorder, (By.XPATH, "//a[contains(@href, '/deployments/deployment/')][normalize-space()='host-model']"))
         _click(browser, recorder, (By.XPATH, "//button[normalize-space()='Run']"))
@@ -200,6 +281,11 @@ def test_custom_run_from_the_ui_completes(e2e: E2E, browser: Any) -> None:
         offered = sorted(o.text.strip() for o in Select(select).options if o.text.strip())
         assert offered == sorted(e2e.specs), f"the dropdown offers {offered}"
         Select(select).select_by_visible_text(spec_name)
+        _assert_plain_form(browser, e2e, "host-model")
+        # Revision is a plain text field (the UI's textarea for a string): typed into, no type to pick first.
+        revision_field = wait.until(ec.element_to_be_clickable((By.XPATH,
+            _label("Revision") + "/ancestor::div[contains(concat(' ', @class, ' '), ' schema-form-property ')][1]//textarea")))
+        revision_field.send_keys(revision)
         run_name = browser.find_element(By.CSS_SELECTOR, ".flow-run-name-input input").get_attribute("value")
         assert run_name, "the form has no run name"
         browser.save_screenshot(str(recorder.out / "prefect-ui-custom-run-form.png"))
@@ -218,13 +304,16 @@ def test_custom_run_from_the_ui_completes(e2e: E2E, browser: Any) -> None:
     runs = wait_for(f"the UI's flow run (form name {run_name!r})",
                     lambda: [r for r in e2e.flow_runs("host-model") if r.id not in earlier], timeout=UI_WAIT)
     assert len(runs) == 1 and runs[0].parameters["spec"] == spec_name, runs
+    assert runs[0].parameters["revision"] == revision, runs[0].parameters
     final = e2e.wait_final(runs[0].id)
-    # Listed under its readable name: the spec's (the form gave no revision), not the form's random one.
-    assert final.name == spec_name, final.name
     assert final.state.is_completed(), f"{final.state}\n{e2e.flow_logs(final.id)[-3000:]}\n{e2e.worker_logs()}"
     assert final.work_queue_name is not None
     record = e2e.record(final.id)
-    assert record["endpoint"].startswith("http")
+    assert record["endpoint"].startswith("http") and record["revision sha"] == revision
+    # Listed under its readable name, not the form's random one: in the API and in the UI's run list.
+    assert final.name == readable_name, final.name
+    wait_for(f"the UI's run list to show {readable_name!r}", lambda: _listed_in_the_ui(browser, e2e, readable_name),
+             timeout=UI_WAIT * 2, every=2.0)
 
 
 def _submit(browser: Any, recorder: UiRecorder, e2e: E2E, earlier: set[Any], attempts: int = 3) -> None:
