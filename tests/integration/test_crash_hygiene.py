@@ -380,3 +380,40 @@ def test_crashed_hook_removes_the_build_container_of_a_killed_run(
 
     left = {c.id for c in docker_client.containers.list(all=True, filters={"label": "nimflow.role=build"})}
     assert orphan.id not in left
+
+
+def test_the_sweep_keeps_live_runs_candidates_and_retired_backends(
+    tmp_path: Path, testbed_env: dict, prefect_api: str, standin_image: str, unique: str, cleanup_containers: list,
+    docker_client: Any,
+) -> None:
+    """Backends of one deployment as runs would have left them (nimflow.rollout's labels), none routed: only
+    the never-promoted candidate of a run that is over goes. A live run's candidate is being verified; a
+    backend promoted once (restart policy ``unless-stopped``) that a later rollout retired may still drain
+    requests; one of another Prefect API belongs to runs this API knows nothing of.
+
+    On old main (ee35de2) there was no sweep of candidates at all (``nimflow.run_leftovers`` did not exist).
+    """
+    from nimflow.run_leftovers import undo_dead_runs
+
+    deployment = f"sweep-{unique}"
+    cleanup_containers.extend(f"nimflow-{deployment}-{kind}" for kind in ("dead", "live", "retired", "foreign"))
+
+    def backend(kind: str, run_id: str, restart: str, api: str = prefect_api) -> str:
+        container = docker_client.containers.run(
+            standin_image, ["/usr/bin/python3", "-c", "import time; time.sleep(3600)"], name=f"nimflow-{deployment}-{kind}",
+            detach=True, restart_policy={"Name": restart},
+            labels={"nimflow.deployment": deployment, "nimflow.role": "serve", "nimflow.container-name": f"nimflow-{deployment}",
+                    "nimflow.route-dir": str(tmp_path / "route"), FLOW_RUN: run_id, PREFECT_API_LABEL: api},
+        )
+        return str(container.id)
+
+    dead = backend("dead", _flow_run(Crashed()), "no")
+    live = backend("live", _flow_run(Running()), "no")
+    retired = backend("retired", _flow_run(Crashed()), "unless-stopped")
+    foreign = backend("foreign", str(uuid.uuid4()), "no", api="http://127.0.0.1:1/api")
+
+    done = undo_dead_runs(docker_client)
+
+    left = {c.id for c in docker_client.containers.list(all=True, filters={"label": f"nimflow.deployment={deployment}"})}
+    assert left == {live, retired, foreign}, done.describe()
+    assert [c for c in done.candidates if deployment in c] == [f"nimflow-{deployment}-dead"]  # other tests' may go too
