@@ -415,5 +415,5 @@ def test_the_sweep_keeps_live_runs_candidates_and_retired_backends(
     done = undo_dead_runs(docker_client)
 
     left = {c.id for c in docker_client.containers.list(all=True, filters={"label": f"nimflow.deployment={deployment}"})}
-    assert left == {live, retired, foreign}, done.describe()
+    assert dead not in left and left == {live, retired, foreign}, done.describe()
     assert [c for c in done.candidates if deployment in c] == [f"nimflow-{deployment}-dead"]  # other tests' may go too
