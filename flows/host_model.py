@@ -17,6 +17,7 @@ from nimflow.tasks.compile import compile_engine
 from nimflow.tasks.deploy import abort_rollout, deploy_nim, deployment_labels, promote_deployment
 from nimflow.tasks.download import download_checkpoint
 from nimflow.tasks.finetune import import_finetune, import_lora, verify_api
+from nimflow.tasks.leftovers import undo_dead_runs_on_host
 from nimflow.tasks.prepare import prepare_serving_image
 from nimflow.tasks.upload import upload_engine
 from nimflow.tasks.verify import verify_endpoint
@@ -29,6 +30,7 @@ from nimflow.progress import artifacts_for
 from nimflow.records import Deployment, HostingRecord
 from nimflow.retries import with_current_retries
 from nimflow.rollout import abort
+from nimflow.run_leftovers import undo_run_hook
 from nimflow.run_names import host_model_run_name
 from nimflow.run_parameters import (
     NO_OVERRIDES,
@@ -63,7 +65,7 @@ HOST_MODEL_TIMEOUT_SECONDS = 12 * 3600
 
 
 @flow(name="host_model", log_prints=False, flow_run_name=host_model_run_name,
-      timeout_seconds=HOST_MODEL_TIMEOUT_SECONDS)
+      timeout_seconds=HOST_MODEL_TIMEOUT_SECONDS, on_crashed=[undo_run_hook], on_cancellation=[undo_run_hook])
 def host_model(
     spec: SpecName,
     revision: Revision = "",
@@ -101,7 +103,7 @@ def host_model(
 
 
 @flow(name="host_model", log_prints=False, flow_run_name=host_model_run_name,
-      timeout_seconds=HOST_MODEL_TIMEOUT_SECONDS)
+      timeout_seconds=HOST_MODEL_TIMEOUT_SECONDS, on_crashed=[undo_run_hook], on_cancellation=[undo_run_hook])
 def host_on_checkpoint(
     spec: EventSpecName,
     revision: EventRevision = "",
@@ -135,6 +137,8 @@ def _host(spec: HostingSpec) -> dict:
     cache_dir = str(Path(spec.deploy.cache_dir).resolve())
     timings: dict[str, float] = {}
     # Tasks are called through with_current_retries: the retry settings of this run, not of the import.
+    # A dead run's build container (on GPUs) or half-done rollout (recreate: a backend stopped) goes first.
+    with_current_retries(undo_dead_runs_on_host)()
 
     # Which image, which NIM generation: settled before any byte is downloaded or GPU second spent.
     with _timed(timings, "prepare"):

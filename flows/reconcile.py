@@ -1,7 +1,8 @@
 """The ``reconcile`` flow: keep this Docker host's nimflow deployments healthy.
 
 Schedule it on each GPU host (prefect.yaml's ``reconcile`` deployment, every 5 minutes). Every
-deployment on the worker's Docker host is checked; an unhealthy one whose spec still exists is healed
+deployment on the worker's Docker host is checked (after undoing what dead runs left there:
+:mod:`nimflow.run_leftovers`); an unhealthy one whose spec still exists is healed
 by running ``host_model`` for it again (as a subflow); the findings are a table artifact. Each
 deployment serving an engine has its in-use marker in the engine store refreshed, so gc on any host
 keeps that engine. The mechanism is in :mod:`nimflow.reconcile`.
@@ -18,6 +19,7 @@ from nimflow.deployments_admin import DeploymentStatus, deployment_status
 from nimflow.engine_use import record_in_use
 from nimflow.errors import ConfigError, NimflowError
 from nimflow.reconcile import HealResult, as_table, health_problem, reconcile_deployments, refresh_in_use
+from nimflow.run_leftovers import undo_dead_runs
 from nimflow.run_names import artifact_key, reconcile_run_name
 from nimflow.settings import get_settings
 from nimflow.spec_registry import load_named_spec, spec_names
@@ -72,6 +74,9 @@ def reconcile(heal: bool = True) -> list[dict[str, str]]:
         NimflowError: a heal failed (after every deployment was looked at and the table was written).
     """
     log = get_run_logger()
+    # First what dead runs left (recreate: a stopped backend started again), so it is not "healed" by a new rollout.
+    if leftovers := undo_dead_runs(docker_client()):
+        log.warning("Left on this host by runs that are over: %s", leftovers.describe())
     statuses = deployment_status(docker_client())
     try:
         known = set(spec_names())

@@ -304,8 +304,8 @@ def zombie_run_automation(heartbeat_seconds: int, *, enabled: bool = True) -> Au
     neither another one nor a final state for ``MISSED_HEARTBEATS`` heartbeat periods is marked Crashed.
 
     A run whose host died (or whose process was SIGKILLed) otherwise stays Running for good, holding
-    its place in the UI and, for nimflow, its build container (see
-    :func:`nimflow.engine_build.remove_orphaned_build_containers`).
+    its place in the UI and, for nimflow, what it left on its host: a build container, a half-done
+    rollout, which the next run there undoes once the run is marked Crashed (:mod:`nimflow.run_leftovers`).
     """
     return AutomationCore(
         name=ZOMBIE_AUTOMATION_NAME,

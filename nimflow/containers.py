@@ -243,14 +243,20 @@ def remove_container_quietly(client: docker.DockerClient, name_or_id: str, stop_
         logger.warning("could not remove container %s (%s: %s); remove it by hand", name_or_id, type(exc).__name__, exc)
 
 
-def start_container(client: docker.DockerClient, image: str, *, name: str, **options: Any) -> str:
+def start_container(client: docker.DockerClient, image: str, *, name: str,
+                    before_start: Callable[[], None] | None = None, **options: Any) -> str:
     """Create and start a detached container; return its id.
 
-    The daemon can create a container and then fail to start it (a port taken, no GPU runtime):
-    that husk is removed here before the error propagates, so nothing is left behind.
+    ``before_start`` runs once the container exists (with its labels) and before it starts: a
+    recreate stops the old backend there, so a run killed at any moment of the switch leaves a
+    labelled candidate that names what it stopped. The daemon can create a container and then fail
+    to start it (a port taken, no GPU runtime): that husk is removed here before the error
+    propagates (``before_start``'s too), so nothing is left behind.
     """
     container = client.containers.create(image, name=name, detach=True, **options)
     try:
+        if before_start is not None:
+            before_start()
         container.start()
     except BaseException:  # a cancellation (SIGTERM) mid-start too: no husk is left behind
         remove_container_quietly(client, container.id)

@@ -15,22 +15,20 @@ Every backend produces NIM's layout in ``out_dir``::
 
 Whatever happens, the build containers and the scratch directories are removed before this
 module returns or raises, and scratch is private to the user running nimflow. A build container
-whose run was killed before it could clean up carries the run's id, and the next compile on this
-host removes it (:func:`remove_orphaned_build_containers`). The engine's own
+whose run was killed before it could clean up carries the run's id (:func:`nimflow.run_owner.run_labels`),
+and the next nimflow run on this host removes it (:mod:`nimflow.run_leftovers`). The engine's own
 ``trtllm_engine/config.json`` is then checked against the spec (:mod:`nimflow.build_config`).
 Nothing here imports tensorrt_llm: the build runs in the container, on the GPU host.
 """
 
 from __future__ import annotations
 
-import logging
 import shutil
 import stat
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 import docker
 
@@ -52,7 +50,6 @@ from nimflow.containers import (
     LABEL_PREFIX,
     ROLE_LABEL,
     container_state,
-    daemon_errors,
     device_requests,
     exit_watch,
     following_logs,
@@ -64,15 +61,10 @@ from nimflow.containers import (
 )
 from nimflow.errors import BuildFailed, EndpointUnhealthy, classify_build_failure
 from nimflow.nim_api import wait_until_ready
+from nimflow.run_owner import run_labels
 from nimflow.settings import get_settings
 from nimflow.spec import BuildSpec
 
-logger = logging.getLogger(__name__)
-
-#: The label naming the Prefect flow run that started a build container.
-FLOW_RUN_LABEL = f"{LABEL_PREFIX}flow-run-id"
-#: The label naming the Prefect API that run reports to.
-PREFECT_API_LABEL = f"{LABEL_PREFIX}prefect-api"
 _MODEL_MOUNT = "/workspace/model"
 _OUTPUT_MOUNT = "/workspace/output"
 _WORK_MOUNT = "/workspace/work"
@@ -158,27 +150,8 @@ def _container_options(build: BuildSpec, labels: dict[str, str]) -> dict[str, An
         "device_requests": device_requests(build.gpus),
         "shm_size": build.shm_size,
         "user": "root",
-        "labels": {**labels, ROLE_LABEL: "build", **_flow_run_label()},
+        "labels": {**labels, ROLE_LABEL: "build", **run_labels()},
     }
-
-
-def _flow_run_label() -> dict[str, str]:
-    """The labels naming the Prefect flow run that starts a build container, and its API (none outside a run).
-
-    A killed run cannot remove its build container; the labels let the next compile on this host
-    find it and ask the same API whether its run is over (:func:`remove_orphaned_build_containers`).
-    """
-    from prefect.runtime import flow_run
-
-    api = _prefect_api()
-    return {FLOW_RUN_LABEL: str(flow_run.id), PREFECT_API_LABEL: api} if flow_run.id and api else {}
-
-
-def _prefect_api() -> str | None:
-    """The Prefect API URL this process reports to (None: no API configured)."""
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().api.url
 
 
 def _run_step(
@@ -335,66 +308,3 @@ def remove_stale_build_containers(client: docker.DockerClient, key: str) -> int:
     for container in stale:
         remove_container_quietly(client, container.id)
     return len(stale)
-
-
-def flow_run_is_over(flow_run_id: str) -> bool | None:
-    """Whether a flow run is over: in a final state (Completed, Failed, Crashed, Cancelled) or unknown to the API.
-
-    Returns:
-        True or False; None when the Prefect API could not tell (unreachable, an error): the caller
-        then leaves what the run owns alone.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        run_id = UUID(flow_run_id)
-    except ValueError:
-        return True  # not an id any run has: no run can come back for its container
-    try:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(run_id).state
-    except ObjectNotFound:
-        return True
-    except Exception as exc:  # noqa: BLE001 - undecided, not an error: the container is kept
-        logger.warning("could not ask the Prefect API about flow run %s (%s: %s)", flow_run_id, type(exc).__name__, exc)
-        return None
-    return state is not None and state.is_final()
-
-
-def remove_orphaned_build_containers(client: docker.DockerClient) -> list[str]:
-    """Remove this host's build containers whose flow run is over (killed, crashed, finished).
-
-    A flow process that is SIGKILLed (or its host crashes) cannot remove its build container, which
-    then keeps its GPUs busy. Build containers carry their run's id and API (:data:`FLOW_RUN_LABEL`,
-    :data:`PREFECT_API_LABEL`); any whose run this Prefect API reports final, or does not know, is
-    removed. A killed run stays Running until the zombie-run automation marks it Crashed (no
-    heartbeat), so its container goes at the first compile after that. Those of live runs (other
-    engine keys being built on this host) and those the API cannot tell about are kept; build
-    containers without the label (older nimflow) are left to :func:`remove_stale_build_containers`.
-
-    Returns:
-        The names of the containers removed.
-
-    Raises:
-        ServiceUnavailable: the Docker daemon did not answer the listing.
-    """
-    api = _prefect_api()
-    if api is None:
-        return []
-    # Only containers of runs on this API: another Prefect server (a second workspace on the host)
-    # knows nothing of them, which must not read as "over".
-    with daemon_errors("listing build containers"):
-        labelled = client.containers.list(all=True, filters={"label": [f"{ROLE_LABEL}=build", FLOW_RUN_LABEL,
-                                                                        f"{PREFECT_API_LABEL}={api}"]})
-    verdicts: dict[str, bool | None] = {}  # one API call per run, however many steps it left
-    removed = []
-    for container in labelled:
-        run_id = container.labels.get(FLOW_RUN_LABEL, "")
-        if run_id not in verdicts:
-            verdicts[run_id] = flow_run_is_over(run_id)
-        if verdicts[run_id]:
-            remove_container_quietly(client, container.id)
-            removed.append(container.name)
-    return removed
-

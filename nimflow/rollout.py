@@ -78,6 +78,7 @@ from nimflow.front_proxy import (
 from nimflow.gpu_identity import check_serving_target
 from nimflow.nim_api import list_models, wait_until_ready
 from nimflow.records import Deployment, Engine, ServingImage
+from nimflow.run_owner import run_labels
 from nimflow.settings import get_settings
 from nimflow.spec import NIM_CACHE_MOUNT, DeploySpec, RolloutSpec
 
@@ -89,6 +90,8 @@ GPUS_LABEL = f"{LABEL_PREFIX}gpus"
 MODEL_ROOT_LABEL = f"{LABEL_PREFIX}model-root"
 CONTAINER_NAME_LABEL = f"{LABEL_PREFIX}container-name"
 STRATEGY_LABEL = f"{LABEL_PREFIX}strategy"
+#: On a recreate candidate: the id of the backend its run stopped for it.
+STOPPED_BACKEND_LABEL = f"{LABEL_PREFIX}stopped-backend"
 #: Where a model outside the cache dir is mounted (read-only).
 EXTRA_MODEL_MOUNT = "/opt/nim/model"
 #: Where LoRA adapters outside the cache dir are mounted (read-only).
@@ -447,13 +450,18 @@ def start_candidate(
         old_gpus = active.labels.get(GPUS_LABEL, "") if active is not None and running_old else None
         gpus = candidate_gpus(deploy, rollout, strategy, old_gpus)
         ensure_network(client)
+        stops_old = strategy == "recreate" and active is not None and running_old
         stopped_old = False
-        if strategy == "recreate" and active is not None and active.status == "running":
-            active.stop(timeout=STOP_TIMEOUT)
-            stopped_old = True
+
+        def stop_old() -> None:  # once the candidate exists, labelled with what it stops: see run_leftovers
+            nonlocal stopped_old
+            if stops_old and active is not None:
+                stopped_old = True  # before the call: a stop cut short is undone too (start is a no-op if it runs)
+                active.stop(timeout=STOP_TIMEOUT)
+
         try:
             candidate_id = start_container(
-                client, serving.image, name=candidate_name,
+                client, serving.image, name=candidate_name, before_start=stop_old,
                 environment=container_environment(deploy, config.environment, source=config.source),
                 # Not the cache dir: the route files, the other deployments' caches and engines stay out.
                 volumes=container_volumes(deploy, name, config),
@@ -477,6 +485,10 @@ def start_candidate(
                     STRATEGY_LABEL: strategy,
                     ENDPOINT_LABEL: f"{deploy.host}:{deploy.host_port}",
                     ROUTE_DIR_LABEL: str(directory),
+                    # Which run started it, and (recreate) which backend it stopped: the next run on this
+                    # host undoes a rollout whose run died before promoting it (nimflow.run_leftovers).
+                    **run_labels(),
+                    **({STOPPED_BACKEND_LABEL: active.id} if stops_old and active is not None else {}),
                 },
             )
         except BaseException:  # a cancellation (SIGTERM) here too: the stopped old backend must not stay down
@@ -637,6 +649,48 @@ def abort(deployment: Deployment, *, deadline_seconds: float = 600.0, wait_for_o
             f"back after the failed recreate ({exc}); its last log lines:\n{last_log_lines(client, old.id)}"
         ) from None
     return Abort(removed=removed, restored=old.name)
+
+
+def unpromoted_candidate(container: Any) -> bool:
+    """True for a rollout's candidate that was never promoted: a backend with restart policy ``no``
+    (promotion sets ``unless-stopped`` just before switching the route) that the route does not name.
+
+    A promoted backend that a later rollout retired is not one: it may still be draining requests.
+    """
+    labels = container.labels or {}
+    if labels.get(ROLE_LABEL) != "serve" or DEPLOYMENT_LABEL not in labels:
+        return False
+    policy = ((container.attrs.get("HostConfig") or {}).get("RestartPolicy") or {}).get("Name") or "no"
+    route = read_route(Path(labels[ROUTE_DIR_LABEL])) if ROUTE_DIR_LABEL in labels else None
+    return policy == "no" and (route is None or route.upstream != upstream_of(container.name))
+
+
+def undo_candidate(client: docker.DockerClient, candidate: Any) -> Abort:
+    """Undo the rollout of a candidate whose run ended before promoting it (killed, crashed, cancelled).
+
+    The candidate is removed. If its run stopped the deployment's backend for it (recreate; the
+    candidate's ``stopped-backend`` label) and that backend is still the one the route names (nothing
+    else serves the deployment), it is started again, without waiting for it to answer: reconcile
+    checks it. Run by the next nimflow run on the host and by reconcile (:mod:`nimflow.run_leftovers`),
+    and by the run's own ``on_crashed`` / ``on_cancellation`` hooks.
+
+    Raises:
+        ServiceUnavailable: the Docker daemon did not answer.
+        NimflowError: another Docker error (translated).
+    """
+    labels = candidate.labels
+    name = labels[DEPLOYMENT_LABEL]
+    with daemon_errors(f"undoing the unfinished rollout of deployment {name} ({candidate.name})"):
+        remove_container(client, candidate.id, stop_timeout=10)
+        stopped = labels.get(STOPPED_BACKEND_LABEL)
+        if not stopped:
+            return Abort(removed=candidate.name)
+        names = Names(name, labels.get(CONTAINER_NAME_LABEL, name))
+        active = active_backend(client, names, read_route(Path(labels[ROUTE_DIR_LABEL])))
+        if active is None or active.id != stopped or active.status == "running":
+            return Abort(removed=candidate.name)  # gone, replaced, or serving again: nothing to restore
+        start_existing(client, active.id)
+    return Abort(removed=candidate.name, restored=active.name)
 
 
 def _published_on(client: docker.DockerClient, container_id: str) -> tuple[str, int]:

@@ -7,7 +7,6 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from nimflow.containers import docker_client
-from nimflow.engine_build import remove_orphaned_build_containers
 from nimflow.engine_cache import obtain_engine, plan_engine
 from nimflow.records import Engine
 from nimflow.retries import transient_retries
@@ -27,8 +26,6 @@ def compile_engine(
     """
     logger = get_run_logger()
     client = docker_client()
-    if removed := remove_orphaned_build_containers(client):
-        logger.warning("Removed build container(s) %s left on this host by runs that are over", ", ".join(removed))
     plan = plan_engine(client, build, Path(model_path), weights_identity, deploy, allow_patterns=allow_patterns)
     logger.info(
         "Engine key %s: %s on %s, TensorRT-LLM %s", plan.key, build.backend, plan.target.gpu.describe(),

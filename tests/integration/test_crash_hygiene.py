@@ -28,7 +28,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.states import Crashed, Running
 
-from nimflow.engine_build import FLOW_RUN_LABEL, PREFECT_API_LABEL
+from nimflow.run_owner import FLOW_RUN_LABEL, PREFECT_API_LABEL
 from nimflow.testbed.nim_image import standin_weights_digest
 from nimflow.testbed.tiny_model import write_tiny_llama
 from tests.conftest import write_spec
@@ -222,3 +222,198 @@ def _sleeper(docker_client: Any, image: str, name: str, flow_run_id: str, prefec
                 PREFECT_API_LABEL: prefect_api},
     )
     return str(container.id)
+
+
+# --- a rollout left half-done by a dead run -------------------------------------------------------
+# Labels as strings, not nimflow's constants: these tests also run against old main, which has none.
+FLOW_RUN = "nimflow.flow-run-id"
+STOPPED_BACKEND = "nimflow.stopped-backend"
+
+
+def _recreate_spec(tmp_path: Path, name: str, image: str, base: Path) -> dict[str, Any]:
+    spec = make_spec(tmp_path, name, "org/unused", image, build=None)
+    spec["source"] = {"local_dir": str(base)}
+    spec["rollout"] = {"strategy": "recreate"}
+    return spec
+
+
+def _candidate_of(docker_client: Any, name: str, serving_id: str) -> Any | None:
+    """The deployment's backend that is not the serving one (a rollout's candidate), once it exists."""
+    others = [c for c in serving_containers(docker_client, name) if c.id != serving_id]
+    return others[0] if others else None
+
+
+def _crashed(run_id: UUID) -> None:
+    """What the zombie-run automation does to a run that stopped sending heartbeats."""
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Crashed(message="no heartbeat"), force=True)
+
+
+def test_recreate_killed_during_verification_is_undone_by_the_next_run_on_the_host(
+    tmp_path: Path, testbed_env: dict, prefect_api: str, standin_image: str, unique: str, cleanup_containers: list,
+    docker_client: Any, flow_processes: list,
+) -> None:
+    """A flow process SIGKILLed while its recreate candidate is verified leaves the old backend stopped
+    and the candidate running (nothing in the process runs). Once the run is Crashed, the next nimflow
+    run on the host, for another spec, removes the candidate and starts the old backend: the endpoint
+    serves the old version again, and that run serves its own.
+
+    On old main (this test run in a clone at ee35de2) the next run left both as they were:
+    ``serving == [(first, "running")]`` failed with the candidate ``-green`` running and ``-blue``
+    ``exited`` (the endpoint down until reconcile rolled the spec out again).
+    """
+    name = f"killrc-{unique}"
+    base = write_tiny_llama(tmp_path / "base")
+    spec = _recreate_spec(tmp_path, name, standin_image, base)
+    cleanup_containers.append(f"nimflow-{name}")
+    first = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
+
+    stuck = {**spec, "deploy": {**spec["deploy"], "env": {"NIMSTANDIN_READY_DELAY": "3600"}}, "verify": {"deadline_seconds": 900}}
+    run_name = f"killrc-{unique}"
+    process = start_flow_process(write_spec(tmp_path / "stuck.yaml", stuck), run_name, prefect_api, flow_processes)
+    run_id = poll("the flow run is created", lambda: flow_run_id_named(run_name), process)
+    poll("the candidate is being verified", lambda: task_running(run_id, "verify-endpoint"), process)
+    candidate = _candidate_of(docker_client, name, first["container_id"])
+    assert candidate is not None
+    process.process.kill()  # SIGKILL: no except, no finally, no hook in the process
+    process.process.wait(timeout=WAIT_S)
+    assert docker_client.containers.get(first["container_id"]).status == "exited"
+    _crashed(run_id)
+
+    other = make_spec(tmp_path, f"next-{unique}", "org/unused", standin_image, build=None)
+    other["source"] = {"local_dir": str(base)}
+    cleanup_containers.append(f"nimflow-next-{unique}")
+    state = host_model(spec=str(write_spec(tmp_path / "next.yaml", other)), return_state=True)
+
+    assert state.is_completed(), state.message
+    serving = serving_containers(docker_client, name)
+    assert [(c.id, c.status) for c in serving] == [(first["container_id"], "running")]
+    answer = poll("the old backend answers through the stable endpoint again", lambda: _answer(first["endpoint"], spec))
+    assert standin_weights_digest(base) in answer
+    assert _answer(state.result()["endpoint"], other)
+    # What let the next run tell: the run that started the candidate, and the backend it stopped.
+    assert candidate.labels[FLOW_RUN] == str(run_id)
+    assert candidate.labels[STOPPED_BACKEND] == first["container_id"]
+
+
+def test_recreate_killed_while_stopping_the_old_backend_is_undone_by_reconcile(
+    tmp_path: Path, testbed_env: dict, prefect_api: str, standin_image: str, unique: str, cleanup_containers: list,
+    docker_client: Any, flow_processes: list,
+) -> None:
+    """The switch of a recreate: the flow process SIGKILLed the moment Docker signals the old backend
+    to stop (its ``kill`` event), before the candidate can have started. The candidate is created,
+    labelled, before the old backend is stopped, so the reconcile pass after the run is Crashed finds
+    it, removes it and starts the old backend: the deployment is healthy again without a rollout.
+
+    On old main (a clone at ee35de2) the old backend was stopped before any candidate existed, and
+    reconcile (a dry run) left the deployment down: ``serving == [(first, "running")]`` failed with
+    ``-blue`` ``exited``. With the sweep but the old order (stop, then create) the kill left no
+    labelled candidate to find, and the same assertion failed.
+    """
+    from nimflow.flows.reconcile import reconcile
+
+    name = f"killsw-{unique}"
+    base = write_tiny_llama(tmp_path / "base")
+    spec = _recreate_spec(tmp_path, name, standin_image, base)
+    cleanup_containers.append(f"nimflow-{name}")
+    first = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)))
+
+    changed = {**spec, "deploy": {**spec["deploy"], "env": {"NIMSTANDIN_READY_DELAY": "0.7"}}}
+    run_name = f"killsw-{unique}"
+    until = time.time() + WAIT_S
+    events = docker_client.events(decode=True, until=int(until), filters={"container": first["container_id"], "event": "kill"})
+    process = start_flow_process(write_spec(tmp_path / "changed.yaml", changed), run_name, prefect_api, flow_processes)
+    for _event in events:  # Docker sends the old backend SIGTERM: the flow is inside its stop call
+        process.process.kill()
+        break
+    else:
+        pytest.fail(f"the old backend was not stopped within {WAIT_S}s:\n{process.output()}")
+    process.process.wait(timeout=WAIT_S)
+    run_id = poll("the flow run is known", lambda: flow_run_id_named(run_name))
+    poll("the old backend stops", lambda: docker_client.containers.get(first["container_id"]).status == "exited")
+    _crashed(run_id)
+
+    state = reconcile(heal=False, return_state=True)
+
+    assert state.is_completed(), state.message
+    serving = serving_containers(docker_client, name)
+    assert [(c.id, c.status) for c in serving] == [(first["container_id"], "running")]
+    answer = poll("the old backend answers through the stable endpoint again", lambda: _answer(first["endpoint"], spec))
+    assert standin_weights_digest(base) in answer
+
+
+def test_crashed_hook_removes_the_build_container_of_a_killed_run(
+    tmp_path: Path, testbed_env: dict, prefect_api: str, hub: Any, standin_image: str, unique: str,
+    cleanup_containers: list, docker_client: Any, flow_processes: list,
+) -> None:
+    """A process worker whose flow process dies (SIGKILL, the OOM killer) marks the run Crashed and runs
+    the flow's ``on_crashed`` hooks itself (Prefect's ``HookRunner``, as here): the hook removes the
+    run's build container at once, while the API still says Running (no sweep would touch it yet).
+
+    On old main (a clone at ee35de2) host_model had no hooks: the build container was still running
+    after the hooks ran (``orphan.id not in left`` failed).
+    """
+    import asyncio
+
+    from prefect.runner._hook_runner import HookRunner
+
+    repo = f"org/hook-{unique}"
+    publish_tiny(hub, repo, tmp_path)
+    slow = make_spec(tmp_path, f"hook-{unique}", repo, standin_image)
+    slow["build"]["env"] = {"NIMSTANDIN_BUILD_SECONDS": "3600"}
+    run_name = f"hook-{unique}"
+    process = start_flow_process(write_spec(tmp_path / "slow.yaml", slow), run_name, prefect_api, flow_processes)
+    run_id = poll("the flow run is created", lambda: flow_run_id_named(run_name), process)
+    orphan = poll("the build container runs", lambda: _build_container_of(docker_client, tmp_path), process)
+    cleanup_containers.append(orphan.name)
+    process.process.kill()
+    process.process.wait(timeout=WAIT_S)
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(run_id)
+    assert flow_run.state is not None and flow_run.state.is_running()  # the sweep would keep the container
+
+    async def resolve(_: Any) -> Any:
+        return host_model
+
+    asyncio.run(HookRunner(resolve_flow=resolve).run_crashed_hooks(flow_run, Crashed(message="process died")))
+
+    left = {c.id for c in docker_client.containers.list(all=True, filters={"label": "nimflow.role=build"})}
+    assert orphan.id not in left
+
+
+def test_the_sweep_keeps_live_runs_candidates_and_retired_backends(
+    tmp_path: Path, testbed_env: dict, prefect_api: str, standin_image: str, unique: str, cleanup_containers: list,
+    docker_client: Any,
+) -> None:
+    """Backends of one deployment as runs would have left them (nimflow.rollout's labels), none routed: only
+    the never-promoted candidate of a run that is over goes. A live run's candidate is being verified; a
+    backend promoted once (restart policy ``unless-stopped``) that a later rollout retired may still drain
+    requests; one of another Prefect API belongs to runs this API knows nothing of.
+
+    On old main (ee35de2) there was no sweep of candidates at all (``nimflow.run_leftovers`` did not exist).
+    """
+    from nimflow.run_leftovers import undo_dead_runs
+
+    deployment = f"sweep-{unique}"
+    cleanup_containers.extend(f"nimflow-{deployment}-{kind}" for kind in ("dead", "live", "retired", "foreign"))
+
+    def backend(kind: str, run_id: str, restart: str, api: str = prefect_api) -> str:
+        container = docker_client.containers.run(
+            standin_image, ["/usr/bin/python3", "-c", "import time; time.sleep(3600)"], name=f"nimflow-{deployment}-{kind}",
+            detach=True, restart_policy={"Name": restart},
+            labels={"nimflow.deployment": deployment, "nimflow.role": "serve", "nimflow.container-name": f"nimflow-{deployment}",
+                    "nimflow.route-dir": str(tmp_path / "route"), FLOW_RUN: run_id, PREFECT_API_LABEL: api},
+        )
+        return str(container.id)
+
+    dead = backend("dead", _flow_run(Crashed()), "no")
+    live = backend("live", _flow_run(Running()), "no")
+    retired = backend("retired", _flow_run(Crashed()), "unless-stopped")
+    foreign = backend("foreign", str(uuid.uuid4()), "no", api="http://127.0.0.1:1/api")
+
+    done = undo_dead_runs(docker_client)
+
+    left = {c.id for c in docker_client.containers.list(all=True, filters={"label": f"nimflow.deployment={deployment}"})}
+    assert dead not in left and left == {live, retired, foreign}, done.describe()
+    assert [c for c in done.candidates if deployment in c] == [f"nimflow-{deployment}-dead"]  # other tests' may go too

@@ -119,7 +119,7 @@ def test_unknown_revision_fails_once_naming_the_cause(
     assert "no-such-branch" in str(caught.value) and repo in str(caught.value)
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["download-checkpoint"].run_count == 1  # permanent: no retry
-    assert set(runs) == {"prepare-serving-image", "download-checkpoint"}  # nothing after it ran
+    assert set(runs) == {"undo-dead-runs", "prepare-serving-image", "download-checkpoint"}  # nothing after it ran
     assert len([r for r in hub.requests if "/revision/" in r[1]]) == 1
 
 
