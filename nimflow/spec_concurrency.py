@@ -193,18 +193,35 @@ def hold_slots(name: str, slots: int, *, lease_seconds: float = LEASE_SECONDS) -
             client.release_concurrency_slots_with_lease(lease_id)
             raise
     try:
+        # Prefect's own lease keeper (a renewal thread; private, pinned with Prefect in constraints/): the
+        # public `concurrency()` hides the lease id that the holder record and the release need, and its
+        # `timeout_seconds` can cancel a request the server already granted, leaking that slot.
         with maintain_concurrency_lease(lease_id, lease_seconds, raise_on_lease_renewal_failure=False):
             yield
     finally:
-        with translated_errors(f"releasing the slot(s) of {name}"), get_client(sync_client=True) as client:
+        _release(name, slots, lease_id, run_id, lease_seconds)
+
+
+def _release(name: str, slots: int, lease_id: UUID, run_id: UUID | None, lease_seconds: float) -> None:
+    """Give the slots back and remove this run's holder record; a lease the server lost keeps the record.
+
+    Never raises: it runs in a ``finally``, where an API error would hide the block's own outcome, and a
+    slot that could not be given back is freed by its lease's expiry or by the next waiting run.
+    """
+    try:
+        with get_client(sync_client=True) as client:
             lost = not lease_exists(client, lease_id)
             client.release_concurrency_slots_with_lease(lease_id)
             if lost:
+                # The record stays: once this run has ended, the next run (or the doctor) sees an ended holder.
                 _logger().warning("The lease on %d slot(s) of %s was lost (the Prefect server restarted?); they stay "
                                   "taken until this run has ended and the next run (or `%s`) frees them",
                                   slots, name, FREE_COMMAND)
             elif run_id:
                 forget_holder(client, run_id, name)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        _logger().warning("Could not give back %d slot(s) of %s (%s: %s); its lease expires within %.0fs",
+                          slots, name, type(exc).__name__, exc, lease_seconds)
 
 
 def gpu_limit_name(host: str) -> str:
