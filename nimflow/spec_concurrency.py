@@ -193,7 +193,7 @@ def hold_slots(name: str, slots: int, *, lease_seconds: float = LEASE_SECONDS) -
             client.release_concurrency_slots_with_lease(lease_id)
             raise
     try:
-        # Prefect's own lease keeper (a renewal thread; private, pinned with Prefect in constraints/): the
+        # Prefect's own lease keeper (a renewal thread; a private API, read in Prefect 3.9): the
         # public `concurrency()` hides the lease id that the holder record and the release need, and its
         # `timeout_seconds` can cancel a request the server already granted, leaking that slot.
         with maintain_concurrency_lease(lease_id, lease_seconds, raise_on_lease_renewal_failure=False):
