@@ -75,6 +75,8 @@ def host_model(
     """Host the model described by a hosting spec and return where it is served.
 
     Runs for the same spec queue (one at a time, see nimflow.spec_concurrency); other specs run alongside.
+    On a GPU host with a limit, the host's GPU slots are held for the compile and the rollout only.
+    A wait for a slot is logged and ends after NIMFLOW_SLOT_WAIT_TIMEOUT_SECONDS (SlotWaitTimeout).
 
     In a run started by a deployment (the UI, an event trigger, a schedule; or a flow nested in one),
     the parameters come from whoever can reach the Prefect API: ``spec`` must then be a spec's name
@@ -91,15 +93,13 @@ def host_model(
 
     Raises:
         ConfigError: the spec or a parameter is invalid (before anything is downloaded or started).
+        SlotWaitTimeout: the spec's or the host's GPU slots stayed taken past the wait timeout.
     """
     log_filter.install()
     resolved = resolve_run_spec(spec, revision=revision, checkpoint_uri=checkpoint_uri, overrides=overrides,
                                 deployment_run=_started_by_deployment())
-    with one_run_per_spec(resolved.name), host_gpu_slots(resolved) as slots:
-        if slots:
-            get_run_logger().info("Holding %d GPU slot(s) of this host (%s)", slots, gpu_limit_name(get_settings().host_name))
-        with artifacts_for(resolved.name):  # progress artifacts keyed by the spec: nimflow-download-<name>
-            return _host(resolved)
+    with one_run_per_spec(resolved.name), artifacts_for(resolved.name):  # artifacts keyed by the spec
+        return _host(resolved)
 
 
 @flow(name="host_model", log_prints=False, flow_run_name=host_model_run_name,
@@ -132,6 +132,15 @@ def _started_by_deployment() -> bool:
     return deployment.id is not None
 
 
+@contextmanager
+def _on_gpus(spec: HostingSpec, stages: str) -> Iterator[None]:
+    """Hold this host's GPU slots for ``stages`` only (a download or upload never keeps another run off the GPUs)."""
+    with host_gpu_slots(spec) as slots:
+        if slots:
+            get_run_logger().info("Holding %d GPU slot(s) of %s for %s", slots, gpu_limit_name(get_settings().host_name), stages)
+        yield
+
+
 def _host(spec: HostingSpec) -> dict:
     """The recipe for one validated spec; runs inside the spec's concurrency slot."""
     cache_dir = str(Path(spec.deploy.cache_dir).resolve())
@@ -162,7 +171,7 @@ def _host(spec: HostingSpec) -> dict:
     api = verify_api(spec.verify, model_path)
 
     if spec.build is not None and spec.cache is not None and model_path is not None:
-        with _timed(timings, "compile"):
+        with _on_gpus(spec, "the compile"), _timed(timings, "compile"):
             engine = with_current_retries(compile_engine)(
                 spec.build, spec.cache, model_path, weights_identity, cache_dir, spec.deploy, spec.source.allow_patterns
             )
@@ -171,28 +180,29 @@ def _host(spec: HostingSpec) -> dict:
         model_path = engine.path
 
     labels = deployment_labels(weights_identity, engine.engine_key if engine else None, adapters.digest if adapters else None)
-    with _timed(timings, "deploy"):
-        candidate = with_current_retries(deploy_nim)(spec, serving, model_path, adapters, api, labels, engine)
-    # A candidate that fails verification never takes traffic: it is removed, the old one serves on.
-    with _timed(timings, "verify"):
-        try:
-            health = verify_endpoint(candidate, spec.verify)
-        except Exception:
+    with _on_gpus(spec, "the rollout"):  # deploy, verify, switch: the candidate and the old container both on GPUs
+        with _timed(timings, "deploy"):
+            candidate = with_current_retries(deploy_nim)(spec, serving, model_path, adapters, api, labels, engine)
+        # A candidate that fails verification never takes traffic: it is removed, the old one serves on.
+        with _timed(timings, "verify"):
             try:
-                with_current_retries(abort_rollout)(candidate, deadline_seconds=spec.verify.deadline_seconds)
-            except Exception as cleanup:  # noqa: BLE001 - the verification failure stays the run's error
-                # Raised here, the clean-up's error (often the same daemon outage) would hide why the
-                # candidate failed; it is logged, and `nimflow status` shows what is left.
-                get_run_logger().error("Undoing the failed rollout of %s failed too: %s", candidate.container_name, cleanup)
-            raise
-        except BaseException as interruption:
-            # Cancelled (Prefect's worker sends SIGTERM: TerminationSignal), terminated or interrupted
-            # mid-verification: not an Exception, but the rollout is undone all the same, then the
-            # interruption goes on to the engine, which marks the run Cancelled or Crashed.
-            _undo_interrupted_rollout(candidate, interruption)
-            raise
-    with _timed(timings, "switch"):
-        deployment = with_current_retries(promote_deployment)(candidate, spec.rollout)
+                health = verify_endpoint(candidate, spec.verify)
+            except Exception:
+                try:
+                    with_current_retries(abort_rollout)(candidate, deadline_seconds=spec.verify.deadline_seconds)
+                except Exception as cleanup:  # noqa: BLE001 - the verification failure stays the run's error
+                    # Raised here, the clean-up's error (often the same daemon outage) would hide why the
+                    # candidate failed; it is logged, and `nimflow status` shows what is left.
+                    get_run_logger().error("Undoing the failed rollout of %s failed too: %s", candidate.container_name, cleanup)
+                raise
+            except BaseException as interruption:
+                # Cancelled (Prefect's worker sends SIGTERM: TerminationSignal), terminated or interrupted
+                # mid-verification: not an Exception, but the rollout is undone all the same, then the
+                # interruption goes on to the engine, which marks the run Cancelled or Crashed.
+                _undo_interrupted_rollout(candidate, interruption)
+                raise
+        with _timed(timings, "switch"):
+            deployment = with_current_retries(promote_deployment)(candidate, spec.rollout)
 
     record = HostingRecord(
         name=spec.name,

@@ -13,7 +13,9 @@ In order, each step only creating what is missing (so running it twice changes n
    set (see :mod:`nimflow.credentials`; values are never printed);
 6. ``prefect --no-prompt deploy --all`` in the project directory; a redeploy re-activates schedules
    that were paused, so the schedules paused before (by slug) and paused deployments are paused again;
-7. per ``--gpu-host``, a reconcile of its own: the deployment ``reconcile-<NAME>``, a copy of prefect.yaml's
+7. a check of the server's concurrency lease storage (read from ``/admin/settings``): the default keeps
+   leases in the server's memory, so a restart leaks every slot held at the time (docs/fleet.md);
+8. per ``--gpu-host``, a reconcile of its own: the deployment ``reconcile-<NAME>``, a copy of prefect.yaml's
    ``reconcile`` on the work queue ``<NAME>`` of the host's pool (``@POOL``, else reconcile's), so each
    host's worker (``--work-queue default --work-queue <NAME>``) checks its own Docker host. An existing
    one is brought in line with ``reconcile`` but its schedules are left alone (a paused one stays paused).
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import (
     DeploymentScheduleCreate,
@@ -135,15 +138,15 @@ def pools_in(config: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(n for n in names if n))
 
 
-def require_api_url() -> str:
+def require_api_url(command: str = "nimflow bootstrap") -> str:
     """The configured Prefect API URL.
 
     Raises:
-        ConfigError: PREFECT_API_URL is not set (bootstrap would otherwise talk to a throwaway server).
+        ConfigError: PREFECT_API_URL is not set (``command`` would otherwise talk to a throwaway server).
     """
     url = PREFECT_API_URL.value()
     if not url:
-        raise ConfigError("nimflow bootstrap", [Problem(
+        raise ConfigError(command, [Problem(
             "PREFECT_API_URL", "not set; point it at your Prefect server (e.g. export PREFECT_API_URL=http://prefect:4200/api)")])
     return str(url)
 
@@ -351,6 +354,30 @@ def ensure_zombie_run_automation(client: SyncPrefectClient) -> str:
     return "updated"
 
 
+#: Prefect's default lease storage: leases live in the server process and die with it.
+IN_MEMORY_LEASE_STORAGE = "prefect.server.concurrency.lease_storage.memory"
+#: The advice bootstrap gives when the lease storage is in memory or cannot be read.
+LEASE_STORAGE_ADVICE = ("a server restart leaks the concurrency slots held at the time; set "
+                        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect_redis.lease_storage on the server "
+                        "(docs/fleet.md, \"Lease storage\"); `nimflow doctor --free` frees leaked slots")
+
+
+def check_lease_storage(client: SyncPrefectClient) -> tuple[str, str]:
+    """The server's concurrency lease storage module and bootstrap's verdict on it: ``(module, result)``.
+
+    Read from the server's ``/admin/settings`` (self-hosted servers show their settings there); a server
+    that does not (Prefect Cloud, a proxy that blocks it) gets the advice once, without a verdict.
+    """
+    try:
+        settings = client.request("GET", "/admin/settings").json()
+        module = str(settings["server"]["concurrency"]["lease_storage"])
+    except (httpx.HTTPStatusError, KeyError, TypeError, ValueError):
+        return "(not shown by the server)", f"unknown: {LEASE_STORAGE_ADVICE}"
+    if module == IN_MEMORY_LEASE_STORAGE:
+        return module, f"warning: in memory: {LEASE_STORAGE_ADVICE}"
+    return module, "kept"
+
+
 def run_prefect_deploy(project_dir: Path, api_url: str) -> str:
     """``prefect --no-prompt deploy --all`` in ``project_dir``; return its output.
 
@@ -406,6 +433,7 @@ def bootstrap(
         for name in names:
             report.add("spec limit", spec_limit_name(name), ensure_limit(client, spec_limit_name(name), 1, update=False))
         report.add("automation", ZOMBIE_AUTOMATION_NAME, ensure_zombie_run_automation(client))
+        report.add("lease storage", *check_lease_storage(client))
     settings = get_settings()
     with translated_errors("saving Secret blocks"):
         saved = save_secrets({

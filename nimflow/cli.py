@@ -10,6 +10,7 @@
     nimflow demo                      test bed up + host configs/demo.yaml end to end
     nimflow notify SPEC --revision SHA | --uri s3://...   announce a new checkpoint (nimflow.checkpoint.landed)
     nimflow bootstrap [--gpu-host NAME=COUNT[@POOL]]...   work pools, limits, Secret blocks, `prefect deploy --all`, a reconcile per host
+    nimflow doctor [--free]           nimflow's concurrency limits, who holds their slots; --free frees those whose holder is gone
 
 User mistakes (bad configs, missing checkpoints, invalid weights) print one clear message and
 exit non-zero; tracebacks are kept for bugs.
@@ -222,6 +223,26 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    """List nimflow's limits and their holders; with --free, free slots whose holder is gone.
+
+    Exit 1 when leaked slots were found and not freed (without --free, or ones --free cannot prove safe).
+    """
+    from prefect.client.orchestration import get_client
+
+    from nimflow.bootstrap import require_api_url
+    from nimflow.errors import translated_errors
+    from nimflow.redaction import redact_url
+    from nimflow.slot_doctor import diagnose
+    from nimflow.spec_concurrency import LEASE_SECONDS
+
+    api_url = require_api_url("nimflow doctor")
+    with translated_errors(f"reading concurrency limits at {redact_url(api_url)}"), get_client(sync_client=True) as client:
+        report = diagnose(client, free=args.free, lease_seconds=LEASE_SECONDS)
+    print(report.render())
+    return EXIT_FAILED if report.left or (report.leaks and not args.free) else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from nimflow.testbed import local
 
@@ -307,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--project-dir", type=Path, default=Path("."), help="the checkout holding prefect.yaml (default: .)")
     boot.add_argument("--no-deploy", action="store_true", help="only pools, limits and Secret blocks; skip `prefect deploy`")
     boot.set_defaults(run=_bootstrap)
+
+    doctor = sub.add_parser("doctor", help="list nimflow's concurrency limits and who holds their slots; exit 1 on leaked slots")
+    doctor.add_argument("--free", action="store_true",
+                        help="free the slots whose holder is gone (its flow run ended, its lease lost in a server restart)")
+    doctor.set_defaults(run=_doctor)
     return parser
 
 

@@ -21,7 +21,9 @@ Exception tree::
     │   ├── BuildFailed             the engine build failed deterministically (bad config, build OOM)
     │   ├── EngineIncompatible      an engine was built for another GPU or TensorRT-LLM version
     │   ├── DeploymentError         the container could not be started (port in use, no GPU runtime)
-    │   └── EndpointUnhealthy       the NIM never became ready / does not list or answer the model
+    │   ├── EndpointUnhealthy       the NIM never became ready / does not list or answer the model
+    │   └── SlotWaitTimeout         a concurrency slot stayed taken past NIMFLOW_SLOT_WAIT_TIMEOUT_SECONDS
+    │                               (the message names the limit, its holders and how to free it)
     └── EngineStoreError            the engine store failed: refused (no bucket, access denied, corrupt
         │                           artifact; permanent) or, as EngineStoreUnavailable, did not answer
         ├── EngineStoreUnavailable  (transient, see above)
@@ -187,6 +189,14 @@ class BuildLeaseLost(TransientError):
     Raised before anything is published (the local engine directory, the store's manifest): another
     host may hold the lease and publish its own build. The retry finds that host's engine (or the
     lease free) and restores or builds from there.
+    """
+
+
+class SlotWaitTimeout(PermanentError):
+    """A run waited for a Prefect concurrency slot (its spec's, its host's GPUs) longer than it may.
+
+    Permanent: the run gives up its place rather than hold a worker forever; the message names the
+    limit, who holds it and the command that frees a slot whose holder is gone (``nimflow doctor --free``).
     """
 
 

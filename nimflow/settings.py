@@ -79,6 +79,12 @@ class Settings:
     proxy_max_body_mib: int = 16
     #: Client connections the front proxy holds open at once (NIMFLOW_PROXY_MAX_CONNECTIONS): more get a 503.
     proxy_max_connections: int = 256
+    #: How long a run waits for a concurrency slot (its spec's, this host's GPUs) before it fails naming
+    #: the holder and how to free the slot (NIMFLOW_SLOT_WAIT_TIMEOUT_SECONDS).
+    slot_wait_timeout_seconds: float = 4 * 3600.0
+    #: How often a waiting run logs what it waits for and who holds it, and looks for a holder that is
+    #: gone (NIMFLOW_SLOT_WAIT_LOG_SECONDS).
+    slot_wait_log_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -121,6 +127,8 @@ class Settings:
             pickle_memory_mib=int(numbers["NIMFLOW_PICKLE_MEMORY_MIB"]),
             proxy_max_body_mib=int(numbers["NIMFLOW_PROXY_MAX_BODY_MIB"]),
             proxy_max_connections=int(numbers["NIMFLOW_PROXY_MAX_CONNECTIONS"]),
+            slot_wait_timeout_seconds=float(numbers["NIMFLOW_SLOT_WAIT_TIMEOUT_SECONDS"]),
+            slot_wait_log_seconds=float(numbers["NIMFLOW_SLOT_WAIT_LOG_SECONDS"]),
         )
 
 
@@ -182,6 +190,11 @@ NUMERIC_ENV_VARS: dict[str, NumberRule] = {
                                              why="the largest request body, in MiB, the front proxy passes on"),
     "NIMFLOW_PROXY_MAX_CONNECTIONS": NumberRule(256, 1, 10000, whole=True,
                                                 why="client connections the front proxy holds open at once"),
+    # Below the flow's own 12 h timeout (flows/host_model.py), so a run stuck behind a leaked slot fails
+    # with a message naming the slot rather than a bare flow timeout.
+    "NIMFLOW_SLOT_WAIT_TIMEOUT_SECONDS": NumberRule(4 * 3600, 10, 11 * 3600,
+                                                    why="how long a run waits for a concurrency slot"),
+    "NIMFLOW_SLOT_WAIT_LOG_SECONDS": NumberRule(60, 1, 3600, why="how often a waiting run logs who holds its slot"),
 }
 
 
