@@ -32,9 +32,9 @@ the server restarted between accepting and acting on it). So each announced chec
 ``announced`` until a ``host-on-checkpoint`` run for it exists (its parameters name the spec and the
 revision or directory); a later pass that finds none after :data:`REANNOUNCE_AFTER_SECONDS` announces it
 again with a new event id (the server's triggers ignore an id they saw, so the same one would start
-nothing), unless an automation acted on the last event (then its run is on its way, or its action failed:
-a second event could make a second run). After :data:`MAX_ANNOUNCEMENTS` the pass gives up on it and
-fails naming the checkpoint.
+nothing), unless an automation is acting on the last event (its run is on its way: a second event could
+make a second run). An action that failed (the server busy, the run refused) made no run: it is announced
+again. After :data:`MAX_ANNOUNCEMENTS` the pass gives up on it and fails naming the checkpoint.
 
 **The first pass** for a spec (no Variable yet, or the watched repo or prefix changed) records a baseline and
 announces nothing: what already exists when watching starts is not a new checkpoint. To start a run for a
@@ -380,7 +380,7 @@ def _s3_part(
 @dataclass(frozen=True)
 class RunCheck:
     """What the server holds for announced checkpoints: those with a host-on-checkpoint run, and the
-    event ids an automation acted on (its run is on its way, or its action failed)."""
+    event ids an automation is acting on or acted on without failing (its run is on its way)."""
 
     with_run: set[str]
     acted_on: set[str]
@@ -393,7 +393,8 @@ RunChecker = Callable[[str, list[CheckpointLanded], datetime], RunCheck]
 def check_runs(spec: str, events: list[CheckpointLanded], since: datetime) -> RunCheck:
     """Which of ``events`` (checkpoints of ``spec`` announced since ``since``) have a host-on-checkpoint run
     (by its parameters: spec, and revision or checkpoint_uri), and which event ids an automation acted on
-    (a ``prefect.automation.action.*`` event whose triggering event is the announcement).
+    (a ``prefect.automation.action.*`` event whose triggering event is the announcement, none of them
+    ``...action.failed``).
 
     Raises:
         NimflowError: the Prefect API could not be read (translated).
@@ -418,7 +419,13 @@ def check_runs(spec: str, events: list[CheckpointLanded], since: datetime) -> Ru
             event=EventNameFilter(prefix=["prefect.automation.action."]),
             related=EventRelatedFilter(id=[f"prefect.event.{e.event_id}" for e in events]),
             occurred=EventOccurredFilter(since=since, until=datetime.now(timezone.utc) + timedelta(minutes=5))), limit=50)
-    acted_on = {r.id.removeprefix("prefect.event.") for e in page.events for r in e.related if r.role == "triggering-event"}
+    actions: dict[str, set[str]] = {}
+    for action in page.events:
+        for related in action.related:
+            if related.role == "triggering-event":
+                actions.setdefault(related.id.removeprefix("prefect.event."), set()).add(action.event)
+    # A failed action made no run (the server answered >= 300, e.g. 503 while busy): announcing again is safe.
+    acted_on = {event_id for event_id, names in actions.items() if "prefect.automation.action.failed" not in names}
     return RunCheck({e.checkpoint for e in events if e.checkpoint in with_run}, acted_on)
 
 

@@ -309,8 +309,8 @@ EventSpecName = Annotated[
     _ui("Model", "The hosting spec to run, by its `name` (the event's `nimflow.spec` resource label): a YAML "
         "file in the specs directory (NIMFLOW_SPECS_DIR, default `configs/`). Never a path.", **_SPEC_NAME_SCHEMA),
 ]
-# Typed `X | None`, unlike host_model's: the trigger renders a missing event field as null
-# (`default(none)`), which the enforced schema must accept.
+# The trigger renders a missing event field as "" (`default('')`, nimflow/checkpoint_trigger.py), which
+# the enforced schema must accept: an empty checkpoint_uri passes its pattern.
 EventRevision = Annotated[
     str | None,
     _ui("Revision", "Replaces source.revision: the commit a checkpoint event names. Empty: the spec's revision.",
@@ -320,5 +320,5 @@ EventCheckpointUri = Annotated[
     str | None,
     _ui("Fine-tuned checkpoint", "Replaces finetune.path for this run: an s3:// checkpoint directory under the "
         "spec's watch.s3_prefix (the one a checkpoint event names). Empty: the spec's.",
-        pattern="^s3://", maxLength=1024),
+        pattern="^(s3://|$)", maxLength=1024),
 ]

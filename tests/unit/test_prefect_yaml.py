@@ -229,6 +229,7 @@ def test_docker_template_renders_gpus_cache_and_specs() -> None:
 @pytest.mark.parametrize(("parameters", "valid"), [
     ({"spec": "llama-sft", "revision": "a" * 40, "checkpoint_uri": None}, True),
     ({"spec": "llama-sft", "revision": None, "checkpoint_uri": "s3://b/runs/c1/"}, True),
+    ({"spec": "llama-sft", "revision": "", "checkpoint_uri": ""}, True),  # what the trigger renders for an event without them
     ({"spec": "a-spec-added-after-deploy", "revision": None, "checkpoint_uri": None}, True),
     ({"spec": "/etc/nimflow/evil.yaml", "revision": None, "checkpoint_uri": None}, False),
     ({"spec": "../configs/demo.yaml", "revision": None, "checkpoint_uri": None}, False),

@@ -1,0 +1,143 @@
+"""Issue 15 acceptance: a ``nimflow bootstrap`` redeploy loses no checkpoint event.
+
+A burst of checkpoint events sent while bootstrap redeploys host-on-checkpoint: every checkpoint gets
+exactly one run. The runs are made by the real trigger on the real server; the work pool is paused for
+the test, so they wait instead of hosting dozens of models, and are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from datetime import datetime, timezone
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import E2E, POOL, REPO_ROOT, _bin, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.testbed]
+
+LANDED = "nimflow.checkpoint.landed"
+ON_CHECKPOINT = "host-on-checkpoint"
+#: The least number of events sent while bootstrap runs; more are sent if it takes longer.
+BURST = 50
+#: The most events sent (a slow bootstrap on a loaded machine must not make hundreds of runs).
+MOST = 90
+
+
+def _runs_by_revision(e2e: E2E, spec: str) -> dict[str, int]:
+    """How many host-on-checkpoint runs name each revision of ``spec`` (every page of runs)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    deployment = e2e.deployment(ON_CHECKPOINT)
+    counts: dict[str, int] = {}
+    with get_client(sync_client=True) as client:
+        offset = 0
+        while True:
+            page = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])),
+                limit=200, offset=offset)
+            for run in page:
+                if run.parameters.get("spec") == spec and run.parameters.get("revision"):
+                    counts[run.parameters["revision"]] = counts.get(run.parameters["revision"], 0) + 1
+            if len(page) < 200:
+                return counts
+            offset += 200
+
+
+def _delete_runs(e2e: E2E, spec: str, revisions: set[str]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    deployment = e2e.deployment(ON_CHECKPOINT)
+    with get_client(sync_client=True) as client:
+        while True:
+            page = [r for r in client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])), limit=200)
+                if r.parameters.get("spec") == spec and r.parameters.get("revision") in revisions]
+            if not page:
+                return
+            for run in page:
+                client.delete_flow_run(run.id)
+
+
+def _actions_for(e2e: E2E, event_ids: list[str]) -> dict[str, list[str]]:
+    """For each event id: whether the server holds the event, and the automation actions it triggered."""
+    stored = {e["id"] for e in e2e.events(LANDED)}
+    found: dict[str, list[str]] = {i: ["stored" if i in stored else "not stored"] for i in event_ids}
+    for action in e2e.events("prefect.automation."):
+        for related in action.get("related", []):
+            event_id = related["prefect.resource.id"].removeprefix("prefect.event.")
+            if event_id in found:
+                found[event_id].append(f"{action['event']} {action['payload'].get('reason', '')}".strip())
+    return found
+
+
+def _set_pool_paused(paused: bool) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    with get_client(sync_client=True) as client:
+        client.update_work_pool(POOL, WorkPoolUpdate(is_paused=paused))
+
+
+def test_a_burst_of_checkpoint_events_during_a_redeploy_makes_one_run_per_checkpoint(e2e: E2E) -> None:
+    """Every checkpoint announced while bootstrap redeploys host-on-checkpoint gets exactly one run.
+
+    Failed on old main (this file run there, `-k burst`): `prefect deploy` deleted and recreated the
+    deployment's trigger, and the events that arrived in between started nothing (timed out waiting for
+    every checkpoint's run; see the report for the counts).
+    """
+    spec = sorted(e2e.specs)[1]  # not watched: only the events sent here name it
+    repo = e2e.specs[spec]["source"]["repo_id"]
+    resource = {"prefect.resource.id": f"nimflow.source.hf.{repo}", "prefect.resource.name": repo, "nimflow.spec": spec}
+    revisions: list[str] = []
+    event_ids: dict[str, str] = {}  # revision -> the id of its event
+    _set_pool_paused(True)
+    try:
+        # Make every deployment look changed (as after an edit of prefect.yaml), so bootstrap redeploys them.
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import DeploymentUpdate
+
+        with get_client(sync_client=True) as client:
+            for name in ("host-model", ON_CHECKPOINT, "reconcile", "checkpoint-watcher"):
+                client.update_deployment(e2e.deployment(name).id, DeploymentUpdate(version="stale"))
+        bootstrap = subprocess.Popen([_bin("nimflow"), "bootstrap"], cwd=REPO_ROOT, env=e2e.env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sent_while_running = 0
+        with httpx.Client(timeout=30) as http:
+            while len(revisions) < MOST and (bootstrap.poll() is None or len(revisions) < BURST):
+                revision = uuid.uuid4().hex + uuid.uuid4().hex[:8]
+                event_ids[revision] = str(uuid.uuid4())
+                body = [{"id": event_ids[revision], "occurred": datetime.now(timezone.utc).isoformat(), "event": LANDED,
+                         "resource": resource, "payload": {"spec": spec, "revision": revision}}]
+                response = http.post(f"{e2e.api_url}/events", json=body)
+                assert response.status_code < 300, response.text
+                revisions.append(revision)
+                sent_while_running += bootstrap.poll() is None
+                time.sleep(0.15)  # spread over the redeploy, not one batch before it
+        out, _ = bootstrap.communicate(timeout=600)
+        assert bootstrap.returncode == 0, out
+        assert "host-on-checkpoint: deployed" in out or "host-on-checkpoint: redeployed" in out, out
+        assert sent_while_running >= BURST, f"bootstrap ended after {sent_while_running} events; the burst missed it"
+
+        wanted = set(revisions)
+        def every_checkpoint_has_a_run() -> dict[str, int] | None:
+            counts = _runs_by_revision(e2e, spec)
+            return counts if wanted <= set(counts) else None
+
+        try:
+            counts = wait_for(f"a {ON_CHECKPOINT} run for each of {len(wanted)} checkpoints", every_checkpoint_has_a_run, timeout=180)
+        except pytest.fail.Exception:
+            counts = _runs_by_revision(e2e, spec)
+            missing = sorted(wanted - set(counts))
+            pytest.fail(f"{len(missing)} of {len(wanted)} checkpoints got no run (e.g. {missing[:3]}); what the server "
+                        f"did with their events: {_actions_for(e2e, [event_ids[r] for r in missing])}; bootstrap said:\n{out}")
+        assert {r: counts[r] for r in wanted if counts[r] != 1} == {}, "a checkpoint got more than one run"
+        assert set(counts) == wanted
+    finally:
+        _delete_runs(e2e, spec, set(revisions))
+        _set_pool_paused(False)
