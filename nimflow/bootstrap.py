@@ -27,6 +27,7 @@ In order, each step only creating what is missing (so running it twice changes n
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,7 +60,6 @@ from nimflow.checkpoint_trigger import (
     checkpoint_automation,
 )
 from nimflow.credentials import save_secrets
-from nimflow.deploy_fingerprint import deployment_fingerprint
 from nimflow.errors import ConfigError, PermanentError, Problem, translated_errors
 from nimflow.redaction import redact_url
 from nimflow.settings import get_settings
@@ -397,10 +397,8 @@ def run_prefect_deploy(project_dir: Path, api_url: str, names: list[str]) -> str
     command = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy"]
     for name in names:
         command += ["--name", name]
-    # The child gets this process's environment (specs dir, secrets for nothing but its own imports)
-    # with the API URL made explicit, since it may come from a Prefect profile or a test's settings.
-    env = {**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "200"}
-    result = subprocess.run(command, cwd=project_dir, env=env, capture_output=True, text=True, timeout=DEPLOY_TIMEOUT_SECONDS)
+    result = subprocess.run(command, cwd=project_dir, env=deploy_environment(api_url), capture_output=True, text=True,
+                            timeout=DEPLOY_TIMEOUT_SECONDS)
     output = result.stdout + result.stderr
     if result.returncode != 0:
         tail = "\n".join(output.strip().splitlines()[-15:])
@@ -425,26 +423,36 @@ class PlannedDeployment:
         return "unchanged" if self.current.version == self.fingerprint else "deployed"
 
 
-def plan_deployments(client: SyncPrefectClient, project_dir: Path, config: dict[str, Any]) -> list[PlannedDeployment]:
+def deploy_environment(api_url: str) -> dict[str, str]:
+    """The environment of bootstrap's children (``prefect deploy``, the fingerprints): this process's (specs
+    dir, secrets for nothing but their imports) with the API URL made explicit, since it may come from a
+    Prefect profile or a test's settings."""
+    return {**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "200"}
+
+
+def plan_deployments(client: SyncPrefectClient, project_dir: Path, api_url: str) -> list[PlannedDeployment]:
     """Each deployment of prefect.yaml with its fingerprint and the server's copy of it.
+
+    The fingerprints are computed in a child process that sees what ``prefect deploy`` sees (a fresh
+    import of the flows, in ``project_dir``, with its environment).
 
     Raises:
         PermanentError: an entrypoint cannot be loaded (``prefect deploy`` would fail on it too).
     """
+    command = [sys.executable, "-m", "nimflow.deploy_fingerprint", str(project_dir)]
+    result = subprocess.run(command, cwd=project_dir, env=deploy_environment(api_url), capture_output=True, text=True,
+                            timeout=DEPLOY_TIMEOUT_SECONDS)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise PermanentError(f"cannot load the flows of {project_dir / 'prefect.yaml'} to fingerprint its deployments "
+                             f"(exit {result.returncode}); fix the flow or the entry:\n{tail}")
     planned = []
-    for entry in config.get("deployments") or []:
-        if not entry.get("name") or not entry.get("entrypoint"):
-            continue
+    for name, (flow_name, fingerprint) in json.loads(result.stdout.strip().splitlines()[-1]).items():
         try:
-            flow_name, fingerprint = deployment_fingerprint(project_dir, config, entry)
-        except Exception as exc:  # noqa: BLE001 - any import error of the flow's file
-            raise PermanentError(f"{project_dir / 'prefect.yaml'}: deployment {entry['name']!r}: cannot load its "
-                                 f"entrypoint {entry['entrypoint']!r} ({type(exc).__name__}: {exc}); fix the flow or the entry") from exc
-        try:
-            current = client.read_deployment_by_name(f"{flow_name}/{entry['name']}")
+            current = client.read_deployment_by_name(f"{flow_name}/{name}")
         except ObjectNotFound:
             current = None
-        planned.append(PlannedDeployment(entry["name"], flow_name, fingerprint, current))
+        planned.append(PlannedDeployment(name, flow_name, fingerprint, current))
     return planned
 
 
@@ -508,7 +516,7 @@ def bootstrap(
             report.add("automation", CHECKPOINT_AUTOMATION_NAME, ensure_checkpoint_automation(client))
         return report
     with translated_errors("reading deployments"), get_client(sync_client=True) as client:
-        planned = plan_deployments(client, project_dir, config)
+        planned = plan_deployments(client, project_dir, api_url)
     changed = [p for p in planned if p.result != "unchanged"]
     # Only what is redeployed can be re-activated by it (prefect deploy re-activates paused schedules).
     before = paused_states([p.current for p in changed if p.current is not None])

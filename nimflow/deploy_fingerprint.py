@@ -59,3 +59,33 @@ def deployment_fingerprint(project_dir: Path, config: dict[str, Any], entry: dic
     digest = hashlib.sha256(json.dumps(stored, sort_keys=True, default=str).encode()).hexdigest()
     return flow.name, f"{FINGERPRINT_PREFIX}{digest[:16]}"
 
+
+
+def fingerprints(project_dir: Path, config: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Each deployment of ``config`` by name: its flow name and fingerprint (see :func:`deployment_fingerprint`).
+
+    Raises:
+        Exception: an entrypoint cannot be loaded.
+    """
+    return {entry["name"]: deployment_fingerprint(project_dir, config, entry)
+            for entry in config.get("deployments") or [] if entry.get("name") and entry.get("entrypoint")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nimflow.deploy_fingerprint PROJECT_DIR``: the fingerprints as JSON on stdout.
+
+    Run by bootstrap in a fresh process, as ``prefect deploy`` runs: a flow's parameter schema is made
+    when its module is imported (host-model's spec list), so a long-lived process would hold a stale one.
+    """
+    import sys
+
+    from nimflow import bounded_yaml
+
+    project_dir = Path((argv if argv is not None else sys.argv[1:])[0]).resolve()
+    config = bounded_yaml.load((project_dir / "prefect.yaml").read_text()) or {}
+    print(json.dumps(fingerprints(project_dir, config)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

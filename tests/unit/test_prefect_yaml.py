@@ -317,3 +317,34 @@ def test_gpu_hosts_name_their_count_and_optionally_their_pool() -> None:
     for bad in ("gpu-a", "gpu-a=0", "=4", "gpu-a=4@", "gpu-a=x@pool"):
         with pytest.raises(ConfigError, match="NAME=COUNT"):
             parse_gpu_hosts([bad])
+
+
+def _fingerprints(specs_dir: Path) -> dict[str, list[str]]:
+    """`python -m nimflow.deploy_fingerprint`, as bootstrap runs it (a fresh process, like `prefect deploy`)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NIMFLOW_SPECS_DIR": str(specs_dir)}
+    result = subprocess.run([sys.executable, "-m", "nimflow.deploy_fingerprint", str(REPO_ROOT)], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_deployments_fingerprint_changes_with_what_a_deploy_stores_and_only_then(tmp_path: Path) -> None:
+    """bootstrap redeploys a deployment only when its fingerprint changed. host-model's stored schema lists
+    the specs directory's spec names, so a new spec changes host-model's fingerprint and no other's."""
+    import shutil
+
+    (tmp_path / "specs").mkdir()
+    first = _fingerprints(tmp_path / "specs")
+    assert set(first) == set(DEPLOYMENTS)
+    assert first["host-model"][0] == "host_model" and first["reconcile"][0] == "reconcile"
+    assert all(fingerprint.startswith("nimflow:") for _, fingerprint in first.values())
+    assert len({fingerprint for _, fingerprint in first.values()}) == len(first)
+    assert _fingerprints(tmp_path / "specs") == first  # nothing changed: the same, so nothing is redeployed
+
+    shutil.copy(next(iter(sorted((REPO_ROOT / "configs").glob("*.yaml")))), tmp_path / "specs")
+    second = _fingerprints(tmp_path / "specs")
+    assert [name for name in first if first[name] != second[name]] == ["host-model"]
