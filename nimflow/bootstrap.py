@@ -525,8 +525,8 @@ def bootstrap(
             run_prefect_deploy(project_dir, api_url, [p.name for p in changed])
             with translated_errors("recording the deployments' fingerprints"), get_client(sync_client=True) as client:
                 record_fingerprints(client, changed)
-        for item in planned:
-            report.add("deployment", item.name, item.result)
+        for deployment in planned:
+            report.add("deployment", deployment.name, deployment.result)
     finally:
         with translated_errors("pausing schedules again"), get_client(sync_client=True) as client:
             restore_paused(client, before, report)

@@ -46,7 +46,7 @@ def deployment_fingerprint(project_dir: Path, config: dict[str, Any], entry: dic
     from prefect.utilities.callables import parameter_schema
 
     with contextlib.chdir(project_dir):
-        flow = load_flow_from_entrypoint(str(entry["entrypoint"]))
+        flow: Any = load_flow_from_entrypoint(str(entry["entrypoint"]))
         schema = parameter_schema(flow).model_dump(mode="json")
     stored = {
         "entry": entry,
