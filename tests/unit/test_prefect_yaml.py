@@ -77,7 +77,7 @@ def test_no_deployment_has_triggers_of_its_own() -> None:
 
 def test_interval_schedules_have_a_fixed_anchor() -> None:
     """Without `anchor_date` Prefect anchors an interval at the deploy's moment, so every redeploy moved
-    the schedule. Failed on old main: no anchor_date (`None`)."""
+    the schedule. Failed on old main: no anchor_date (`ValueError: Invalid isoformat string: ''`)."""
     for name, deployment in DEPLOYMENTS.items():
         for schedule in deployment.get("schedules") or []:
             if "interval" in schedule:
