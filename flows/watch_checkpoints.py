@@ -1,8 +1,9 @@
 """The ``watch_checkpoints`` flow: one pass of the checkpoint watcher over the specs directory.
 
 Schedule it (e.g. every few minutes); each new checkpoint of a watched source becomes one
-``nimflow.checkpoint.landed`` event (see :mod:`nimflow.checkpoint_events`), which deployment triggers
-turn into ``host_model`` runs. The first pass for a spec records a baseline and announces nothing
+``nimflow.checkpoint.landed`` event (see :mod:`nimflow.checkpoint_events`), which the checkpoint trigger
+(:mod:`nimflow.checkpoint_trigger`) turns into ``host_model`` runs; a checkpoint whose event made no run
+is announced again on a later pass. The first pass for a spec records a baseline and announces nothing
 (see :mod:`nimflow.checkpoint_watch`).
 """
 

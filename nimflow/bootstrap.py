@@ -11,11 +11,17 @@ In order, each step only creating what is missing (so running it twice changes n
    marked Crashed), created or updated in place by name; a paused one stays paused;
 5. Secret blocks from ``HF_TOKEN``, ``NGC_API_KEY``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` when
    set (see :mod:`nimflow.credentials`; values are never printed);
-6. ``prefect --no-prompt deploy --all`` in the project directory; a redeploy re-activates schedules
-   that were paused, so the schedules paused before (by slug) and paused deployments are paused again;
-7. a check of the server's concurrency lease storage (read from ``/admin/settings``): the default keeps
+6. ``prefect --no-prompt deploy --name ...`` in the project directory, for the deployments whose
+   fingerprint (:mod:`nimflow.deploy_fingerprint`, stored as the deployment's ``version``) differs from
+   the server's: an unchanged one is not redeployed (its scheduled runs, schedules and pause untouched).
+   A redeploy re-activates schedules that were paused, so the schedules paused before (by slug) and
+   paused deployments are paused again;
+7. the checkpoint trigger (:mod:`nimflow.checkpoint_trigger`), an automation nimflow owns on the
+   deployment host-on-checkpoint, created or updated in place by name; a paused one stays paused
+   (``prefect deploy`` leaves it alone: it is not one of the deployment's own triggers);
+8. a check of the server's concurrency lease storage (read from ``/admin/settings``): the default keeps
    leases in the server's memory, so a restart leaks every slot held at the time (docs/fleet.md);
-8. per ``--gpu-host``, a reconcile of its own: the deployment ``reconcile-<NAME>``, a copy of prefect.yaml's
+9. per ``--gpu-host``, a reconcile of its own: the deployment ``reconcile-<NAME>``, a copy of prefect.yaml's
    ``reconcile`` on the work queue ``<NAME>`` of the host's pool (``@POOL``, else reconcile's), so each
    host's worker (``--work-queue default --work-queue <NAME>``) checks its own Docker host. An existing
    one is brought in line with ``reconcile`` but its schedules are left alone (a paused one stays paused).
@@ -23,6 +29,7 @@ In order, each step only creating what is missing (so running it twice changes n
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,6 +56,12 @@ from prefect.settings import PREFECT_API_URL, get_current_settings
 from prefect.workers.process import ProcessWorker
 
 from nimflow import bounded_yaml
+from nimflow.checkpoint_trigger import (
+    CHECKPOINT_AUTOMATION_NAME,
+    HOST_ON_CHECKPOINT_DEPLOYMENT,
+    HOST_ON_CHECKPOINT_FLOW,
+    checkpoint_automation,
+)
 from nimflow.credentials import save_secrets
 from nimflow.errors import ConfigError, PermanentError, Problem, translated_errors
 from nimflow.redaction import redact_url
@@ -56,7 +69,7 @@ from nimflow.settings import get_settings
 from nimflow.spec_concurrency import ensure_limit, gpu_limit_name, spec_limit_name
 from nimflow.spec_registry import spec_names
 
-#: How long ``prefect deploy --all`` may take (it imports every flow).
+#: How long ``prefect deploy`` may take (it imports every flow it deploys).
 DEPLOY_TIMEOUT_SECONDS = 600
 #: prefect.yaml's deployment that each ``--gpu-host`` gets a copy of, on a work queue of its own.
 RECONCILE_DEPLOYMENT = "reconcile"
@@ -83,7 +96,7 @@ class BootstrapReport:
 
     def created(self) -> list[Step]:
         """The items this run created or changed (empty when it changed nothing)."""
-        return [s for s in self.steps if s.result in ("created", "updated")]
+        return [s for s in self.steps if s.result in ("created", "updated", "deployed")]
 
     def render(self) -> str:
         """The summary ``nimflow bootstrap`` prints: one line per item."""
@@ -197,13 +210,18 @@ def restore_paused(client: SyncPrefectClient, states: list[PausedState], report:
             continue  # removed from prefect.yaml and deleted: nothing to keep paused
         if state.paused and not deployment.paused:
             client.pause_deployment(state.deployment_id)
-        if state.paused:
-            report.add("deployment", state.name, "kept paused")
         for schedule in deployment.schedules:
-            if schedule.slug in state.paused_slugs:
-                if schedule.active:
-                    client.update_deployment_schedule(state.deployment_id, schedule.id, active=False)
-                report.add("schedule", f"{state.name}/{schedule.slug}", "kept paused")
+            if schedule.slug in state.paused_slugs and schedule.active:
+                client.update_deployment_schedule(state.deployment_id, schedule.id, active=False)
+        report_paused(state, report)
+
+
+def report_paused(state: PausedState, report: BootstrapReport) -> None:
+    """Record the paused deployment and its paused schedules as ``kept paused``."""
+    if state.paused:
+        report.add("deployment", state.name, "kept paused")
+    for slug in sorted(state.paused_slugs):
+        report.add("schedule", f"{state.name}/{slug}", "kept paused")
 
 
 def host_reconcile_name(host: str) -> str:
@@ -330,21 +348,19 @@ def zombie_run_automation(heartbeat_seconds: int, *, enabled: bool = True) -> Au
     )
 
 
-def ensure_zombie_run_automation(client: SyncPrefectClient) -> str:
-    """Create the zombie-run automation, or bring it in line in place: ``created``, ``updated``, ``kept``
-    (``kept paused``), or ``skipped (...)`` when heartbeats are off.
+def ensure_automation(client: SyncPrefectClient, wanted: AutomationCore) -> str:
+    """Create the automation ``wanted`` (found by its name), or bring it in line in place: ``created``,
+    ``updated``, ``kept`` or ``kept paused``.
 
-    Updated in place (never deleted and recreated), and an automation paused by the user stays paused.
+    Updated in place (never deleted and recreated, so no event meets a gap), and one paused by the user
+    stays paused: ``wanted.enabled`` only applies to a new one.
     """
-    heartbeat_seconds = get_current_settings().flows.heartbeat_frequency
-    if heartbeat_seconds is None:
-        return "skipped (PREFECT_FLOWS_HEARTBEAT_FREQUENCY is off: flow runs send no heartbeat to watch)"
-    existing = client.read_automations_by_name(ZOMBIE_AUTOMATION_NAME)
+    existing = client.read_automations_by_name(wanted.name)
     if not existing:
-        client.create_automation(zombie_run_automation(heartbeat_seconds))
+        client.create_automation(wanted)
         return "created"
     current = existing[0]  # newest first; nimflow only ever makes one
-    wanted = zombie_run_automation(heartbeat_seconds, enabled=current.enabled)
+    wanted = wanted.model_copy(update={"enabled": current.enabled})
     same = (current.description == wanted.description
             and current.trigger.model_dump(exclude={"id"}) == wanted.trigger.model_dump(exclude={"id"})
             and [a.model_dump() for a in current.actions] == [a.model_dump() for a in wanted.actions])
@@ -378,23 +394,104 @@ def check_lease_storage(client: SyncPrefectClient) -> tuple[str, str]:
     return module, "kept"
 
 
-def run_prefect_deploy(project_dir: Path, api_url: str) -> str:
-    """``prefect --no-prompt deploy --all`` in ``project_dir``; return its output.
+def ensure_zombie_run_automation(client: SyncPrefectClient) -> str:
+    """Create the zombie-run automation, or bring it in line in place (see :func:`ensure_automation`),
+    or ``skipped (...)`` when heartbeats are off."""
+    heartbeat_seconds = get_current_settings().flows.heartbeat_frequency
+    if heartbeat_seconds is None:
+        return "skipped (PREFECT_FLOWS_HEARTBEAT_FREQUENCY is off: flow runs send no heartbeat to watch)"
+    return ensure_automation(client, zombie_run_automation(heartbeat_seconds))
+
+
+def ensure_checkpoint_automation(client: SyncPrefectClient) -> str:
+    """Create the checkpoint trigger (:mod:`nimflow.checkpoint_trigger`) on the deployment host-on-checkpoint,
+    or bring it in line in place (see :func:`ensure_automation`); ``skipped (...)`` without that deployment."""
+    name = f"{HOST_ON_CHECKPOINT_FLOW}/{HOST_ON_CHECKPOINT_DEPLOYMENT}"
+    try:
+        deployment = client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        return f"skipped (no deployment {name} to run; run bootstrap without --no-deploy)"
+    return ensure_automation(client, checkpoint_automation(deployment.id))
+
+
+def run_prefect_deploy(project_dir: Path, api_url: str, names: list[str]) -> str:
+    """``prefect --no-prompt deploy --name A --name B ...`` in ``project_dir``; return its output.
 
     Raises:
         PermanentError: it failed (its last output lines are in the message).
     """
     prefect = Path(sys.executable).with_name("prefect")
-    command = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy", "--all"]
-    # The child gets this process's environment (specs dir, secrets for nothing but its own imports)
-    # with the API URL made explicit, since it may come from a Prefect profile or a test's settings.
-    env = {**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "200"}
-    result = subprocess.run(command, cwd=project_dir, env=env, capture_output=True, text=True, timeout=DEPLOY_TIMEOUT_SECONDS)
+    command = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy"]
+    for name in names:
+        command += ["--name", name]
+    result = subprocess.run(command, cwd=project_dir, env=deploy_environment(api_url), capture_output=True, text=True,
+                            timeout=DEPLOY_TIMEOUT_SECONDS)
     output = result.stdout + result.stderr
     if result.returncode != 0:
         tail = "\n".join(output.strip().splitlines()[-15:])
-        raise PermanentError(f"`prefect deploy --all` failed (exit {result.returncode}) in {project_dir}:\n{tail}")
+        raise PermanentError(f"`{' '.join(command[1:])}` failed (exit {result.returncode}) in {project_dir}:\n{tail}")
     return output
+
+
+@dataclass(frozen=True)
+class PlannedDeployment:
+    """One deployment of prefect.yaml: its flow, the fingerprint of what a deploy would store, the server's copy."""
+
+    name: str
+    flow_name: str
+    fingerprint: str
+    current: Any  # the deployment on the server, None when missing
+
+    @property
+    def result(self) -> str:
+        """What bootstrap does with it: ``unchanged`` (the server holds this fingerprint), ``deployed`` or ``created``."""
+        if self.current is None:
+            return "created"
+        return "unchanged" if self.current.version == self.fingerprint else "deployed"
+
+
+def deploy_environment(api_url: str) -> dict[str, str]:
+    """The environment of bootstrap's children (``prefect deploy``, the fingerprints): this process's (specs
+    dir, secrets for nothing but their imports) with the API URL made explicit, since it may come from a
+    Prefect profile or a test's settings."""
+    return {**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "200"}
+
+
+def plan_deployments(client: SyncPrefectClient, project_dir: Path, api_url: str) -> list[PlannedDeployment]:
+    """Each deployment of prefect.yaml with its fingerprint and the server's copy of it.
+
+    The fingerprints are computed in a child process that sees what ``prefect deploy`` sees (a fresh
+    import of the flows, in ``project_dir``, with its environment).
+
+    Raises:
+        PermanentError: an entrypoint cannot be loaded (``prefect deploy`` would fail on it too).
+    """
+    command = [sys.executable, "-m", "nimflow.deploy_fingerprint", str(project_dir)]
+    result = subprocess.run(command, cwd=project_dir, env=deploy_environment(api_url), capture_output=True, text=True,
+                            timeout=DEPLOY_TIMEOUT_SECONDS)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise PermanentError(f"cannot load the flows of {project_dir / 'prefect.yaml'} to fingerprint its deployments "
+                             f"(exit {result.returncode}); fix the flow or the entry:\n{tail}")
+    planned = []
+    for name, (flow_name, fingerprint) in json.loads(result.stdout.strip().splitlines()[-1]).items():
+        try:
+            current = client.read_deployment_by_name(f"{flow_name}/{name}")
+        except ObjectNotFound:
+            current = None
+        planned.append(PlannedDeployment(name, flow_name, fingerprint, current))
+    return planned
+
+
+def record_fingerprints(client: SyncPrefectClient, deployed: list[PlannedDeployment]) -> None:
+    """Store each deployed one's fingerprint as its ``version`` (the next bootstrap compares against it).
+
+    Set after the deploy, not with ``--version`` (one value for every deployment of a call); a bootstrap
+    that dies in between only deploys them again next time.
+    """
+    for planned in deployed:
+        deployment = client.read_deployment_by_name(f"{planned.flow_name}/{planned.name}")
+        client.update_deployment(deployment.id, DeploymentUpdate(version=planned.fingerprint))
 
 
 def bootstrap(
@@ -406,7 +503,7 @@ def bootstrap(
         project_dir: the directory holding prefect.yaml (the checkout the workers run flows from).
         extra_pools: process work pools to create besides those prefect.yaml names.
         gpu_hosts: the fleet's hosts by name (:func:`parse_gpu_hosts`): GPU limits, and each a reconcile.
-        deploy: run ``prefect deploy --all`` (off: only pools, limits and blocks).
+        deploy: deploy what changed (off: only pools, limits, automations and blocks).
 
     Raises:
         ConfigError: PREFECT_API_URL is unset, or prefect.yaml is missing.
@@ -443,18 +540,28 @@ def bootstrap(
     for item in saved:
         report.add("secret block", f"{item.block} (from {item.variable})", item.result)
     if not deploy:
+        with translated_errors("making the checkpoint trigger"), get_client(sync_client=True) as client:
+            report.add("automation", CHECKPOINT_AUTOMATION_NAME, ensure_checkpoint_automation(client))
         return report
     with translated_errors("reading deployments"), get_client(sync_client=True) as client:
-        existing = existing_deployments(client, deployment_names)
-    before = paused_states(existing)
+        planned = plan_deployments(client, project_dir, api_url)
+    changed = [p for p in planned if p.result != "unchanged"]
+    # Only what is redeployed can be re-activated by it (prefect deploy re-activates paused schedules).
+    before = paused_states([p.current for p in changed if p.current is not None])
     try:
-        run_prefect_deploy(project_dir, api_url)
-        known = {d.name for d in existing}
-        for name in deployment_names:
-            report.add("deployment", name, "redeployed" if name in known else "created")
+        if changed:
+            run_prefect_deploy(project_dir, api_url, [p.name for p in changed])
+            with translated_errors("recording the deployments' fingerprints"), get_client(sync_client=True) as client:
+                record_fingerprints(client, changed)
+        for deployment in planned:
+            report.add("deployment", deployment.name, deployment.result)
     finally:
         with translated_errors("pausing schedules again"), get_client(sync_client=True) as client:
             restore_paused(client, before, report)
+            for state in paused_states([p.current for p in planned if p.result == "unchanged"]):
+                report_paused(state, report)
+    with translated_errors("making the checkpoint trigger"), get_client(sync_client=True) as client:
+        report.add("automation", CHECKPOINT_AUTOMATION_NAME, ensure_checkpoint_automation(client))
     if gpu_hosts and RECONCILE_DEPLOYMENT in deployment_names:
         with translated_errors("making each host's reconcile"), get_client(sync_client=True) as client:
             reconcile_per_host(client, list(gpu_hosts.values()), report)

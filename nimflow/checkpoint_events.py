@@ -93,6 +93,9 @@ class CheckpointLanded:
     revision: str | None = None
     uri: str | None = None
     ref: str | None = None
+    #: 0 for the first announcement; n for the watcher's n-th re-announcement of a checkpoint that got no
+    #: run (a new event id: the server's triggers ignore an id they have already seen).
+    attempt: int = 0
 
     @property
     def checkpoint(self) -> str:
@@ -101,8 +104,10 @@ class CheckpointLanded:
 
     @property
     def event_id(self) -> uuid.UUID:
-        """The deterministic event id: the same checkpoint announced for the same spec is the same event."""
-        return uuid.uuid5(EVENT_ID_NAMESPACE, f"{self.spec}\n{self.source_id}\n{self.checkpoint}")
+        """The deterministic event id: the same checkpoint announced for the same spec is the same event
+        (per ``attempt``: a re-announcement is a new event)."""
+        name = f"{self.spec}\n{self.source_id}\n{self.checkpoint}"
+        return uuid.uuid5(EVENT_ID_NAMESPACE, name if not self.attempt else f"{name}\n#{self.attempt}")
 
     def resource(self) -> dict[str, str]:
         """The event's resource labels."""

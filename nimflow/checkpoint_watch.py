@@ -17,13 +17,24 @@ Durable state: one Prefect Variable per spec, ``nimflow-watch-<spec>``, a JSON o
 characters::
 
     {"v": 1,
-     "hf": {"source": "nimflow.source.hf.org/repo", "refs": {"heads/main": "<sha[:16]>", "tags/v1": "<sha[:16]>"}},
-     "s3": {"source": "nimflow.source.s3.bucket/prefix", "seen": ["<sha256(dir name)[:10]>", ...]}}
+     "hf": {"source": "nimflow.source.hf.org/repo", "refs": {"heads/main": "<sha[:16]>", "tags/v1": "<sha[:16]>"},
+            "announced": {"<sha[:16]>": {"revision": "<sha>", "ref": "main", "n": 1, "at": <unix time>}}},
+     "s3": {"source": "nimflow.source.s3.bucket/prefix", "seen": ["<sha256(dir name)[:10]>", ...],
+            "announced": {"<sha256(dir name)[:10]>": {"uri": "s3://...", "n": 1, "at": <unix time>}}}}
 
 Only the watched refs and the directories still listed are kept, so it stays small; a watch that outgrows
 the limit fails with a message naming the fix. The state is written after each event is accepted by the
 API (and once more at the end of the pass), so a pass that dies half way neither misses nor repeats a
 checkpoint: what it did not record it announces again next time, with the same event id.
+
+**Announced is not done.** An accepted event can still start nothing (the trigger was being changed,
+the server restarted between accepting and acting on it). So each announced checkpoint stays under
+``announced`` until a ``host-on-checkpoint`` run for it exists (its parameters name the spec and the
+revision or directory); a later pass that finds none after :data:`REANNOUNCE_AFTER_SECONDS` announces it
+again with a new event id (the server's triggers ignore an id they saw, so the same one would start
+nothing), unless an automation is acting on the last event (its run is on its way: a second event could
+make a second run). An action that failed (the server busy, the run refused) made no run: it is announced
+again. After :data:`MAX_ANNOUNCEMENTS` the pass gives up on it and fails naming the checkpoint.
 
 **The first pass** for a spec (no Variable yet, or the watched repo or prefix changed) records a baseline and
 announces nothing: what already exists when watching starts is not a new checkpoint. To start a run for a
@@ -36,11 +47,14 @@ import fnmatch
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from nimflow.checkpoint_events import CheckpointLanded, emit_checkpoint_event, hf_checkpoint, s3_checkpoint
+from nimflow.checkpoint_trigger import CHECKPOINT_AUTOMATION_NAME, HOST_ON_CHECKPOINT_DEPLOYMENT, HOST_ON_CHECKPOINT_FLOW
 from nimflow.errors import NimflowError, PermanentError, translated_errors
 from nimflow.redaction import redact_url
 from nimflow.s3 import s3_client, split_s3_uri
@@ -49,9 +63,12 @@ from nimflow.spec import HostingSpec, source_id_hf, source_id_s3
 
 __all__ = [
     "INDEX_FILE",
+    "MAX_ANNOUNCEMENTS",
     "DirectoryStatus",
+    "RunCheck",
     "SpecPass",
     "WatchReport",
+    "check_runs",
     "directory_status",
     "list_checkpoint_dirs",
     "load_state",
@@ -76,6 +93,11 @@ MAX_STATE_CHARS = 5000
 INDEX_FILE = "model.safetensors.index.json"
 _SHA_CHARS = 16
 _DIR_HASH_CHARS = 10
+#: An announced checkpoint without a run is announced again once this old (the trigger makes the run
+#: within seconds; the watcher passes every 2 minutes, so the next pass qualifies).
+REANNOUNCE_AFTER_SECONDS = 90.0
+#: How often one checkpoint is announced before the watcher gives up on it (and its pass fails naming it).
+MAX_ANNOUNCEMENTS = 5
 
 Emitter = Callable[[CheckpointLanded], Any]
 
@@ -99,6 +121,8 @@ class SpecPass:
     emitted: list[CheckpointLanded] = field(default_factory=list)
     refs: dict[str, str] = field(default_factory=dict)  # "heads/main" -> full sha
     directories: list[DirectoryStatus] = field(default_factory=list)
+    #: Checkpoints announced by an earlier pass whose host-on-checkpoint run now exists.
+    confirmed: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -127,6 +151,7 @@ class WatchReport:
                     "baseline": one.baseline,
                     "refs": one.refs,
                     "directories": [{"uri": d.uri, "complete": d.complete, "reason": d.reason} for d in one.directories],
+                    "confirmed": one.confirmed,
                     "error": one.error,
                 }
                 for one in self.passes
@@ -349,8 +374,131 @@ def _s3_part(
     return {"source": source, "seen": seen}, changes
 
 
-def watch_spec(name: str, spec: HostingSpec, *, emit: Emitter = emit_checkpoint_event) -> SpecPass:
-    """One pass for one spec: observe its watched sources, announce each new checkpoint, record the state.
+# --- announcements waiting for their run ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunCheck:
+    """What the server holds for announced checkpoints: those with a host-on-checkpoint run, and the
+    event ids an automation is acting on or acted on without failing (its run is on its way)."""
+
+    with_run: set[str]
+    acted_on: set[str]
+
+
+#: ``(spec, announced events, since) -> RunCheck``; the default reads the Prefect API (:func:`check_runs`).
+RunChecker = Callable[[str, list[CheckpointLanded], datetime], RunCheck]
+
+
+def check_runs(spec: str, events: list[CheckpointLanded], since: datetime) -> RunCheck:
+    """Which of ``events`` (checkpoints of ``spec`` announced since ``since``) have a host-on-checkpoint run
+    (by its parameters: spec, and revision or checkpoint_uri), and which event ids an automation acted on
+    (a ``prefect.automation.action.*`` event whose triggering event is the announcement, none of them
+    ``...action.failed``).
+
+    Raises:
+        NimflowError: the Prefect API could not be read (translated).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterExpectedStartTime
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventRelatedFilter
+    from prefect.exceptions import ObjectNotFound
+
+    name = f"{HOST_ON_CHECKPOINT_FLOW}/{HOST_ON_CHECKPOINT_DEPLOYMENT}"
+    with translated_errors(f"reading the runs of {name}"), get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return RunCheck(set(), set())  # nothing can run them: re-announcing is bounded, then reported
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
+            expected_start_time=FlowRunFilterExpectedStartTime(after_=since)), limit=200)
+        with_run = {str(value) for run in runs if run.parameters.get("spec") == spec
+                    for value in (run.parameters.get("revision"), run.parameters.get("checkpoint_uri")) if value}
+        page = client.read_events(filter=EventFilter(
+            event=EventNameFilter(prefix=["prefect.automation.action."]),
+            related=EventRelatedFilter(id=[f"prefect.event.{e.event_id}" for e in events]),
+            occurred=EventOccurredFilter(since=since, until=datetime.now(timezone.utc) + timedelta(minutes=5))), limit=50)
+    actions: dict[str, set[str]] = {}
+    for action in page.events:
+        for related in action.related:
+            if related.role == "triggering-event":
+                actions.setdefault(related.id.removeprefix("prefect.event."), set()).add(action.event)
+    # A failed action made no run (the server answered >= 300, e.g. 503 while busy): announcing again is safe.
+    acted_on = {event_id for event_id, names in actions.items() if "prefect.automation.action.failed" not in names}
+    return RunCheck({e.checkpoint for e in events if e.checkpoint in with_run}, acted_on)
+
+
+def _announced_event(name: str, spec: HostingSpec, part: str, entry: dict[str, Any]) -> CheckpointLanded:
+    """The event of an entry of a part's ``announced`` state, as it was last sent."""
+    assert spec.watch is not None
+    if part == "hf":
+        assert spec.source.repo_id is not None
+        event = hf_checkpoint(name, spec.source.repo_id, entry["revision"], ref=entry.get("ref"))
+    else:
+        assert spec.watch.s3_prefix is not None
+        event = s3_checkpoint(name, spec.watch.s3_prefix, entry["uri"])
+    return replace(event, attempt=int(entry.get("n", 1)) - 1)
+
+
+def _announcement(event: CheckpointLanded, count: int) -> dict[str, Any]:
+    """The ``announced`` entry of an event sent ``count`` times, the last time now."""
+    entry: dict[str, Any] = {"n": count, "at": int(time.time())}
+    if event.revision is not None:
+        entry["revision"] = event.revision
+        if event.ref is not None:
+            entry["ref"] = event.ref
+    if event.uri is not None:
+        entry["uri"] = event.uri
+    return entry
+
+
+def _settle_announcements(
+    name: str, spec: HostingSpec, progress: dict[str, Any], result: SpecPass, *,
+    emit: Emitter, check: RunChecker, reannounce_after: float,
+) -> list[str]:
+    """Earlier announcements: forget those whose run exists; announce again (a new event id) those that got
+    none, at most :data:`MAX_ANNOUNCEMENTS` times; return the checkpoints given up on."""
+    pending = [(part, key, entry) for part in ("hf", "s3") for key, entry in ((progress.get(part) or {}).get("announced") or {}).items()]
+    if not pending:
+        return []
+    events = {(part, key): _announced_event(name, spec, part, entry) for part, key, entry in pending}
+    since = datetime.fromtimestamp(min(int(entry.get("at", 0)) for _, _, entry in pending) - 300, timezone.utc)
+    found = check(name, list(events.values()), since)
+    gave_up = []
+    now = time.time()
+    for part, key, entry in pending:
+        event = events[(part, key)]
+        announced = progress[part]["announced"]
+        if event.checkpoint in found.with_run:
+            del announced[key]
+            result.confirmed.append(event.checkpoint)
+        elif now - int(entry.get("at", 0)) < reannounce_after:
+            continue  # the trigger usually makes the run within seconds: give it until the next pass
+        elif int(entry.get("n", 1)) >= MAX_ANNOUNCEMENTS:
+            del announced[key]
+            gave_up.append(event.checkpoint)
+        elif str(event.event_id) in found.acted_on:
+            announced[key] = {**entry, "n": int(entry.get("n", 1)) + 1, "at": int(now)}  # acted on: no second event
+        else:
+            again = replace(event, attempt=int(entry.get("n", 1)))
+            emit(again)
+            result.emitted.append(again)
+            announced[key] = _announcement(again, int(entry.get("n", 1)) + 1)
+        save_state(name, progress)
+    return gave_up
+
+
+def watch_spec(
+    name: str, spec: HostingSpec, *, emit: Emitter = emit_checkpoint_event, check: RunChecker = check_runs,
+    reannounce_after: float = REANNOUNCE_AFTER_SECONDS,
+) -> SpecPass:
+    """One pass for one spec: settle earlier announcements, observe its watched sources, announce each new
+    checkpoint, record the state.
+
+    An announced checkpoint stays in the state (``announced``) until a host-on-checkpoint run for it
+    exists; one without a run after ``reannounce_after`` seconds is announced again on a later pass (a new
+    event id, unless an automation acted on the last one), at most :data:`MAX_ANNOUNCEMENTS` times.
 
     Raises:
         NimflowError: a source could not be read, an event was not accepted, or the state not stored
@@ -376,22 +524,37 @@ def watch_spec(name: str, spec: HostingSpec, *, emit: Emitter = emit_checkpoint_
     progress: dict[str, Any] = {"v": STATE_VERSION}
     for part in ("hf", "s3"):
         if part in final and (stored.get(part) or {}).get("source") == final[part]["source"]:
-            progress[part] = dict(stored[part])
+            progress[part] = json.loads(json.dumps(stored[part]))  # a deep copy: settled in place below
+    gave_up = _settle_announcements(name, spec, progress, result, emit=emit, check=check, reannounce_after=reannounce_after)
     for event, refs in hf_changes:
         emit(event)
         result.emitted.append(event)
-        progress["hf"] = {"source": final["hf"]["source"], "refs": {**(progress.get("hf") or {}).get("refs", {}), **refs}}
+        hf = progress.get("hf") or {}
+        progress["hf"] = {"source": final["hf"]["source"], "refs": {**hf.get("refs", {}), **refs},
+                          "announced": {**hf.get("announced", {}), _short_sha(event.checkpoint): _announcement(event, 1)}}
         save_state(name, progress)
     for event, digest in s3_changes:
         emit(event)
         result.emitted.append(event)
-        seen = set((progress.get("s3") or {}).get("seen", [])) | {digest}
-        progress["s3"] = {"source": final["s3"]["source"], "seen": sorted(seen)}
+        s3 = progress.get("s3") or {}
+        progress["s3"] = {"source": final["s3"]["source"], "seen": sorted(set(s3.get("seen", [])) | {digest}),
+                          "announced": {**s3.get("announced", {}), digest: _announcement(event, 1)}}
         save_state(name, progress)
+    for part in ("hf", "s3"):
+        announced = (progress.get(part) or {}).get("announced")
+        if part in final and announced:
+            final[part]["announced"] = announced
     if final != stored:
         save_state(name, final)
     for event in result.emitted:
         logger.info("%s: announced %s %s", name, event.source_name, event.checkpoint)
+    if gave_up:
+        result.error = (
+            f"no {HOST_ON_CHECKPOINT_FLOW}/{HOST_ON_CHECKPOINT_DEPLOYMENT} run for {', '.join(gave_up)} after "
+            f"{MAX_ANNOUNCEMENTS} announcements; gave up on it. Check that the automation {CHECKPOINT_AUTOMATION_NAME!r} "
+            f"is enabled and the deployment exists (nimflow bootstrap), then host it with `nimflow notify {name} "
+            "--revision SHA` (or --uri) or from the UI")
+        logger.error("%s: %s", name, result.error)
     return result
 
 

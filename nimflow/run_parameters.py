@@ -310,7 +310,7 @@ EventSpecName = Annotated[
         "file in the specs directory (NIMFLOW_SPECS_DIR, default `configs/`). Never a path.", **_SPEC_NAME_SCHEMA),
 ]
 # Plain `str` with an empty default, as host_model's: the trigger renders a missing event field as ""
-# (`default('')`), and the enforced schema's patterns accept "" (the UI form shows plain fields, no
+# (`default('')`, nimflow/checkpoint_trigger.py), and the enforced schema's patterns accept "" (the UI form shows plain fields, no
 # "None" toggles). None from a Python caller, or from an automation made before this, still means "not given".
 EventRevision = Annotated[
     str,

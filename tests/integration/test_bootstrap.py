@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,62 @@ def test_bootstrap_creates_the_zombie_run_automation_once_and_keeps_it_paused(
     (after,) = automations()
     assert after.id == automation.id and not after.enabled
     assert after.trigger.within.total_seconds() == MISSED_HEARTBEATS * heartbeat_seconds
+
+
+def _checkpoint_triggers(client: Any) -> list[Any]:
+    """Every automation that runs host-on-checkpoint (prefect.yaml's own trigger on old main, nimflow's now)."""
+    target = client.read_deployment_by_name("host_model/host-on-checkpoint").id
+    return [a for a in client.read_automations() if any(getattr(x, "deployment_id", None) == target for x in a.actions)]
+
+
+def test_a_paused_automation_schedule_and_deployment_stay_paused_across_two_bootstraps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], prefect_api: str,
+) -> None:
+    """Issue 15 acceptance (b). The first bootstrap after the pauses redeploys every deployment (their stored
+    fingerprints are made stale, as after a change to prefect.yaml), the second finds them unchanged.
+
+    Failed on old main (this test with bootstrap.py and prefect.yaml of main): after the first bootstrap
+    the checkpoint trigger was enabled again (`prefect deploy` deletes and recreates a deployment's own
+    triggers: `assert [True] == [False]`), while bootstrap printed nothing about it.
+    """
+    from nimflow.checkpoint_trigger import CHECKPOINT_AUTOMATION_NAME
+
+    monkeypatch.setenv("NIMFLOW_SPECS_DIR", str(tmp_path))  # no specs: nothing but the deployments matters here
+    monkeypatch.chdir(REPO_ROOT)
+    _bootstrap(capsys)
+    watcher, host_model = _deployment("watch_checkpoints/checkpoint-watcher"), _deployment("host_model/host-model")
+    (schedule,) = watcher.schedules
+    with get_client(sync_client=True) as client:
+        (trigger,) = _checkpoint_triggers(client)
+        client.pause_automation(trigger.id)
+        client.update_deployment_schedule(watcher.id, schedule.id, active=False)
+        client.pause_deployment(host_model.id)
+    try:
+        for attempt in ("redeploy", "unchanged"):
+            if attempt == "redeploy":
+                from prefect.client.schemas.actions import DeploymentUpdate
+
+                with get_client(sync_client=True) as client:
+                    for name in ("watch_checkpoints/checkpoint-watcher", "host_model/host-model", "host_model/host-on-checkpoint"):
+                        client.update_deployment(_deployment(name).id, DeploymentUpdate(version="stale"))
+            out = _bootstrap(capsys)
+            with get_client(sync_client=True) as client:
+                assert [a.enabled for a in _checkpoint_triggers(client)] == [False], (attempt, out)
+            assert {s.slug: s.active for s in _deployment("watch_checkpoints/checkpoint-watcher").schedules} == {"watch-2m": False}
+            assert _deployment("host_model/host-model").paused, (attempt, out)
+            assert f"{CHECKPOINT_AUTOMATION_NAME}: kept paused" in out, out
+            assert "checkpoint-watcher/watch-2m: kept paused" in out and "host-model: kept paused" in out, out
+            expected = "deployed" if attempt == "redeploy" else "unchanged"
+            assert f"host-on-checkpoint: {expected}" in out and f"host-model: {expected}" in out, out
+            # The interval schedules keep prefect.yaml's fixed anchor, whenever they were deployed.
+            anchors = [s.schedule.anchor_date for s in _deployment("watch_checkpoints/checkpoint-watcher").schedules]
+            assert anchors == [datetime(2026, 1, 1, tzinfo=timezone.utc)], anchors
+        with get_client(sync_client=True) as client:
+            (after,) = _checkpoint_triggers(client)
+        assert after.id == trigger.id  # the same automation all along: updated in place, never recreated
+    finally:
+        with get_client(sync_client=True) as client:
+            for automation in _checkpoint_triggers(client):
+                client.resume_automation(automation.id)
+            client.update_deployment_schedule(watcher.id, schedule.id, active=True)
+            client.resume_deployment(host_model.id)

@@ -156,6 +156,21 @@ def test_hf_event_body_shape_and_deterministic_id() -> None:
     assert event.event_id != hf_checkpoint("other-spec", "my-org/llama", SHA_A).event_id
 
 
+def test_a_reannouncement_is_a_new_event_with_the_same_body() -> None:
+    """The watcher re-announces a checkpoint that got no run under a new id (the server's triggers ignore an
+    id they have seen); each attempt's id is deterministic, and the first attempt's is the id of before."""
+    from dataclasses import replace
+
+    event = hf_checkpoint("llama-sft", "my-org/llama", SHA_A)
+    namespace = uuid.UUID("6f1c2b9e-5d7a-4c3e-9b1f-2a8d4e6c0f13")
+    assert event.event_id == uuid.uuid5(namespace, f"llama-sft\nnimflow.source.hf.my-org/llama\n{SHA_A}")
+    ids = [replace(event, attempt=n).event_id for n in range(4)]
+    assert len(set(ids)) == 4 and ids == [replace(event, attempt=n).event_id for n in range(4)]
+    again = replace(event, attempt=2).body()
+    assert {k: v for k, v in again.items() if k not in ("id", "occurred")} == {
+        k: v for k, v in event.body().items() if k not in ("id", "occurred")}
+
+
 def test_s3_event_body_shape() -> None:
     event = s3_checkpoint("llama-sft", "s3://bucket/runs/sft/", "s3://bucket/runs/sft/checkpoint-1200")
     assert event.resource() == {

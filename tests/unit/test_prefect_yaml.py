@@ -58,19 +58,46 @@ def test_no_prefect_blocks_anywhere() -> None:
     """`{{ prefect.blocks... }}` in deployment fields is resolved at deploy time and stored in plaintext."""
     assert "prefect.blocks" not in (REPO_ROOT / "prefect.yaml").read_text()
     assert "prefect.blocks" not in json.dumps(TEMPLATE)
+    assert "prefect.blocks" not in _checkpoint_automation().model_dump_json()
+
+
+def _checkpoint_automation() -> Any:
+    from nimflow.checkpoint_trigger import checkpoint_automation
+
+    return checkpoint_automation(uuid4())
+
+
+def test_no_deployment_has_triggers_of_its_own() -> None:
+    """`prefect deploy` deletes and recreates a deployment's own triggers on every deploy: events sent
+    meanwhile started no run, and a paused trigger came back enabled. The checkpoint trigger is an
+    automation bootstrap owns (nimflow/checkpoint_trigger.py). Failed on old main: host-on-checkpoint had
+    `triggers:`."""
+    assert [name for name, d in DEPLOYMENTS.items() if d.get("triggers")] == []
+
+
+def test_interval_schedules_have_a_fixed_anchor() -> None:
+    """Without `anchor_date` Prefect anchors an interval at the deploy's moment, so every redeploy moved
+    the schedule. Failed on old main: no anchor_date (`ValueError: Invalid isoformat string: ''`)."""
+    for name, deployment in DEPLOYMENTS.items():
+        for schedule in deployment.get("schedules") or []:
+            if "interval" in schedule:
+                anchor = datetime.fromisoformat(schedule.get("anchor_date") or "")
+                assert anchor.tzinfo is not None, f"{name}: {schedule}"
 
 
 def test_every_templated_trigger_parameter_has_a_default() -> None:
-    """A missing event field without `| default(...)` drops the run (prefect.md §3.1)."""
+    """A missing event field without `| default(...)` drops the run (prefect.md §3.1); no block templates
+    (`{% ... %}`), only single expressions, which the server renders to the parameter's type."""
+    (action,) = _checkpoint_automation().actions
     checked = 0
-    for deployment in CONFIG["deployments"]:
-        for trigger in deployment.get("triggers") or []:
-            for key, value in (trigger.get("parameters") or {}).items():
-                if isinstance(value, str) and "{{" in value:
-                    for expression in re.findall(r"\{\{(.*?)\}\}", value):
-                        assert "| default(" in expression, f"{deployment['name']}: {key} has no default: {value}"
-                        checked += 1
-    assert checked >= 3
+    for key, value in (action.parameters or {}).items():
+        assert isinstance(value, str) and "{%" not in value, f"{key}: {value}"
+        expressions = re.findall(r"\{\{(.*?)\}\}", value)
+        assert expressions == [value.strip()[2:-2]], f"{key}: one expression, nothing around it: {value}"
+        for expression in expressions:
+            assert "| default(" in expression, f"{key} has no default: {value}"
+            checked += 1
+    assert checked == 3
 
 
 def test_checkpoint_trigger_parameters_render_from_a_landed_event() -> None:
@@ -83,14 +110,15 @@ def test_checkpoint_trigger_parameters_render_from_a_landed_event() -> None:
     from prefect.server.events.schemas.events import Event
     from prefect.server.utilities.user_templates import render_user_template_sync
 
-    trigger = DEPLOYMENTS["host-on-checkpoint"]["triggers"][0]
-    assert trigger["expect"] == ["nimflow.checkpoint.landed"] and trigger["for_each"] == ["prefect.resource.id"]
-    assert trigger["match"] == {"prefect.resource.id": "nimflow.source.*", "nimflow.spec": "?*"}
-    assert trigger["posture"] == "Reactive"
+    automation = _checkpoint_automation()
+    trigger, (action,) = automation.trigger, automation.actions
+    assert trigger.expect == {"nimflow.checkpoint.landed"} and trigger.for_each == {"prefect.resource.id"}
+    assert trigger.match.model_dump() == {"prefect.resource.id": "nimflow.source.*", "nimflow.spec": "?*"}
+    assert trigger.posture == "Reactive" and trigger.threshold == 1
 
     def render(event: Event) -> dict[str, Any]:
         rendered = {}
-        for key, value in trigger["parameters"].items():
+        for key, value in action.parameters.items():
             wrapped = RunDeployment._wrap_v1_template(value)
             rendered[key] = json.loads(render_user_template_sync(wrapped["value"]["template"], {"event": event}))
         return rendered
@@ -105,14 +133,12 @@ def test_checkpoint_trigger_parameters_render_from_a_landed_event() -> None:
 
 
 def _server_trigger(deployment: str) -> Any:
-    """The deployment's first trigger as the server holds it: prefect.yaml -> the client's
-    DeploymentEventTrigger -> its automation (what `prefect deploy` sends) -> the server's EventTrigger."""
+    """The checkpoint automation's trigger as the server holds it (the client's model, as bootstrap sends it,
+    read by the server's EventTrigger)."""
     from prefect.server.events.schemas.automations import EventTrigger
 
-    trigger = DeploymentEventTrigger.model_validate({**DEPLOYMENTS[deployment]["triggers"][0], "name": f"{deployment}__automation_1"})
-    trigger.set_deployment_id(uuid4())
-    automation = trigger.as_automation()
-    return EventTrigger.model_validate(automation.trigger.model_dump(mode="json"))
+    assert deployment == "host-on-checkpoint" and deployment in DEPLOYMENTS
+    return EventTrigger.model_validate(_checkpoint_automation().trigger.model_dump(mode="json"))
 
 
 @pytest.mark.parametrize(("labels", "starts_a_run"), [
@@ -220,7 +246,9 @@ def test_the_trigger_deployments_schema_is_enforceable_without_a_list_of_specs(p
     flow = load_flow_from_entrypoint(f"{REPO_ROOT / path}:{function}", use_placeholder_flow=False)
     schema = parameter_schema(flow).model_dump()
     assert "enum" not in schema["properties"]["spec"]  # no list of names frozen at deploy time
-    assert set(schema["properties"]) == set(DEPLOYMENTS["host-on-checkpoint"]["triggers"][0]["parameters"])
+    from nimflow.checkpoint_trigger import PARAMETER_TEMPLATES
+
+    assert set(schema["properties"]) == set(PARAMETER_TEMPLATES)
     assert is_valid(parameters, schema) is valid
 
 
@@ -288,3 +316,34 @@ def test_gpu_hosts_name_their_count_and_optionally_their_pool() -> None:
     for bad in ("gpu-a", "gpu-a=0", "=4", "gpu-a=4@", "gpu-a=x@pool"):
         with pytest.raises(ConfigError, match="NAME=COUNT"):
             parse_gpu_hosts([bad])
+
+
+def _fingerprints(specs_dir: Path) -> dict[str, list[str]]:
+    """`python -m nimflow.deploy_fingerprint`, as bootstrap runs it (a fresh process, like `prefect deploy`)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NIMFLOW_SPECS_DIR": str(specs_dir)}
+    result = subprocess.run([sys.executable, "-m", "nimflow.deploy_fingerprint", str(REPO_ROOT)], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_deployments_fingerprint_changes_with_what_a_deploy_stores_and_only_then(tmp_path: Path) -> None:
+    """bootstrap redeploys a deployment only when its fingerprint changed. host-model's stored schema lists
+    the specs directory's spec names, so a new spec changes host-model's fingerprint and no other's."""
+    import shutil
+
+    (tmp_path / "specs").mkdir()
+    first = _fingerprints(tmp_path / "specs")
+    assert set(first) == set(DEPLOYMENTS)
+    assert first["host-model"][0] == "host_model" and first["reconcile"][0] == "reconcile"
+    assert all(fingerprint.startswith("nimflow:") for _, fingerprint in first.values())
+    assert len({fingerprint for _, fingerprint in first.values()}) == len(first)
+    assert _fingerprints(tmp_path / "specs") == first  # nothing changed: the same, so nothing is redeployed
+
+    shutil.copy(next(iter(sorted((REPO_ROOT / "configs").glob("*.yaml")))), tmp_path / "specs")
+    second = _fingerprints(tmp_path / "specs")
+    assert [name for name in first if first[name] != second[name]] == ["host-model"]
