@@ -23,7 +23,7 @@ demo: venv
 # The whole test suite against the real local test bed (the tests start what they need).
 test: venv lint
 	$(BIN)/python -m nimflow.testbed.docker_engine
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # Static checks: ruff (lint and import order) and mypy. mypy reads the package as the wheel lays it out
 # (flows/ and tasks/ are nimflow.flows and nimflow.tasks there), through a tree of symlinks.
