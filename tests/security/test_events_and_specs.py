@@ -164,19 +164,20 @@ def _s3(s3_server: Service) -> Any:
 
 @pytest.fixture
 def checkpoint_automation(unique: str, prefect_api: str) -> Iterator[tuple[UUID, UUID]]:
-    """host-on-checkpoint as prefect.yaml defines it (entrypoint, schema, enforcement, trigger), under a
-    unique name; its trigger matches only this test's sources. Yields (deployment id, automation id)."""
+    """host-on-checkpoint as prefect.yaml defines it (entrypoint, schema, enforcement) with the checkpoint
+    trigger as bootstrap creates it (nimflow/checkpoint_trigger.py), under a unique name; its trigger
+    matches only this test's sources. Yields (deployment id, automation id)."""
     from prefect.client.orchestration import get_client
-    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.events.schemas.events import ResourceSpecification
+
+    from nimflow.checkpoint_trigger import checkpoint_automation as owned_trigger
 
     deployment_id = _deploy("host-on-checkpoint", unique)
-    (trigger_config,) = DEPLOYMENTS["host-on-checkpoint"]["triggers"]
-    trigger = DeploymentEventTrigger.model_validate({
-        **trigger_config, "name": f"host-on-checkpoint-{unique}", "match": {"prefect.resource.id": f"nimflow.source.s3.{unique}-*"},
-    })
-    trigger.set_deployment_id(deployment_id)
+    automation = owned_trigger(deployment_id)
+    automation.name = f"host-on-checkpoint-{unique}"
+    automation.trigger.match = ResourceSpecification({"prefect.resource.id": f"nimflow.source.s3.{unique}-*", "nimflow.spec": "?*"})
     with get_client(sync_client=True) as client:
-        automation_id = client.create_automation(trigger.as_automation())
+        automation_id = client.create_automation(automation)
     yield deployment_id, automation_id
     with get_client(sync_client=True) as client:
         client.delete_automation(automation_id)
