@@ -380,7 +380,7 @@ def test_trtllm_build_backend_end_to_end(
         ("nim-optimize", "gpu-oom", 1),
         ("trtllm-build", "unsupported-arch", 1),
         ("nim-jit", "host-oom", 1),
-        ("nim-optimize", "cuda-init", 4),
+        ("nim-optimize", "cuda-init", 1),  # deterministic with a bad build config (TensorRT-LLM #1839)
         ("nim-jit", "nccl", 4),
     ],
 )
