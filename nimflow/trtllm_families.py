@@ -94,7 +94,7 @@ FAMILIES: tuple[ConverterFamily, ...] = (
         model_dir_flag="--model-dir", output_dir_flag="--output-model-dir",
         tp_flag=None, pp_flag=None, world_size_flag="--world-size", extra_arguments=("--ckpt-type", "hf"),
         max_pp_size=1,
-        limit_note="it takes --world-size as the tensor-parallel size and has no pipeline parallelism "
+        limit_note="takes --world-size as the tensor-parallel size and has no pipeline parallelism "
         "(\"We don't support pipeline parallelism yet for Gemma\"); use pp_size 1 and spread the model with tp_size",
         sources=(
             f"{_GITHUB}/201135e58aa525af7e523d091d4c9584229524bc/examples/gemma/convert_checkpoint.py",
@@ -106,7 +106,7 @@ FAMILIES: tuple[ConverterFamily, ...] = (
         model_dir_flag="--model_dir", output_dir_flag="--output_dir",
         tp_flag="--tp_size", pp_flag="--pp_size", world_size_flag=None, extra_arguments=(),
         max_pp_size=1,
-        limit_note="it asserts pp_size == 1 (\"Pipeline parallelism is not supported.\"); use pp_size 1 and "
+        limit_note="asserts pp_size == 1 (\"Pipeline parallelism is not supported.\"); use pp_size 1 and "
         "spread the model with tp_size",
         sources=(
             f"{_GITHUB}/04a2cacbfd3b9ac76191bd8498ad871607b63a04/examples/phi/convert_checkpoint.py",
