@@ -33,7 +33,9 @@ from nimflow.errors import ConfigError, EngineIncompatible
 from nimflow.records import Engine, ServingImage
 from nimflow.rollout import start_candidate
 from nimflow.spec import CacheSpec, parse_spec
+from nimflow.testbed.hub_server import publish
 from nimflow.testbed.services import free_port
+from nimflow.testbed.tiny_model import write_tiny_llama
 from tests.conftest import ENGINE_BUCKET, write_spec
 from tests.integration.test_host_model import make_spec, publish_tiny, task_runs
 
@@ -342,6 +344,36 @@ def test_build_config_that_does_not_fit_the_model_is_refused_before_any_containe
     with pytest.raises(ConfigError) as caught:
         state.result()
     assert "build.tp_size: num_attention_heads of" in str(caught.value) and "not divisible by tp_size 3" in str(caught.value)
+    assert task_runs(state.state_details.flow_run_id)["compile-engine"].run_count == 1
+    assert {c.id for c in docker_client.containers.list(all=True)} == before
+
+
+def test_gemma_pipeline_parallelism_is_refused_before_any_container(
+    tmp_path: Path, testbed_env: dict, hub: Any, standin_image: str, unique: str, docker_client: Any,
+) -> None:
+    """A Gemma2 checkpoint built with trtllm-build at pp_size 2 fails at once, naming the family, its
+    script, the limit and the fix: Gemma's converter has no pipeline parallelism.
+
+    Run on old main (the build_config.py of commit 6c010bf), this run got past the check and started
+    the convert container, which on real TensorRT-LLM fails on the GPU host; the ConfigError assertion
+    failed there.
+    """
+    name, repo = f"gemma-pp-{unique}", f"org/gemma-pp-{unique}"
+    source = write_tiny_llama(tmp_path / "src", seed=0)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
+    publish(hub.root, repo, source)
+    spec = make_spec(tmp_path, name, repo, standin_image, build="trtllm-build")
+    spec["build"]["pp_size"] = 2
+    before = {c.id for c in docker_client.containers.list(all=True)}
+
+    state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
+
+    with pytest.raises(ConfigError) as caught:
+        state.result()
+    message = str(caught.value)
+    assert "build.pp_size: pp_size 2 cannot be converted for the gemma family" in message
+    assert "/gemma/convert_checkpoint.py takes --world-size" in message and "e.g. tp_size 2, pp_size 1" in message
     assert task_runs(state.state_details.flow_run_id)["compile-engine"].run_count == 1
     assert {c.id for c in docker_client.containers.list(all=True)} == before
 
