@@ -327,10 +327,10 @@ class BuildSpec(_Spec):
     def _converter_parallelism(self) -> BuildSpec:
         # A convert_script of a known family fixes the converter now: refuse what it cannot convert
         # in `nimflow validate` (other builds are checked against the checkpoint's architecture).
-        if self.convert_script:
-            family = family_of_script(self.convert_script)
-            problem = family and parallelism_problem(family, self.convert_script, self.tp_size, self.pp_size)
-            if problem:
+        family = family_of_script(self.convert_script) if self.convert_script else None
+        if family is not None and self.convert_script:
+            problem = parallelism_problem(family, self.convert_script, self.tp_size, self.pp_size)
+            if problem is not None:
                 raise ValueError(problem.message)
         return self
 
