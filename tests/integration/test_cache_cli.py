@@ -120,8 +120,9 @@ def test_plan_refuses_a_tp_pp_the_familys_converter_cannot_take(
     """`nimflow plan` on a Gemma2 repo not yet downloaded, trtllm-build at pp_size 2: exit 2 naming the
     family, its script, the limit and the fix, from the hub's config.json; nothing downloaded.
 
-    Run on old main (the nimflow of commit 6c010bf): exit 0 with "compile build" (the checks that
-    need config.json were left to the run), so the returncode assertion failed.
+    Run on old main (commit 6c010bf, this test copied in, PYTHONPATH pointing the CLI at it): exit 0
+    with "compile build ... with trtllm-build" (the checks that need config.json were left to the
+    run), so the returncode assertion failed.
     """
     env = {**testbed_env, "PREFECT_API_URL": prefect_api, "COLUMNS": "200"}
     name, repo = f"plan-gemma-{unique}", f"org/plan-gemma-{unique}"
@@ -131,6 +132,7 @@ def test_plan_refuses_a_tp_pp_the_familys_converter_cannot_take(
     publish(hub.root, repo, source)
     spec = make_spec(tmp_path, name, repo, standin_image, build="trtllm-build")
     spec["build"]["pp_size"] = 2
+    spec["build"]["env"] = {"NIMSTANDIN_GPU_COUNT": "2"}  # one GPU per rank: only the family's limit is wrong
 
     result = nimflow("plan", str(write_spec(tmp_path / "gemma.yaml", spec)), env=env)
 

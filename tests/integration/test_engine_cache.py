@@ -354,9 +354,10 @@ def test_gemma_pipeline_parallelism_is_refused_before_any_container(
     """A Gemma2 checkpoint built with trtllm-build at pp_size 2 fails at once, naming the family, its
     script, the limit and the fix: Gemma's converter has no pipeline parallelism.
 
-    Run on old main (the build_config.py of commit 6c010bf), this run got past the check and started
-    the convert container, which on real TensorRT-LLM fails on the GPU host; the ConfigError assertion
-    failed there.
+    Run on old main (commit 6c010bf, this test copied in): no check refused it; the run started the
+    convert container on the build GPUs with llama-style flags and failed there with BuildFailed
+    ("can't open file .../models/core/gemma/convert_checkpoint.py": the stand-in has no Gemma
+    script; real TensorRT-LLM refuses those flags), so ``pytest.raises(ConfigError)`` failed.
     """
     name, repo = f"gemma-pp-{unique}", f"org/gemma-pp-{unique}"
     source = write_tiny_llama(tmp_path / "src", seed=0)
@@ -365,6 +366,7 @@ def test_gemma_pipeline_parallelism_is_refused_before_any_container(
     publish(hub.root, repo, source)
     spec = make_spec(tmp_path, name, repo, standin_image, build="trtllm-build")
     spec["build"]["pp_size"] = 2
+    spec["build"]["env"] = {"NIMSTANDIN_GPU_COUNT": "2"}  # one GPU per rank: only the family's limit is wrong
     before = {c.id for c in docker_client.containers.list(all=True)}
 
     state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
