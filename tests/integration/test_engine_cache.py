@@ -414,7 +414,8 @@ def test_trtllm_build_backend_end_to_end(
         ("nim-optimize", "gpu-oom", 1),
         ("trtllm-build", "unsupported-arch", 1),
         ("nim-jit", "host-oom", 1),
-        ("nim-optimize", "cuda-init", 1),  # deterministic with a bad build config (TensorRT-LLM #1839)
+        # Deterministic with a bad build config (TensorRT-LLM #1839): tried once. Old main retried it (4 runs).
+        ("nim-optimize", "cuda-init", 1),
         ("nim-jit", "nccl", 4),
     ],
 )
