@@ -21,24 +21,22 @@ import yaml
 from nimflow.errors import BuildFailed, ConfigError, Problem
 from nimflow.gpu_identity import TargetIdentity
 from nimflow.spec import BACKEND_FIELDS, BuildSpec
+from nimflow.trtllm_families import (
+    ConverterFamily,
+    family_for,
+    family_of_script,
+    parallelism_problem,
+    supported_architectures,
+)
+from nimflow.trtllm_families import convert_arguments as family_convert_arguments
 
-#: TensorRT-LLM example directory (``examples/models/core/<dir>/convert_checkpoint.py``) per architecture.
-TRTLLM_CONVERT_DIRS: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "MixtralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen",
-    "GemmaForCausalLM": "gemma",
-    "Gemma2ForCausalLM": "gemma",
-    "Phi3ForCausalLM": "phi",
-}
-TRTLLM_EXAMPLES = "/app/tensorrt_llm/examples/models/core"
 #: Architectures each backend builds engines for. NIM's local builds cover the TensorRT-LLM
-#: decoder families of its support matrix; trtllm-build those it has a converter for here.
+#: decoder families of its support matrix; trtllm-build those it has a converter for
+#: (:data:`nimflow.trtllm_families.FAMILIES`).
 SUPPORTED_ARCHITECTURES: dict[str, frozenset[str]] = {
-    "trtllm-build": frozenset(TRTLLM_CONVERT_DIRS),
-    "nim-optimize": frozenset(TRTLLM_CONVERT_DIRS),
-    "nim-jit": frozenset(TRTLLM_CONVERT_DIRS),
+    "trtllm-build": supported_architectures(),
+    "nim-optimize": supported_architectures(),
+    "nim-jit": supported_architectures(),
 }
 _ENGINE_CONFIG = Path("trtllm_engine") / "config.json"
 
@@ -101,6 +99,11 @@ def check_against_model(build: BuildSpec, model_config: dict[str, Any], *, where
             f"num_key_value_heads of {where} is {kv_heads}: tp_size {build.tp_size} can neither split nor duplicate "
             f"them; use a divisor or a multiple of {kv_heads}",
         ))
+    family = converter_family(build, model_config) if build.backend == "trtllm-build" else None
+    if family is not None:
+        limit = parallelism_problem(family, convert_script(build, model_config), build.tp_size, build.pp_size)
+        if limit is not None:
+            problems.append(limit)
     layers = model_config.get("num_hidden_layers")
     if isinstance(layers, int) and build.pp_size > layers:
         problems.append(Problem("build.pp_size", f"pp_size {build.pp_size} exceeds the {layers} layers of {where}"))
@@ -160,20 +163,45 @@ def jit_environment(build: BuildSpec) -> dict[str, str]:
     return env
 
 
+def converter_family(build: BuildSpec, model_config: dict[str, Any]) -> ConverterFamily | None:
+    """The converter family of this build: from ``build.convert_script``'s directory when set, else
+    from the checkpoint's architecture; None for a custom script outside the table."""
+    if build.convert_script:
+        return family_of_script(build.convert_script)
+    return family_for((model_config.get("architectures") or [""])[0])
+
+
 def convert_script(build: BuildSpec, model_config: dict[str, Any]) -> str:
-    """The ``convert_checkpoint.py`` to run in the TensorRT-LLM image for this checkpoint."""
+    """The ``convert_checkpoint.py`` to run in the TensorRT-LLM image for this checkpoint.
+
+    Raises:
+        ConfigError: no ``build.convert_script`` and the architecture has no converter in the table.
+    """
     if build.convert_script:
         return build.convert_script
-    architecture = (model_config.get("architectures") or [""])[0]
-    return f"{TRTLLM_EXAMPLES}/{TRTLLM_CONVERT_DIRS.get(architecture, 'llama')}/convert_checkpoint.py"
+    family = converter_family(build, model_config)
+    if family is None:
+        architecture = (model_config.get("architectures") or ["(none)"])[0]
+        raise ConfigError("hosting spec", [Problem(
+            "build.convert_script", f"no TensorRT-LLM converter is known for {architecture}; set build.convert_script")])
+    return family.script()
 
 
-def convert_arguments(build: BuildSpec, model_dir: str, checkpoint_dir: str) -> list[str]:
-    """``convert_checkpoint.py`` flags: dtype and the parallel mapping are fixed at this step."""
-    return [
-        "--model_dir", model_dir, "--output_dir", checkpoint_dir,
-        "--dtype", str(build.dtype), "--tp_size", str(build.tp_size), "--pp_size", str(build.pp_size),
-    ]
+def convert_arguments(build: BuildSpec, model_config: dict[str, Any], model_dir: str, checkpoint_dir: str) -> list[str]:
+    """``convert_checkpoint.py`` flags, as the family's script names them (dtype and the mapping are fixed here).
+
+    A custom ``build.convert_script`` outside the table gets the llama-style flags most converters take.
+
+    Raises:
+        ConfigError: the family's script cannot convert the spec's tp_size x pp_size.
+    """
+    family = converter_family(build, model_config)
+    if family is None:
+        return [
+            "--model_dir", model_dir, "--output_dir", checkpoint_dir,
+            "--dtype", str(build.dtype), "--tp_size", str(build.tp_size), "--pp_size", str(build.pp_size),
+        ]
+    return family_convert_arguments(family, build, model_dir, checkpoint_dir)
 
 
 def trtllm_build_arguments(build: BuildSpec, checkpoint_dir: str, engine_dir: str, timing_cache: str) -> list[str]:

@@ -33,8 +33,6 @@ from typing import Any
 import docker
 
 from nimflow.build_config import (
-    TRTLLM_CONVERT_DIRS,
-    TRTLLM_EXAMPLES,
     check_built_engine,
     convert_arguments,
     convert_script,
@@ -64,6 +62,7 @@ from nimflow.nim_api import wait_until_ready
 from nimflow.run_owner import run_labels
 from nimflow.settings import get_settings
 from nimflow.spec import BuildSpec
+from nimflow.trtllm_families import family_for, parallelism_problem, supported_architectures
 
 _MODEL_MOUNT = "/workspace/model"
 _OUTPUT_MOUNT = "/workspace/output"
@@ -98,13 +97,23 @@ _NIM_OPTIMIZE_COMMAND = ["nim-optimize", "--model_dir", _MODEL_MOUNT, "--build_c
                          "--output_engine_dir", _OUTPUT_MOUNT]
 
 
-def _trtllm_commands(build: BuildSpec, convert_script_path: str) -> tuple[list[str], list[str]]:
-    """The ``convert_checkpoint.py`` and ``trtllm-build`` command lines of a trtllm-build backend build."""
+def _trtllm_commands(build: BuildSpec, model_config: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The ``convert_checkpoint.py`` and ``trtllm-build`` command lines of a trtllm-build backend build.
+
+    Raises:
+        ConfigError: the checkpoint's family cannot be converted as the spec asks (:mod:`nimflow.trtllm_families`).
+    """
     checkpoint = f"{_WORK_MOUNT}/checkpoint"
     return (
-        ["python3", convert_script_path, *convert_arguments(build, _MODEL_MOUNT, checkpoint)],
+        ["python3", convert_script(build, model_config), *convert_arguments(build, model_config, _MODEL_MOUNT, checkpoint)],
         ["trtllm-build", *trtllm_build_arguments(build, checkpoint, f"{_OUTPUT_MOUNT}/trtllm_engine", f"{_WORK_MOUNT}/timing.cache")],
     )
+
+
+def parallelism_allowed(build: BuildSpec, architecture: str) -> bool:
+    """Whether the architecture's converter takes the spec's tp x pp (the others are refused before a build)."""
+    family = family_for(architecture)
+    return family is None or parallelism_problem(family, family.script(), build.tp_size, build.pp_size) is None
 
 
 def _jit_fixed_environment(build: BuildSpec, custom_model_name: str) -> dict[str, str]:
@@ -132,9 +141,14 @@ def builder_invocation(build: BuildSpec) -> dict[str, Any]:
     if build.backend == "nim-optimize":
         return {"commands": [_NIM_OPTIMIZE_COMMAND], "build_config": render_nim_optimize_config(build)}
     if build.backend == "trtllm-build":
-        by_architecture = build.convert_script or f"{TRTLLM_EXAMPLES}/<family of the architecture>/convert_checkpoint.py"
-        table = None if build.convert_script else dict(sorted(TRTLLM_CONVERT_DIRS.items()))
-        return {"commands": list(_trtllm_commands(build, by_architecture)), "convert_families": table}
+        if build.convert_script:
+            return {"commands": list(_trtllm_commands(build, {}))}
+        # The weights pick the family; every family's command lines are hashed (each as it would run).
+        return {"commands_by_architecture": {
+            architecture: list(_trtllm_commands(build, {"architectures": [architecture]}))
+            for architecture in sorted(supported_architectures())
+            if parallelism_allowed(build, architecture)
+        }}
     return {"environment": _jit_fixed_environment(build, "<engine key>")}
 
 
@@ -172,7 +186,7 @@ def _run_step(
             "Raise build.timeout_seconds or shrink the build."
         )
     if ended.exit_code != 0:
-        raise classify_build_failure(what, ended.exit_code, ended.logs)
+        raise classify_build_failure(what, ended.exit_code, ended.logs, image=build.image)
     progress.step_done()
 
 
@@ -199,7 +213,7 @@ def build_with_trtllm(
     model_config: dict[str, Any], progress: BuildProgress,
 ) -> None:
     """``convert_checkpoint.py`` then ``trtllm-build`` in a TensorRT-LLM image, laid out for NIM."""
-    convert, compile_ = _trtllm_commands(build, convert_script(build, model_config))
+    convert, compile_ = _trtllm_commands(build, model_config)
     _run_step(
         client, build, "convert_checkpoint.py", convert,
         {str(model_dir): {"bind": _MODEL_MOUNT, "mode": "ro"}, str(work): {"bind": _WORK_MOUNT, "mode": "rw"}},
@@ -239,7 +253,9 @@ def build_with_nim_jit(
                 wait_until_ready(endpoint, deadline_seconds=build.timeout_seconds, give_up=exit_watch(client, container_id, name))
         except EndpointUnhealthy as exc:
             _, code = container_state(client, container_id)
-            raise classify_build_failure(f"NIM JIT build ({exc})", code, last_log_lines(client, container_id, 40)) from None
+            raise classify_build_failure(
+                f"NIM JIT build ({exc})", code, last_log_lines(client, container_id, 40), image=build.image
+            ) from None
     finally:
         remove_container_quietly(client, name, stop_timeout=30)
     built = work / "local_cache" / custom_model_name
@@ -284,7 +300,9 @@ def build_engine(
     Raises:
         BuildFailed: a deterministic failure (bad config, OOM, unsupported model), a timeout,
             or an engine whose shape differs from the spec (both values named).
-        TransientBuildError: a failure outside the inputs (CUDA, NCCL or MPI initialisation).
+        ConfigError: a step refused a flag nimflow passed (the image's release lacks it), or the
+            checkpoint's converter cannot convert the spec's tp x pp.
+        TransientBuildError: a failure outside the inputs (CUDA device enumeration, NCCL or MPI initialisation).
     """
     # The build's phase, from its container's log, is shown while it runs (nimflow-build artifact).
     with build_progress(f"engine {key[:12]}", build.backend, build.tp_size * build.pp_size) as progress:

@@ -11,7 +11,7 @@ Exception tree::
     ├── TransientError              retry with backoff: the same call may succeed later
     │   ├── ServiceUnavailable      5xx, throttling, connection resets, timeouts, daemon hiccups
     │   │   └── EngineStoreUnavailable   (also an EngineStoreError) the engine store answered 5xx/throttled
-    │   ├── TransientBuildError     a build that failed for a reason outside the inputs (driver glitch)
+    │   ├── TransientBuildError     a build that failed for a reason outside the inputs (NCCL/MPI init, preemption)
     │   └── BuildLeaseLost          this host's build lease was taken over or went unrenewed past its
     │                               TTL: nothing published; the retry restores the new holder's engine
     ├── PermanentError              fail at once: retrying cannot help, the message names the fix
@@ -47,6 +47,7 @@ class with the same message and attributes, whatever its ``__init__`` takes.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -460,9 +461,16 @@ _PERMANENT_BUILD_SIGNS: tuple[tuple[tuple[str, ...], str], ...] = (
         ("GPTQ with desc_act=True is not implemented",),
         "GPTQ checkpoints with desc_act=True cannot be built: re-quantize without desc_act",
     ),
+    (
+        # Deterministic with a bad build config, not only a driver glitch: TensorRT-LLM issue 1839
+        # (https://github.com/NVIDIA/TensorRT-LLM/issues/1839), so a retry repeats the same failure.
+        ("cudaMemGetInfo",),
+        "CUDA failed in cudaMemGetInfo during the build, which TensorRT-LLM reports for a build config the GPU "
+        "cannot take (TensorRT-LLM issue 1839): check build.max_num_tokens, build.max_batch_size, build.max_seq_len "
+        "and build.tp_size against the GPU, and that the build container sees the GPUs it was given (build.gpus)",
+    ),
 )
 _TRANSIENT_BUILD_SIGNS = (
-    "cudaMemGetInfo",
     "Unexpected error from cudaGetDeviceCount",
     "NCCL error",
     "MPI_Init",
@@ -473,20 +481,51 @@ _TRANSIENT_BUILD_SIGNS = (
 _PREEMPTED_EXIT_CODES = frozenset({143})
 
 
-def classify_build_failure(what: str, exit_code: int | None, logs: str) -> NimflowError:
+#: argparse's refusal of flags a script does not take (``prog: error: unrecognized arguments: --x 1``).
+_UNRECOGNIZED_ARGUMENTS = re.compile(r"error: unrecognized arguments: (.*)")
+#: The fix for a flag an older or newer TensorRT-LLM release lacks, where one is known.
+_FLAG_FIXES = {
+    "--max_seq_len": "trtllm-build took --max_input_len/--max_output_len before --max_seq_len (TensorRT-LLM 0.12): "
+    "use a TensorRT-LLM release image >= 0.12 and < 1.3",
+    "--tp_size": "this converter takes no --tp_size (Gemma's takes --world-size): use the converter of the "
+    "checkpoint's family (docs/trtllm-families.md) or leave build.convert_script unset",
+    "--pp_size": "this converter takes no --pp_size (Gemma's has no pipeline parallelism): use the converter of the "
+    "checkpoint's family (docs/trtllm-families.md) or leave build.convert_script unset",
+}
+
+
+def _unrecognized_flags(logs: str) -> list[str]:
+    """The flags argparse refused in ``logs`` (values dropped), in order."""
+    found = _UNRECOGNIZED_ARGUMENTS.search(logs)
+    return [token for token in found.group(1).split() if token.startswith("--")] if found else []
+
+
+def classify_build_failure(what: str, exit_code: int | None, logs: str, *, image: str | None = None) -> NimflowError:
     """The error for a failed engine build, from its exit code and last log lines.
 
     Args:
         what: the build step, e.g. ``"trtllm-build"``.
         exit_code: the container's exit code (None when it is unknown).
         logs: the container's last log lines; they are included in the message.
+        image: the image the step ran in, named when the image is the cause.
 
     Returns:
+        :class:`ConfigError` (permanent) when the step refused a flag nimflow passed (argparse's
+        ``unrecognized arguments``), naming the flag, the image and the fix;
         :class:`BuildFailed` (permanent, naming the cause and likely fix) for out-of-memory,
-        unsupported architectures, precision/device and version mismatches and unknown failures;
+        unsupported architectures, precision/device and version mismatches, ``cudaMemGetInfo``
+        errors (deterministic for a bad build config, TensorRT-LLM issue 1839) and unknown failures;
         :class:`TransientBuildError` for CUDA, NCCL or MPI initialisation faults and preemption.
     """
     message = f"{what} failed (exit code {exit_code}); last log lines:\n{logs}"
+    refused = _unrecognized_flags(logs)
+    if refused:
+        fixes = "; ".join(_FLAG_FIXES.get(flag, f"{flag}: use an image whose {what} takes it") for flag in refused)
+        return ConfigError("build image", [Problem(
+            "build.image",
+            f"{what} in {image or 'the build image'} does not accept {', '.join(refused)} (argparse: unrecognized "
+            f"arguments); {fixes}. Last log lines:\n{logs}",
+        )])
     if exit_code == 137 or "\nKilled" in f"\n{logs}":
         return BuildFailed(f"{message}\nThe host ran out of memory (killed): build on a node with more RAM.")
     for signs, cause in _PERMANENT_BUILD_SIGNS:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tempfile
 from pathlib import Path
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import filter_repo_objects
 
-from nimflow.checkpoint import model_files
+from nimflow.checkpoint import model_files, read_config
 from nimflow.containment import safe_relative
 from nimflow.errors import InvalidWeights, translated_errors
 from nimflow.progress import transfer_progress
@@ -135,6 +136,24 @@ def fetch_snapshot(
         downloaded_bytes=moved,
         transfer=TransferStats(stage="download", bytes=moved, files=len(changed), seconds=progress.finish().seconds),
     )
+
+
+def hub_model_config(repo_id: str, sha: str) -> dict:
+    """The ``config.json`` of ``repo_id`` at ``sha``, read from the hub without downloading the weights.
+
+    ``nimflow plan`` uses it to check the build against the model before anything is downloaded.
+
+    Raises:
+        CheckpointNotFound: the repo, revision or config.json does not exist, or the token cannot see it.
+        InvalidWeights: config.json is not a JSON object.
+        ServiceUnavailable: the hub did not answer.
+    """
+    settings = get_settings()
+    with tempfile.TemporaryDirectory(prefix="nimflow-config-") as scratch:
+        with translated_errors(f"reading config.json of {repo_id}@{sha} on {redact_url(settings.hf_endpoint, 'huggingface.co')}"):
+            hf_hub_download(repo_id, "config.json", revision=sha, endpoint=settings.hf_endpoint,
+                            token=settings.hf_token_value(), local_dir=scratch)
+        return read_config(Path(scratch))
 
 
 def planned_files(repo_id: str, sha: str, allow_patterns: list[str] | None) -> dict[str, int]:

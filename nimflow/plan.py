@@ -12,6 +12,7 @@ from pathlib import Path
 
 import docker
 
+from nimflow.build_config import check_against_model
 from nimflow.build_lease import BuildLeases
 from nimflow.checkpoint import local_checkpoint
 from nimflow.containers import docker_client
@@ -20,7 +21,7 @@ from nimflow.engine_check import check_local_engine
 from nimflow.engine_store import EngineStore, local_engine_path
 from nimflow.errors import EngineStoreError, translated_errors
 from nimflow.finetune import staged_unchanged
-from nimflow.hub_snapshot import completed_snapshot, pinned_sha, snapshot_path
+from nimflow.hub_snapshot import completed_snapshot, hub_model_config, pinned_sha, snapshot_path
 from nimflow.lora import adapters_unchanged
 from nimflow.model_manifest import check_model_listed, manifest_image_tag, read_manifest
 from nimflow.nim_generation import nim_generation, refuse_unservable
@@ -52,7 +53,8 @@ def make_plan(spec: HostingSpec) -> Plan:
 
     Raises:
         NimflowError: what the run itself would fail with first (unknown revision, a build with a
-            NIM 2.x image, a build config that does not fit the GPU, an image missing on this host...).
+            NIM 2.x image, a build config that does not fit the model (read from the hub's config.json
+            when the checkpoint is not on this host yet) or the GPU, an image missing on this host...).
     """
     plan = Plan()
     cache_dir = Path(spec.deploy.cache_dir).resolve()
@@ -77,6 +79,10 @@ def make_plan(spec: HostingSpec) -> Plan:
         model_dir = target if complete else None
         plan.add("download", "hit" if complete else "run",
                  f"{source.repo_id}@{sha} " + ("is complete in " + str(target) if complete else f"will be downloaded to {target}"))
+        if not complete and spec.build is not None and spec.finetune is None:
+            # Refuse what the run would refuse right after the download (e.g. a tp/pp the family's
+            # converter cannot take), from the hub's config.json alone.
+            check_against_model(spec.build, hub_model_config(source.repo_id, sha), where=f"{source.repo_id}@{sha}/config.json")
 
     if spec.finetune is not None:
         staged = staged_unchanged(spec.finetune, weights, cache_dir) if model_dir is not None else None

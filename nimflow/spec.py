@@ -26,6 +26,7 @@ from pydantic import (
 from nimflow import bounded_yaml
 from nimflow.errors import ConfigError, Problem
 from nimflow.settings import SECRET_ENV_VARS
+from nimflow.trtllm_families import family_of_script, parallelism_problem
 
 #: Where NIM looks for its cache inside the container; the deploy cache dir is mounted here.
 NIM_CACHE_MOUNT = "/opt/nim/.cache"
@@ -268,7 +269,9 @@ class BuildSpec(_Spec):
     convert_script: str | None = Field(
         None,
         description="trtllm-build only: path of convert_checkpoint.py in the image "
-        "(default: the one for the checkpoint's architecture under /app/tensorrt_llm/examples/models/core/).",
+        "(default: the one for the checkpoint's architecture under /app/tensorrt_llm/examples/models/core/, "
+        "see docs/trtllm-families.md). A path ending in <family dir>/convert_checkpoint.py of a known family "
+        "gets that family's flags and limits; any other gets llama-style flags.",
     )
     gpus: GpuIds = Field(None, description="GPU ids for the build container, `all`, or none (CPU-only hosts).")
     shm_size: str = Field("16g", description="Shared memory for the build container.")
@@ -319,6 +322,17 @@ class BuildSpec(_Spec):
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
         return _check_env(value, _RESERVED_BUILD_ENV, "build")
+
+    @model_validator(mode="after")
+    def _converter_parallelism(self) -> BuildSpec:
+        # A convert_script of a known family fixes the converter now: refuse what it cannot convert
+        # in `nimflow validate` (other builds are checked against the checkpoint's architecture).
+        family = family_of_script(self.convert_script) if self.convert_script else None
+        if family is not None and self.convert_script:
+            problem = parallelism_problem(family, self.convert_script, self.tp_size, self.pp_size)
+            if problem is not None:
+                raise ValueError(problem.message)
+        return self
 
     @model_validator(mode="after")
     def _limits(self) -> BuildSpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from nimflow.flows.host_model import host_model
 from nimflow.engine_store import EngineStore
 from nimflow.engine_use import EngineUse
 from nimflow.spec import CacheSpec
+from nimflow.testbed.hub_server import publish
+from nimflow.testbed.tiny_model import write_tiny_llama
 from tests.conftest import ENGINE_BUCKET, write_spec
 from tests.integration.test_host_model import make_spec, publish_tiny
 
@@ -109,3 +112,31 @@ def test_plan_then_cache_ls_explain_and_gc(
 
 def _keys(s3: Any, prefix: str) -> list[str]:
     return [o["Key"] for o in s3.list_objects_v2(Bucket=ENGINE_BUCKET, Prefix=prefix).get("Contents", [])]
+
+
+def test_plan_refuses_a_tp_pp_the_familys_converter_cannot_take(
+    tmp_path: Path, testbed_env: dict, prefect_api: str, hub: Any, standin_image: str, unique: str,
+) -> None:
+    """`nimflow plan` on a Gemma2 repo not yet downloaded, trtllm-build at pp_size 2: exit 2 naming the
+    family, its script, the limit and the fix, from the hub's config.json; nothing downloaded.
+
+    Run on old main (commit 6c010bf, this test copied in, PYTHONPATH pointing the CLI at it): exit 0
+    with "compile build ... with trtllm-build" (the checks that need config.json were left to the
+    run), so the returncode assertion failed.
+    """
+    env = {**testbed_env, "PREFECT_API_URL": prefect_api, "COLUMNS": "200"}
+    name, repo = f"plan-gemma-{unique}", f"org/plan-gemma-{unique}"
+    source = write_tiny_llama(tmp_path / "src", seed=0)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
+    publish(hub.root, repo, source)
+    spec = make_spec(tmp_path, name, repo, standin_image, build="trtllm-build")
+    spec["build"]["pp_size"] = 2
+    spec["build"]["env"] = {"NIMSTANDIN_GPU_COUNT": "2"}  # one GPU per rank: only the family's limit is wrong
+
+    result = nimflow("plan", str(write_spec(tmp_path / "gemma.yaml", spec)), env=env)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "build.pp_size: pp_size 2 cannot be converted for the gemma family" in result.stderr
+    assert "/gemma/convert_checkpoint.py takes --world-size" in result.stderr
+    assert not (tmp_path / "nim-cache" / "models").exists()

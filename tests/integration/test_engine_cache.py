@@ -33,7 +33,9 @@ from nimflow.errors import ConfigError, EngineIncompatible
 from nimflow.records import Engine, ServingImage
 from nimflow.rollout import start_candidate
 from nimflow.spec import CacheSpec, parse_spec
+from nimflow.testbed.hub_server import publish
 from nimflow.testbed.services import free_port
+from nimflow.testbed.tiny_model import write_tiny_llama
 from tests.conftest import ENGINE_BUCKET, write_spec
 from tests.integration.test_host_model import make_spec, publish_tiny, task_runs
 
@@ -346,6 +348,38 @@ def test_build_config_that_does_not_fit_the_model_is_refused_before_any_containe
     assert {c.id for c in docker_client.containers.list(all=True)} == before
 
 
+def test_gemma_pipeline_parallelism_is_refused_before_any_container(
+    tmp_path: Path, testbed_env: dict, hub: Any, standin_image: str, unique: str, docker_client: Any,
+) -> None:
+    """A Gemma2 checkpoint built with trtllm-build at pp_size 2 fails at once, naming the family, its
+    script, the limit and the fix: Gemma's converter has no pipeline parallelism.
+
+    Run on old main (commit 6c010bf, this test copied in): no check refused it; the run started the
+    convert container on the build GPUs with llama-style flags and failed there with BuildFailed
+    ("can't open file .../models/core/gemma/convert_checkpoint.py": the stand-in has no Gemma
+    script; real TensorRT-LLM refuses those flags), so ``pytest.raises(ConfigError)`` failed.
+    """
+    name, repo = f"gemma-pp-{unique}", f"org/gemma-pp-{unique}"
+    source = write_tiny_llama(tmp_path / "src", seed=0)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
+    publish(hub.root, repo, source)
+    spec = make_spec(tmp_path, name, repo, standin_image, build="trtllm-build")
+    spec["build"]["pp_size"] = 2
+    spec["build"]["env"] = {"NIMSTANDIN_GPU_COUNT": "2"}  # one GPU per rank: only the family's limit is wrong
+    before = {c.id for c in docker_client.containers.list(all=True)}
+
+    state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
+
+    with pytest.raises(ConfigError) as caught:
+        state.result()
+    message = str(caught.value)
+    assert "build.pp_size: pp_size 2 cannot be converted for the gemma family" in message
+    assert "/gemma/convert_checkpoint.py takes --world-size" in message and "e.g. tp_size 2, pp_size 1" in message
+    assert task_runs(state.state_details.flow_run_id)["compile-engine"].run_count == 1
+    assert {c.id for c in docker_client.containers.list(all=True)} == before
+
+
 # --- backends and build failures ---------------------------------------------------------------------
 
 
@@ -380,7 +414,8 @@ def test_trtllm_build_backend_end_to_end(
         ("nim-optimize", "gpu-oom", 1),
         ("trtllm-build", "unsupported-arch", 1),
         ("nim-jit", "host-oom", 1),
-        ("nim-optimize", "cuda-init", 4),
+        # Deterministic with a bad build config (TensorRT-LLM #1839): tried once. Old main retried it (4 runs).
+        ("nim-optimize", "cuda-init", 1),
         ("nim-jit", "nccl", 4),
     ],
 )

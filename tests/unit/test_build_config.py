@@ -162,7 +162,7 @@ def test_trtllm_commands_have_every_limit_explicit() -> None:
     spec = build(dtype="bfloat16", tp_size=2, max_seq_len=4096, max_batch_size=16, max_num_tokens=2048)
     assert convert_script(spec, LLAMA) == "/app/tensorrt_llm/examples/models/core/llama/convert_checkpoint.py"
     assert convert_script(spec, {"architectures": ["Qwen2ForCausalLM"]}).endswith("/qwen/convert_checkpoint.py")
-    convert = convert_arguments(spec, "/m", "/w/ckpt")
+    convert = convert_arguments(spec, LLAMA, "/m", "/w/ckpt")
     assert dict(zip(convert[::2], convert[1::2], strict=False)) == {
         "--model_dir": "/m", "--output_dir": "/w/ckpt", "--dtype": "bfloat16", "--tp_size": "2", "--pp_size": "1"}
     args = trtllm_build_arguments(spec, "/w/ckpt", "/o/trtllm_engine", "/w/timing.cache")

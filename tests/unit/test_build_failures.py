@@ -2,19 +2,65 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
-from nimflow.errors import BuildFailed, TransientBuildError, classify_build_failure, is_transient
+from nimflow.errors import BuildFailed, ConfigError, TransientBuildError, classify_build_failure, is_transient
 
 END = "\nEngine building failed, please check error log."
 
 
-def test_cuda_driver_glitch_is_transient() -> None:
-    """cudaMemGetInfo failures are a node problem: transient, logs included."""
+def test_cuda_mem_get_info_unknown_error_is_permanent_for_builds() -> None:
+    """``cudaMemGetInfo ... unknown error`` in a build is not retried: it names the build config.
+
+    TensorRT-LLM issue 1839 (https://github.com/NVIDIA/TensorRT-LLM/issues/1839) shows it coming
+    deterministically from a build config (trtllm-build with --auto_parallel 8), so three retries
+    repeat the same failure. On old main this returned a TransientBuildError (``is_transient``
+    true), so the assertion below failed.
+    """
     logs = "RuntimeError: [TensorRT-LLM][ERROR] CUDA runtime error in cudaMemGetInfo(&free, &total): unknown error" + END
     error = classify_build_failure("trtllm-build", 1, logs)
-    assert isinstance(error, TransientBuildError) and is_transient(error)
+    assert isinstance(error, BuildFailed) and not is_transient(error)
     assert "exit code 1" in str(error) and logs in str(error)
+    assert "build.max_num_tokens" in str(error) and "issue 1839" in str(error)
+
+
+def test_trtllm_build_too_old_for_max_seq_len_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's ``unrecognized arguments: --max_seq_len`` is a permanent ConfigError naming the flag,
+    the image and the fix (the older --max_input_len/--max_output_len, or a release >= 0.12).
+
+    The log is argparse's real refusal: a parser with the pre-0.12 trtllm-build length flags given
+    --max_seq_len. On old main the call failed with TypeError (no ``image`` argument); called
+    without ``image`` there, it returned a generic BuildFailed holding only the log (no flag, image
+    or fix named), so the ConfigError assertion fails.
+    """
+    parser = argparse.ArgumentParser(prog="trtllm-build")
+    for flag in ("--checkpoint_dir", "--output_dir", "--max_input_len", "--max_output_len"):
+        parser.add_argument(flag)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--checkpoint_dir", "/w/ckpt", "--max_input_len", "8192", "--max_seq_len", "8192"])
+    logs = capsys.readouterr().err
+    assert "unrecognized arguments: --max_seq_len 8192" in logs
+
+    error = classify_build_failure("trtllm-build", 2, logs, image="nvcr.io/nvidia/tensorrt-llm/release:0.11.0")
+    assert isinstance(error, ConfigError) and not is_transient(error)
+    assert error.problems[0].location == "build.image"
+    message = str(error)
+    assert "trtllm-build in nvcr.io/nvidia/tensorrt-llm/release:0.11.0 does not accept --max_seq_len" in message
+    assert "--max_input_len/--max_output_len" in message and ">= 0.12" in message
+
+
+def test_converter_refusing_a_flag_is_a_config_error() -> None:
+    """A converter that has no --tp_size (Gemma's) fails as a ConfigError naming the flags and the fix.
+
+    On old main: TypeError (no ``image`` argument); without it, a generic BuildFailed.
+    """
+    logs = ("usage: convert_checkpoint.py [-h] [--ckpt-type {jax,keras,torch,hf}] --model-dir MODEL_DIR\n"
+            "convert_checkpoint.py: error: unrecognized arguments: --tp_size 1 --pp_size 1")
+    error = classify_build_failure("convert_checkpoint.py", 2, logs, image="trtllm:0.17")
+    assert isinstance(error, ConfigError)
+    assert "does not accept --tp_size, --pp_size" in str(error) and "--world-size" in str(error)
 
 
 @pytest.mark.parametrize(
