@@ -147,10 +147,14 @@ def test_container_that_is_not_the_one_prepared_fails_at_model(
     tmp_path: Path, docker_client: Any, standin_image: str, unique: str, cleanup_containers: list
 ) -> None:
     """What real NIM cannot say over HTTP, the container does: labels for other weights, or another
-    directory mounted where the model should be, fail at ``model`` though the NIM answers well."""
+    directory mounted where the model should be, fail at ``model`` though the NIM answers well (here
+    even with ``root`` echoing the mount point, NIMSTANDIN_MODELS_ROOT=path, which old main trusted).
+    On old main (6c010bf) verification passed: ``Failed: DID NOT RAISE EndpointUnhealthy``
+    (run with old main's nimflow/verification.py)."""
     model = write_tiny_llama(tmp_path / "tiny")
     dep = start_standin(docker_client, standin_image, f"verify-other-{unique}", cleanup_containers,
-                        {"NIM_MODEL_NAME": MODEL_MOUNT, "NIM_SERVED_MODEL_NAME": "test/tiny"}, model_dir=model)
+                        {"NIM_MODEL_NAME": MODEL_MOUNT, "NIM_SERVED_MODEL_NAME": "test/tiny",
+                         "NIMSTANDIN_MODELS_ROOT": "path"}, model_dir=model)
     dep = dep.model_copy(update={"api": "completions"})
     spec = VerifySpec(deadline_seconds=120)
     newer = dep.model_copy(update={"labels": {**PROVENANCE, "nimflow.weights": "org/tiny@feedbeef"}})
