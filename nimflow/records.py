@@ -115,7 +115,15 @@ class Deployment(_Record):
     served_model_name: str
     model_root: str = Field(
         description="What the NIM was told to serve (NIM_MODEL_NAME / NIM_MODEL_PATH value); /v1/models `root` "
-        "(1.x) or /v1/metadata (2.x) must name it."
+        "must not name another model."
+    )
+    model_source: str | None = Field(
+        None, description="The host directory nimflow prepared and bind-mounted read-only at model_root (None: the "
+        "NIM fetches a named model itself); verification checks the container has it mounted."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="The provenance labels nimflow gave the container (weights identity, "
+        "engine key, adapters); verification checks the container carries them."
     )
     nim_api: Literal["1.x", "2.x"] = "1.x"
     api: Literal["chat", "completions"] = Field("chat", description="Which inference API verification uses.")

@@ -232,6 +232,8 @@ class ServingConfig:
     environment: dict[str, str]
     volumes: dict[str, dict[str, str]] = field(default_factory=dict)
     source: Literal["directory", "manifest"] = "directory"
+    #: The host directory mounted read-only at ``model_root`` (None: a manifest model the NIM fetches).
+    model_source: str | None = None
 
 
 def serving_config(deploy: DeploySpec, serving: ServingImage, model_path: str | None, adapters_path: str | None,
@@ -248,8 +250,10 @@ def serving_config(deploy: DeploySpec, serving: ServingImage, model_path: str | 
     """
     volumes: dict[str, dict[str, str]] = {}
     source: Literal["directory", "manifest"] = "directory"
+    model_source: str | None = None
     if model_path is not None:
         root, volumes = model_mount(deploy, Path(model_path))
+        model_source = next(host for host, volume in volumes.items() if volume["bind"] == root)
         env = {("NIM_MODEL_PATH" if serving.nim_api == "2.x" else "NIM_MODEL_NAME"): root}
     elif serving.model_name is not None:
         root, env, source = serving.model_name, {"NIM_MODEL_NAME": serving.model_name}, "manifest"
@@ -259,7 +263,7 @@ def serving_config(deploy: DeploySpec, serving: ServingImage, model_path: str | 
         peft, extra = host_mount(deploy, Path(adapters_path), EXTRA_ADAPTERS_MOUNT, "the LoRA adapters")
         volumes = {**volumes, **extra}
         env.update(NIM_PEFT_SOURCE=peft, NIM_MAX_LORA_RANK=str(lora_max_rank))
-    return ServingConfig(root, env, volumes, source)
+    return ServingConfig(root, env, volumes, source, model_source)
 
 
 def container_environment(deploy: DeploySpec, model_env: Mapping[str, str], *,
@@ -429,7 +433,8 @@ def start_candidate(
         route = read_route(directory)
         active = active_backend(client, names, route)
         common = dict(name=name, stable_endpoint=stable, served_model_name=deploy.served_model_name,
-                      model_root=config.model_root, nim_api=serving.nim_api, api=api, adapters=adapters, strategy=strategy)
+                      model_root=config.model_root, model_source=config.model_source, labels=dict(labels),
+                      nim_api=serving.nim_api, api=api, adapters=adapters, strategy=strategy)
         if active is not None and _is_unchanged(active, route, identity):
             return Deployment(container_id=active.id, container_name=active.name,
                               endpoint=_own_endpoint(client, active, deploy.host), reused=True, **common)

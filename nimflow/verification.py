@@ -4,16 +4,21 @@ Levels, in order (each builds on the one before; the first that fails ends verif
 
 * ``live``: ``/v1/health/live`` answers (the server process is up).
 * ``ready``: ``/v1/health/ready`` answers 200 before ``verify.deadline_seconds``.
-* ``model``: ``/v1/models`` lists the served name, its ``root`` is what the NIM was told to serve
-  (when the server gives one), the NIM generation matches (``/v1/version``), on NIM 2.x
-  ``/v1/metadata`` names the model, and every LoRA adapter is listed (``parent`` = served name).
+* ``model``: ``/v1/models`` lists the served name, its ``root`` is no model other than the one the
+  NIM was told to serve (see :func:`root_problem`), the NIM generation matches (``/v1/version``), on
+  NIM 2.x ``/v1/metadata`` has its documented shape, every LoRA adapter is listed (``parent`` =
+  served name), and the container behind the endpoint is the one nimflow started for these weights:
+  its provenance labels, the model variable and the read-only mount of the directory nimflow
+  prepared (see :func:`container_identity_problem`).
 * ``answer``: a real chat or text completion from the served model and from each adapter.
 * ``golden``: each golden prompt's answer contains every expected substring (when configured).
 * ``latency``: the slowest verifying request is within ``verify.max_latency_seconds`` (when set).
 
 Ready does not prove the model answers, and a listed name does not prove it is the model that was
 asked for (a model-specific NIM image serves its bundled model whatever NIM_MODEL_NAME says), so
-each level checks something the previous one cannot.
+each level checks something the previous one cannot. Only the ``golden`` level proves, on real NIM,
+that the weights answering are the ones intended: what ``model`` proves is that the right container
+was given the right directory and does not report another model (docs/rollouts.md).
 
 Verification only observes: it never stops or removes the container. The rollout decides what
 happens to a candidate that fails.
@@ -25,11 +30,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import docker
 
-from nimflow.containers import DaemonSilence, daemon_errors, last_log_lines
+from nimflow.containers import CONTAINER_PORT, DaemonSilence, daemon_errors, last_log_lines
 from nimflow.errors import EndpointUnhealthy, is_transient
 from nimflow.nim_api import LIVE_PATH, READY_PATH, READY_POLL_SECONDS, GiveUpCheck, generate, model_cards, optional_json, wait_for_status
 from nimflow.nim_generation import running_generation_problem
@@ -53,11 +60,13 @@ class ContainerProbe:
     """What verification may ask about the container behind the endpoint (all optional).
 
     ``give_up`` says why waiting is pointless (it exited or restarted); ``describe`` is a one-line
-    state for progress messages (status, restarts, latest log line).
+    state for progress messages (status, restarts, latest log line); ``identity`` says what is wrong
+    when the container is not the one nimflow started for the deployment (None: it is).
     """
 
     give_up: GiveUpCheck | None = None
     describe: Callable[[], str] | None = None
+    identity: Callable[[], str | None] | None = None
 
 
 @dataclass
@@ -86,19 +95,45 @@ def _same_model(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def _strings(value: Any) -> list[str]:
-    """Every string inside a JSON value (dict values, list items), depth first."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for item in value.values() for s in _strings(item)]
-    if isinstance(value, list):
-        return [s for item in value for s in _strings(item)]
-    return []
+def _is_path(text: str) -> bool:
+    return text.startswith("/")
 
 
-def check_model(deployment: Deployment) -> list[str]:
+def root_problem(deployment: Deployment, root: Any) -> str | None:
+    """What is wrong with the ``root`` ``/v1/models`` gives for the served name (None: nothing).
+
+    Real NIM does not echo what it was told. Published NIM 1.x answers report ``root`` as the
+    model's name: ``"id": "meta/llama3-8b-instruct", ..., "root": "meta/llama3-8b-instruct"``
+    (GoogleCloudPlatform/ai-on-gke, best-practices/ml-platform/terraform/features/nim/README.md,
+    the `/v1/models` output of a llama3-8b-instruct NIM); vLLM, which serves NIM's vLLM profiles and
+    all of NIM 2.x, reports the path it loaded (``ModelCard(id=base_model.name,
+    root=base_model.model_path)``, vllm-project/vllm ``vllm/entrypoints/openai/serving_models.py``),
+    which may be a copy in NIM's cache rather than the path given. So any path passes, and so does a
+    name that is the model nimflow gave or the served name. What does not pass is the name of
+    *another* model where nimflow gave a directory or a model name: that is what a model-specific
+    NIM image answers when it serves its bundled model and ignores NIM_MODEL_NAME. A 2.x URI
+    (``hf://org/model``) is downloaded and served under a name NIM chooses, so it is not compared.
+    """
+    if not isinstance(root, str) or not root:
+        return None
+    given = deployment.model_root
+    if _is_path(root) or _same_model(root, given) or root == deployment.served_model_name or urlsplit(given).scheme:
+        return None
+    variable = "NIM_MODEL_PATH" if deployment.nim_api == "2.x" else "NIM_MODEL_NAME"
+    return (
+        f"{deployment.served_model_name!r} is served as the model {root!r}, but the container was told to serve "
+        f"{given!r} ({variable}): it serves another model. A model-specific NIM image may serve its bundled model "
+        f"whatever {variable} says; use a multi-LLM NIM image for your own weights, or source.manifest to serve "
+        "another NIM model"
+    )
+
+
+def check_model(deployment: Deployment, identity: Callable[[], str | None] | None = None) -> list[str]:
     """The ``model`` level: the NIM serves the model it was given, under the right names.
+
+    Args:
+        identity: says what is wrong when the container behind the endpoint is not the one
+            nimflow started for this deployment (see :func:`container_identity_problem`).
 
     Returns:
         The model ids ``/v1/models`` lists.
@@ -123,19 +158,10 @@ def check_model(deployment: Deployment) -> list[str]:
             "model",
             f"{endpoint}/v1/models lists {ids}, not {served!r}; check deploy.served_model_name (NIM_SERVED_MODEL_NAME)",
         )
-    root = by_id[served].get("root")
-    variable = "NIM_MODEL_PATH" if deployment.nim_api == "2.x" else "NIM_MODEL_NAME"
-    # NIM 2.x downloads a URI (hf://, ngc://, s3://) and serves the local copy, so only a local
-    # path given as NIM_MODEL_PATH can be compared with the root; 1.x reports what it was given.
-    comparable = deployment.nim_api == "1.x" or deployment.model_root.startswith("/")
-    if isinstance(root, str) and root and comparable and not _same_model(root, deployment.model_root):
-        raise _failed(
-            "model",
-            f"{served!r} is served from {root!r}, but the container was told to serve {deployment.model_root!r} "
-            f"({variable}): it serves another model. A model-specific NIM image may serve its bundled model "
-            f"whatever {variable} says; use a multi-LLM NIM image for your own weights, or source.manifest to "
-            "serve another NIM model",
-        )
+    if (wrong := root_problem(deployment, by_id[served].get("root"))):
+        raise _failed("model", wrong)
+    if identity is not None and (stranger := identity()):
+        raise _failed("model", stranger)
     if deployment.nim_api == "2.x":
         _check_metadata(deployment)
     for adapter in deployment.adapters:
@@ -156,8 +182,16 @@ def check_model(deployment: Deployment) -> list[str]:
     return ids
 
 
+#: The fields NIM 2.x documents for ``GET /v1/metadata`` that verification reads, with their JSON
+#: types ("Deployment metadata", https://docs.nvidia.com/nim/large-language-models/latest/reference/api-reference/get-metadata:
+#: ``version`` string, ``modelInfo`` list of the models served, ``selectedModelProfileId`` string).
+#: The schema says nothing about where a model was loaded from, so the local NIM_MODEL_PATH is not
+#: looked for in it; which weights are served is proven by the container's mount and ``golden``.
+METADATA_FIELDS: dict[str, type] = {"version": str, "modelInfo": list, "selectedModelProfileId": str}
+
+
 def _check_metadata(deployment: Deployment) -> None:
-    """NIM 2.x: ``/v1/metadata`` must name the model the container was given (NIM_MODEL_PATH).
+    """NIM 2.x: ``/v1/metadata`` answers its documented shape and lists at least one model.
 
     Raises:
         EndpointUnhealthy: ``verification failed at model: ...``.
@@ -173,12 +207,13 @@ def _check_metadata(deployment: Deployment) -> None:
             f"{endpoint}/v1/metadata does not exist, but NIM 2.x serves it; the image may not be NIM 2.x: "
             "check deploy.image, or set deploy.nim_api: 1.x",
         )
-    if not any(_same_model(text, deployment.model_root) for text in _strings(metadata)):
+    wrong = [f"{key} ({kind.__name__})" for key, kind in METADATA_FIELDS.items() if not isinstance(metadata.get(key), kind)]
+    if wrong or not metadata.get("modelInfo"):
+        lacks = f"lacks {', '.join(wrong)}" if wrong else "lists no model in modelInfo"
         raise _failed(
             "model",
-            f"{endpoint}/v1/metadata does not name {deployment.model_root!r} (NIM_MODEL_PATH): the NIM serves another "
-            f"model ({str(metadata)[:300]}); check that deploy.image serves NIM_MODEL_PATH (a model-specific image "
-            "may serve its bundled model)",
+            f"{endpoint}/v1/metadata {lacks}, which NIM 2.x documents ({str(metadata)[:300]}); the server is not a "
+            "NIM 2.x that loaded a model: check deploy.image, or set deploy.nim_api: 1.x",
         )
 
 
@@ -323,7 +358,7 @@ def check_levels(
         checks.append(level)
     ready_after = time.monotonic() - started
 
-    models = check_model(deployment)
+    models = check_model(deployment, probe.identity)
     checks.append("model")
     timings = _Timings()
     completion = check_answers(deployment, verify.prompt, timings)
@@ -349,6 +384,52 @@ def check_levels(
 
 def _inspect(client: docker.DockerClient, container_id: str) -> dict[str, Any]:
     return client.api.inspect_container(container_id)
+
+
+def _published_port(attrs: dict[str, Any]) -> str | None:
+    bindings = ((attrs.get("NetworkSettings") or {}).get("Ports") or {}).get(CONTAINER_PORT) or []
+    return str(bindings[0].get("HostPort")) if bindings and bindings[0].get("HostPort") else None
+
+
+def container_identity_problem(attrs: dict[str, Any], deployment: Deployment) -> str | None:
+    """What shows, in ``docker inspect`` of the container, that it is not the one nimflow started to
+    serve ``deployment`` (None: it is). Holds on real NIM, whatever its HTTP answers say:
+
+    * the endpoint verification talks to is this container's published API port;
+    * every provenance label nimflow gave it (weights identity, engine key, adapters) has the value
+      this deployment expects;
+    * where nimflow served a directory: the model variable (NIM_MODEL_NAME / NIM_MODEL_PATH) names
+      ``model_root``, and the directory nimflow prepared is bind-mounted there, read-only.
+    """
+    name = deployment.container_name
+    port = _published_port(attrs)
+    endpoint_port = str(urlsplit(deployment.endpoint).port)
+    if port is not None and port != endpoint_port:
+        return (f"{deployment.endpoint} is not container {name}'s API (it publishes {CONTAINER_PORT} on port {port}): "
+                "another server answers there")
+    labels = (attrs.get("Config") or {}).get("Labels") or {}
+    for key, expected in sorted(deployment.labels.items()):
+        if labels.get(key) != expected:
+            return (f"container {name} carries {key}={labels.get(key)!r}, not {expected!r}: it was not started for "
+                    "the weights this run prepared; run nimflow again to replace it")
+    if deployment.model_source is None:
+        return None
+    variable = "NIM_MODEL_PATH" if deployment.nim_api == "2.x" else "NIM_MODEL_NAME"
+    env = dict(item.partition("=")[::2] for item in (attrs.get("Config") or {}).get("Env") or [])
+    if env.get(variable) != deployment.model_root:
+        return f"container {name} has {variable}={env.get(variable)!r}, not {deployment.model_root!r}"
+    source = str(Path(deployment.model_source).resolve())
+    mounts = [m for m in attrs.get("Mounts") or [] if _same_model(str(m.get("Destination", "")), deployment.model_root)]
+    if not any(str(m.get("Source")) == source and m.get("RW") is False for m in mounts):
+        seen = ", ".join(f"{m.get('Source')} ({'rw' if m.get('RW') else 'ro'})" for m in mounts) or "nothing"
+        return (f"container {name} has {seen} mounted at {deployment.model_root}, not the directory nimflow prepared, "
+                f"{source}, read-only")
+    return None
+
+
+def container_identity(client: docker.DockerClient, deployment: Deployment) -> Callable[[], str | None]:
+    """An ``identity`` check for :class:`ContainerProbe`: :func:`container_identity_problem` on a fresh inspect."""
+    return lambda: container_identity_problem(_inspect(client, deployment.container_id), deployment)
 
 
 def container_watch(
@@ -466,6 +547,7 @@ def verify_deployment(
                 give_up=container_watch(client, deployment.container_id, deployment.container_name,
                                         daemon_grace_seconds=daemon_grace_seconds),
                 describe=lambda: container_summary(client, deployment.container_id),
+                identity=container_identity(client, deployment),
             )
             return check_levels(deployment, verify, probe=probe, log=log, poll_seconds=poll_seconds)
     except EndpointUnhealthy as exc:

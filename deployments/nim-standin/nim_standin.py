@@ -32,8 +32,8 @@ fails the same way with their error text. Python 3.11 standard library only. Pro
 
 Stand-in-only knobs: ``NIMSTANDIN_GPU`` ("NAME,COMPUTE_CAP,PCI_DEVICE_ID"), ``NIMSTANDIN_GPU_COUNT``,
 ``NIMSTANDIN_GPU_MEMORY_MIB``, ``NIMSTANDIN_BUILD_SECONDS``, ``NIMSTANDIN_BUILD_FAILURE``,
-``NIMSTANDIN_DETERMINISTIC_BUILD``, ``NIMSTANDIN_READY_DELAY``, ``NIMSTANDIN_IGNORE_MODEL`` (see
-deployments/nim-standin/README.md).
+``NIMSTANDIN_DETERMINISTIC_BUILD``, ``NIMSTANDIN_READY_DELAY``, ``NIMSTANDIN_IGNORE_MODEL``,
+``NIMSTANDIN_MODELS_ROOT`` (see deployments/nim-standin/README.md).
 """
 from __future__ import annotations
 
@@ -1378,6 +1378,42 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def listed_root(m: Model) -> str:
+    """The ``root`` ``/v1/models`` gives for the served model.
+
+    NIM 1.x reports the model's *name*, not the path it was given: a llama3-8b-instruct NIM answers
+    ``"id": "meta/llama3-8b-instruct", ..., "root": "meta/llama3-8b-instruct"``
+    (GoogleCloudPlatform/ai-on-gke, best-practices/ml-platform/terraform/features/nim/README.md).
+    What a multi-LLM 1.x NIM reports for a local directory has no public answer, so the stand-in
+    takes the strictest reading: a name (the manifest model's, else the served name), never the
+    path. NIM 2.x serves through vLLM, whose card has ``root=base_model.model_path``
+    (vllm-project/vllm ``vllm/entrypoints/openai/serving_models.py``): the path it loaded.
+    ``NIMSTANDIN_MODELS_ROOT=path`` makes 1.x report the path too (tests that tell two rollouts
+    apart by ``root``).
+    """
+    if m.nim_api == "2.x" or os.environ.get("NIMSTANDIN_MODELS_ROOT") == "path" or not m.root.startswith("/"):
+        return m.root
+    return m.served
+
+
+def metadata_v2(m: Model) -> dict[str, Any]:
+    """NIM 2.x ``GET /v1/metadata``: the documented fields ``version``, ``modelInfo`` (the models
+    served), ``selectedModelProfileId``, ``repository_override``, ``assetInfo``, ``licenseInfo``
+    ("Deployment metadata", docs.nvidia.com/nim/large-language-models/latest/reference/api-reference/get-metadata).
+    The fields of each ``modelInfo`` entry are not spelled out there, so nothing documents the local
+    NIM_MODEL_PATH appearing in the answer: the strictest reading is that it does not, and the
+    stand-in names a local model by its served name (a named model by its name)."""
+    profile = hashlib.sha256(f"nim-standin/vllm/{m.root}".encode()).hexdigest()
+    model_url = m.served if m.root.startswith("/") else m.root
+    return {
+        "version": STANDIN_NIM2_RELEASE,
+        "modelInfo": [{"modelUrl": model_url, "shortName": m.served}]
+        + [{"modelUrl": a.name, "shortName": a.name} for a in m.adapters.values()],
+        "selectedModelProfileId": profile, "repository_override": "", "assetInfo": [],
+        "licenseInfo": {"name": "LICENSE", "path": "/opt/nim/LICENSE", "sha": "",
+                        "size": 0, "url": "", "type": "file"}}
+
+
 #: vLLM's 400 for /v1/chat/completions when the tokenizer has no chat template (the
 #: ``chat_template`` field doc of vllm/entrypoints/openai/protocol.py; transformers >= 4.44).
 CHAT_TEMPLATE_ERROR = ("As of transformers v4.44, default chat template is no longer allowed, so you must "
@@ -1427,7 +1463,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(503, {"object": "health.response", "message": "Service is not ready."})
         elif path == "/v1/models":  # vLLM: the base, then one card per LoRA (root = its path)
             data = [{"id": m.served, "object": "model", "created": 0, "owned_by": "system",
-                     "root": m.root, "parent": None, "max_model_len": None}]
+                     "root": listed_root(m), "parent": None, "max_model_len": None}]
             data += [{"id": a.name, "object": "model", "created": 0, "owned_by": "system",
                       "root": str(a.path), "parent": m.served, "max_model_len": None}
                      for a in m.adapters.values()]
@@ -1435,14 +1471,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/v1/version" and m.nim_api == "2.x":
             self._send(200, {"release": STANDIN_NIM2_RELEASE, "api": "1.0.0"})
         elif path == "/v1/metadata" and m.nim_api == "2.x":
-            profile = hashlib.sha256(f"nim-standin/vllm/{m.root}".encode()).hexdigest()
-            self._send(200, {
-                "version": STANDIN_NIM2_RELEASE,
-                "modelInfo": [{"modelUrl": m.root, "shortName": m.served}]
-                + [{"modelUrl": str(a.path), "shortName": a.name} for a in m.adapters.values()],
-                "selectedModelProfileId": profile, "repository_override": "", "assetInfo": [],
-                "licenseInfo": {"name": "LICENSE", "path": "/opt/nim/LICENSE", "sha": "",
-                                "size": 0, "url": "", "type": "file"}})
+            self._send(200, metadata_v2(m))
         elif path == "/v1/metrics":
             with m.lock:
                 c = dict(m.counters)

@@ -48,7 +48,7 @@ STANDIN_IMAGE_2X = "nimflow/nim-standin:2.x"
 NIM_APIS = ("1.x", "2.x")
 STANDIN_SOURCE = bundled_file("nim-standin", "nim_standin.py")
 # Bump when the image recipe below changes: it is part of the cache key (the source-hash label).
-RECIPE_VERSION = "nim-standin-image/3"
+RECIPE_VERSION = "nim-standin-image/4"
 HOST_PYTHON = Path("/usr/bin/python3.11")
 HOST_STDLIB = Path("/usr/lib/python3.11")
 # Not needed at run time; config-3.11-* alone is the 25 MB static libpython.

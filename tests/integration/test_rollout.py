@@ -72,7 +72,8 @@ def make_rig(tmp_path: Path, docker_client: Any, standin_image: str, unique: str
     container_name = f"nimflow-{name}"
     cleanup_containers.extend([f"{container_name}-front", f"{container_name}-blue", f"{container_name}-green", container_name])
     deploy = DeploySpec(image=standin_image, served_model_name=f"test/{name}", host_port=free_port(),
-                        cache_dir=tmp_path / "cache", env={"NIMSTANDIN_READY_DELAY": "0.3"})
+                        # root as the served directory's path (vLLM's answer), so the tests can tell rollouts apart
+                        cache_dir=tmp_path / "cache", env={"NIMSTANDIN_READY_DELAY": "0.3", "NIMSTANDIN_MODELS_ROOT": "path"})
     serving = ServingImage(image=standin_image, nim_api="1.x", detected_by="test")
     return Rig(name, container_name, tmp_path / "cache", deploy, serving, docker_client)
 

@@ -209,6 +209,19 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- host: the server
+def test_models_root_is_a_name_unless_the_path_is_asked_for(model_dir: Path) -> None:
+    """1.x ``/v1/models`` gives ``root`` as the model's name (as a published NIM 1.x answer does), the
+    path only with NIMSTANDIN_MODELS_ROOT=path. Before this change the stand-in echoed the path, so
+    nimflow's old check (root == NIM_MODEL_NAME) passed against it and failed against real NIM."""
+    with server(NIM_MODEL_NAME=str(model_dir), NIM_SERVED_MODEL_NAME="tiny-llm", NIMSTANDIN_READY_DELAY="0") as (base, _):
+        wait_for(f"{base}/v1/health/ready")
+        assert http(f"{base}/v1/models")[1]["data"][0]["root"] == "tiny-llm"
+    with server(NIM_MODEL_NAME=str(model_dir), NIM_SERVED_MODEL_NAME="tiny-llm", NIMSTANDIN_READY_DELAY="0",
+                NIMSTANDIN_MODELS_ROOT="path") as (base, _):
+        wait_for(f"{base}/v1/health/ready")
+        assert http(f"{base}/v1/models")[1]["data"][0]["root"] == str(model_dir)
+
+
 def test_serve_hf_dir_full_http_contract(model_dir: Path) -> None:
     with server(NIM_MODEL_NAME=str(model_dir), NIM_SERVED_MODEL_NAME="tiny-llm",
                 NIMSTANDIN_READY_DELAY="0.5") as (base, proc):
@@ -220,7 +233,8 @@ def test_serve_hf_dir_full_http_contract(model_dir: Path) -> None:
 
         status, models = http(f"{base}/v1/models")
         assert status == 200 and [m["id"] for m in models["data"]] == ["tiny-llm"]
-        assert models["data"][0]["root"] == str(model_dir)
+        # Real NIM 1.x lists the model's name as root, not the path it was given.
+        assert models["data"][0]["root"] == "tiny-llm"
 
         status, resp = chat(base, "tiny-llm", "what is two plus two")
         assert status == 200 and resp["object"] == "chat.completion"
@@ -542,7 +556,7 @@ def test_jit_build_caches_and_registers_profile(tmp_path: Path, model_dir: Path)
     profile_env = {k: v for k, v in env.items() if k not in ("NIM_FT_MODEL", "NIM_SERVED_MODEL_NAME")}
     with server(**profile_env, NIM_MODEL_PROFILE=pid) as (base, proc):
         wait_for(f"{base}/v1/health/ready")
-        assert http(f"{base}/v1/models")[1]["data"][0]["root"] == str(built)
+        assert http(f"{base}/v1/models")[1]["data"][0]["root"] == built.name  # the served name: the profile's
     one_gpu = serve_once(**{**profile_env, "NIM_MODEL_PROFILE": pid, "NIMSTANDIN_GPU_COUNT": "1"})
     assert one_gpu.returncode == 1 and "needs 2 GPU(s), but only 1 GPU(s) are visible" in one_gpu.stderr
     unknown = serve_once(**{**profile_env, "NIM_MODEL_PROFILE": "0" * 64})

@@ -21,7 +21,7 @@ from nimflow.nim_api import text_completion
 from nimflow.records import Deployment
 from nimflow.spec import VerifySpec
 from nimflow.testbed.background_server import BackgroundServer
-from nimflow.verification import ContainerProbe, check_levels
+from nimflow.verification import ContainerProbe, check_levels, container_identity_problem
 
 SERVED, ROOT = "my-model", "/opt/nim/.cache/models/org--tiny/abc"
 
@@ -147,11 +147,34 @@ def test_nim_without_live_endpoint_still_passes_live(nim: FakeNim) -> None:
     assert check_levels(deployment(nim.url), verify(), poll_seconds=0.05).checks[:2] == ["live", "ready"]
 
 
-def test_root_mismatch_fails_at_model(nim: FakeNim) -> None:
+def test_root_naming_another_model_fails_at_model(nim: FakeNim) -> None:
+    # What a model-specific NIM image answers when it serves its bundled model instead.
     nim.behaviour.models = [{"id": SERVED, "root": "meta/llama-3.1-8b-instruct", "parent": None}]
     message = failure(nim)
     assert message.startswith("verification failed at model: ")
     assert "meta/llama-3.1-8b-instruct" in message and ROOT in message and "NIM_MODEL_NAME" in message
+
+
+@pytest.mark.parametrize("root, model_root", [
+    (SERVED, ROOT),  # a name: the served name, for the directory nimflow gave
+    ("meta/llama3-8b-instruct", "meta/llama3-8b-instruct"),  # published 1.x answer: root = the model's name
+    ("/opt/nim/workspace/model", ROOT),  # a path: vLLM reports the path it loaded, maybe NIM's own copy
+])
+def test_root_as_real_nim_reports_it_passes(nim: FakeNim, root: str, model_root: str) -> None:
+    """Real NIM 1.x reports ``root`` as the model's name (``"root": "meta/llama3-8b-instruct"`` in a
+    published /v1/models answer), vLLM as the path it loaded. On old main (6c010bf) the first and
+    third cases failed: ``verification failed at model: 'my-model' is served from 'my-model', but
+    the container was told to serve '/opt/nim/.cache/models/org--tiny/abc'`` (checked by running
+    this test against old main's nimflow/verification.py)."""
+    nim.behaviour.models = [{"id": SERVED, "root": root, "parent": None}]
+    health = check_levels(deployment(nim.url, model_root=model_root), verify(), poll_seconds=0.05)
+    assert health.checks == ["live", "ready", "model", "answer"]
+
+
+def test_container_identity_problem_fails_at_model(nim: FakeNim) -> None:
+    probe = ContainerProbe(identity=lambda: "container nimflow-t carries nimflow.weights='x', not 'y'")
+    message = failure(nim, probe=probe)
+    assert message == "verification failed at model: container nimflow-t carries nimflow.weights='x', not 'y'"
 
 
 def test_trailing_slash_is_the_same_root(nim: FakeNim) -> None:
@@ -194,15 +217,30 @@ def test_1x_version_on_1x_route_passes(nim: FakeNim) -> None:
     assert "model" in check_levels(deployment(nim.url), verify(), poll_seconds=0.05).checks
 
 
-def test_2x_metadata_must_name_the_model_path(nim: FakeNim) -> None:
-    dep = deployment(nim.url, nim_api="2.x", model_root="hf://org/tiny")
-    nim.behaviour.version = "2.0.12"
-    nim.behaviour.metadata = {"version": "2.0.12", "modelInfo": [{"modelUrl": "hf://meta/llama-3.1-8b-instruct"}]}
-    message = failure(nim, dep)
-    assert message.startswith("verification failed at model: ") and "/v1/metadata" in message and "hf://org/tiny" in message
+#: A /v1/metadata answer with the fields NIM 2.x documents (API reference, "Deployment metadata").
+METADATA_2X = {"version": "2.0.12", "modelInfo": [{"shortName": SERVED}], "selectedModelProfileId": "ab12",
+               "repository_override": "", "assetInfo": [], "licenseInfo": {}}
 
-    nim.behaviour.metadata = {"version": "2.0.12", "modelInfo": [{"modelUrl": "hf://org/tiny"}]}
-    assert "model" in check_levels(dep, verify(), poll_seconds=0.05).checks
+
+def test_2x_metadata_of_the_documented_shape_passes_without_the_model_path(nim: FakeNim) -> None:
+    """The documented schema has no field for where the model was loaded from. On old main
+    (6c010bf) this failed: ``verification failed at model: http://...//v1/metadata does not name
+    '/opt/nim/.cache/models/org--tiny/abc' (NIM_MODEL_PATH)`` (run against old main's verification.py)."""
+    nim.behaviour.version = "2.0.12"
+    nim.behaviour.metadata = METADATA_2X
+    assert "model" in check_levels(deployment(nim.url, nim_api="2.x"), verify(), poll_seconds=0.05).checks
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"selectedModelProfileId": None}, "selectedModelProfileId (str)"),
+    ({"version": 2}, "version (str)"),
+    ({"modelInfo": []}, "lists no model in modelInfo"),
+])
+def test_2x_metadata_without_a_documented_field_fails_at_model(nim: FakeNim, change: dict[str, Any], named: str) -> None:
+    nim.behaviour.version = "2.0.12"
+    nim.behaviour.metadata = {**METADATA_2X, **change}
+    message = failure(nim, deployment(nim.url, nim_api="2.x"))
+    assert message.startswith("verification failed at model: ") and "/v1/metadata" in message and named in message
 
 
 def test_2x_without_metadata_fails_at_model(nim: FakeNim) -> None:
@@ -278,3 +316,48 @@ def test_progress_reports_container_state_while_waiting(nim: FakeNim, caplog: py
         check_levels(deployment(nim.url), verify(progress_seconds=0.01), probe=probe, log=log, poll_seconds=0.05)
     progress = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
     assert progress and "building engine 40%" in progress[0] and "HTTP 503" in progress[0]
+
+
+# --- container identity: docker inspect of the container behind the endpoint ----------------------
+
+HOST_DIR = "/srv/cache/models/org--tiny/abc"
+
+
+def inspected(**changes: Any) -> dict[str, Any]:
+    """``docker inspect`` of a container as nimflow starts one for :func:`identity_deployment`."""
+    attrs: dict[str, Any] = {
+        "Config": {"Labels": {"nimflow.weights": "org/tiny@abc", "nimflow.engine-key": "k1", "other": "x"},
+                   "Env": [f"NIM_MODEL_NAME={ROOT}", "NIM_SERVED_MODEL_NAME=my-model"]},
+        "Mounts": [{"Type": "bind", "Source": "/srv/cache/nimflow-nim/t", "Destination": "/opt/nim/.cache", "RW": True},
+                   {"Type": "bind", "Source": HOST_DIR, "Destination": ROOT, "RW": False}],
+        "NetworkSettings": {"Ports": {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": "18001"}]}},
+    }
+    return {**attrs, **changes}
+
+
+def identity_deployment(**changes: Any) -> Deployment:
+    fields = {"model_source": HOST_DIR, "labels": {"nimflow.weights": "org/tiny@abc", "nimflow.engine-key": "k1"}}
+    return deployment("http://127.0.0.1:18001", **{**fields, **changes})
+
+
+def test_container_nimflow_started_for_the_deployment_has_no_identity_problem() -> None:
+    assert container_identity_problem(inspected(), identity_deployment()) is None
+    # A manifest model (no directory of nimflow's): only the port and the labels are compared.
+    assert container_identity_problem(inspected(Mounts=[]), identity_deployment(model_source=None)) is None
+
+
+def test_container_identity_problems_name_what_differs() -> None:
+    dep = identity_deployment()
+    config = inspected()["Config"]
+    old_weights = {**config["Labels"], "nimflow.weights": "org/tiny@old"}
+    wrong_label = container_identity_problem(inspected(Config={**config, "Labels": old_weights}), dep)
+    assert wrong_label is not None and "nimflow.weights='org/tiny@old', not 'org/tiny@abc'" in wrong_label
+    wrong_env = container_identity_problem(inspected(Config={**config, "Env": ["NIM_MODEL_NAME=/other"]}), dep)
+    assert wrong_env is not None and "NIM_MODEL_NAME='/other'" in wrong_env
+    other_dir = [{"Type": "bind", "Source": "/srv/elsewhere", "Destination": ROOT, "RW": False}]
+    wrong_mount = container_identity_problem(inspected(Mounts=other_dir), dep)
+    assert wrong_mount is not None and "/srv/elsewhere (ro)" in wrong_mount and HOST_DIR in wrong_mount
+    writable = [{"Type": "bind", "Source": HOST_DIR, "Destination": ROOT, "RW": True}]
+    assert "read-only" in str(container_identity_problem(inspected(Mounts=writable), dep))
+    other_port = inspected(NetworkSettings={"Ports": {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": "18002"}]}})
+    assert "another server answers there" in str(container_identity_problem(other_port, dep))
