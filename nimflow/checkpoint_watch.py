@@ -443,14 +443,8 @@ def _announced_event(name: str, spec: HostingSpec, part: str, entry: dict[str, A
 
 def _announcement(event: CheckpointLanded, count: int) -> dict[str, Any]:
     """The ``announced`` entry of an event sent ``count`` times, the last time now."""
-    entry: dict[str, Any] = {"n": count, "at": int(time.time())}
-    if event.revision is not None:
-        entry["revision"] = event.revision
-        if event.ref is not None:
-            entry["ref"] = event.ref
-    if event.uri is not None:
-        entry["uri"] = event.uri
-    return entry
+    # What identifies the checkpoint is what the event says of it: its payload less the spec (the key).
+    return {"n": count, "at": int(time.time()), **{k: v for k, v in event.payload().items() if k != "spec"}}
 
 
 def _settle_announcements(
