@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,10 +15,8 @@ from nimflow.flows.host_model import host_model
 from nimflow.engine_store import EngineStore
 from nimflow.engine_use import EngineUse
 from nimflow.spec import CacheSpec
-from nimflow.testbed.hub_server import publish
-from nimflow.testbed.tiny_model import write_tiny_llama
 from tests.conftest import ENGINE_BUCKET, write_spec
-from tests.integration.test_host_model import make_spec, publish_tiny
+from tests.integration.test_host_model import make_gemma_pp2_spec, make_spec, publish_tiny
 
 pytestmark = pytest.mark.testbed
 
@@ -126,13 +123,7 @@ def test_plan_refuses_a_tp_pp_the_familys_converter_cannot_take(
     """
     env = {**testbed_env, "PREFECT_API_URL": prefect_api, "COLUMNS": "200"}
     name, repo = f"plan-gemma-{unique}", f"org/plan-gemma-{unique}"
-    source = write_tiny_llama(tmp_path / "src", seed=0)
-    config = json.loads((source / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
-    publish(hub.root, repo, source)
-    spec = make_spec(tmp_path, name, repo, standin_image, build="trtllm-build")
-    spec["build"]["pp_size"] = 2
-    spec["build"]["env"] = {"NIMSTANDIN_GPU_COUNT": "2"}  # one GPU per rank: only the family's limit is wrong
+    spec = make_gemma_pp2_spec(tmp_path, hub, name, repo, standin_image)
 
     result = nimflow("plan", str(write_spec(tmp_path / "gemma.yaml", spec)), env=env)
 

@@ -33,11 +33,10 @@ from nimflow.errors import ConfigError, EngineIncompatible
 from nimflow.records import Engine, ServingImage
 from nimflow.rollout import start_candidate
 from nimflow.spec import CacheSpec, parse_spec
-from nimflow.testbed.hub_server import publish
 from nimflow.testbed.services import free_port
 from nimflow.testbed.tiny_model import write_tiny_llama
 from tests.conftest import ENGINE_BUCKET, write_spec
-from tests.integration.test_host_model import make_spec, publish_tiny, task_runs
+from tests.integration.test_host_model import make_gemma_pp2_spec, make_spec, publish_tiny, task_runs
 
 pytestmark = pytest.mark.testbed
 
@@ -360,13 +359,7 @@ def test_gemma_pipeline_parallelism_is_refused_before_any_container(
     script; real TensorRT-LLM refuses those flags), so ``pytest.raises(ConfigError)`` failed.
     """
     name, repo = f"gemma-pp-{unique}", f"org/gemma-pp-{unique}"
-    source = write_tiny_llama(tmp_path / "src", seed=0)
-    config = json.loads((source / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
-    publish(hub.root, repo, source)
-    spec = make_spec(tmp_path, name, repo, standin_image, build="trtllm-build")
-    spec["build"]["pp_size"] = 2
-    spec["build"]["env"] = {"NIMSTANDIN_GPU_COUNT": "2"}  # one GPU per rank: only the family's limit is wrong
+    spec = make_gemma_pp2_spec(tmp_path, hub, name, repo, standin_image)
     before = {c.id for c in docker_client.containers.list(all=True)}
 
     state = host_model(spec=str(write_spec(tmp_path / "spec.yaml", spec)), return_state=True)
@@ -445,7 +438,6 @@ def test_failed_builds_classified_and_cleaned_up(
 
 def publish_dir(tmp_path: Path) -> Path:
     """Fine-tuned weights for a JIT build (same architecture as the tiny base)."""
-    from nimflow.testbed.tiny_model import write_tiny_llama
 
     return write_tiny_llama(tmp_path / "finetuned", seed=11)
 

@@ -37,6 +37,19 @@ LOGS_DEADLINE_S = 60
 LOGS_PAGE = 200
 
 
+
+def make_gemma_pp2_spec(tmp_path: Path, hub: Any, name: str, repo: str, image: str) -> dict:
+    """A trtllm-build spec of a Gemma2 checkpoint (published to ``hub`` as ``repo``) with pp_size 2, which
+    Gemma's converter cannot take; one GPU per rank, so only the family's limit is wrong."""
+    source = write_tiny_llama(tmp_path / "src", seed=0)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
+    publish(hub.root, repo, source)
+    spec = make_spec(tmp_path, name, repo, image, build="trtllm-build")
+    spec["build"]["pp_size"] = 2
+    spec["build"]["env"] = {"NIMSTANDIN_GPU_COUNT": "2"}
+    return spec
+
 def make_spec(
     tmp_path: Path, name: str, repo_id: str, image: str, *, build: str | None = "nim-optimize",
     deadline_seconds: float = 60, **deploy: Any
