@@ -50,19 +50,21 @@ def docker_client() -> Any:
 @pytest.fixture(scope="session")
 def standin_image(docker_client: Any) -> str:
     """The locally built CPU stand-in for NIM (tag)."""
-    from nimflow.testbed.nim_image import STANDIN_IMAGE, build_standin_image
+    from nimflow.testbed.nim_image import build_standin_image, source_tag
 
-    build_standin_image(docker_client, STANDIN_IMAGE)
-    return STANDIN_IMAGE
+    tag = source_tag()  # per stand-in source: other clones on this Docker host keep their own
+    build_standin_image(docker_client, tag)
+    return tag
 
 
 @pytest.fixture(scope="session")
 def standin_image_2x(docker_client: Any) -> str:
     """The stand-in's NIM 2.x variant: CMD nim-serve, label nimflow.nim-api=2.x, NIM_MODEL_PATH."""
-    from nimflow.testbed.nim_image import STANDIN_IMAGE_2X, build_standin_image
+    from nimflow.testbed.nim_image import build_standin_image, source_tag
 
-    build_standin_image(docker_client, STANDIN_IMAGE_2X, nim_api="2.x")
-    return STANDIN_IMAGE_2X
+    tag = source_tag("2.x")
+    build_standin_image(docker_client, tag, nim_api="2.x")
+    return tag
 
 
 @pytest.fixture(scope="session")

@@ -140,6 +140,14 @@ def source_hash(source: Path = STANDIN_SOURCE, trtllm_version: str | None = None
                           + b"\0nim_api=" + _nim_api(nim_api).encode()).hexdigest()
 
 
+
+def source_tag(nim_api: str = "1.x") -> str:
+    """A tag naming this exact stand-in source, for tests: ``nimflow/nim-standin:src-<hash12>``
+    (``src2x-`` for 2.x). Clones with different stand-in sources on one Docker host (helpers,
+    branches) then never retag each other's image while their tests run."""
+    prefix = "src2x" if _nim_api(nim_api) == "2.x" else "src"
+    return f"nimflow/nim-standin:{prefix}-{source_hash(nim_api=nim_api)[:12]}"
+
 def dist_info_metadata(version: str) -> bytes:
     """METADATA of the placeholder ``tensorrt_llm`` distribution (core metadata 2.1)."""
     return (f"Metadata-Version: 2.1\nName: tensorrt_llm\nVersion: {version}\n"

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from nimflow.testbed import TestbedError, docker_engine
-from nimflow.testbed.nim_image import STANDIN_IMAGE, build_standin_image, source_hash
+from nimflow.testbed.nim_image import build_standin_image, source_hash, source_tag
 
 STANDIN = Path(__file__).resolve().parents[2] / "deployments" / "nim-standin" / "nim_standin.py"
 NOT_IMPLEMENTED = "NotImplementedError: Only safetensors/pickle/binary directories are supported."
@@ -830,7 +830,7 @@ def engine_client() -> Any:
 
 @pytest.fixture(scope="module")
 def standin_image_id(engine_client: Any) -> str:
-    return build_standin_image(engine_client)
+    return build_standin_image(engine_client, source_tag())
 
 
 @pytest.fixture
@@ -858,14 +858,14 @@ def run_to_end(client: Any, created: list[Any], image: str, command: Any, **kw: 
 
 @pytest.mark.testbed
 def test_image_is_cached_by_source_hash(engine_client: Any, standin_image_id: str) -> None:
-    image = engine_client.images.get(STANDIN_IMAGE)
+    image = engine_client.images.get(source_tag())
     assert image.id == standin_image_id
     assert image.labels["nimflow.stand-in"] == "true"
     assert image.labels["nimflow.source-hash"] == source_hash()
     assert image.labels["nimflow.trtllm-version"] == DEFAULT_TRTLLM
     assert image.attrs["Config"]["Cmd"] == ["/usr/local/bin/start-server"]
-    assert build_standin_image(engine_client) == standin_image_id  # served from the cache, not rebuilt
-    assert engine_client.images.get(STANDIN_IMAGE).attrs["Created"] == image.attrs["Created"]
+    assert build_standin_image(engine_client, source_tag()) == standin_image_id  # served from the cache, not rebuilt
+    assert engine_client.images.get(source_tag()).attrs["Created"] == image.attrs["Created"]
     assert source_hash(trtllm_version="1.2.1") != source_hash()  # variants never share a cache key
 
 

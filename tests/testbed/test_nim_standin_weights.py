@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from nimflow.testbed import docker_engine
-from nimflow.testbed.nim_image import STANDIN_IMAGE_2X, build_standin_image, source_hash, standin_weights_digest
+from nimflow.testbed.nim_image import build_standin_image, source_hash, source_tag, standin_weights_digest
 from nimflow.testbed.tiny_model import write_tiny_llama
 from tests.testbed.test_nim_standin import (
     CHAT_TEMPLATE,
@@ -345,7 +345,7 @@ def containers(engine_client: Any) -> Iterator[list[Any]]:
 
 @pytest.fixture(scope="module")
 def image_2x(engine_client: Any) -> str:
-    return build_standin_image(engine_client, STANDIN_IMAGE_2X, nim_api="2.x")
+    return build_standin_image(engine_client, source_tag("2.x"), nim_api="2.x")
 
 
 @pytest.mark.testbed
@@ -375,7 +375,7 @@ def test_2x_image_layout_and_serving(engine_client: Any, image_2x: str, containe
 
 @pytest.mark.testbed
 def test_1x_image_ships_the_bundled_manifest(engine_client: Any, containers: list[Any]) -> None:
-    image = build_standin_image(engine_client)
+    image = build_standin_image(engine_client, source_tag())
     code, out, _ = run_to_end(engine_client, containers, image,
                               ["python3", "-c", "print(open('/etc/nim/config/model_manifest.yaml').read())"])
     assert code == 0 and "model: meta/llama-3.1-8b-instruct" in out and "!workspace" in out
