@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint test-lowest venv testbed-up testbed-down validate clean
+.PHONY: demo test test-gpu lint test-lowest venv testbed-up testbed-down validate clean
 
 # The virtual environment, rebuilt when pyproject.toml changes. Debian ships venv separately.
 $(BIN)/nimflow: pyproject.toml
@@ -24,6 +24,15 @@ demo: venv
 test: venv lint
 	$(BIN)/python -m nimflow.testbed.docker_engine
 	$(BIN)/python -m pytest -q --durations=25
+
+# The GPU suite against named real images, on a GPU host (docs/testbed.md "On a GPU host"): builds,
+# serves, and records what the real software printed under tests/gpu/recorded/; a skip fails here.
+test-gpu: venv
+	@test -n "$(NIM_IMAGE)" -a -n "$(HF_REPO)" -a -n "$(S3_URI)" || { \
+	  echo "usage: make test-gpu NIM_IMAGE=<NIM 1.x image> HF_REPO=<org/model> S3_URI=s3://<bucket>/<prefix> [TRTLLM_IMAGE=<TensorRT-LLM release image>] [STANDBY_GPU=1]"; exit 2; }
+	NIMFLOW_GPU_REQUIRED=1 NIMFLOW_GPU_NIM_IMAGE="$(NIM_IMAGE)" NIMFLOW_GPU_TRTLLM_IMAGE="$(TRTLLM_IMAGE)" \
+	  NIMFLOW_GPU_REPO="$(HF_REPO)" NIMFLOW_GPU_S3_URI="$(S3_URI)" NIMFLOW_GPU_STANDBY="$(STANDBY_GPU)" \
+	  $(BIN)/python -m pytest -m gpu -v -rs tests/gpu
 
 # Static checks: ruff (lint and import order) and mypy. mypy reads the package as the wheel lays it out
 # (flows/ and tasks/ are nimflow.flows and nimflow.tasks there), through a tree of symlinks.

@@ -8,17 +8,17 @@ Skipped, with the reason, wherever there is no GPU or no image configured. To ru
     NIMFLOW_GPU_REPO=meta-llama/Llama-3.2-1B-Instruct NIMFLOW_GPU_S3_URI=s3://bucket/prefix \
     .venv/bin/python -m pytest -m gpu
 
-`test_record_real_cli_output` writes the real `nim-optimize -h`, `list-model-profiles` and GPU
-probe output under `$NIMFLOW_GPU_RECORD_DIR` (default `tests/gpu/recorded/`), so the stand-in's
-flags and texts can be checked against them; commit what it writes.
+Or, the same with one command: `make test-gpu NIM_IMAGE=... TRTLLM_IMAGE=... HF_REPO=... S3_URI=...`
+(a skip is then a failure). The tests record what the real software printed (tests/gpu/recording.py)
+under `$NIMFLOW_GPU_RECORD_DIR` (default `tests/gpu/recorded/<image>/`) and fail where a recorded fact
+contradicts an assumption of the code (tests/gpu/assumptions.py); commit what they write: the unit
+tests check the code against every committed recording on each CPU run.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import uuid
 from pathlib import Path
 
 import pytest
@@ -41,6 +41,26 @@ def _skip_reason(*extra: str) -> str | None:
     return None
 
 
+def _record_folder() -> Path:
+    from tests.gpu.recording import RECORD_ROOT, recording_dir
+
+    return recording_dir(os.environ["NIMFLOW_GPU_NIM_IMAGE"], Path(os.environ.get("NIMFLOW_GPU_RECORD_DIR") or RECORD_ROOT))
+
+
+def _record_served(record: dict) -> None:
+    """Record the real /v1/models, /v1/metadata and /v1/version of a NIM nimflow verified."""
+    from nimflow.containers import docker_client
+    from nimflow.rollout import MODEL_ROOT_LABEL
+    from tests.gpu.assumptions import contradictions
+    from tests.gpu.recording import record_endpoint
+
+    folder = _record_folder()
+    labels = docker_client().containers.get(record["container_id"]).labels  # what nimflow told this NIM
+    record_endpoint(record["endpoint"], served_model_name=record["served_model_name"],
+                    model_root=labels[MODEL_ROOT_LABEL], nim_api=record["nim_api"], folder=folder)
+    assert contradictions(folder) == []
+
+
 def _spec(tmp_path: Path, backend: str, build_image: str) -> dict:
     image = os.environ["NIMFLOW_GPU_NIM_IMAGE"]
     name = f"gpu-{backend}"
@@ -52,7 +72,7 @@ def _spec(tmp_path: Path, backend: str, build_image: str) -> dict:
         "source": {"repo_id": os.environ["NIMFLOW_GPU_REPO"]},
         "build": build,
         "cache": {"uri": f"{os.environ['NIMFLOW_GPU_S3_URI'].rstrip('/')}/{name}"},
-        "deploy": {"image": image, "served_model_name": name, "gpus": [0], "user": "root",
+        "deploy": {"image": image, "served_model_name": name, "gpus": [0],
                    "host_port": int(os.environ.get("NIMFLOW_GPU_PORT", "18080")), "cache_dir": str(tmp_path / "cache")},
     }
 
@@ -66,6 +86,7 @@ def test_real_nim_builds_caches_and_serves(tmp_path: Path, prefect_api: str, bac
     config = write_spec(tmp_path / "spec.yaml", _spec(tmp_path, backend, os.environ["NIMFLOW_GPU_NIM_IMAGE"]))
     first = host_model(spec=str(config))
     assert first["engine_origin"] in ("built", "engine-store") and first["completion"].strip()
+    _record_served(first)
     again = host_model(spec=str(config))
     assert again["engine_origin"] == "local-cache" and again["uploaded_files"] == 0 and again["downloaded_files"] == 0
 
@@ -84,30 +105,16 @@ def test_real_trtllm_build_serves_in_nim(tmp_path: Path, prefect_api: str) -> No
 
 
 @pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
-def test_record_real_cli_output(tmp_path: Path) -> None:
-    """Record the real `nim-optimize -h`, `list-model-profiles` and GPU probe; check the stand-in's flags exist."""
-    from nimflow.containers import device_requests, docker_client, run_to_exit
-    from nimflow.gpu_identity import PROBE_SCRIPT, identity_from_probe, parse_probe_output
+def test_real_images_agree_with_what_nimflow_assumes() -> None:
+    """Record what the real images print (tests/gpu/recording.py) and fail on every assumption of the
+    code that the recording contradicts (tests/gpu/assumptions.py); commit the recording."""
+    from nimflow.containers import docker_client
+    from tests.gpu.assumptions import contradictions
+    from tests.gpu.recording import record_images
 
-    image = os.environ["NIMFLOW_GPU_NIM_IMAGE"]
-    client = docker_client()
-    record_dir = Path(os.environ.get("NIMFLOW_GPU_RECORD_DIR", Path(__file__).parent / "recorded"))
-    record_dir = record_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", image)
-    record_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {}
-    for name, command in (("nim-optimize-help", ["nim-optimize", "-h"]), ("list-model-profiles", ["list-model-profiles"]),
-                          ("gpu-probe", ["python3", "-c", PROBE_SCRIPT])):
-        ended = run_to_exit(client, image, command, name=f"nimflow-record-{uuid.uuid4().hex[:8]}", deadline_seconds=600,
-                            log_lines=2000, device_requests=device_requests([0]), user="root")
-        (record_dir / f"{name}.txt").write_text(f"$ {' '.join(command[:2])}\n# exit code {ended.exit_code}\n{ended.logs}\n")
-        outputs[name] = ended.logs
-    missing = [flag for flag in NIM_OPTIMIZE_FLAGS if flag not in outputs["nim-optimize-help"]]
-    assert not missing, f"the real nim-optimize lacks {missing}: update nimflow/engine_build.py and the stand-in"
-    answer = parse_probe_output(outputs["gpu-probe"])
-    assert answer is not None
-    identity = identity_from_probe(answer, image=image, field="build.gpus")
-    assert identity.trtllm_version, "no tensorrt_llm package metadata found in the NIM image: extend PROBE_SCRIPT's search"
-    assert "SYSTEM INFO" in outputs["list-model-profiles"]
+    folder = _record_folder()
+    record_images(docker_client(), os.environ["NIMFLOW_GPU_NIM_IMAGE"], os.environ.get("NIMFLOW_GPU_TRTLLM_IMAGE"), folder)
+    assert contradictions(folder) == []
 
 
 @pytest.mark.skipif(_skip_reason("NIMFLOW_GPU_STANDBY") is not None, reason=_skip_reason("NIMFLOW_GPU_STANDBY") or "")
@@ -124,7 +131,7 @@ def test_real_nim_blue_green_rollout_drops_no_request(tmp_path: Path, prefect_ap
         "name": "gpu-rollout",
         "source": {"repo_id": os.environ["NIMFLOW_GPU_REPO"]},
         "deploy": {"image": os.environ["NIMFLOW_GPU_NIM_IMAGE"], "served_model_name": "gpu-rollout", "gpus": [0],
-                   "user": "root", "host_port": int(os.environ.get("NIMFLOW_GPU_PORT", "18080")),
+                   "host_port": int(os.environ.get("NIMFLOW_GPU_PORT", "18080")),
                    "cache_dir": str(tmp_path / "cache")},
         "rollout": {"strategy": "blue-green", "standby_gpus": [int(os.environ["NIMFLOW_GPU_STANDBY"])]},
     }
