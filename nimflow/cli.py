@@ -19,9 +19,10 @@ exit non-zero; tracebacks are kept for bugs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -30,6 +31,7 @@ from nimflow.testbed import TestbedError
 
 if TYPE_CHECKING:
     from nimflow.engine_store import EngineStore
+    from nimflow.spec import HostingSpec
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -38,18 +40,36 @@ DEMO_CONFIG = Path("configs/demo.yaml")
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from nimflow.image_probe import check_build_image_on_host
     from nimflow.spec import load_spec
 
     status = 0
     for config in args.configs:
         try:
-            load_spec(config)
+            spec = load_spec(config)
+            try:
+                # A build image on this Docker host is asked what it has (cached per image id): a build it
+                # cannot run (no converter, a flag its scripts lack) is refused here, before any GPU time.
+                note = check_build_image_on_host(spec.build, _local_model_config(spec)) if spec.build else ""
+            except ConfigError as exc:
+                raise ConfigError(config, exc.problems) from None
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             status = EXIT_INVALID
         else:
-            print(f"{config}: ok")
+            print(f"{config}: ok" + (f" ({note})" if note else ""))
     return status
+
+
+def _local_model_config(spec: HostingSpec) -> dict[str, Any] | None:
+    """The config.json of a spec's local checkpoint (``source.local_dir``), when readable; else None."""
+    if spec.source.local_dir is None:
+        return None
+    try:
+        config = json.loads((Path(spec.source.local_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _host(spec: str, revision: str | None) -> int:
