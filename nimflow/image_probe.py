@@ -44,6 +44,7 @@ from nimflow.errors import ConfigError, DeploymentError, Problem, translated_err
 from nimflow.gpu_identity import PROBE_MARKER, installed_trtllm_version, run_probe_script
 from nimflow.settings import get_settings
 from nimflow.trtllm_families import (
+    EXAMPLES_ROOTS,
     FAMILIES,
     ConverterFamily,
     check_command_against_flags,
@@ -395,6 +396,12 @@ def check_build_against_image(facts: ImageFacts, build: BuildSpec, *, image: str
     config = model_config or {}
     family = converter_family(build, config)
     if family is None:
+        if not build.convert_script and not any(c.path for c in facts.converters.values()):
+            # The checkpoint is not known yet (`nimflow validate`), but no family could be converted.
+            raise _refuse(image, (
+                f"has no convert_checkpoint.py for any family (looked under {' and '.join(EXAMPLES_ROOTS)}; the "
+                "newest TensorRT-LLM removed the examples). Use a TensorRT-LLM release image < 1.3 (its examples "
+                "hold the converters), or set build.convert_script"))
         return  # a custom converter outside the table, or the checkpoint is not known yet
     if build.convert_script and build.convert_script not in script_candidates(family):
         return  # a converter at a path the probe did not ask about: its run tells

@@ -1944,7 +1944,7 @@ def converter_parser(family: str) -> argparse.ArgumentParser:
         parser.add_argument("--output-model-dir", type=str, required=True)
         parser.add_argument("--world-size", type=int, default=1,
                             help="world size, only support tensor parallelism now")
-        parser.add_argument("--use-weight-only-with-precision", "--weight_only_precision", dest="weight_only_precision",
+        parser.add_argument("--use-weight-only-with-precision", dest="weight_only_precision",
                             choices=["int8", "int4", "w4a8_awq", "w4a16_awq"], default=None)
         parser.add_argument("--dtype", type=str, default="float16", choices=["float32", "bfloat16", "float16"])
         parser.add_argument("--load_model_on_cpu", action="store_true")

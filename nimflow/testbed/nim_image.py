@@ -159,12 +159,18 @@ def _examples_layout(layout: str) -> str:
 
 
 
-def source_tag(nim_api: str = "1.x") -> str:
+def source_tag(nim_api: str = "1.x", *, examples_layout: str = "0.18", trtllm_version: str | None = None) -> str:
     """A tag naming this exact stand-in source, for tests: ``nimflow/nim-standin:src-<hash12>``
-    (``src2x-`` for 2.x). Clones with different stand-in sources on one Docker host (helpers,
-    branches) then never retag each other's image while their tests run."""
+    (``src2x-`` for 2.x; a variant's layout or version adds ``ex<layout>-``/``trt<version>-``). Clones
+    with different stand-in sources on one Docker host (helpers, branches) then never retag each
+    other's image while their tests run."""
     prefix = "src2x" if _nim_api(nim_api) == "2.x" else "src"
-    return f"nimflow/nim-standin:{prefix}-{source_hash(nim_api=nim_api)[:12]}"
+    if examples_layout != "0.18":
+        prefix += f"-ex{_examples_layout(examples_layout)}"
+    if trtllm_version is not None:
+        prefix += f"-trt{_trtllm_version(trtllm_version)}"
+    digest = source_hash(nim_api=nim_api, examples_layout=examples_layout, trtllm_version=trtllm_version)
+    return f"nimflow/nim-standin:{prefix}-{digest[:12]}"
 
 def dist_info_metadata(version: str) -> bytes:
     """METADATA of the placeholder ``tensorrt_llm`` distribution (core metadata 2.1)."""
