@@ -26,8 +26,9 @@ fails the same way with their error text. Python 3.11 standard library only. Pro
   answers ``/v1/version`` and ``/v1/metadata``; no TensorRT-LLM engines.
 * ``nim-optimize --model_dir D --build_config Y --output_engine_dir O``: the NIM engine layout.
 * ``list-model-profiles``: the fake GPUs (SYSTEM INFO) and the locally built profiles.
-* ``convert_checkpoint.py`` (TensorRT-LLM ``examples/models/core/llama/convert_checkpoint.py``) and
-  ``trtllm-build`` (``tensorrt_llm/commands/build.py``): the two-step TensorRT-LLM build.
+* ``convert_checkpoint.py`` (TensorRT-LLM ``examples/models/core/<dir>/convert_checkpoint.py``, one
+  per family: the directory it is run from picks llama, qwen, gemma or phi, each with that script's own
+  arguments) and ``trtllm-build`` (``tensorrt_llm/commands/build.py``): the two-step TensorRT-LLM build.
 * ``nvidia-smi``: ``--query-gpu=... --format=csv[,noheader][,nounits]`` and ``-L`` for the fake GPUs.
 
 Stand-in-only knobs: ``NIMSTANDIN_GPU`` ("NAME,COMPUTE_CAP,PCI_DEVICE_ID"), ``NIMSTANDIN_GPU_COUNT``,
