@@ -64,7 +64,7 @@ MANIFEST_CANDIDATES: tuple[str, ...] = ("/opt/nim/etc/default/model_manifest.yam
 #: the other two are what nimflow's nim-optimize backend relies on, unverified).
 NIM_OPTIMIZE_FLAGS: tuple[str, ...] = ("--model_dir", "--build_config", "--output_engine_dir")
 #: Bump when the probe asks something new: cached facts of another version are probed again.
-FACTS_VERSION = 1
+FACTS_VERSION: Literal[1] = 1
 #: A cache file larger than this is not read (the real facts are a few KiB).
 MAX_CACHE_BYTES = 256 * 1024
 #: Seconds one ``--help`` may take in the image, and the whole probe container.
