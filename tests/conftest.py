@@ -67,13 +67,14 @@ def standin_image_2x(docker_client: Any) -> str:
     return tag
 
 
-def standin_variant(docker_client: Any, *, examples_layout: str = "0.18", trtllm_version: str | None = None) -> str:
-    """A variant of the stand-in (converters in another layout, another TensorRT-LLM version), built
-    once per source and variant, under its own source-hash tag."""
+def standin_variant(docker_client: Any, **variant: Any) -> str:
+    """A variant of the stand-in (``examples_layout``, ``trtllm_version``, ``manifest_path`` of
+    :func:`nimflow.testbed.nim_image.build_standin_image`), built once per source and variant, under
+    its own source-hash tag."""
     from nimflow.testbed.nim_image import build_standin_image, source_tag
 
-    tag = source_tag(examples_layout=examples_layout, trtllm_version=trtllm_version)
-    build_standin_image(docker_client, tag, examples_layout=examples_layout, trtllm_version=trtllm_version)
+    tag = source_tag(**variant)
+    build_standin_image(docker_client, tag, **variant)
     return tag
 
 

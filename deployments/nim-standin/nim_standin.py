@@ -68,7 +68,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MODEL_FILES = ("config.json", "generation_config.json") + TOKENIZER_FILES
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 DEFAULT_MODEL = "meta/llama-3.1-8b-instruct"
-#: Where NIM 1.x (1.1.0 docs) keeps the bundled manifest; ``NIM_MANIFEST_PATH`` replaces it.
+#: Where NIM 1.x (1.1.0 docs) keeps the bundled manifest. Later NIM docs name
+#: /opt/nim/etc/default/model_manifest.yaml; a stand-in image built that way says so in
+#: ``NIMSTANDIN_MANIFEST_PATH`` (its image ENV), and only that file is read: no public NIM document
+#: describes a variable that redirects NIM to another manifest (``NIM_MANIFEST_PATH`` is ignored).
 MANIFEST_PATH = "/etc/nim/config/model_manifest.yaml"
 #: The NIM 2.x release this stand-in reports on /v1/version (2.x mode only).
 STANDIN_NIM2_RELEASE = "2.0.0+standin"
@@ -991,13 +994,14 @@ def manifest_models(text: str) -> list[str]:
 
 
 def lookup_manifest(model_name: str) -> str:
-    """Resolve a NIM_MODEL_NAME that is not a path in the bundled manifest (``NIM_MANIFEST_PATH``
-    or /etc/nim/config/model_manifest.yaml; the built-in copy on a host without either)."""
-    path = Path(os.environ.get("NIM_MANIFEST_PATH") or MANIFEST_PATH)
+    """Resolve a NIM_MODEL_NAME that is not a path in the image's bundled manifest (its
+    ``NIMSTANDIN_MANIFEST_PATH``, default /etc/nim/config/model_manifest.yaml; the built-in copy on a
+    host without it). A manifest anywhere else is not read, as real NIM reads only its own path."""
+    path = Path(os.environ.get("NIMSTANDIN_MANIFEST_PATH") or MANIFEST_PATH)
     if path.is_file():
         text, where = path.read_text(), str(path)
-    elif os.environ.get("NIM_MANIFEST_PATH"):
-        raise StandinError("FileNotFoundError", f"NIM_MANIFEST_PATH={path}: no such file")
+    elif os.environ.get("NIMSTANDIN_MANIFEST_PATH"):
+        raise StandinError("FileNotFoundError", f"{path}: no such file (the image's model manifest)")
     else:
         text, where = BUNDLED_MANIFEST, f"{MANIFEST_PATH} (built-in copy: not on this host)"
     models = manifest_models(text)

@@ -63,6 +63,8 @@ COMMANDS = ("start-server", "nim-optimize", "list-model-profiles", "nvidia-smi",
 COMMANDS_2X = ("nim-serve", "list-model-profiles", "nvidia-smi")
 #: Where the NIM 1.x image keeps its bundled manifest (NIM 1.1.0 docs, profiles.html).
 MANIFEST_PATH = "/etc/nim/config/model_manifest.yaml"
+#: Where a 1.x image may keep it: the 1.1.0 docs' path, or the later docs' (profiles.html).
+MANIFEST_PATHS = (MANIFEST_PATH, "/opt/nim/etc/default/model_manifest.yaml")
 #: Where TensorRT-LLM release images keep the converters, by layout: ``<root>/<dir>/convert_checkpoint.py``
 #: (0.18 and later: examples/models/core; up to 0.17: examples; the newest: none).
 EXAMPLES_LAYOUTS: dict[str, str | None] = {
@@ -141,7 +143,7 @@ def _trtllm_version(version: str | None, source: Path = STANDIN_SOURCE) -> str:
 
 
 def source_hash(source: Path = STANDIN_SOURCE, trtllm_version: str | None = None,
-                nim_api: str = "1.x", examples_layout: str = "0.18") -> str:
+                nim_api: str = "1.x", examples_layout: str = "0.18", manifest_path: str = MANIFEST_PATH) -> str:
     """The cache key: sha256 of the stand-in source, this builder's recipe version, the
     TensorRT-LLM version the image reports, the NIM API mode and the examples layout (so variant
     images never pass for each other)."""
@@ -149,7 +151,14 @@ def source_hash(source: Path = STANDIN_SOURCE, trtllm_version: str | None = None
     return hashlib.sha256(source.read_bytes() + RECIPE_VERSION.encode()
                           + b"\0tensorrt_llm=" + version.encode()
                           + b"\0nim_api=" + _nim_api(nim_api).encode()
-                          + b"\0examples=" + _examples_layout(examples_layout).encode()).hexdigest()
+                          + b"\0examples=" + _examples_layout(examples_layout).encode()
+                          + b"\0manifest=" + _manifest_path(manifest_path).encode()).hexdigest()
+
+
+def _manifest_path(path: str) -> str:
+    if path not in MANIFEST_PATHS:
+        raise TestbedError(f"manifest_path {path!r} is not one of {MANIFEST_PATHS}")
+    return path
 
 
 def _examples_layout(layout: str) -> str:
@@ -159,7 +168,8 @@ def _examples_layout(layout: str) -> str:
 
 
 
-def source_tag(nim_api: str = "1.x", *, examples_layout: str = "0.18", trtllm_version: str | None = None) -> str:
+def source_tag(nim_api: str = "1.x", *, examples_layout: str = "0.18", trtllm_version: str | None = None,
+               manifest_path: str = MANIFEST_PATH) -> str:
     """A tag naming this exact stand-in source, for tests: ``nimflow/nim-standin:src-<hash12>``
     (``src2x-`` for 2.x; a variant's layout or version adds ``ex<layout>-``/``trt<version>-``). Clones
     with different stand-in sources on one Docker host (helpers, branches) then never retag each
@@ -169,7 +179,10 @@ def source_tag(nim_api: str = "1.x", *, examples_layout: str = "0.18", trtllm_ve
         prefix += f"-ex{_examples_layout(examples_layout)}"
     if trtllm_version is not None:
         prefix += f"-trt{_trtllm_version(trtllm_version)}"
-    digest = source_hash(nim_api=nim_api, examples_layout=examples_layout, trtllm_version=trtllm_version)
+    if manifest_path != MANIFEST_PATH:
+        prefix += f"-mf{MANIFEST_PATHS.index(_manifest_path(manifest_path))}"
+    digest = source_hash(nim_api=nim_api, examples_layout=examples_layout, trtllm_version=trtllm_version,
+                         manifest_path=manifest_path)
     return f"nimflow/nim-standin:{prefix}-{digest[:12]}"
 
 def dist_info_metadata(version: str) -> bytes:
@@ -245,7 +258,7 @@ class _RootfsTar:
 
 
 def write_rootfs_tar(out: Path, source: Path = STANDIN_SOURCE, trtllm_version: str | None = None,
-                     nim_api: str = "1.x", examples_layout: str = "0.18") -> None:
+                     nim_api: str = "1.x", examples_layout: str = "0.18", manifest_path: str = MANIFEST_PATH) -> None:
     """Write the stand-in image's rootfs as an uncompressed tar at ``out``."""
     version = _trtllm_version(trtllm_version, source)
     v2 = _nim_api(nim_api) == "2.x"
@@ -286,7 +299,7 @@ def write_rootfs_tar(out: Path, source: Path = STANDIN_SOURCE, trtllm_version: s
         dist_info = f"{DIST_PACKAGES}/tensorrt_llm-{version}.dist-info"
         fs.add_bytes(dist_info_metadata(version), f"{dist_info}/METADATA")
         fs.add_bytes(b"nimflow-standin\n", f"{dist_info}/INSTALLER")
-        fs.add_bytes(bundled_manifest(source).encode(), MANIFEST_PATH)
+        fs.add_bytes(bundled_manifest(source).encode(), _manifest_path(manifest_path))
 
 
 def _split_tag(tag: str) -> tuple[str, str]:
@@ -296,14 +309,15 @@ def _split_tag(tag: str) -> tuple[str, str]:
 
 def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *,
                         force: bool = False, trtllm_version: str | None = None, nim_api: str = "1.x",
-                        examples_layout: str = "0.18") -> str:
+                        examples_layout: str = "0.18", manifest_path: str = MANIFEST_PATH) -> str:
     """Build (or reuse) the NIM stand-in image and return its id.
 
     ``trtllm_version`` (default: the stand-in's ``STANDIN_TRTLLM_VERSION``) is the TensorRT-LLM
     version the image reports and binds its engines to; give variants their own ``tag``.
     ``nim_api="2.x"`` builds the NIM 2.x variant (suggested tag :data:`STANDIN_IMAGE_2X`).
     ``examples_layout`` (:data:`EXAMPLES_LAYOUTS`) places the converters as a TensorRT-LLM 0.18+
-    (default), <= 0.17 or newest (none) release image does.
+    (default), <= 0.17 or newest (none) release image does; ``manifest_path`` (:data:`MANIFEST_PATHS`)
+    is where the 1.x image keeps, and the stand-in reads, its model manifest.
     Cached by tag: an image whose ``nimflow.source-hash`` label equals :func:`source_hash` (which
     covers the version) is returned as is unless ``force``. A superseded image is removed when no
     container uses it.
@@ -311,7 +325,8 @@ def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *
     if not STANDIN_SOURCE.is_file():
         raise TestbedError(f"stand-in source not found at {STANDIN_SOURCE} (a broken install: reinstall nimflow)")
     version = _trtllm_version(trtllm_version)
-    digest = source_hash(trtllm_version=version, nim_api=nim_api, examples_layout=examples_layout)
+    digest = source_hash(trtllm_version=version, nim_api=nim_api, examples_layout=examples_layout,
+                         manifest_path=manifest_path)
     old_id = None
     try:
         old = client.images.get(tag)
@@ -324,11 +339,14 @@ def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *
     repo, name = _split_tag(tag)
     with tempfile.TemporaryDirectory(prefix="nimflow-standin-") as tmp:
         tar_path = Path(tmp) / "rootfs.tar"
-        write_rootfs_tar(tar_path, trtllm_version=version, nim_api=nim_api, examples_layout=examples_layout)
+        write_rootfs_tar(tar_path, trtllm_version=version, nim_api=nim_api, examples_layout=examples_layout,
+                         manifest_path=manifest_path)
         try:
             client.api.import_image_from_file(
                 str(tar_path), repository=repo, tag=name,
                 changes=[*image_changes(nim_api), f"LABEL nimflow.source-hash={digest}",
+                         # 1.x: where the stand-in reads its manifest (real NIM: one fixed path per release)
+                         *([f"ENV NIMSTANDIN_MANIFEST_PATH={_manifest_path(manifest_path)}"] if nim_api == "1.x" else []),
                          f"LABEL nimflow.trtllm-version={version}"])
         except APIError as exc:
             raise TestbedError(f"docker import of {tag} failed: {exc}") from exc

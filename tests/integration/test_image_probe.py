@@ -19,11 +19,15 @@ from nimflow.flows.host_model import host_model
 from nimflow.containers import image_id
 from nimflow.engine_store import read_local_manifest
 from nimflow.image_probe import forget_in_process, probe_image
+from nimflow.records import Deployment
+from nimflow.spec import SourceSpec, VerifySpec
 from nimflow.testbed.hub_server import publish
 from nimflow.testbed.tiny_model import write_tiny_llama
+from nimflow.verification import verify_deployment
 from tests.conftest import standin_variant, write_spec
 from tests.integration.test_cache_cli import nimflow
 from tests.integration.test_host_model import make_spec, publish_tiny
+from tests.integration.test_hosting_modes import MODEL, deploy_spec, file_in_image, manifest_text, prepare_serving_image
 
 pytestmark = pytest.mark.testbed
 
@@ -168,3 +172,43 @@ def test_plan_and_validate_refuse_an_image_lacking_what_the_build_needs(
     # One image probe (plan's; validate read its cache); the GPU probe, a second container, never ran.
     assert len(created_containers(docker_client, since, "probe", image)) == 1
     assert not (tmp_path / "nim-cache" / "models").exists()
+
+
+def test_guide_manifest_goes_where_the_image_keeps_its_own(
+    tmp_path: Path, prefect_api: str, docker_client: Any, unique: str,
+) -> None:
+    """Guide §1 on an image whose manifest lives at the later NIM docs' path
+    (/opt/nim/etc/default/model_manifest.yaml): the derived image replaces that file, sets no
+    NIM_MANIFEST_PATH, and NIM (the stand-in, which reads only its own path) serves the manifest's model.
+
+    Run on old main (this test copied in, the variant image built by this branch's stand-in): the
+    manifest went to /etc/nim/config/model_manifest.yaml with NIM_MANIFEST_PATH pointing there; the
+    image's own manifest was untouched, so ``file_in_image`` returned the bundled manifest and the
+    equality assertion failed (and the container exited: "has no profile in the model manifest").
+    """
+    later = "/opt/nim/etc/default/model_manifest.yaml"
+    image = standin_variant(docker_client, manifest_path=later)
+    assert probe_image(docker_client, image).model_manifest == later
+    manifest = tmp_path / "model_manifest.yaml"
+    manifest.write_text(manifest_text(unique))
+    name = f"later-manifest-{unique}"
+
+    prepared = prepare_serving_image(SourceSpec(manifest=manifest, model_name=MODEL), deploy_spec(image, tmp_path), None, name)
+    try:
+        assert file_in_image(docker_client, prepared.image, later) == manifest.read_bytes()
+        env = docker_client.images.get(prepared.image).attrs["Config"]["Env"]
+        assert not any(entry.startswith("NIM_MANIFEST_PATH=") for entry in env)
+        container = docker_client.containers.run(
+            prepared.image, name=name, detach=True, environment={"NIMSTANDIN_READY_DELAY": "0.2"},
+            ports={"8000/tcp": ("127.0.0.1", None)})
+        container.reload()
+        port = container.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]["HostPort"]
+        dep = Deployment(name=name, container_id=container.id, container_name=name, endpoint=f"http://127.0.0.1:{port}",
+                         stable_endpoint=f"http://127.0.0.1:{port}", served_model_name="team/mistral", model_root=MODEL,
+                         nim_api=prepared.nim_api)
+        health = verify_deployment(docker_client, dep, VerifySpec(deadline_seconds=60), poll_seconds=0.2)
+        assert health.models == ["team/mistral"]
+    finally:
+        for leftover in docker_client.containers.list(all=True, filters={"name": f"^/{name}$"}):
+            leftover.remove(force=True)
+        docker_client.images.remove(prepared.image, force=True)
