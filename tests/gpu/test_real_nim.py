@@ -10,7 +10,8 @@ Skipped, with the reason, wherever there is no GPU or no image configured. To ru
 
 `test_record_real_cli_output` writes the real `nim-optimize -h`, `list-model-profiles` and GPU
 probe output under `$NIMFLOW_GPU_RECORD_DIR` (default `tests/gpu/recorded/`), so the stand-in's
-flags and texts can be checked against them; commit what it writes.
+flags and texts can be checked against them; `test_record_image_probe_facts` writes what the image
+probe found in each image (`image-probe.json`); commit what they write.
 """
 
 from __future__ import annotations
@@ -150,3 +151,29 @@ def test_real_nim_blue_green_rollout_drops_no_request(tmp_path: Path, prefect_ap
         thread.join(timeout=300)
     assert failures == []
     assert second["replaced_container_id"] == first["container_id"] and "model" in second["checks"]
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_record_image_probe_facts(tmp_path: Path) -> None:
+    """Record what the image probe finds in the real images (converters and how their flags were learnt,
+    trtllm-build, nim-optimize, user, manifest path) as `image-probe.json`; fail where a fact contradicts
+    what nimflow would run (the checks `nimflow plan` makes, for a Llama checkpoint)."""
+    from nimflow.containers import docker_client
+    from nimflow.image_probe import check_build_against_image, probe_image
+    from nimflow.spec import BuildSpec
+
+    client = docker_client()
+    images = {"nim": os.environ["NIMFLOW_GPU_NIM_IMAGE"], "trtllm": os.environ.get("NIMFLOW_GPU_TRTLLM_IMAGE")}
+    for kind, image in images.items():
+        if not image:
+            continue
+        facts = probe_image(client, image, cache_dir=tmp_path)
+        record_dir = Path(os.environ.get("NIMFLOW_GPU_RECORD_DIR", Path(__file__).parent / "recorded"))
+        record_dir = record_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", image)
+        record_dir.mkdir(parents=True, exist_ok=True)
+        (record_dir / "image-probe.json").write_text(facts.model_dump_json(indent=1) + "\n")
+        if kind == "nim":
+            assert facts.model_manifest, f"{image}: no model manifest at either documented path"
+        else:
+            check_build_against_image(facts, BuildSpec(backend="trtllm-build", image=image), image=image,
+                                      model_config={"architectures": ["LlamaForCausalLM"]})
