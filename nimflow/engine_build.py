@@ -93,7 +93,9 @@ def build_environment(build: BuildSpec, secrets: Mapping[str, str], fixed: Mappi
     return {**build.env, **(fixed or {}), **{name: secrets[name] for name in needed if name in secrets}}
 
 
-_NIM_OPTIMIZE_COMMAND = ["nim-optimize", "--model_dir", _MODEL_MOUNT, "--build_config", f"{_WORK_MOUNT}/build_config.yaml",
+#: The nim-optimize command line (NIM 1.2.0 ft-support.html documents only --model_dir; the image probe
+#: checks the image's nim-optimize takes every flag of it before a build).
+NIM_OPTIMIZE_COMMAND = ["nim-optimize", "--model_dir", _MODEL_MOUNT, "--build_config", f"{_WORK_MOUNT}/build_config.yaml",
                          "--output_engine_dir", _OUTPUT_MOUNT]
 
 
@@ -147,7 +149,7 @@ def builder_invocation(build: BuildSpec) -> dict[str, Any]:
     the key (one id, one layout), so keys of engines built before the probe stay the same.
     """
     if build.backend == "nim-optimize":
-        return {"commands": [_NIM_OPTIMIZE_COMMAND], "build_config": render_nim_optimize_config(build)}
+        return {"commands": [NIM_OPTIMIZE_COMMAND], "build_config": render_nim_optimize_config(build)}
     if build.backend == "trtllm-build":
         if build.convert_script:
             return {"commands": list(_trtllm_commands(build, {}))}
@@ -206,7 +208,7 @@ def build_with_nim_optimize(
     config = work / "build_config.yaml"
     config.write_text(render_nim_optimize_config(build))
     _run_step(
-        client, build, "nim-optimize", _NIM_OPTIMIZE_COMMAND,
+        client, build, "nim-optimize", NIM_OPTIMIZE_COMMAND,
         {
             str(model_dir): {"bind": _MODEL_MOUNT, "mode": "ro"},
             str(out_dir): {"bind": _OUTPUT_MOUNT, "mode": "rw"},

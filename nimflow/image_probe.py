@@ -60,9 +60,6 @@ logger = logging.getLogger(__name__)
 #: Where NIM images keep their bundled model manifest, newest docs first: later NIM docs
 #: (profiles.html, nim-repository-override.html), then the NIM 1.1.0 docs (profiles.html).
 MANIFEST_CANDIDATES: tuple[str, ...] = ("/opt/nim/etc/default/model_manifest.yaml", "/etc/nim/config/model_manifest.yaml")
-#: The flags nimflow passes to ``nim-optimize`` (NIM 1.2.0 ft-support.html documents ``--model_dir``;
-#: the other two are what nimflow's nim-optimize backend relies on, unverified).
-NIM_OPTIMIZE_FLAGS: tuple[str, ...] = ("--model_dir", "--build_config", "--output_engine_dir")
 #: Bump when the probe asks something new: cached facts of another version are probed again.
 FACTS_VERSION: Literal[1] = 1
 #: A cache file larger than this is not read (the real facts are a few KiB).
@@ -373,6 +370,7 @@ def check_build_against_image(facts: ImageFacts, build: BuildSpec, *, image: str
         ConfigError: naming the image, the program, what it lacks and the fix.
     """
     from nimflow.build_config import convert_arguments, converter_family, trtllm_build_arguments
+    from nimflow.engine_build import NIM_OPTIMIZE_COMMAND
 
     if build.backend == "nim-optimize":
         program = facts.nim_optimize
@@ -381,7 +379,7 @@ def check_build_against_image(facts: ImageFacts, build: BuildSpec, *, image: str
                 "has no nim-optimize on its PATH (the NIM docs describe it only for 1.2; from 1.8 on they describe "
                 "the NIM_FT_MODEL JIT build): set build.backend to nim-jit, or use a NIM image that has nim-optimize"))
         if (accepted := program.accepted()) is not None:
-            check_command_against_flags("nim-optimize", image, list(NIM_OPTIMIZE_FLAGS), accepted, learnt_from=program.learnt())
+            check_command_against_flags("nim-optimize", image, NIM_OPTIMIZE_COMMAND[1:], accepted, learnt_from=program.learnt())
         return
     if build.backend != "trtllm-build":
         return

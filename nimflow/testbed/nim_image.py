@@ -44,6 +44,7 @@ import docker
 from docker.errors import APIError, ImageNotFound
 
 from nimflow.bundled import bundled_file
+from nimflow.image_probe import MANIFEST_CANDIDATES
 from nimflow.testbed import TestbedError
 
 STANDIN_IMAGE = "nimflow/nim-standin:local"
@@ -63,8 +64,8 @@ COMMANDS = ("start-server", "nim-optimize", "list-model-profiles", "nvidia-smi",
 COMMANDS_2X = ("nim-serve", "list-model-profiles", "nvidia-smi")
 #: Where the NIM 1.x image keeps its bundled manifest (NIM 1.1.0 docs, profiles.html).
 MANIFEST_PATH = "/etc/nim/config/model_manifest.yaml"
-#: Where a 1.x image may keep it: the 1.1.0 docs' path, or the later docs' (profiles.html).
-MANIFEST_PATHS = (MANIFEST_PATH, "/opt/nim/etc/default/model_manifest.yaml")
+#: Where a 1.x image may keep it: the paths the image probe looks at (1.1.0 docs, later docs).
+MANIFEST_PATHS = MANIFEST_CANDIDATES
 #: Where TensorRT-LLM release images keep the converters, by layout: ``<root>/<dir>/convert_checkpoint.py``
 #: (0.18 and later: examples/models/core; up to 0.17: examples; the newest: none).
 EXAMPLES_LAYOUTS: dict[str, str | None] = {
