@@ -1,6 +1,6 @@
 """The ``nimflow`` command.
 
-    nimflow validate CONFIG...        check hosting specs; exit 2 listing `CONFIG: field.path: message`
+    nimflow validate CONFIG...        check hosting specs (and a build image on this host); exit 2 listing `CONFIG: field.path: message`
     nimflow plan CONFIG               which stages a run would do and which are hits, with the engine key
     nimflow host SPEC [--revision]    run the host_model flow (SPEC: a spec's name or a .yaml path)
     nimflow cache ls|explain|gc       list, explain and clean the engine store
