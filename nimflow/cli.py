@@ -50,14 +50,16 @@ def _validate(args: argparse.Namespace) -> int:
             try:
                 # A build image on this Docker host is asked what it has (cached per image id): a build it
                 # cannot run (no converter, a flag its scripts lack) is refused here, before any GPU time.
-                note = check_build_image_on_host(spec.build, _local_model_config(spec)) if spec.build else ""
+                # An image not on this host is left to `nimflow plan` and the run (logged, not printed).
+                if spec.build is not None:
+                    check_build_image_on_host(spec.build, _local_model_config(spec))
             except ConfigError as exc:
                 raise ConfigError(config, exc.problems) from None
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             status = EXIT_INVALID
         else:
-            print(f"{config}: ok" + (f" ({note})" if note else ""))
+            print(f"{config}: ok")
     return status
 
 

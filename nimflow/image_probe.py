@@ -431,7 +431,7 @@ def check_build_image_on_host(build: BuildSpec, model_config: dict[str, Any] | N
 
     Returns:
         An empty string when the image was probed and can run the build; otherwise why it was not
-        probed (no Docker daemon, the image is not on this host, the probe failed), for the user.
+        probed (no Docker daemon, the image is not on this host, the probe failed), also logged.
 
     Raises:
         ConfigError: the image is on this host and lacks what the build needs (:func:`check_build_against_image`).
@@ -442,14 +442,14 @@ def check_build_image_on_host(build: BuildSpec, model_config: dict[str, Any] | N
     try:
         client = docker_client()
         client.images.get(build.image)
-    except docker.errors.ImageNotFound:
-        return f"build.image {build.image} is not on this Docker host: not probed (nimflow plan and the run probe it)"
-    except (NimflowError, docker.errors.DockerException) as exc:
-        return f"build.image {build.image} not probed: {exc}"
-    try:
         probe_and_check_build(client, build, model_config)
     except ConfigError:
         raise
-    except NimflowError as exc:
-        return f"build.image {build.image} not probed: {exc}"
-    return ""
+    except docker.errors.ImageNotFound:
+        why = f"build.image {build.image} is not on this Docker host: not probed (nimflow plan and the run probe it)"
+    except (NimflowError, docker.errors.DockerException) as exc:
+        why = f"build.image {build.image} not probed: {exc}"
+    else:
+        return ""
+    logger.info("%s", why)
+    return why
