@@ -171,8 +171,12 @@ def converter_family(build: BuildSpec, model_config: dict[str, Any]) -> Converte
     return family_for((model_config.get("architectures") or [""])[0])
 
 
-def convert_script(build: BuildSpec, model_config: dict[str, Any]) -> str:
+def convert_script(build: BuildSpec, model_config: dict[str, Any], found: str | None = None) -> str:
     """The ``convert_checkpoint.py`` to run in the TensorRT-LLM image for this checkpoint.
+
+    Args:
+        found: where the image probe found the family's script (:mod:`nimflow.image_probe`); None:
+            the 0.18+ layout (``examples/models/core/<dir>``), as the engine key records it.
 
     Raises:
         ConfigError: no ``build.convert_script`` and the architecture has no converter in the table.
@@ -184,7 +188,7 @@ def convert_script(build: BuildSpec, model_config: dict[str, Any]) -> str:
         architecture = (model_config.get("architectures") or ["(none)"])[0]
         raise ConfigError("hosting spec", [Problem(
             "build.convert_script", f"no TensorRT-LLM converter is known for {architecture}; set build.convert_script")])
-    return family.script()
+    return found or family.script()
 
 
 def convert_arguments(build: BuildSpec, model_config: dict[str, Any], model_dir: str, checkpoint_dir: str) -> list[str]:

@@ -1,6 +1,6 @@
 """The ``nimflow`` command.
 
-    nimflow validate CONFIG...        check hosting specs; exit 2 listing `CONFIG: field.path: message`
+    nimflow validate CONFIG...        check hosting specs (and a build image on this host); exit 2 listing `CONFIG: field.path: message`
     nimflow plan CONFIG               which stages a run would do and which are hits, with the engine key
     nimflow host SPEC [--revision]    run the host_model flow (SPEC: a spec's name or a .yaml path)
     nimflow cache ls|explain|gc       list, explain and clean the engine store
@@ -19,9 +19,10 @@ exit non-zero; tracebacks are kept for bugs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -30,6 +31,7 @@ from nimflow.testbed import TestbedError
 
 if TYPE_CHECKING:
     from nimflow.engine_store import EngineStore
+    from nimflow.spec import HostingSpec
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -38,18 +40,38 @@ DEMO_CONFIG = Path("configs/demo.yaml")
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from nimflow.image_probe import check_build_image_on_host
     from nimflow.spec import load_spec
 
     status = 0
     for config in args.configs:
         try:
-            load_spec(config)
+            spec = load_spec(config)
+            try:
+                # A build image on this Docker host is asked what it has (cached per image id): a build it
+                # cannot run (no converter, a flag its scripts lack) is refused here, before any GPU time.
+                # An image not on this host is left to `nimflow plan` and the run (logged, not printed).
+                if spec.build is not None:
+                    check_build_image_on_host(spec.build, _local_model_config(spec))
+            except ConfigError as exc:
+                raise ConfigError(config, exc.problems) from None
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             status = EXIT_INVALID
         else:
             print(f"{config}: ok")
     return status
+
+
+def _local_model_config(spec: HostingSpec) -> dict[str, Any] | None:
+    """The config.json of a spec's local checkpoint (``source.local_dir``), when readable; else None."""
+    if spec.source.local_dir is None:
+        return None
+    try:
+        config = json.loads((Path(spec.source.local_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _host(spec: str, revision: str | None) -> int:

@@ -93,19 +93,26 @@ def build_environment(build: BuildSpec, secrets: Mapping[str, str], fixed: Mappi
     return {**build.env, **(fixed or {}), **{name: secrets[name] for name in needed if name in secrets}}
 
 
-_NIM_OPTIMIZE_COMMAND = ["nim-optimize", "--model_dir", _MODEL_MOUNT, "--build_config", f"{_WORK_MOUNT}/build_config.yaml",
+#: The nim-optimize command line (NIM 1.2.0 ft-support.html documents only --model_dir; the image probe
+#: checks the image's nim-optimize takes every flag of it before a build).
+NIM_OPTIMIZE_COMMAND = ["nim-optimize", "--model_dir", _MODEL_MOUNT, "--build_config", f"{_WORK_MOUNT}/build_config.yaml",
                          "--output_engine_dir", _OUTPUT_MOUNT]
 
 
-def _trtllm_commands(build: BuildSpec, model_config: dict[str, Any]) -> tuple[list[str], list[str]]:
+def _trtllm_commands(build: BuildSpec, model_config: dict[str, Any], converter: str | None = None) -> tuple[list[str], list[str]]:
     """The ``convert_checkpoint.py`` and ``trtllm-build`` command lines of a trtllm-build backend build.
+
+    Args:
+        converter: where the image keeps the family's script (the image probe found it); None: the
+            0.18+ layout, as the engine key records the command.
 
     Raises:
         ConfigError: the checkpoint's family cannot be converted as the spec asks (:mod:`nimflow.trtllm_families`).
     """
     checkpoint = f"{_WORK_MOUNT}/checkpoint"
     return (
-        ["python3", convert_script(build, model_config), *convert_arguments(build, model_config, _MODEL_MOUNT, checkpoint)],
+        ["python3", convert_script(build, model_config, converter),
+         *convert_arguments(build, model_config, _MODEL_MOUNT, checkpoint)],
         ["trtllm-build", *trtllm_build_arguments(build, checkpoint, f"{_OUTPUT_MOUNT}/trtllm_engine", f"{_WORK_MOUNT}/timing.cache")],
     )
 
@@ -137,9 +144,12 @@ def builder_invocation(build: BuildSpec) -> dict[str, Any]:
     so a change to any flag nimflow passes changes the key (no key-schema bump to remember). Parts
     that follow from the weights are left symbolic: the checkpoint's architecture picks the
     ``convert_checkpoint.py`` family (the table is hashed), and a JIT build's model name is the key.
+    Parts that follow from the image are left symbolic too: the converter's path is recorded in the
+    0.18+ layout whatever layout the image probe found, because the build image's id is already in
+    the key (one id, one layout), so keys of engines built before the probe stay the same.
     """
     if build.backend == "nim-optimize":
-        return {"commands": [_NIM_OPTIMIZE_COMMAND], "build_config": render_nim_optimize_config(build)}
+        return {"commands": [NIM_OPTIMIZE_COMMAND], "build_config": render_nim_optimize_config(build)}
     if build.backend == "trtllm-build":
         if build.convert_script:
             return {"commands": list(_trtllm_commands(build, {}))}
@@ -198,7 +208,7 @@ def build_with_nim_optimize(
     config = work / "build_config.yaml"
     config.write_text(render_nim_optimize_config(build))
     _run_step(
-        client, build, "nim-optimize", _NIM_OPTIMIZE_COMMAND,
+        client, build, "nim-optimize", NIM_OPTIMIZE_COMMAND,
         {
             str(model_dir): {"bind": _MODEL_MOUNT, "mode": "ro"},
             str(out_dir): {"bind": _OUTPUT_MOUNT, "mode": "rw"},
@@ -210,10 +220,11 @@ def build_with_nim_optimize(
 
 def build_with_trtllm(
     client: docker.DockerClient, build: BuildSpec, model_dir: Path, out_dir: Path, work: Path, labels: dict[str, str],
-    model_config: dict[str, Any], progress: BuildProgress,
+    model_config: dict[str, Any], progress: BuildProgress, converter: str | None = None,
 ) -> None:
-    """``convert_checkpoint.py`` then ``trtllm-build`` in a TensorRT-LLM image, laid out for NIM."""
-    convert, compile_ = _trtllm_commands(build, model_config)
+    """``convert_checkpoint.py`` (at ``converter``, where the image keeps it) then ``trtllm-build`` in a
+    TensorRT-LLM image, laid out for NIM."""
+    convert, compile_ = _trtllm_commands(build, model_config, converter)
     _run_step(
         client, build, "convert_checkpoint.py", convert,
         {str(model_dir): {"bind": _MODEL_MOUNT, "mode": "ro"}, str(work): {"bind": _WORK_MOUNT, "mode": "rw"}},
@@ -287,12 +298,15 @@ def build_engine(
     labels: dict[str, str],
     model_config: dict[str, Any],
     trtllm_version: str | None,
+    converter: str | None = None,
 ) -> dict[str, Any]:
     """Build with the spec's backend into ``out_dir`` and check the result.
 
     Args:
         work: a private scratch directory for this build; the caller removes it.
         trtllm_version: the image's TensorRT-LLM version, which the engine must record.
+        converter: trtllm-build backend: where the image keeps the checkpoint family's
+            ``convert_checkpoint.py`` (:func:`nimflow.image_probe.converter_path`); None: the 0.18+ layout.
 
     Returns:
         What was built, read from the engine's own config (recorded in the manifest).
@@ -309,7 +323,7 @@ def build_engine(
         if build.backend == "nim-optimize":
             build_with_nim_optimize(client, build, model_dir, out_dir, work, labels, progress)
         elif build.backend == "trtllm-build":
-            build_with_trtllm(client, build, model_dir, out_dir, work, labels, model_config, progress)
+            build_with_trtllm(client, build, model_dir, out_dir, work, labels, model_config, progress, converter)
         else:
             build_with_nim_jit(
                 client, build, model_dir, out_dir, work, labels, custom_model_name=f"nimflow-{key[:16]}", progress=progress

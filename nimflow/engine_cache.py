@@ -22,7 +22,7 @@ from typing import Any
 
 import docker
 
-from nimflow.build_config import check_against_model, check_against_target
+from nimflow.build_config import check_against_model, check_against_target, converter_family
 from nimflow.build_lease import BuildLeases, Lease
 from nimflow.checkpoint import read_config
 from nimflow.containers import LABEL_PREFIX, image_id
@@ -39,6 +39,7 @@ from nimflow.engine_store import (
 )
 from nimflow.errors import BuildLeaseLost, EngineStoreError, StoredEngineBroken, TransientBuildError, translated_errors
 from nimflow.gpu_identity import TargetIdentity, check_serving_target, probe_target
+from nimflow.image_probe import converter_path, probe_and_check_build
 from nimflow.progress import transfer_progress
 from nimflow.records import Engine, TransferStats
 from nimflow.rollout import refuse_nimflow_dirs
@@ -57,28 +58,39 @@ class EnginePlan:
     target: TargetIdentity
     model_config: dict[str, Any]
     serving_differences: list[str]
+    #: trtllm-build: where the build image keeps the checkpoint family's convert_checkpoint.py (probed)
+    converter: str | None = None
 
 
 def plan_engine(
     client: docker.DockerClient, build: BuildSpec, model_dir: Path | None, weights_identity: str, deploy: DeploySpec | None,
-    *, allow_patterns: list[str] | None = None,
+    *, allow_patterns: list[str] | None = None, model_config: dict[str, Any] | None = None,
 ) -> EnginePlan:
     """Check the build before any GPU time and compute the engine key.
+
+    The build image is probed first (:mod:`nimflow.image_probe`, no GPU, cached by image id): a build
+    it cannot run is refused before the GPU probe or any build container starts.
 
     Args:
         model_dir: the checkpoint; None when it is not downloaded yet (``nimflow plan``): the
             checks that need its config.json are then left to the run.
         allow_patterns: the source's ``allow_patterns``, which decide the side files in the engine directory.
+        model_config: the checkpoint's config.json when ``model_dir`` is None but it is known (the
+            hub's copy, ``nimflow plan``): the image is then checked for its family's converter.
 
     Raises:
-        ConfigError: the build config does not fit the model or the GPUs (each rule names its field).
+        ConfigError: the build config does not fit the model, the build image or the GPUs (each rule
+            names its field).
         EngineIncompatible: the deployment's GPU or image differs from the build's (unless deploy.force).
         DeploymentError: an image is not on this host, or cannot run the GPU probe.
         ServiceUnavailable: the Docker daemon did not answer.
     """
-    model_config = read_config(model_dir) if model_dir is not None else {}
+    model_config = read_config(model_dir) if model_dir is not None else (model_config or {})
     if model_dir is not None:
         check_against_model(build, model_config, where=f"{model_dir}/config.json")
+    facts = probe_and_check_build(client, build, model_config)
+    family = converter_family(build, model_config) if build.backend == "trtllm-build" else None
+    converter = converter_path(facts, family, image=build.image) if family is not None and not build.convert_script else None
     with translated_errors(f"probing the build GPU with {build.image}"):
         target = probe_target(client, build.image, build.gpus, build.env, field="build.gpus")
         build_image_id = image_id(client, build.image)
@@ -91,7 +103,8 @@ def plan_engine(
     if deploy is not None and (deploy.image, deploy.gpus, deploy.env) != (build.image, build.gpus, build.env):
         # Serving elsewhere than the build ran: refuse now rather than after the build.
         differences = check_serving_target(client, deploy, inputs, engine_key=key)
-    return EnginePlan(key=key, inputs=inputs, target=target, model_config=model_config, serving_differences=differences)
+    return EnginePlan(key=key, inputs=inputs, target=target, model_config=model_config, serving_differences=differences,
+                      converter=converter)
 
 
 def engine_record(key: str, path: Path, origin: str, manifest: dict[str, Any], lease: Lease | None = None) -> Engine:
@@ -301,7 +314,7 @@ def _build(
                 with translated_errors(f"building engine {key} with {build.backend}"):
                     built = build_engine(
                         client, build, model_dir, staged, work, key=key, labels=labels, model_config=plan.model_config,
-                        trtllm_version=plan.target.trtllm_version,
+                        trtllm_version=plan.target.trtllm_version, converter=plan.converter,
                     )
                 manifest = write_manifest(staged, key, plan.inputs, built)
                 held.confirm()  # lost: another host may publish its build; this one is not used

@@ -12,6 +12,7 @@ NIM keys its own prebuilt engines the same way, by GPU SKU and PCI device id.
 
 from __future__ import annotations
 
+import inspect
 import json
 import uuid
 from typing import Any, Literal
@@ -24,12 +25,36 @@ from nimflow.errors import ConfigError, DeploymentError, EngineIncompatible, Pro
 from nimflow.spec import DeploySpec
 
 NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=name,compute_cap,pci.device_id", "--format=csv,noheader"]
-_MARKER = "NIMFLOW-PROBE "
+#: The prefix of a probe script's one answer line (JSON follows).
+PROBE_MARKER = "NIMFLOW-PROBE "
+
+
+def installed_trtllm_version() -> str | None:
+    """The image's ``tensorrt_llm`` version from its package metadata, without importing it (that
+    needs libcuda). Runs inside images (its source is part of the probe scripts): stdlib only."""
+    import glob
+
+    try:
+        import importlib.metadata as metadata
+
+        return metadata.version("tensorrt_llm")
+    except Exception:
+        pass
+    for pattern in ("/opt/nim/llm/.venv/lib/python3*/site-packages", "/usr/local/lib/python3*/dist-packages",
+                    "/usr/local/lib/python3*/site-packages", "/usr/lib/python3*/dist-packages",
+                    "/opt/*/lib/python3*/site-packages"):
+        found = sorted(glob.glob(pattern + "/tensorrt_llm-*.dist-info"))
+        if found:
+            return found[-1].rsplit("/", 1)[1][len("tensorrt_llm-"):-len(".dist-info")]
+    return None
+
+
 # Runs with the image's python3. Images print banners from their entrypoints, so the answer is
 # one marked line. The version comes from package metadata, found without importing anything.
 PROBE_SCRIPT = f"""
-import glob, json, subprocess
-out = {{"gpus": None, "nvidia_smi_error": None, "trtllm_version": None}}
+import json, subprocess
+{inspect.getsource(installed_trtllm_version)}
+out = {{"gpus": None, "nvidia_smi_error": None, "trtllm_version": installed_trtllm_version()}}
 try:
     r = subprocess.run({NVIDIA_SMI_QUERY!r}, capture_output=True, text=True, timeout=120)
     if r.returncode == 0:
@@ -38,17 +63,7 @@ try:
         out["nvidia_smi_error"] = ((r.stdout or "") + (r.stderr or "")).strip()[-800:] or "exit code %d" % r.returncode
 except Exception as exc:
     out["nvidia_smi_error"] = "%s: %s" % (type(exc).__name__, exc)
-try:
-    import importlib.metadata as metadata
-    out["trtllm_version"] = metadata.version("tensorrt_llm")
-except Exception:
-    for pattern in ("/opt/nim/llm/.venv/lib/python3*/site-packages", "/usr/local/lib/python3*/dist-packages",
-                    "/usr/local/lib/python3*/site-packages", "/usr/lib/python3*/dist-packages", "/opt/*/lib/python3*/site-packages"):
-        found = sorted(glob.glob(pattern + "/tensorrt_llm-*.dist-info"))
-        if found:
-            out["trtllm_version"] = found[-1].rsplit("/", 1)[1][len("tensorrt_llm-"):-len(".dist-info")]
-            break
-print({_MARKER!r} + json.dumps(out), flush=True)
+print({PROBE_MARKER!r} + json.dumps(out), flush=True)
 """
 PROBE_DEADLINE_SECONDS = 180.0
 
@@ -105,9 +120,9 @@ def parse_gpus(text: str) -> list[GpuIdentity]:
 def parse_probe_output(logs: str) -> dict[str, Any] | None:
     """The probe's answer in a container's output, or None when it printed none."""
     for line in reversed(logs.splitlines()):
-        if line.startswith(_MARKER):
+        if line.startswith(PROBE_MARKER):
             try:
-                answer = json.loads(line[len(_MARKER) :])
+                answer = json.loads(line[len(PROBE_MARKER) :])
             except ValueError:
                 return None
             return answer if isinstance(answer, dict) else None
@@ -163,23 +178,54 @@ def probe_target(
         DeploymentError: the image cannot run the probe (no python3, exits early).
         ServiceUnavailable: the Docker daemon did not answer.
     """
+    answer = run_probe_script(
+        client, image, PROBE_SCRIPT, what="the GPU identity", needs="`python3` and `nvidia-smi`",
+        environment=env, device_requests=device_requests(gpus), labels=labels,
+    )
+    return identity_from_probe(answer, image=image, field=field)
+
+
+def run_probe_script(
+    client: docker.DockerClient,
+    image: str,
+    script: str,
+    *,
+    what: str,
+    needs: str = "`python3`",
+    deadline_seconds: float = PROBE_DEADLINE_SECONDS,
+    labels: dict[str, str] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run ``python3 -c script`` in a short-lived container of ``image`` and return its marked answer.
+
+    The script prints its answer as one line ``PROBE_MARKER + json`` (images print banners from
+    their entrypoints, so only the last marked line counts). The container is removed on every path.
+
+    Args:
+        what: what the probe asks (for messages), e.g. ``the GPU identity``.
+        needs: what the script needs in the image (for messages).
+        options: passed to :func:`nimflow.containers.run_to_exit` (environment, device_requests, ...).
+
+    Raises:
+        DeploymentError: the image printed no answer (no python3, exited early, deadline passed).
+        ServiceUnavailable: the Docker daemon did not answer.
+    """
     ended = run_to_exit(
         client,
         image,
-        ["python3", "-c", PROBE_SCRIPT],
+        ["python3", "-c", script],
         name=f"nimflow-probe-{uuid.uuid4().hex[:12]}",
-        deadline_seconds=PROBE_DEADLINE_SECONDS,
-        environment=env,
-        device_requests=device_requests(gpus),
+        deadline_seconds=deadline_seconds,
         labels={**(labels or {}), "nimflow.role": "probe"},
+        **options,
     )
     answer = parse_probe_output(ended.logs)
     if answer is None:
         raise DeploymentError(
-            f"could not read the GPU identity in {image} (exit code {ended.exit_code}); the probe runs "
-            f"`python3` and `nvidia-smi` in the image; last log lines:\n{ended.logs}"
+            f"could not read {what} in {image} (exit code {ended.exit_code}); the probe runs "
+            f"{needs} in the image; last log lines:\n{ended.logs}"
         )
-    return identity_from_probe(answer, image=image, field=field)
+    return answer
 
 
 def incompatibilities(built: dict[str, Any], target: TargetIdentity) -> list[str]:

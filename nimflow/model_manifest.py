@@ -3,7 +3,7 @@
 The recipe::
 
     FROM nvcr.io/nim/meta/llama-3.1-8b-instruct:latest
-    COPY ./model_manifest_mistral7b.yaml /etc/nim/config/model_manifest.yaml
+    COPY ./model_manifest_mistral7b.yaml /etc/nim/config/model_manifest.yaml   # where the image keeps its own
     ENV NIM_SERVED_MODEL_NAME=mistralai/mistral-7b-instruct-v0.3
     ENV NIM_MODEL_NAME=mistralai/mistral-7b-instruct-v0.3
 
@@ -37,7 +37,8 @@ from nimflow.errors import ConfigError, Problem
 
 logger = logging.getLogger(__name__)
 
-#: Where the guide puts the manifest (NIM 1.1.0 docs); the base image's own manifest is replaced.
+#: Where the guide puts the manifest (NIM 1.1.0 docs): used when the image probe finds no manifest of
+#: the base image's own (:func:`manifest_destination`); otherwise the base image's own is replaced.
 MANIFEST_PATH = "/etc/nim/config/model_manifest.yaml"
 #: Label on the derived image naming the model its manifest serves.
 MODEL_LABEL = "nimflow.manifest-model"
@@ -164,12 +165,30 @@ def check_model_listed(summary: ManifestSummary, model_name: str, *, where: str,
     )])
 
 
-def _manifest_image_inputs(name: str, manifest: bytes, model_name: str, served_model_name: str) -> dict[str, Any]:
+def manifest_destination(client: docker.DockerClient, base_image: str) -> str:
+    """Where the derived image's manifest goes: where ``base_image`` keeps its own (the image probe's
+    ``model_manifest``: ``/opt/nim/etc/default/`` in later NIM releases, ``/etc/nim/config/`` in 1.1),
+    else the guide's :data:`MANIFEST_PATH`. No variable redirects NIM to another path in NIM's
+    documentation, so the file must replace the image's own.
+
+    Raises:
+        DeploymentError: the base image is not on this host or cannot run the probe.
+    """
+    from nimflow.image_probe import probe_image
+
+    found = probe_image(client, base_image).model_manifest
+    if found is None:
+        logger.warning("%s has no model manifest at the documented places; writing the manifest to %s (the NIM 1.1 "
+                       "docs' path)", base_image, MANIFEST_PATH)
+    return found or MANIFEST_PATH
+
+
+def _manifest_image_inputs(client: docker.DockerClient, name: str, base_image: str, manifest: bytes, model_name: str,
+                           served_model_name: str) -> dict[str, Any]:
     return {
         "repository": f"nimflow/{name}",
-        "files": {MANIFEST_PATH: manifest},
-        # The guide's path; later 1.x releases read /opt/nim/etc/default/ unless NIM_MANIFEST_PATH says otherwise.
-        "env": {"NIM_MODEL_NAME": model_name, "NIM_SERVED_MODEL_NAME": served_model_name, "NIM_MANIFEST_PATH": MANIFEST_PATH},
+        "files": {manifest_destination(client, base_image): manifest},
+        "env": {"NIM_MODEL_NAME": model_name, "NIM_SERVED_MODEL_NAME": served_model_name},
         "labels": {MODEL_LABEL: model_name},
     }
 
@@ -182,7 +201,7 @@ def manifest_image_tag(
     Raises:
         DeploymentError: the base image is not on this host.
     """
-    inputs = _manifest_image_inputs(name, manifest, model_name, served_model_name)
+    inputs = _manifest_image_inputs(client, name, base_image, manifest, model_name, served_model_name)
     return derived_tag(client, inputs.pop("repository"), base_image, **inputs)
 
 
@@ -198,5 +217,5 @@ def manifest_image(
         DeploymentError: the base image is not on this host, or the build failed.
         ServiceUnavailable: the Docker daemon did not answer.
     """
-    inputs = _manifest_image_inputs(name, manifest, model_name, served_model_name)
+    inputs = _manifest_image_inputs(client, name, base_image, manifest, model_name, served_model_name)
     return ensure_derived_image(client, inputs.pop("repository"), base_image, **inputs)

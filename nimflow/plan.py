@@ -1,7 +1,8 @@
 """``nimflow plan CONFIG``: which stages a run would do, and which are hits, without doing them.
 
 It reads what the run would read (the hub's revision, this host's cache, the engine store, the
-build lease, the running container) and runs the GPU probe, but downloads, builds, uploads and
+build lease, the running container) and runs the image probe (:mod:`nimflow.image_probe`: a build
+the image cannot run is refused here) and the GPU probe, but downloads, builds, uploads and
 starts nothing. The engine key it prints is the one the run will use.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import docker
 
@@ -63,6 +65,7 @@ def make_plan(spec: HostingSpec) -> Plan:
     serving = _plan_image(plan, client, spec)
 
     model_dir: Path | None = None
+    hub_config: dict[str, Any] | None = None  # the checkpoint's config.json from the hub, when not on this host
     if source.manifest is not None:
         weights = f"nim:{source.model_name}"
         plan.add("download", "skip", f"NIM fetches {source.model_name} itself (guide §1 manifest)")
@@ -82,7 +85,8 @@ def make_plan(spec: HostingSpec) -> Plan:
         if not complete and spec.build is not None and spec.finetune is None:
             # Refuse what the run would refuse right after the download (e.g. a tp/pp the family's
             # converter cannot take), from the hub's config.json alone.
-            check_against_model(spec.build, hub_model_config(source.repo_id, sha), where=f"{source.repo_id}@{sha}/config.json")
+            hub_config = hub_model_config(source.repo_id, sha)
+            check_against_model(spec.build, hub_config, where=f"{source.repo_id}@{sha}/config.json")
 
     if spec.finetune is not None:
         staged = staged_unchanged(spec.finetune, weights, cache_dir) if model_dir is not None else None
@@ -109,7 +113,8 @@ def make_plan(spec: HostingSpec) -> Plan:
         plan.add("upload", "?", "depends on the fine-tuned weights")
     else:
         client = docker_client()
-        engine = plan_engine(client, spec.build, model_dir, weights, spec.deploy, allow_patterns=source.allow_patterns)
+        engine = plan_engine(client, spec.build, model_dir, weights, spec.deploy, allow_patterns=source.allow_patterns,
+                             model_config=hub_config)
         plan.engine_key = key = engine.key
         engine_path = local_engine_path(cache_dir, key)
         store = EngineStore(spec.cache)

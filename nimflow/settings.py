@@ -85,6 +85,9 @@ class Settings:
     #: How often a waiting run logs what it waits for and who holds it, and looks for a holder that is
     #: gone (NIMFLOW_SLOT_WAIT_LOG_SECONDS).
     slot_wait_log_seconds: float = 60.0
+    #: Where the facts each image probe found are kept, one JSON per image id (NIMFLOW_IMAGE_PROBE_DIR;
+    #: default ``$XDG_CACHE_HOME/nimflow/image-probes``, else ``~/.cache/nimflow/image-probes``).
+    image_probe_dir: Path = Path("~/.cache/nimflow/image-probes")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -129,6 +132,7 @@ class Settings:
             proxy_max_connections=int(numbers["NIMFLOW_PROXY_MAX_CONNECTIONS"]),
             slot_wait_timeout_seconds=float(numbers["NIMFLOW_SLOT_WAIT_TIMEOUT_SECONDS"]),
             slot_wait_log_seconds=float(numbers["NIMFLOW_SLOT_WAIT_LOG_SECONDS"]),
+            image_probe_dir=_image_probe_dir(env),
         )
 
 
@@ -156,6 +160,14 @@ class Settings:
         if key_id is None or secret_key is None:
             return {}
         return {"aws_access_key_id": key_id.get_secret_value(), "aws_secret_access_key": secret_key.get_secret_value()}
+
+
+def _image_probe_dir(env: Mapping[str, str]) -> Path:
+    """NIMFLOW_IMAGE_PROBE_DIR, else the XDG cache dir's ``nimflow/image-probes`` (user-expanded)."""
+    if env.get("NIMFLOW_IMAGE_PROBE_DIR", "").strip():
+        return Path(env["NIMFLOW_IMAGE_PROBE_DIR"].strip()).expanduser()
+    xdg = env.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg) if xdg else Path("~/.cache").expanduser()) / "nimflow" / "image-probes"
 
 
 #: What ``docker.from_env`` reads (docker.utils.kwargs_from_env).

@@ -269,7 +269,8 @@ class BuildSpec(_Spec):
     convert_script: str | None = Field(
         None,
         description="trtllm-build only: path of convert_checkpoint.py in the image "
-        "(default: the one for the checkpoint's architecture under /app/tensorrt_llm/examples/models/core/, "
+        "(default: the one for the checkpoint's architecture, where the image probe finds it: "
+        "/app/tensorrt_llm/examples/models/core/<dir>/ or, up to TensorRT-LLM 0.17, examples/<dir>/; "
         "see docs/trtllm-families.md). A path ending in <family dir>/convert_checkpoint.py of a known family "
         "gets that family's flags and limits; any other gets llama-style flags.",
     )

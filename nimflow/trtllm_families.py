@@ -17,7 +17,6 @@ aliases, earlier ones do not).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -174,31 +173,31 @@ def convert_arguments(family: ConverterFamily, build: BuildSpec, model_dir: str,
 
 # --- what an image's scripts accept (argparse --help) -------------------------------------------
 
-_USAGE_OPTION = re.compile(r"(?<![\w-])(-{1,2}[A-Za-z][\w-]*)")
-_HELP_COLUMN = re.compile(r"\s{2,}")
-
-
 def parse_help_flags(help_text: str) -> frozenset[str]:
     """The option strings an argparse ``--help`` text declares (``-h``, ``--model_dir``, aliases too).
 
     Only the usage line and the option declaration lines are read, never the help prose, so a flag
-    merely mentioned in another flag's description is not counted.
+    merely mentioned in another flag's description is not counted. Stdlib only and self-contained:
+    the image probe (:mod:`nimflow.image_probe`) runs this very function inside images.
     """
+    import re
+
+    usage_option = re.compile(r"(?<![\w-])(-{1,2}[A-Za-z][\w-]*)")
+    help_column = re.compile(r"\s{2,}")
     flags: set[str] = set()
-    lines = help_text.splitlines()
     in_usage = False
-    for line in lines:
+    for line in help_text.splitlines():
         stripped = line.strip()
         if stripped.startswith("usage:"):
             in_usage = True
         elif not stripped:
             in_usage = False
         if in_usage:
-            flags.update(_USAGE_OPTION.findall(stripped))
+            flags.update(usage_option.findall(stripped))
             continue
         if not stripped.startswith("-"):
             continue
-        declaration = _HELP_COLUMN.split(stripped, maxsplit=1)[0]
+        declaration = help_column.split(stripped, maxsplit=1)[0]
         for option in declaration.split(", "):
             name = option.split(" ", 1)[0].split("=", 1)[0]
             if re.fullmatch(r"-{1,2}[A-Za-z][\w-]*", name):
@@ -229,11 +228,28 @@ def check_command_against_help(what: str, image: str, command: list[str], help_t
     Raises:
         ConfigError: naming the image, the script, every flag it lacks and the fix.
     """
-    missing = missing_flags(command, parse_help_flags(help_text))
-    if missing:
-        raise ConfigError("build image", [Problem(
-            "build.image",
-            f"{what} in {image} does not accept {', '.join(missing)} (not in its --help): the image's TensorRT-LLM "
-            "release differs from the ones nimflow knows; use a TensorRT-LLM release image < 1.3 whose scripts take "
-            "these flags, or set build.convert_script to a converter that does",
-        )])
+    check_command_against_flags(what, image, command, parse_help_flags(help_text), learnt_from="its --help")
+
+
+def check_command_against_flags(what: str, image: str, command: list[str], accepted: frozenset[str], *,
+                                learnt_from: str) -> None:
+    """Refuse a command line with a flag outside ``accepted`` (what the image's script declares).
+
+    Args:
+        learnt_from: how ``accepted`` was learnt, for the message (``its --help``, ``its argparse source``).
+
+    Raises:
+        ConfigError: naming the image, the script, every flag it lacks and the fix.
+    """
+    missing = missing_flags(command, accepted)
+    if not missing:
+        return
+    if "--max_seq_len" in missing and what == "trtllm-build":
+        fix = ("trtllm-build took --max_output_len before TensorRT-LLM 0.12 replaced it with --max_seq_len: use a "
+               "TensorRT-LLM release image from 0.12 up to (not including) 1.3")
+    else:
+        fix = ("the image's TensorRT-LLM release differs from the ones nimflow knows; use a TensorRT-LLM release "
+               "image < 1.3 whose scripts take these flags, or set build.convert_script to a converter that does")
+    raise ConfigError("build image", [Problem(
+        "build.image", f"{what} in {image} does not accept {', '.join(missing)} (not in {learnt_from}): {fix}",
+    )])

@@ -31,6 +31,8 @@ def compile_engine(
         "Engine key %s: %s on %s, TensorRT-LLM %s", plan.key, build.backend, plan.target.gpu.describe(),
         plan.target.trtllm_version,
     )
+    if plan.converter:
+        logger.info("Converter in %s (probed): %s", build.image, plan.converter)
     for difference in plan.serving_differences:
         logger.warning("deploy.force is set: serving despite %s", difference)
     return obtain_engine(client, plan, build, cache, Path(model_path), Path(cache_dir), logger)

@@ -67,6 +67,17 @@ def standin_image_2x(docker_client: Any) -> str:
     return tag
 
 
+def standin_variant(docker_client: Any, **variant: Any) -> str:
+    """A variant of the stand-in (``examples_layout``, ``trtllm_version``, ``manifest_path`` of
+    :func:`nimflow.testbed.nim_image.build_standin_image`), built once per source and variant, under
+    its own source-hash tag."""
+    from nimflow.testbed.nim_image import build_standin_image, source_tag
+
+    tag = source_tag(**variant)
+    build_standin_image(docker_client, tag, **variant)
+    return tag
+
+
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("testbed")
@@ -113,9 +124,12 @@ def prefect_api(session_dir: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def testbed_env(monkeypatch: pytest.MonkeyPatch, s3_server: Service, hub: Any, prefect_api: str) -> dict[str, str]:
-    """Point nimflow at the test bed, exactly as a user points it at real endpoints."""
-    env = {"HF_ENDPOINT": hub.url, "AWS_ENDPOINT_URL": s3_server.url, **S3_TEST_CREDENTIALS}
+def testbed_env(monkeypatch: pytest.MonkeyPatch, s3_server: Service, hub: Any, prefect_api: str,
+                session_dir: Path) -> dict[str, str]:
+    """Point nimflow at the test bed, exactly as a user points it at real endpoints (image probe
+    facts are kept in this session's directory, not the user's cache)."""
+    env = {"HF_ENDPOINT": hub.url, "AWS_ENDPOINT_URL": s3_server.url, **S3_TEST_CREDENTIALS,
+           "NIMFLOW_IMAGE_PROBE_DIR": str(session_dir / "image-probes")}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     for key in ("HF_TOKEN", "NGC_API_KEY", "NGC_CLI_API_KEY"):

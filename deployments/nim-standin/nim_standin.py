@@ -26,8 +26,9 @@ fails the same way with their error text. Python 3.11 standard library only. Pro
   answers ``/v1/version`` and ``/v1/metadata``; no TensorRT-LLM engines.
 * ``nim-optimize --model_dir D --build_config Y --output_engine_dir O``: the NIM engine layout.
 * ``list-model-profiles``: the fake GPUs (SYSTEM INFO) and the locally built profiles.
-* ``convert_checkpoint.py`` (TensorRT-LLM ``examples/models/core/llama/convert_checkpoint.py``) and
-  ``trtllm-build`` (``tensorrt_llm/commands/build.py``): the two-step TensorRT-LLM build.
+* ``convert_checkpoint.py`` (TensorRT-LLM ``examples/models/core/<dir>/convert_checkpoint.py``, one
+  per family: the directory it is run from picks llama, qwen, gemma or phi, each with that script's own
+  arguments) and ``trtllm-build`` (``tensorrt_llm/commands/build.py``): the two-step TensorRT-LLM build.
 * ``nvidia-smi``: ``--query-gpu=... --format=csv[,noheader][,nounits]`` and ``-L`` for the fake GPUs.
 
 Stand-in-only knobs: ``NIMSTANDIN_GPU`` ("NAME,COMPUTE_CAP,PCI_DEVICE_ID"), ``NIMSTANDIN_GPU_COUNT``,
@@ -67,7 +68,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MODEL_FILES = ("config.json", "generation_config.json") + TOKENIZER_FILES
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 DEFAULT_MODEL = "meta/llama-3.1-8b-instruct"
-#: Where NIM 1.x (1.1.0 docs) keeps the bundled manifest; ``NIM_MANIFEST_PATH`` replaces it.
+#: Where NIM 1.x (1.1.0 docs) keeps the bundled manifest. Later NIM docs name
+#: /opt/nim/etc/default/model_manifest.yaml; a stand-in image built that way says so in
+#: ``NIMSTANDIN_MANIFEST_PATH`` (its image ENV), and only that file is read: no public NIM document
+#: describes a variable that redirects NIM to another manifest (``NIM_MANIFEST_PATH`` is ignored).
 MANIFEST_PATH = "/etc/nim/config/model_manifest.yaml"
 #: The NIM 2.x release this stand-in reports on /v1/version (2.x mode only).
 STANDIN_NIM2_RELEASE = "2.0.0+standin"
@@ -374,6 +378,13 @@ def trtllm_version() -> str:
         return metadata.version("tensorrt_llm")
     except Exception:  # PackageNotFoundError: on the host, outside the image
         return STANDIN_TRTLLM_VERSION
+
+
+def release_before(version: str, release: tuple[int, int]) -> bool:
+    """Whether a TensorRT-LLM version is a release older than ``release`` (``0.11.0`` < (0, 12)); the
+    stand-in's own version (a ``+standin`` local label) counts as the newest."""
+    m = re.match(r"^(\d+)\.(\d+)", version)
+    return bool(m) and "+standin" not in version and (int(m.group(1)), int(m.group(2))) < release
 
 
 # ------------------------------------------------------------------------------------ nvidia-smi
@@ -983,13 +994,14 @@ def manifest_models(text: str) -> list[str]:
 
 
 def lookup_manifest(model_name: str) -> str:
-    """Resolve a NIM_MODEL_NAME that is not a path in the bundled manifest (``NIM_MANIFEST_PATH``
-    or /etc/nim/config/model_manifest.yaml; the built-in copy on a host without either)."""
-    path = Path(os.environ.get("NIM_MANIFEST_PATH") or MANIFEST_PATH)
+    """Resolve a NIM_MODEL_NAME that is not a path in the image's bundled manifest (its
+    ``NIMSTANDIN_MANIFEST_PATH``, default /etc/nim/config/model_manifest.yaml; the built-in copy on a
+    host without it). A manifest anywhere else is not read, as real NIM reads only its own path."""
+    path = Path(os.environ.get("NIMSTANDIN_MANIFEST_PATH") or MANIFEST_PATH)
     if path.is_file():
         text, where = path.read_text(), str(path)
-    elif os.environ.get("NIM_MANIFEST_PATH"):
-        raise StandinError("FileNotFoundError", f"NIM_MANIFEST_PATH={path}: no such file")
+    elif os.environ.get("NIMSTANDIN_MANIFEST_PATH"):
+        raise StandinError("FileNotFoundError", f"{path}: no such file (the image's model manifest)")
     else:
         text, where = BUNDLED_MANIFEST, f"{MANIFEST_PATH} (built-in copy: not on this host)"
     models = manifest_models(text)
@@ -1907,46 +1919,102 @@ def safetensors_bytes(tensors: dict[str, tuple[str, list[int], bytes]], metadata
     return struct.pack("<Q", len(head)) + head + data
 
 
-def convert_checkpoint(argv: list[str]) -> int:
-    """``examples/models/core/llama/convert_checkpoint.py``: HF Llama -> TensorRT-LLM checkpoint
-    (``config.json`` + ``rank{N}.safetensors``; TP/PP are fixed here)."""
+#: TensorRT-LLM's converters by their examples directory, with the architectures each converts
+#: (NVIDIA/TensorRT-LLM ``examples/models/core/<dir>/convert_checkpoint.py`` from 0.18,
+#: ``examples/<dir>/convert_checkpoint.py`` up to 0.17; the llama example converts Mistral and Mixtral).
+CONVERTERS = {
+    "llama": ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"),
+    "qwen": ("Qwen2ForCausalLM",),
+    "gemma": ("GemmaForCausalLM", "Gemma2ForCausalLM"),
+    "phi": ("Phi3ForCausalLM",),
+}
+_CONVERT_DTYPES = ["auto", "float16", "bfloat16", "float32"]
+
+
+def converter_parser(family: str) -> argparse.ArgumentParser:
+    """The argument parser of one family's ``convert_checkpoint.py``, with that script's real option
+    names (``parse_arguments()`` of the sources cited in ``nimflow/trtllm_families.py``); an unknown
+    flag fails as argparse does (exit 2, ``unrecognized arguments``)."""
     parser = argparse.ArgumentParser(
         prog="convert_checkpoint.py",
-        description="NIM STAND-IN (NOT TensorRT-LLM): convert an HF Llama checkpoint into the "
-                    "TensorRT-LLM checkpoint layout (tiny placeholder rank*.safetensors).")
+        description=f"NIM STAND-IN (NOT TensorRT-LLM): examples/.../{family}/convert_checkpoint.py; converts an "
+                    "HF checkpoint into the TensorRT-LLM checkpoint layout (tiny placeholder rank*.safetensors).")
+    if family == "gemma":
+        # examples/gemma/convert_checkpoint.py (TensorRT-LLM 201135e, 0.17; 310decb, models/core, 0.18+):
+        # dash-separated names, --world-size (tensor parallelism only: "We don't support pipeline
+        # parallelism yet for Gemma"), a checkpoint type. The older script has no --model_dir /
+        # --output_dir aliases, and no default --ckpt-type (no loader for None): both required here.
+        parser.add_argument("--ckpt-type", type=str, choices=["jax", "keras", "torch", "hf"], required=True)
+        parser.add_argument("--model-dir", type=str, required=True)
+        parser.add_argument("--output-model-dir", type=str, required=True)
+        parser.add_argument("--world-size", type=int, default=1,
+                            help="world size, only support tensor parallelism now")
+        parser.add_argument("--use-weight-only-with-precision", dest="weight_only_precision",
+                            choices=["int8", "int4", "w4a8_awq", "w4a16_awq"], default=None)
+        parser.add_argument("--dtype", type=str, default="float16", choices=["float32", "bfloat16", "float16"])
+        parser.add_argument("--load_model_on_cpu", action="store_true")
+        return parser
+    # llama (04a2cac / 368f8f2), qwen (05316d3 / 0df9aaf), phi (04a2cac / 10c1d59): --model_dir,
+    # --output_dir, --tp_size, --pp_size, --dtype.
     parser.add_argument("--model_dir", type=str, required=True)
     parser.add_argument("--tp_size", type=int, default=1, help="N-way tensor parallelism size")
     parser.add_argument("--pp_size", type=int, default=1, help="N-way pipeline parallelism size")
-    parser.add_argument("--dtype", type=str, default="auto",
-                        choices=["auto", "float16", "bfloat16", "float32"],
+    parser.add_argument("--dtype", type=str, default="auto", choices=_CONVERT_DTYPES,
                         help="auto: the checkpoint's torch_dtype, float32 becoming float16")
     parser.add_argument("--output_dir", type=str, default="tllm_checkpoint")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--load_model_on_cpu", action="store_true")
     parser.add_argument("--use_weight_only", action="store_true", default=False)
     parser.add_argument("--weight_only_precision", const="int8", type=str, nargs="?", default="int8",
-                        choices=["int8", "int4", "int4_awq"])
-    args = parser.parse_args(argv)
+                        choices=["int8", "int4", "int4_awq"] if family != "phi" else ["int8", "int4"])
+    if family != "phi":  # the phi script has no --load_model_on_cpu
+        parser.add_argument("--load_model_on_cpu", action="store_true")
+    if family in ("llama", "phi"):
+        parser.add_argument("--moe_tp_size", type=int, default=-1)
+        parser.add_argument("--moe_ep_size", type=int, default=-1)
+    return parser
+
+
+def converter_family(script: str | None) -> str:
+    """The family of the converter run as ``script`` (its directory: ``.../<dir>/convert_checkpoint.py``);
+    llama when run otherwise (``nim_standin.py convert_checkpoint ...`` on a host)."""
+    directory = os.path.basename(os.path.dirname(script)) if script else ""
+    return directory if directory in CONVERTERS else "llama"
+
+
+def convert_checkpoint(argv: list[str], script: str | None = None) -> int:
+    """``examples/models/core/<family>/convert_checkpoint.py``: HF checkpoint -> TensorRT-LLM checkpoint
+    (``config.json`` + ``rank{N}.safetensors``; TP/PP are fixed here). The family is the script's directory."""
+    family = converter_family(script)
+    args = converter_parser(family).parse_args(argv)
+    if family == "gemma":
+        model_dir_arg, out_arg, tp_arg, pp_arg = args.model_dir, args.output_model_dir, args.world_size, 1
+        quant = args.weight_only_precision
+    else:
+        model_dir_arg, out_arg, tp_arg, pp_arg = args.model_dir, args.output_dir, args.tp_size, args.pp_size
+        quant = args.weight_only_precision if args.use_weight_only else None
     tik = time.time()
     print(f"[TensorRT-LLM] TensorRT-LLM version: {trtllm_version()} (NIM STAND-IN, not TensorRT-LLM)",
           flush=True)
     try:
-        model_dir, out = Path(args.model_dir), Path(args.output_dir)
+        if family == "phi" and pp_arg != 1:  # examples/models/core/phi/convert_checkpoint.py, main()
+            raise StandinError("AssertionError", "Pipeline parallelism is not supported.")
+        model_dir, out = Path(model_dir_arg), Path(out_arg)
         model_cfg = check_checkpoint(model_dir)
         arch = str((model_cfg.get("architectures") or ["unknown"])[0])
-        if arch not in LLAMA_FAMILY:
+        if arch not in CONVERTERS[family]:
             raise StandinError("ValueError", f"Unsupported model architecture: {arch} "
-                               f"(examples/models/core/llama/convert_checkpoint.py converts "
-                               f"{', '.join(LLAMA_FAMILY)})")
+                               f"(examples/models/core/{family}/convert_checkpoint.py converts "
+                               f"{', '.join(CONVERTERS[family])})")
         dtype = auto_dtype(model_cfg.get("torch_dtype")) if args.dtype == "auto" else args.dtype
         if dtype not in DTYPES:
             raise StandinError("ValueError", f"Unsupported dtype {dtype!r} in {model_dir}/config.json")
-        tp = _int(args.tp_size, "tp_size")
-        pp = _int(args.pp_size, "pp_size")
+        tp = _int(tp_arg, "tp_size" if family != "gemma" else "world_size")
+        pp = _int(pp_arg, "pp_size")
         config = hf_pretrained_config(model_cfg, dtype, tp, pp)
         check_parallel(config, "AssertionError")
-        if args.use_weight_only:
-            algo = {"int8": "W8A16", "int4": "W4A16", "int4_awq": "W4A16_AWQ"}[args.weight_only_precision]
+        if quant:
+            algo = {"int8": "W8A16", "int4": "W4A16", "int4_awq": "W4A16_AWQ", "w4a16_awq": "W4A16_AWQ",
+                    "w4a8_awq": "W4A8_AWQ"}[quant]
             config["quantization"] = {"quant_algo": algo, "kv_cache_quant_algo": None, "group_size": 128}
         else:
             config["quantization"] = {"quant_algo": None, "kv_cache_quant_algo": None, "group_size": 128}
@@ -1999,7 +2067,11 @@ def trtllm_build(argv: list[str]) -> int:
     parser.add_argument("--output_dir", type=str, default="engine_outputs")
     parser.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
     parser.add_argument("--max_input_len", type=int, default=DEFAULT_MAX_INPUT_LEN)
-    parser.add_argument("--max_seq_len", "--max_decoder_seq_len", dest="max_seq_len", type=int, default=None)
+    legacy = release_before(trtllm_version(), (0, 12))
+    if legacy:  # TensorRT-LLM 0.12 release notes: --max_output_len was replaced by --max_seq_len
+        parser.add_argument("--max_output_len", type=int, default=None)
+    else:
+        parser.add_argument("--max_seq_len", "--max_decoder_seq_len", dest="max_seq_len", type=int, default=None)
     parser.add_argument("--max_beam_width", type=int, default=1)
     parser.add_argument("--max_num_tokens", type=int, default=DEFAULT_MAX_NUM_TOKENS)
     parser.add_argument("--opt_num_tokens", type=int, default=None)
@@ -2021,6 +2093,8 @@ def trtllm_build(argv: list[str]) -> int:
     plugins.add_argument("--multiple_profiles", type=str, default="disable", choices=["enable", "disable"])
     plugins.add_argument("--tokens_per_block", type=int, default=DEFAULT_TOKENS_PER_BLOCK)
     args = parser.parse_args(argv)
+    if legacy:  # before 0.12 the sequence limit was input + output
+        args.max_seq_len = None if args.max_output_len is None else args.max_input_len + args.max_output_len
     tik = time.time()
     print(f"[TensorRT-LLM] TensorRT-LLM version: {trtllm_version()} (NIM STAND-IN, not TensorRT-LLM)",
           flush=True)
@@ -2100,6 +2174,8 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch on the program name (image links) or on a subcommand (host use)."""
     argv = list(sys.argv if argv is None else argv)
     prog = os.path.basename(argv[0]) if argv else ""
+    if prog == "convert_checkpoint.py":  # the family is the directory it was run from
+        return convert_checkpoint(argv[1:], script=argv[0])
     if prog in COMMANDS:
         return COMMANDS[prog](argv[1:])
     if len(argv) > 1 and argv[1] in COMMANDS:

@@ -6,9 +6,13 @@ the rootfs is the host's *Debian* ``python3.11`` (not a pyenv build: its stdlib 
 interpreter and its extension modules, written straight into a tar and ``docker import``-ed
 (about 60 MB, no shell, no apt). ``deployments/nim-standin/nim_standin.py`` goes to
 ``/opt/nim/nim_standin.py``; ``start-server``, ``nim-optimize``, ``list-model-profiles``,
-``nvidia-smi``, ``trtllm-build`` (``/usr/local/bin``) and TensorRT-LLM's
-``/app/tensorrt_llm/examples/models/core/llama/convert_checkpoint.py`` are symlinks to it (it
-dispatches on ``basename(argv[0])``), so they work without a shell. A ``tensorrt_llm-<version>``
+``nvidia-smi``, ``trtllm-build`` (``/usr/local/bin``) and TensorRT-LLM's converters
+``/app/tensorrt_llm/examples/models/core/<dir>/convert_checkpoint.py`` (one per family: llama, qwen,
+gemma, phi; each with that family's own arguments) are symlinks to it (it dispatches on
+``basename(argv[0])``, a converter on its directory), so they work without a shell.
+``examples_layout="0.17"`` keeps the converters where TensorRT-LLM releases up to 0.17 did
+(``/app/tensorrt_llm/examples/<dir>/``), ``"none"`` leaves them out (the newest TensorRT-LLM removed
+the examples). A ``tensorrt_llm-<version>``
 dist-info (metadata only: no module, ``import tensorrt_llm`` fails) in
 ``/usr/local/lib/python3.11/dist-packages`` gives the image a TensorRT-LLM version that
 ``importlib.metadata.version("tensorrt_llm")`` reports and that the stand-in binds its engines to.
@@ -40,6 +44,7 @@ import docker
 from docker.errors import APIError, ImageNotFound
 
 from nimflow.bundled import bundled_file
+from nimflow.image_probe import MANIFEST_CANDIDATES
 from nimflow.testbed import TestbedError
 
 STANDIN_IMAGE = "nimflow/nim-standin:local"
@@ -48,7 +53,7 @@ STANDIN_IMAGE_2X = "nimflow/nim-standin:2.x"
 NIM_APIS = ("1.x", "2.x")
 STANDIN_SOURCE = bundled_file("nim-standin", "nim_standin.py")
 # Bump when the image recipe below changes: it is part of the cache key (the source-hash label).
-RECIPE_VERSION = "nim-standin-image/4"
+RECIPE_VERSION = "nim-standin-image/5"
 HOST_PYTHON = Path("/usr/bin/python3.11")
 HOST_STDLIB = Path("/usr/lib/python3.11")
 # Not needed at run time; config-3.11-* alone is the 25 MB static libpython.
@@ -59,6 +64,15 @@ COMMANDS = ("start-server", "nim-optimize", "list-model-profiles", "nvidia-smi",
 COMMANDS_2X = ("nim-serve", "list-model-profiles", "nvidia-smi")
 #: Where the NIM 1.x image keeps its bundled manifest (NIM 1.1.0 docs, profiles.html).
 MANIFEST_PATH = "/etc/nim/config/model_manifest.yaml"
+#: Where a 1.x image may keep it: the paths the image probe looks at (1.1.0 docs, later docs).
+MANIFEST_PATHS = MANIFEST_CANDIDATES
+#: Where TensorRT-LLM release images keep the converters, by layout: ``<root>/<dir>/convert_checkpoint.py``
+#: (0.18 and later: examples/models/core; up to 0.17: examples; the newest: none).
+EXAMPLES_LAYOUTS: dict[str, str | None] = {
+    "0.18": "/app/tensorrt_llm/examples/models/core", "0.17": "/app/tensorrt_llm/examples", "none": None,
+}
+#: The examples directories the stand-in has a converter for (deployments/nim-standin CONVERTERS).
+CONVERTER_DIRS = ("llama", "qwen", "gemma", "phi")
 #: Where TensorRT-LLM release images keep the Llama converter (TensorRT-LLM 0.18+ layout).
 CONVERT_CHECKPOINT = "/app/tensorrt_llm/examples/models/core/llama/convert_checkpoint.py"
 #: On Debian's python3.11 sys.path (site.getsitepackages) once the directory exists.
@@ -130,23 +144,47 @@ def _trtllm_version(version: str | None, source: Path = STANDIN_SOURCE) -> str:
 
 
 def source_hash(source: Path = STANDIN_SOURCE, trtllm_version: str | None = None,
-                nim_api: str = "1.x") -> str:
+                nim_api: str = "1.x", examples_layout: str = "0.18", manifest_path: str = MANIFEST_PATH) -> str:
     """The cache key: sha256 of the stand-in source, this builder's recipe version, the
-    TensorRT-LLM version the image reports and the NIM API mode (so variant images never pass for
-    each other)."""
+    TensorRT-LLM version the image reports, the NIM API mode and the examples layout (so variant
+    images never pass for each other)."""
     version = _trtllm_version(trtllm_version, source)
     return hashlib.sha256(source.read_bytes() + RECIPE_VERSION.encode()
                           + b"\0tensorrt_llm=" + version.encode()
-                          + b"\0nim_api=" + _nim_api(nim_api).encode()).hexdigest()
+                          + b"\0nim_api=" + _nim_api(nim_api).encode()
+                          + b"\0examples=" + _examples_layout(examples_layout).encode()
+                          + b"\0manifest=" + _manifest_path(manifest_path).encode()).hexdigest()
+
+
+def _manifest_path(path: str) -> str:
+    if path not in MANIFEST_PATHS:
+        raise TestbedError(f"manifest_path {path!r} is not one of {MANIFEST_PATHS}")
+    return path
+
+
+def _examples_layout(layout: str) -> str:
+    if layout not in EXAMPLES_LAYOUTS:
+        raise TestbedError(f"examples_layout {layout!r} is not one of {sorted(EXAMPLES_LAYOUTS)}")
+    return layout
 
 
 
-def source_tag(nim_api: str = "1.x") -> str:
+def source_tag(nim_api: str = "1.x", *, examples_layout: str = "0.18", trtllm_version: str | None = None,
+               manifest_path: str = MANIFEST_PATH) -> str:
     """A tag naming this exact stand-in source, for tests: ``nimflow/nim-standin:src-<hash12>``
-    (``src2x-`` for 2.x). Clones with different stand-in sources on one Docker host (helpers,
-    branches) then never retag each other's image while their tests run."""
+    (``src2x-`` for 2.x; a variant's layout or version adds ``ex<layout>-``/``trt<version>-``). Clones
+    with different stand-in sources on one Docker host (helpers, branches) then never retag each
+    other's image while their tests run."""
     prefix = "src2x" if _nim_api(nim_api) == "2.x" else "src"
-    return f"nimflow/nim-standin:{prefix}-{source_hash(nim_api=nim_api)[:12]}"
+    if examples_layout != "0.18":
+        prefix += f"-ex{_examples_layout(examples_layout)}"
+    if trtllm_version is not None:
+        prefix += f"-trt{_trtllm_version(trtllm_version)}"
+    if manifest_path != MANIFEST_PATH:
+        prefix += f"-mf{MANIFEST_PATHS.index(_manifest_path(manifest_path))}"
+    digest = source_hash(nim_api=nim_api, examples_layout=examples_layout, trtllm_version=trtllm_version,
+                         manifest_path=manifest_path)
+    return f"nimflow/nim-standin:{prefix}-{digest[:12]}"
 
 def dist_info_metadata(version: str) -> bytes:
     """METADATA of the placeholder ``tensorrt_llm`` distribution (core metadata 2.1)."""
@@ -221,7 +259,7 @@ class _RootfsTar:
 
 
 def write_rootfs_tar(out: Path, source: Path = STANDIN_SOURCE, trtllm_version: str | None = None,
-                     nim_api: str = "1.x") -> None:
+                     nim_api: str = "1.x", examples_layout: str = "0.18", manifest_path: str = MANIFEST_PATH) -> None:
     """Write the stand-in image's rootfs as an uncompressed tar at ``out``."""
     version = _trtllm_version(trtllm_version, source)
     v2 = _nim_api(nim_api) == "2.x"
@@ -256,11 +294,13 @@ def write_rootfs_tar(out: Path, source: Path = STANDIN_SOURCE, trtllm_version: s
             fs.add_symlink("/opt/nim/nim_standin.py", f"usr/local/bin/{command}")
         if v2:  # NIM 2.x: no TensorRT-LLM engine tools, no 1.x manifest
             return
-        fs.add_symlink("/opt/nim/nim_standin.py", CONVERT_CHECKPOINT)  # run as `python3 <path> ...`
+        examples_root = EXAMPLES_LAYOUTS[_examples_layout(examples_layout)]
+        for directory in CONVERTER_DIRS if examples_root else ():  # run as `python3 <path> ...`
+            fs.add_symlink("/opt/nim/nim_standin.py", f"{examples_root}/{directory}/convert_checkpoint.py")
         dist_info = f"{DIST_PACKAGES}/tensorrt_llm-{version}.dist-info"
         fs.add_bytes(dist_info_metadata(version), f"{dist_info}/METADATA")
         fs.add_bytes(b"nimflow-standin\n", f"{dist_info}/INSTALLER")
-        fs.add_bytes(bundled_manifest(source).encode(), MANIFEST_PATH)
+        fs.add_bytes(bundled_manifest(source).encode(), _manifest_path(manifest_path))
 
 
 def _split_tag(tag: str) -> tuple[str, str]:
@@ -269,12 +309,16 @@ def _split_tag(tag: str) -> tuple[str, str]:
 
 
 def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *,
-                        force: bool = False, trtllm_version: str | None = None, nim_api: str = "1.x") -> str:
+                        force: bool = False, trtllm_version: str | None = None, nim_api: str = "1.x",
+                        examples_layout: str = "0.18", manifest_path: str = MANIFEST_PATH) -> str:
     """Build (or reuse) the NIM stand-in image and return its id.
 
     ``trtllm_version`` (default: the stand-in's ``STANDIN_TRTLLM_VERSION``) is the TensorRT-LLM
     version the image reports and binds its engines to; give variants their own ``tag``.
     ``nim_api="2.x"`` builds the NIM 2.x variant (suggested tag :data:`STANDIN_IMAGE_2X`).
+    ``examples_layout`` (:data:`EXAMPLES_LAYOUTS`) places the converters as a TensorRT-LLM 0.18+
+    (default), <= 0.17 or newest (none) release image does; ``manifest_path`` (:data:`MANIFEST_PATHS`)
+    is where the 1.x image keeps, and the stand-in reads, its model manifest.
     Cached by tag: an image whose ``nimflow.source-hash`` label equals :func:`source_hash` (which
     covers the version) is returned as is unless ``force``. A superseded image is removed when no
     container uses it.
@@ -282,7 +326,8 @@ def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *
     if not STANDIN_SOURCE.is_file():
         raise TestbedError(f"stand-in source not found at {STANDIN_SOURCE} (a broken install: reinstall nimflow)")
     version = _trtllm_version(trtllm_version)
-    digest = source_hash(trtllm_version=version, nim_api=nim_api)
+    digest = source_hash(trtllm_version=version, nim_api=nim_api, examples_layout=examples_layout,
+                         manifest_path=manifest_path)
     old_id = None
     try:
         old = client.images.get(tag)
@@ -295,11 +340,14 @@ def build_standin_image(client: docker.DockerClient, tag: str = STANDIN_IMAGE, *
     repo, name = _split_tag(tag)
     with tempfile.TemporaryDirectory(prefix="nimflow-standin-") as tmp:
         tar_path = Path(tmp) / "rootfs.tar"
-        write_rootfs_tar(tar_path, trtllm_version=version, nim_api=nim_api)
+        write_rootfs_tar(tar_path, trtllm_version=version, nim_api=nim_api, examples_layout=examples_layout,
+                         manifest_path=manifest_path)
         try:
             client.api.import_image_from_file(
                 str(tar_path), repository=repo, tag=name,
                 changes=[*image_changes(nim_api), f"LABEL nimflow.source-hash={digest}",
+                         # 1.x: where the stand-in reads its manifest (real NIM: one fixed path per release)
+                         *([f"ENV NIMSTANDIN_MANIFEST_PATH={_manifest_path(manifest_path)}"] if nim_api == "1.x" else []),
                          f"LABEL nimflow.trtllm-version={version}"])
         except APIError as exc:
             raise TestbedError(f"docker import of {tag} failed: {exc}") from exc
@@ -322,13 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
     parser.add_argument("--trtllm-version", default=None,
                         help="TensorRT-LLM version the image reports (default: the stand-in's own)")
+    parser.add_argument("--examples-layout", choices=sorted(EXAMPLES_LAYOUTS), default="0.18",
+                        help="where the converters are: 0.18 (examples/models/core), 0.17 (examples), none")
     args = parser.parse_args(argv)
     tag = args.tag or (STANDIN_IMAGE_2X if args.nim_api == "2.x" else STANDIN_IMAGE)
     try:
         client = ensure_docker_engine()
         start = time.monotonic()
         image_id = build_standin_image(client, tag, force=args.force, trtllm_version=args.trtllm_version,
-                                       nim_api=args.nim_api)
+                                       nim_api=args.nim_api, examples_layout=args.examples_layout)
     except TestbedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

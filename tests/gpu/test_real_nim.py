@@ -12,7 +12,8 @@ Or, the same with one command: `make test-gpu NIM_IMAGE=... TRTLLM_IMAGE=... HF_
 (a skip is then a failure). The tests record what the real software printed (tests/gpu/recording.py)
 under `$NIMFLOW_GPU_RECORD_DIR` (default `tests/gpu/recorded/<image>/`) and fail where a recorded fact
 contradicts an assumption of the code (tests/gpu/assumptions.py); commit what they write: the unit
-tests check the code against every committed recording on each CPU run.
+tests check the code against every committed recording on each CPU run. `<kind>-image-probe.json` holds
+what nimflow's image probe found in each image.
 """
 
 from __future__ import annotations
@@ -157,3 +158,28 @@ def test_real_nim_blue_green_rollout_drops_no_request(tmp_path: Path, prefect_ap
         thread.join(timeout=300)
     assert failures == []
     assert second["replaced_container_id"] == first["container_id"] and "model" in second["checks"]
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_record_image_probe_facts(tmp_path: Path) -> None:
+    """Record what the image probe finds in the real images (converters and how their flags were learnt,
+    trtllm-build, nim-optimize, user, manifest path) as `image-probe.json`; fail where a fact contradicts
+    what nimflow would run (the checks `nimflow plan` makes, for a Llama checkpoint)."""
+    from nimflow.containers import docker_client
+    from nimflow.image_probe import check_build_against_image, probe_image
+    from nimflow.spec import BuildSpec
+
+    client = docker_client()
+    images = {"nim": os.environ["NIMFLOW_GPU_NIM_IMAGE"], "trtllm": os.environ.get("NIMFLOW_GPU_TRTLLM_IMAGE")}
+    for kind, image in images.items():
+        if not image:
+            continue
+        facts = probe_image(client, image, cache_dir=tmp_path)
+        record_dir = _record_folder()
+        record_dir.mkdir(parents=True, exist_ok=True)
+        (record_dir / f"{kind}-image-probe.json").write_text(facts.model_dump_json(indent=1) + "\n")
+        if kind == "nim":
+            assert facts.model_manifest, f"{image}: no model manifest at either documented path"
+        else:
+            check_build_against_image(facts, BuildSpec(backend="trtllm-build", image=image), image=image,
+                                      model_config={"architectures": ["LlamaForCausalLM"]})

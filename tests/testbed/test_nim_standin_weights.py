@@ -276,11 +276,11 @@ def test_bundled_manifest_lookup(tmp_path: Path) -> None:
                         "  tags: {llm_engine: vllm, precision: bf16}\n  workspace: !workspace\n    components:\n"
                         "      - dst: ''\n        src:\n          files:\n            - !name config.json\n")
     name = "mistralai/mistral-7b-instruct-v0.3"
-    with serve_ready(NIM_MODEL_NAME=name, NIM_MANIFEST_PATH=str(manifest)) as (base, _):
+    with serve_ready(NIM_MODEL_NAME=name, NIMSTANDIN_MANIFEST_PATH=str(manifest)) as (base, _):
         wait_for(f"{base}/v1/health/ready")
         assert http(f"{base}/v1/models")[1]["data"][0]["root"] == name
         assert f"(weights {hashlib.sha256(name.encode()).hexdigest()[:16]})" in answer(base, name)
-    assert serve_once(NIM_MANIFEST_PATH=str(manifest)).returncode == 1  # the default model is not in it
+    assert serve_once(NIMSTANDIN_MANIFEST_PATH=str(manifest)).returncode == 1  # the default model is not in it
 
 
 def test_ignore_model_fault(tmp_path: Path) -> None:
