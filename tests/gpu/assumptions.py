@@ -20,7 +20,7 @@ from typing import Any
 
 from nimflow.engine_build import builder_invocation
 from nimflow.gpu_identity import parse_probe_output
-from nimflow.model_manifest import MANIFEST_PATH
+from nimflow.image_probe import MANIFEST_CANDIDATES, ImageFacts
 from nimflow.records import Deployment
 from nimflow.spec import BuildSpec
 from nimflow.trtllm_families import FAMILIES, family_for, missing_flags, parse_help_flags, script_candidates
@@ -190,10 +190,23 @@ def _manifest_path(recording: Recording) -> str:
     facts = recording.json("nim-image-facts")
     if not isinstance(facts, dict) or not isinstance(facts.get("manifests"), list):
         return NOT_RECORDED
-    found = [str(p) for p in facts["manifests"]]
-    if not found:
-        return HOLDS  # an image without a bundled manifest: guide §1 has nothing to replace
-    return HOLDS if MANIFEST_PATH in found else f"contradicted: the image keeps its manifest at {found}, nimflow writes {MANIFEST_PATH}"
+    elsewhere = [str(p) for p in facts["manifests"] if str(p) not in MANIFEST_CANDIDATES]
+    if elsewhere:
+        return f"contradicted: the image keeps model_manifest.yaml at {elsewhere}; the probe looks at {list(MANIFEST_CANDIDATES)}"
+    return HOLDS
+
+
+def _probe_learns_flags(recording: Recording) -> str:
+    """Every program the image probe found in the build image, it learnt the flags of (by --help or its source)."""
+    raw = recording.json("build-image-probe")
+    if not isinstance(raw, dict):
+        return NOT_RECORDED
+    facts = ImageFacts.model_validate(raw)
+    programs = {f"convert_checkpoint.py ({name})": script for name, script in facts.converters.items()}
+    programs |= {"trtllm-build": facts.trtllm_build, "nim-optimize": facts.nim_optimize}
+    unlearnt = [f"{name} at {script.path} ({(script.help_error or '').strip()[-200:]})"
+                for name, script in sorted(programs.items()) if script.path and script.accepted() is None]
+    return f"contradicted: the probe learnt no flags of {'; '.join(unlearnt)}" if unlearnt else HOLDS
 
 
 ASSUMPTIONS: tuple[Assumption, ...] = (
@@ -211,8 +224,11 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "nimflow/verification.py METADATA_FIELDS", _metadata_2x),
     Assumption("trtllm-version", "the NIM image's tensorrt_llm version is readable from package metadata",
                "nimflow/gpu_identity.py PROBE_SCRIPT", _trtllm_version),
-    Assumption("manifest-path", "a NIM 1.x image keeps its model manifest where nimflow writes guide §1's",
-               "nimflow/model_manifest.py MANIFEST_PATH", _manifest_path),
+    Assumption("manifest-path", "a NIM 1.x image keeps its model manifest at a path the image probe looks at",
+               "nimflow/image_probe.py MANIFEST_CANDIDATES", _manifest_path),
+    Assumption("probe-learns-flags", "the image probe learns the flags of every converter and tool it finds "
+               "(by --help, or from the argparse source when --help cannot run without a GPU)",
+               "nimflow/image_probe.py learn_flags", _probe_learns_flags),
 )
 
 

@@ -12,7 +12,7 @@ import pytest
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
-    outcome = yield
+    outcome: Any = yield
     report = outcome.get_result()
     if os.environ.get("NIMFLOW_GPU_REQUIRED") and report.skipped and item.get_closest_marker("gpu") \
             and "no NVIDIA GPU" in str(report.longrepr):

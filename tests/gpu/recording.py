@@ -3,9 +3,10 @@
 ``record_images`` runs, each in a short container of the named image with GPU 0:
 
 * in the NIM image: ``nim-optimize -h``, ``list-model-profiles``, nimflow's GPU probe, and a small
-  stdlib script that reports the image's user and where its model manifest lives;
-* in the build image (the TensorRT-LLM release, or the NIM image): where every
-  ``convert_checkpoint.py`` is, each table family's ``--help`` and ``trtllm-build --help``.
+  stdlib script that reports the image's user and every model manifest it has;
+* in the build image (the TensorRT-LLM release, or the NIM image): every ``convert_checkpoint.py``
+  it has, each table family's ``--help`` and ``trtllm-build --help``;
+* in both: what nimflow's image probe (:mod:`nimflow.image_probe`) finds, as ``*-image-probe.json``.
 
 ``record_endpoint`` saves ``/v1/models``, ``/v1/metadata`` and ``/v1/version`` of a NIM that
 nimflow started and verified, with what nimflow told it (served name, model root, generation).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,15 +30,15 @@ import httpx
 
 from nimflow.containers import device_requests, run_to_exit
 from nimflow.gpu_identity import PROBE_SCRIPT
+from nimflow.image_probe import probe_image
 from nimflow.trtllm_families import FAMILIES
 from tests.gpu.assumptions import converter_output_name, verdicts
 
 RECORD_ROOT = Path(__file__).parent / "recorded"
 _DEADLINE_SECONDS = 600.0
 _MARKER = "NIMFLOW-FACTS "
-#: The manifest locations NIM's docs give: 1.1 (profiles.html) and later releases.
-MANIFEST_CANDIDATES = ("/etc/nim/config/model_manifest.yaml", "/opt/nim/etc/default/model_manifest.yaml")
-# Stdlib only, Python 3.8+: who the image runs as, where its manifest and converters are.
+# Stdlib only, Python 3.8+: who the image runs as, and every manifest and converter it has (searched
+# for, not looked up where nimflow expects them: that is what the assumptions check).
 FACTS_SCRIPT = f"""
 import json, os, pwd, shutil
 out = {{"uid": os.getuid(), "gid": os.getgid(), "home": os.environ.get("HOME")}}
@@ -44,17 +46,19 @@ try:
     out["user"] = pwd.getpwuid(os.getuid()).pw_name
 except KeyError:
     out["user"] = None
-out["manifests"] = [p for p in {MANIFEST_CANDIDATES!r} if os.path.isfile(p)]
+def find(name, tops, depth, limit=500):
+    found = []
+    for top in tops:
+        for root, dirs, files in os.walk(top):
+            if root.count("/") - top.count("/") >= depth:
+                dirs[:] = []
+            if name in files and len(found) < limit:
+                found.append(os.path.join(root, name))
+    return sorted(found)
+out["manifests"] = find("model_manifest.yaml", ("/etc", "/opt/nim"), 5)
 tools = ("nim-optimize", "list-model-profiles", "trtllm-build", "start-server", "nim-serve", "nim-run")
 out["tools"] = {{t: shutil.which(t) for t in tools}}
-found = []
-for top in ("/app", "/opt", "/usr/local/lib", "/workspace"):
-    for root, dirs, files in os.walk(top):
-        if root.count("/") - top.count("/") >= 6:
-            dirs[:] = []
-        if "convert_checkpoint.py" in files and len(found) < 500:
-            found.append(os.path.join(root, "convert_checkpoint.py"))
-out["converters"] = sorted(found)
+out["converters"] = find("convert_checkpoint.py", ("/app", "/opt", "/usr/local/lib", "/workspace"), 6)
 print({_MARKER!r} + json.dumps(out), flush=True)
 """
 
@@ -84,6 +88,13 @@ def _facts(client: docker.DockerClient, image: str, folder: Path, name: str, gpu
     return facts
 
 
+def _probe(client: docker.DockerClient, image: str, folder: Path, name: str) -> None:
+    """What nimflow's own image probe finds in ``image`` (a fresh probe, not the host's cache)."""
+    with tempfile.TemporaryDirectory(prefix="nimflow-record-") as cache:
+        facts = probe_image(client, image, cache_dir=Path(cache))
+    (folder / f"{name}.json").write_text(facts.model_dump_json(indent=1) + "\n")
+
+
 def record_images(client: docker.DockerClient, nim_image: str, build_image: str | None, folder: Path, *,
                   gpus: list[int] | None = None) -> dict[str, str]:
     """Record the images' outputs into ``folder``; return the assumptions' verdicts (also in verdicts.json).
@@ -94,11 +105,13 @@ def record_images(client: docker.DockerClient, nim_image: str, build_image: str 
     folder.mkdir(parents=True, exist_ok=True)
     gpus = [0] if gpus is None else gpus
     _facts(client, nim_image, folder, "nim-image-facts", gpus)
+    _probe(client, nim_image, folder, "nim-image-probe")
     _run(client, nim_image, ["nim-optimize", "-h"], folder, "nim-optimize-help", gpus)
     _run(client, nim_image, ["list-model-profiles"], folder, "list-model-profiles", gpus)
     _run(client, nim_image, ["python3", "-c", PROBE_SCRIPT], folder, "gpu-probe", gpus)
     builder = build_image or nim_image
     facts = _facts(client, builder, folder, "build-image-facts", gpus)
+    _probe(client, builder, folder, "build-image-probe")
     converters = [str(path) for path in facts.get("converters", [])]
     (folder / "convert-checkpoint-locations.txt").write_text(
         f"$ find convert_checkpoint.py in {builder}\n# exit code 0\n" + "\n".join(converters) + "\n")

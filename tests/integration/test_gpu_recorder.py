@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.gpu.assumptions import HOLDS, NOT_RECORDED, contradictions
+from nimflow.trtllm_families import FAMILIES
+from tests.gpu.assumptions import HOLDS, NOT_RECORDED, contradictions, converter_output_name
 from tests.gpu.recording import record_images
 
 pytestmark = pytest.mark.testbed
@@ -21,8 +22,11 @@ def test_the_recorder_records_the_stand_in_and_it_contradicts_no_assumption(
 ) -> None:
     found = record_images(docker_client, standin_image, None, tmp_path, gpus=[])
     assert contradictions(tmp_path) == []
-    for name in ("converter-flags", "converter-layout", "trtllm-build-flags", "nim-optimize-flags", "trtllm-version"):
+    for name in ("converter-flags", "converter-layout", "trtllm-build-flags", "nim-optimize-flags", "trtllm-version",
+                 "manifest-path", "probe-learns-flags"):
         assert found[name] == HOLDS, (name, found[name])
+    recorded = sorted(path.name for path in tmp_path.glob("convert-checkpoint-*-help.txt"))
+    assert recorded == [f"{converter_output_name(family.name)}.txt" for family in sorted(FAMILIES, key=lambda f: f.name)]
     assert found["models-root"] == NOT_RECORDED  # nothing served: record_endpoint was not called
     facts = json.loads((tmp_path / "nim-image-facts.json").read_text())
     assert facts["tools"]["nim-optimize"] and facts["converters"]

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from nimflow.image_probe import ImageFacts, ScriptFacts
+from nimflow.trtllm_families import parse_help_flags
 from tests.gpu.assumptions import ASSUMPTIONS, HOLDS, NOT_RECORDED, contradictions, converter_output_name, verdicts
 from tests.gpu.recording import RECORD_ROOT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trtllm"
 DOCS = Path(__file__).parents[2] / "docs" / "testbed.md"
 #: Published NIM 1.x answer (GoogleCloudPlatform/ai-on-gke, best-practices/ml-platform/terraform/features/nim/README.md).
-PUBLISHED_MODELS = {"object": "list", "data": [{"id": "meta/llama3-8b-instruct", "object": "model", "owned_by": "system",
+PUBLISHED_MODELS: dict[str, Any] = {"object": "list", "data": [{"id": "meta/llama3-8b-instruct", "object": "model", "owned_by": "system",
                                                  "root": "meta/llama3-8b-instruct", "parent": None}]}
 
 
@@ -46,7 +49,21 @@ def _recording(folder: Path, layout: str = "models-core") -> Path:
         {"served_model_name": "meta/llama3-8b-instruct", "model_root": "/opt/nim/.cache/nimflow-model", "nim_api": "1.x"}))
     (folder / "nim-image-facts.json").write_text(json.dumps({"manifests": ["/etc/nim/config/model_manifest.yaml"]}))
     _write(folder, "gpu-probe", 'banner\nNIMFLOW-PROBE {"gpus": "H100, 9.0, 0x2330", "trtllm_version": "0.17.0"}')
+    (folder / "build-image-probe.json").write_text(_probe_facts(f"{root}/llama/convert_checkpoint.py", "source").model_dump_json())
     return folder
+
+
+def _probe_facts(converter: str, learnt_from: str) -> ImageFacts:
+    """What the image probe records for an image whose llama converter's flags were learnt ``learnt_from``."""
+    flags = sorted(parse_help_flags(_help("llama-models-core-llama.help"))) if learnt_from != "none" else []
+    return ImageFacts(
+        image_id="sha256:" + "0" * 64, config_user="", uid=0, gid=0, trtllm_version="0.17.0", model_manifest=None,
+        converters={"llama": ScriptFacts(path=converter, flags=flags, learnt_from=learnt_from,
+                                         help_error="ImportError: libcuda.so.1: cannot open shared object file")},
+        trtllm_build=ScriptFacts(path="/usr/local/bin/trtllm-build", flags=sorted(parse_help_flags(_help("trtllm-build.help"))),
+                                 learnt_from="help"),
+        nim_optimize=ScriptFacts(path=None),
+    )
 
 
 @pytest.mark.parametrize("layout", ["models-core", "examples"])
@@ -106,9 +123,19 @@ def test_nim_2x_metadata_without_its_documented_fields_is_a_contradiction(tmp_pa
 
 def test_a_manifest_elsewhere_and_a_probe_without_a_version_are_contradictions(tmp_path: Path) -> None:
     folder = _recording(tmp_path)
-    (folder / "nim-image-facts.json").write_text(json.dumps({"manifests": ["/somewhere/model_manifest.yaml"]}))
+    (folder / "nim-image-facts.json").write_text(json.dumps({"manifests": ["/opt/nim/etc/model_manifest.yaml"]}))
     _write(folder, "gpu-probe", 'NIMFLOW-PROBE {"gpus": "H100, 9.0, 0x2330", "trtllm_version": null}')
     assert [p.split(":", 1)[0] for p in contradictions(folder)] == ["trtllm-version", "manifest-path"]
+
+
+def test_a_converter_whose_flags_the_probe_could_not_learn_is_a_contradiction(tmp_path: Path) -> None:
+    folder = _recording(tmp_path)
+    path = "/app/tensorrt_llm/examples/models/core/llama/convert_checkpoint.py"
+    (folder / "build-image-probe.json").write_text(_probe_facts(path, "none").model_dump_json())
+    assert contradictions(folder) == [
+        f"probe-learns-flags: the probe learnt no flags of convert_checkpoint.py (llama) at {path} "
+        "(ImportError: libcuda.so.1: cannot open shared object file)"
+    ]
 
 
 def test_every_committed_recording_agrees_and_the_docs_name_what_no_recording_verified() -> None:
