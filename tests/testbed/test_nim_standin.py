@@ -962,7 +962,7 @@ def test_container_convert_trtllm_build_and_serve(engine_client: Any, standin_im
         (out / name).write_bytes((model_dir / name).read_bytes())
 
     serve_env = {"NIM_MODEL_NAME": "/engine", "NIM_SERVED_MODEL_NAME": "trt", "NIMSTANDIN_READY_DELAY": "0",
-                 "NIMSTANDIN_GPU_COUNT": "2"}
+                 "NIMSTANDIN_GPU_COUNT": "2", **LEGACY_BACKEND}
     c = run_container(engine_client, containers, standin_image_id,
                       environment={**serve_env, "NIMSTANDIN_GPU": A100},
                       volumes={str(out): {"bind": "/engine", "mode": "ro"}}, ports={"8000/tcp": ("127.0.0.1", None)})
@@ -990,7 +990,7 @@ def test_container_jit_serve_and_stop(engine_client: Any, standin_image_id: str,
         engine_client, containers, standin_image_id,
         environment={"NIM_FT_MODEL": "/models/ft", "NIM_CUSTOM_MODEL_NAME": "custom_1",
                      "NIM_SERVED_MODEL_NAME": "acme/ft", "NIMSTANDIN_BUILD_SECONDS": "0.3",
-                     "NIMSTANDIN_READY_DELAY": "0.2", "NGC_API_KEY": SECRET},
+                     "NIMSTANDIN_READY_DELAY": "0.2", "NGC_API_KEY": SECRET, **LEGACY_BACKEND},
         volumes={str(cache): {"bind": "/opt/nim/.cache", "mode": "rw"},
                  str(model_dir): {"bind": "/models/ft", "mode": "ro"}},
         ports={"8000/tcp": ("127.0.0.1", None)})
