@@ -387,7 +387,8 @@ def prepare_own_cache(user: str, own_cache: Path) -> None:
     (it is when nimflow runs as that very uid, the usual ``-u $(id -u)``).
 
     Raises:
-        DeploymentError: the user cannot write the directory and nimflow cannot fix it.
+        DeploymentError: the user cannot write the directory and nimflow cannot fix it (not root, or
+            a filesystem that refuses root's chown).
     """
     uid, gid = container_ids(user)
     if uid == 0:
@@ -395,7 +396,14 @@ def prepare_own_cache(user: str, own_cache: Path) -> None:
     if os.geteuid() == 0:
         for directory, dirs, files in os.walk(own_cache):
             for entry in [directory, *(os.path.join(directory, name) for name in dirs + files)]:
-                os.chown(entry, uid, -1 if gid is None else gid, follow_symlinks=False)
+                try:
+                    os.chown(entry, uid, -1 if gid is None else gid, follow_symlinks=False)
+                except OSError as exc:  # e.g. NFS with root_squash: root is nobody there
+                    raise DeploymentError(
+                        f"cannot hand {entry} (in the NIM container's cache) to deploy.user={user!r}: {exc}; put "
+                        "deploy.cache_dir on a filesystem where root may chown, or set deploy.user to the owner of "
+                        f"{own_cache}"
+                    ) from exc
         return
     info = own_cache.stat()
     if not _allows(info, uid, gid, 0o3):
