@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -56,6 +58,21 @@ _FORMATS: tuple[tuple[str, WeightFormat], ...] = ((".safetensors", "safetensors"
 # Files under these names are bookkeeping, not model content.
 _IGNORED_PARTS = (".cache", ".git")
 _IGNORED_NAMES = (".nimflow-download.json", "nimflow-manifest.json")
+
+
+def open_to_readers(directory: Path) -> None:
+    """Let any user read what nimflow downloaded into ``directory`` (files +r, directories +rx; links
+    are left alone): NIM reads it as ``deploy.user``, not as nimflow. huggingface_hub writes its
+    ``local_dir`` metadata (``.cache/huggingface/``) 0600, which a non-root NIM could not read.
+
+    Raises:
+        OSError: a file could not be changed (it is not nimflow's).
+    """
+    for root, _, files in os.walk(directory):
+        for path, wanted in [(root, 0o555), *((os.path.join(root, name), 0o444) for name in files)]:
+            info = os.lstat(path)
+            if not stat.S_ISLNK(info.st_mode) and info.st_mode & wanted != wanted:
+                os.chmod(path, info.st_mode & 0o7777 | wanted)
 
 
 def model_files(directory: Path) -> list[Path]:

@@ -23,6 +23,7 @@ Nothing here imports tensorrt_llm: the build runs in the container, on the GPU h
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import uuid
@@ -168,12 +169,24 @@ def _build_environment(build: BuildSpec, fixed: Mapping[str, str] | None = None)
     return build_environment(build, get_settings().container_secrets(needed) if needed else {}, fixed)
 
 
+def build_user(build: BuildSpec) -> str:
+    """The user a build container runs as.
+
+    TensorRT-LLM release images (``convert_checkpoint.py``, ``trtllm-build``) and ``nim-optimize``
+    run as root, the way their docs run them; they write only into nimflow's scratch, and files
+    root wrote there stay readable (0644 / 0755) for serving. A NIM JIT build is NIM itself, which
+    its docs run as ``-u $(id -u)``: it runs as nimflow's own uid:gid, so the engine it writes into
+    nimflow's scratch stays nimflow's to move and remove even when nimflow is not root.
+    """
+    return f"{os.geteuid()}:{os.getegid()}" if build.backend == "nim-jit" else "root"
+
+
 def _container_options(build: BuildSpec, labels: dict[str, str]) -> dict[str, Any]:
     return {
         "environment": _build_environment(build),
         "device_requests": device_requests(build.gpus),
         "shm_size": build.shm_size,
-        "user": "root",
+        "user": build_user(build),
         "labels": {**labels, ROLE_LABEL: "build", **run_labels()},
     }
 

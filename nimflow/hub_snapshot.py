@@ -17,7 +17,7 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import filter_repo_objects
 
-from nimflow.checkpoint import model_files, read_config
+from nimflow.checkpoint import model_files, open_to_readers, read_config
 from nimflow.containment import safe_relative
 from nimflow.errors import InvalidWeights, translated_errors
 from nimflow.progress import transfer_progress
@@ -100,6 +100,7 @@ def fetch_snapshot(
     sha = pinned_sha(repo_id, revision)
     target = snapshot_path(cache_dir, repo_id, sha, allow_patterns)
     if completed_snapshot(target, allow_patterns):
+        open_to_readers(target)  # a snapshot of an older nimflow may hold huggingface_hub's 0600 metadata
         return Checkpoint(path=str(target), identity=f"hf:{repo_id}@{sha}", repo_id=repo_id, revision=revision, revision_sha=sha)
 
     before = {p: p.stat().st_mtime_ns for p in model_files(target)} if target.exists() else {}
@@ -116,6 +117,7 @@ def fetch_snapshot(
                 endpoint=settings.hf_endpoint,
                 token=settings.hf_token_value(),
             )
+    open_to_readers(target)
     files = model_files(target)
     if required_file is not None and not (target / required_file).exists():
         hint = "check source.allow_patterns" if allow_patterns else f"the repo has no {required_file} at its top level"

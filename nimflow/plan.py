@@ -28,7 +28,7 @@ from nimflow.lora import adapters_unchanged
 from nimflow.model_manifest import check_model_listed, manifest_image_tag, read_manifest
 from nimflow.nim_generation import nim_generation, refuse_unservable
 from nimflow.records import ServingImage
-from nimflow.rollout import backend_identity, deployment_labels, serving_config, unchanged_backend
+from nimflow.rollout import backend_identity, deployment_labels, serves_custom_weights, serving_config, unchanged_backend
 from nimflow.spec import HostingSpec
 
 
@@ -145,7 +145,8 @@ def make_plan(spec: HostingSpec) -> Plan:
         plan.add("deploy", "run", f"{strategy} rollout of {spec.name} (the model is not on this host yet)")
     else:
         config = serving_config(spec.deploy, serving, str(served) if served else None, adapters.path if adapters else None,
-                                spec.lora.max_rank if spec.lora else 32)
+                                spec.lora.max_rank if spec.lora else 32, adapter_count=len(spec.lora.adapters) if spec.lora else 1,
+                                custom_weights=serves_custom_weights(spec))
         labels = deployment_labels(weights, plan.engine_key, adapters.digest if adapters else None)
         with translated_errors(f"inspecting the containers of {spec.name}"):
             identity = backend_identity(client, spec.deploy, spec.rollout, serving.image, config, labels)

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import shlex
 import socket
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -80,7 +83,7 @@ from nimflow.nim_api import list_models, wait_until_ready
 from nimflow.records import Deployment, Engine, ServingImage
 from nimflow.run_owner import run_labels
 from nimflow.settings import get_settings
-from nimflow.spec import NIM_CACHE_MOUNT, DeploySpec, RolloutSpec
+from nimflow.spec import NIM_CACHE_MOUNT, DeploySpec, HostingSpec, RolloutSpec
 
 SLOTS = ("blue", "green")
 SLOT_LABEL = f"{LABEL_PREFIX}slot"
@@ -160,7 +163,17 @@ def active_backend(client: docker.DockerClient, names: Names, route: Route | Non
 NIM_CACHE_ROOT = "nimflow-nim"
 #: Bump when what a backend is given changes (mounts, secrets): part of its identity, so a serving
 #: backend started the old way is replaced by the next rollout.
-SERVING_LAYOUT = "serving/2: served directories read-only, a cache of its own, secrets only to download"
+SERVING_LAYOUT = ("serving/3: served directories read-only, a cache of its own, secrets only to download, "
+                  "a non-root user, environment per NIM mode")
+#: Late NIM 1.x: "The default PyTorch TRT-LLM backend does not support fine-tuned models" (NIM docs,
+#: ft-support.html); these select the TensorRT-LLM backend that loads them. Set on the serving
+#: container of a custom engine or fine-tuned checkpoint on 1.x; ``deploy.env`` may override them.
+LEGACY_TRTLLM_ENV = {"NIM_USE_TRTLLM_LEGACY_BACKEND": "1", "NIM_DISABLE_TRTLLM_PYTORCH_RT": "1"}
+#: NIM 2.x: vLLM-style options, given as CLI-style arguments ("NIM passes the following LoRA-related
+#: flags to vLLM: --enable-lora, --max-loras, --max-cpu-loras, --max-lora-rank", NIM 2.x docs,
+#: advanced-use-cases/finetune-lora.html; precedence: CLI > NIM_PASSTHROUGH_ARGS > NIM_* env,
+#: reference/advanced-configuration.html). 1.x keeps NIM_MAX_LORA_RANK.
+PASSTHROUGH_ARGS = "NIM_PASSTHROUGH_ARGS"
 #: The secrets a serving NIM is given, by where its model comes from. Only a NIM that downloads
 #: what it serves needs any: guide §1 (``manifest``: a model a manifest's profile names) fetches the
 #: profile's files itself, from NGC (NGC_API_KEY) or, for an ``hf://`` profile, the Hugging Face Hub
@@ -234,15 +247,25 @@ class ServingConfig:
     source: Literal["directory", "manifest"] = "directory"
     #: The host directory mounted read-only at ``model_root`` (None: a manifest model the NIM fetches).
     model_source: str | None = None
+    #: Environment the mode needs unless ``deploy.env`` says otherwise (:data:`LEGACY_TRTLLM_ENV`).
+    defaults: dict[str, str] = field(default_factory=dict)
 
 
 def serving_config(deploy: DeploySpec, serving: ServingImage, model_path: str | None, adapters_path: str | None,
-                   lora_max_rank: int = 32) -> ServingConfig:
+                   lora_max_rank: int = 32, *, adapter_count: int = 1, custom_weights: bool = False) -> ServingConfig:
     """The model part of the NIM container's environment, by NIM generation and mode.
 
     1.x: ``NIM_MODEL_NAME=<container path>``; 2.x: ``NIM_MODEL_PATH=<container path>``; a guide §1
     manifest (no model path, ``serving.model_name``): ``NIM_MODEL_NAME=<model name>``. LoRA adapters
-    add ``NIM_PEFT_SOURCE`` and ``NIM_MAX_LORA_RANK``. Every served directory is mounted read-only.
+    add ``NIM_PEFT_SOURCE`` and, on 1.x, ``NIM_MAX_LORA_RANK``; on 2.x the vLLM options
+    ``--enable-lora --max-lora-rank --max-loras --max-cpu-loras`` in ``NIM_PASSTHROUGH_ARGS``. On
+    1.x, ``custom_weights`` (an engine nimflow built or restored, or fine-tuned weights) adds
+    :data:`LEGACY_TRTLLM_ENV` as defaults ``deploy.env`` may override. Every served directory is
+    mounted read-only.
+
+    Args:
+        adapter_count: how many adapters ``adapters_path`` holds (2.x: ``--max-loras``, ``--max-cpu-loras``).
+        custom_weights: what is served is not the base model as published (see :func:`serves_custom_weights`).
 
     Raises:
         DeploymentError: there is neither a model path nor a manifest model name, or a served
@@ -262,36 +285,159 @@ def serving_config(deploy: DeploySpec, serving: ServingImage, model_path: str | 
     if adapters_path is not None:
         peft, extra = host_mount(deploy, Path(adapters_path), EXTRA_ADAPTERS_MOUNT, "the LoRA adapters")
         volumes = {**volumes, **extra}
-        env.update(NIM_PEFT_SOURCE=peft, NIM_MAX_LORA_RANK=str(lora_max_rank))
-    return ServingConfig(root, env, volumes, source, model_source)
+        env["NIM_PEFT_SOURCE"] = peft
+        if serving.nim_api == "2.x":
+            loras = str(max(adapter_count, 1))
+            env[PASSTHROUGH_ARGS] = shlex.join(["--enable-lora", "--max-lora-rank", str(lora_max_rank),
+                                                "--max-loras", loras, "--max-cpu-loras", loras])
+        else:
+            env["NIM_MAX_LORA_RANK"] = str(lora_max_rank)
+    defaults = dict(LEGACY_TRTLLM_ENV) if custom_weights and serving.nim_api == "1.x" and source == "directory" else {}
+    return ServingConfig(root, env, volumes, source, model_source, defaults)
+
+
+def serves_custom_weights(spec: HostingSpec) -> bool:
+    """Whether a spec serves weights NIM did not publish: an engine nimflow builds, or fine-tuned weights."""
+    return spec.build is not None or spec.finetune is not None
 
 
 def container_environment(deploy: DeploySpec, model_env: Mapping[str, str], *,
-                          source: Literal["directory", "manifest"]) -> dict[str, str]:
-    """The NIM container's environment: the spec's env, the model, and the secrets a NIM that serves
-    from ``source`` needs (:data:`SERVING_SECRETS`: none unless it downloads its model)."""
+                          source: Literal["directory", "manifest"], defaults: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The NIM container's environment: the mode's ``defaults``, the spec's env over them, the model,
+    and the secrets a NIM that serves from ``source`` needs (:data:`SERVING_SECRETS`: none unless it
+    downloads its model).
+
+    ``NIM_PASSTHROUGH_ARGS`` set by both nimflow (2.x LoRA) and ``deploy.env`` is joined, the spec's
+    arguments last: NIM takes the last of repeated arguments, so the spec's own choice wins.
+    """
     needed = SERVING_SECRETS[source]
-    return {
+    env = {
+        **(defaults or {}),
         **deploy.env,
         **model_env,
         "NIM_SERVED_MODEL_NAME": deploy.served_model_name,
         "NIM_CACHE_PATH": NIM_CACHE_MOUNT,
         **(get_settings().container_secrets(needed) if needed else {}),
     }
+    if PASSTHROUGH_ARGS in model_env and PASSTHROUGH_ARGS in deploy.env:
+        env[PASSTHROUGH_ARGS] = f"{model_env[PASSTHROUGH_ARGS]} {deploy.env[PASSTHROUGH_ARGS]}"
+    return env
 
 
 def container_volumes(deploy: DeploySpec, name: str, config: ServingConfig) -> dict[str, dict[str, str]]:
-    """A backend's volumes: its own cache read-write, and what it serves read-only over it.
+    """A backend's volumes, prepared for ``deploy.user``: its own cache read-write, and what it serves read-only over it.
 
     The mount points of served directories under the cache mount are made in the NIM cache
-    directory first, by nimflow's user: Docker would otherwise make them, owned by root.
+    directory first, by nimflow's user: Docker would otherwise make them, owned by root. The own
+    cache is then handed to the container's user (:func:`prepare_own_cache`) and every served
+    directory is checked readable by it (:func:`check_readable`), so a permission NIM would trip
+    over minutes later is refused now.
+
+    Raises:
+        DeploymentError: the container's user could not write its cache or read what it serves
+            (naming the path, its owner and mode, the user and the fix).
     """
     own_cache = nim_cache_dir(deploy.cache_dir, name)
     own_cache.mkdir(parents=True, exist_ok=True)
     for volume in config.volumes.values():
         if volume["bind"].startswith(f"{NIM_CACHE_MOUNT}/"):
             (own_cache / volume["bind"].removeprefix(f"{NIM_CACHE_MOUNT}/")).mkdir(parents=True, exist_ok=True)
+    prepare_own_cache(deploy.user, own_cache)
+    for host, volume in config.volumes.items():
+        check_readable(deploy.user, Path(host), f"mounted read-only at {volume['bind']}")
     return {str(own_cache): {"bind": NIM_CACHE_MOUNT, "mode": "rw"}, **config.volumes}
+
+
+# --- the container's user ---------------------------------------------------------------------------
+
+
+def container_ids(user: str) -> tuple[int, int | None]:
+    """``deploy.user`` as (uid, gid); gid None for a bare uid (Docker gives it the group of the
+    image's /etc/passwd entry for that uid, or 0 when there is none: nimflow cannot know which)."""
+    if user == "root":
+        return 0, 0
+    uid, _, gid = user.partition(":")
+    return int(uid), (int(gid) if gid else None)
+
+
+def _allows(info: os.stat_result, uid: int, gid: int | None, wanted: int) -> bool:
+    """Whether ``uid``/``gid`` gets the ``wanted`` rwx bits (4, 2, 1) on a file, as the kernel decides:
+    the owner's bits for the owner, the group's for the group, else the others'. An unknown gid is
+    never taken to be the file's group."""
+    if uid == 0:
+        return True  # root in the container (CAP_DAC_OVERRIDE, which Docker keeps by default)
+    if info.st_uid == uid:
+        bits = info.st_mode >> 6
+    elif gid is not None and info.st_gid == gid:
+        bits = info.st_mode >> 3
+    else:
+        bits = info.st_mode
+    return bits & wanted == wanted
+
+
+def _describe(path: Path, info: os.stat_result) -> str:
+    return f"{path} (owner uid {info.st_uid}, gid {info.st_gid}, mode {stat.filemode(info.st_mode)} {info.st_mode & 0o7777:04o})"
+
+
+def prepare_own_cache(user: str, own_cache: Path) -> None:
+    """Make a backend's own cache (``NIM_CACHE_PATH``) writable for the container's ``user``.
+
+    nimflow running as root hands the directory tree to the user (``chown``, links not followed).
+    Otherwise nothing can be chowned, and the directory must already be writable for the user
+    (it is when nimflow runs as that very uid, the usual ``-u $(id -u)``).
+
+    Raises:
+        DeploymentError: the user cannot write the directory and nimflow cannot fix it (not root, or
+            a filesystem that refuses root's chown).
+    """
+    uid, gid = container_ids(user)
+    if uid == 0:
+        return
+    if os.geteuid() == 0:
+        for directory, dirs, files in os.walk(own_cache):
+            for entry in [directory, *(os.path.join(directory, name) for name in dirs + files)]:
+                try:
+                    os.chown(entry, uid, -1 if gid is None else gid, follow_symlinks=False)
+                except OSError as exc:  # e.g. NFS with root_squash: root is nobody there
+                    raise DeploymentError(
+                        f"cannot hand {entry} (in the NIM container's cache) to deploy.user={user!r}: {exc}; put "
+                        "deploy.cache_dir on a filesystem where root may chown, or set deploy.user to the owner of "
+                        f"{own_cache}"
+                    ) from exc
+        return
+    info = own_cache.stat()
+    if not _allows(info, uid, gid, 0o3):
+        raise DeploymentError(
+            f"the NIM container's cache (NIM_CACHE_PATH), {_describe(own_cache, info)}, is not writable for its user "
+            f"deploy.user={user!r}, and nimflow (uid {os.geteuid()}) is not root, so it cannot hand it over; NIM would "
+            f"exit at start-up (\"Unable to write to NIM_CACHE_PATH\"). Fix: `sudo chown -R {uid}{'' if gid is None else f':{gid}'} "
+            f"{own_cache}`, or set deploy.user to nimflow's own user, `{os.geteuid()}:{os.getegid()}`"
+        )
+
+
+def check_readable(user: str, top: Path, what: str) -> None:
+    """Refuse a served directory the container's ``user`` could not read in full.
+
+    Every directory needs read and search, every file read, by the kernel's owner / group / other
+    rule (:func:`_allows`); links are judged by their targets, as NIM opening them would be.
+
+    Raises:
+        DeploymentError: naming the first path the user cannot read, its owner and mode, the user and the fix.
+    """
+    uid, gid = container_ids(user)
+    if uid == 0:
+        return
+    for directory, _, files in os.walk(top, followlinks=True):
+        for path, wanted in [(Path(directory), 0o5), *((Path(directory) / name, 0o4) for name in files)]:
+            info = path.stat()
+            if not _allows(info, uid, gid, wanted):
+                bare = (" (a bare uid's group is the image's choice, so group bits do not count: give deploy.user "
+                        "as uid:gid)") if gid is None else ""
+                raise DeploymentError(
+                    f"{_describe(path, info)}, in {top} ({what}), is not readable for the NIM container's user "
+                    f"deploy.user={user!r}{bare}; NIM would fail loading it. Fix: `chmod -R a+rX {top}`, or chown it to "
+                    f"uid {uid}, or set deploy.user to a user that can read it"
+                )
 
 
 def deployment_labels(weights_identity: str, engine_key: str | None, adapters_digest: str | None = None) -> dict[str, str]:
@@ -317,6 +463,7 @@ def backend_identity(client: docker.DockerClient, deploy: DeploySpec, rollout: R
     return spec_hash({
         "image_id": image_id(client, image),
         "model_env": dict(config.environment),
+        "env_defaults": dict(config.defaults),
         "volumes": config.volumes,
         "layout": SERVING_LAYOUT,
         "deploy": deploy.model_dump(mode="json", exclude={"host_port"}),
@@ -407,6 +554,7 @@ def start_candidate(
     labels: dict[str, str],
     engine: Engine | None = None,
     lora_max_rank: int = 32,
+    custom_weights: bool = False,
 ) -> Deployment:
     """Start the candidate backend of a rollout (or keep an identical one that serves already).
 
@@ -417,14 +565,17 @@ def start_candidate(
     Raises:
         EngineIncompatible: the engine was built for another GPU or TensorRT-LLM version.
         DeploymentError: the image is missing, a foreign container has one of the deployment's
-            names or holds the port, or the container cannot be started.
+            names or holds the port, the container cannot be started, or (before Docker is asked
+            anything) ``deploy.user`` could not write its cache or read what it serves.
         ServiceUnavailable: the Docker daemon did not answer.
     """
+    config = serving_config(deploy, serving, model_path, adapters_path, lora_max_rank,
+                            adapter_count=len(adapters), custom_weights=custom_weights)
+    Path(deploy.cache_dir).mkdir(parents=True, exist_ok=True)
+    volumes = container_volumes(deploy, name, config)  # before Docker: what the user cannot read or write is refused first
     client = docker_client()
     names = Names(name, container_name)
     directory = route_dir(deploy.cache_dir, name)
-    config = serving_config(deploy, serving, model_path, adapters_path, lora_max_rank)
-    Path(deploy.cache_dir).mkdir(parents=True, exist_ok=True)
     stable = url(deploy.host, deploy.host_port)
     action = f"starting a candidate for deployment {name}"
     with daemon_errors(action):
@@ -467,9 +618,10 @@ def start_candidate(
         try:
             candidate_id = start_container(
                 client, serving.image, name=candidate_name, before_start=stop_old,
-                environment=container_environment(deploy, config.environment, source=config.source),
+                environment=container_environment(deploy, config.environment, source=config.source,
+                                                  defaults=config.defaults),
                 # Not the cache dir: the route files, the other deployments' caches and engines stay out.
-                volumes=container_volumes(deploy, name, config),
+                volumes=volumes,
                 ports={CONTAINER_PORT: (deploy.host, None)},  # Docker picks the host port; the front owns host_port
                 network=NETWORK,
                 device_requests=device_requests(gpus),

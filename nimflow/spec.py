@@ -30,6 +30,9 @@ from nimflow.trtllm_families import family_of_script, parallelism_problem
 
 #: Where NIM looks for its cache inside the container; the deploy cache dir is mounted here.
 NIM_CACHE_MOUNT = "/opt/nim/.cache"
+#: The NIM container's default user: the NIM Operator's (runs NIM as uid 1000 with group / fsGroup 2000).
+DEFAULT_NIM_USER = "1000:2000"
+_CONTAINER_USER = re.compile(r"^[0-9]{1,10}(:[0-9]{1,10})?\Z")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
@@ -415,7 +418,14 @@ class DeploySpec(_Spec):
     cache_dir: Path = Field(description=f"Host directory where checkpoints and engines live; a NIM container gets only what "
                             f"it serves (read-only) and its own cache, <cache_dir>/nimflow-nim/<name>, at {NIM_CACHE_MOUNT}.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the NIM container.")
-    user: str | None = Field(None, description="User to run the container as (the guide uses `root`).")
+    user: str = Field(
+        DEFAULT_NIM_USER,
+        description="User the NIM container runs as: `uid:gid`, a bare `uid`, or `root`. The default, `1000:2000`, is the "
+        "NIM Operator's (uid 1000, group 2000); NIM's docs run `-u $(id -u)`. A bare uid gets the group the image's "
+        "/etc/passwd gives it (gid 0 when it has no entry), so nimflow counts only owner and other permission bits for it. "
+        "nimflow makes the container's own cache dir writable for this user (chown when nimflow runs as root) and "
+        "refuses, before any container starts, what the user could not write or read.",
+    )
     container_name: str | None = Field(None, description="Container name; `nimflow-<name>` when absent.")
     nim_api: Literal["auto", "1.x", "2.x"] = Field(
         "auto",
@@ -437,6 +447,16 @@ class DeploySpec(_Spec):
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
         return _check_env(value, _RESERVED_ENV, "deploy")
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if value != "root" and not _CONTAINER_USER.match(value):
+            raise ValueError(
+                f"{value!r}: give a numeric `uid` or `uid:gid` (e.g. `1000:2000`), or `root`; nimflow prepares the cache "
+                "and checks file permissions for that uid, and cannot look a user name up inside the image"
+            )
+        return value
 
 
 class GoldenPrompt(_Spec):

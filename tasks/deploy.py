@@ -15,7 +15,7 @@ from prefect import get_run_logger, task
 from nimflow.engine_use import record_in_use
 from nimflow.records import Deployment, Engine, ServingImage, StagedAdapters
 from nimflow.retries import transient_retries
-from nimflow.rollout import abort, deployment_labels, promote, start_candidate
+from nimflow.rollout import abort, deployment_labels, promote, serves_custom_weights, start_candidate
 from nimflow.spec import HostingSpec, RolloutSpec
 
 __all__ = ["abort_rollout", "deploy_nim", "deployment_labels", "promote_deployment"]
@@ -55,7 +55,7 @@ def deploy_nim(
     deployment = start_candidate(
         spec.deploy, spec.rollout, strategy, spec.name, spec.container_name, serving, model_path,
         adapters.path if adapters else None, adapters.names if adapters else [], api, labels, engine,
-        spec.lora.max_rank if spec.lora else 32,
+        spec.lora.max_rank if spec.lora else 32, custom_weights=serves_custom_weights(spec),
     )
     for difference in deployment.forced_despite:
         logger.warning("deploy.force is set: started despite %s", difference)

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -77,6 +78,22 @@ MANIFEST_PATH = "/etc/nim/config/model_manifest.yaml"
 STANDIN_NIM2_RELEASE = "2.0.0+standin"
 #: NIM's default NIM_MAX_LORA_RANK.
 DEFAULT_MAX_LORA_RANK = 32
+#: NIM 2.x: vLLM's own default ``--max-lora-rank`` (vLLM ``LoRAConfig.max_lora_rank = 16``). The 2.x docs
+#: give LoRA as vLLM options ("NIM passes the following LoRA-related flags to vLLM: --enable-lora,
+#: --max-loras, --max-cpu-loras, --max-lora-rank", advanced-use-cases/finetune-lora.html) and say
+#: "many 1.x variables have been removed" (reference/1.x-migration-guide.html): strictest reading,
+#: NIM_MAX_LORA_RANK is not read by 2.x, and the rank comes from the vLLM option or its default.
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+#: Late NIM 1.x: "The default PyTorch TRT-LLM backend does not support fine-tuned models." The
+#: fine-tune docs (ft-support.html) set both of these to 1; the stand-in (strictest documented
+#: variant, every 1.x) refuses to serve a custom TensorRT-LLM engine or NIM_FT_MODEL without them.
+LEGACY_BACKEND_ENV = ("NIM_USE_TRTLLM_LEGACY_BACKEND", "NIM_DISABLE_TRTLLM_PYTORCH_RT")
+#: NIM's start-up check of its cache (NVIDIA/nim-deploy issue 16, NIM 1.0 on a read-only volume):
+#: the frames and text it prints before exiting.
+CACHE_CHECK_FRAMES = (
+    '  File "/usr/local/bin/nim-llm-check-cache-env", line 8, in <module>\n    sys.exit(check_cache_dir())\n'
+    '  File "/usr/local/lib/python3.10/dist-packages/vllm_nvext/utils/caches.py", line 29, in check_cache_dir\n'
+    '    raise RuntimeError(f"Unable to write to NIM_CACHE_PATH ({cache_path})")')
 #: The bundled model's config (Llama 3.1 8B): what LoRA adapters for it are checked against.
 BUNDLED_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
@@ -498,6 +515,8 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     """Load a JSON object or raise a StandinError naming ``what``."""
     try:
         data = json.loads(path.read_text())
+    except PermissionError:
+        raise  # an unreadable file fails as Python's open() does (see _serve), not as a bad file
     except (OSError, ValueError) as exc:
         raise StandinError("ValueError", f"cannot read {what} {path}: {exc}") from exc
     if not isinstance(data, dict):
@@ -861,6 +880,8 @@ def has_chat_template(model_dir: Path) -> bool:
         return True
     try:
         tok = json.loads((model_dir / "tokenizer_config.json").read_text())
+    except PermissionError:
+        raise  # transformers opening an unreadable tokenizer_config.json fails; it is not "no template"
     except (OSError, ValueError):
         return False
     return isinstance(tok, dict) and bool(tok.get("chat_template"))
@@ -959,13 +980,29 @@ def check_adapter(path: Path, base_cfg: dict[str, Any], max_rank: int) -> None:
         raise StandinError("ValueError", f"{path} doesn't contain tensors")
 
 
-def load_adapters(source: str, base_cfg: dict[str, Any]) -> dict[str, Adapter]:
+def lora_max_rank(nim_api: str, argv: list[str]) -> int:
+    """The largest adapter rank NIM loads. 1.x: ``NIM_MAX_LORA_RANK`` (default 32). 2.x: vLLM's
+    ``--max-lora-rank`` from the CLI after ``nim-serve`` or ``NIM_PASSTHROUGH_ARGS`` (CLI wins, the
+    last of repeated options wins: reference/advanced-configuration.html), else vLLM's default 16;
+    a NIM_MAX_LORA_RANK there is a removed 1.x variable and is ignored (with a warning)."""
+    if nim_api == "1.x":
+        return _int(os.environ.get("NIM_MAX_LORA_RANK") or str(DEFAULT_MAX_LORA_RANK), "NIM_MAX_LORA_RANK")
+    if os.environ.get("NIM_MAX_LORA_RANK"):
+        log("NIM_MAX_LORA_RANK is a NIM 1.x variable, not read by NIM 2.x: give vLLM's --max-lora-rank "
+            "(CLI after nim-serve, or NIM_PASSTHROUGH_ARGS)", "WARNING")
+    parser = argparse.ArgumentParser(prog="nim-serve", add_help=False)
+    parser.add_argument("--max-lora-rank", type=int)
+    passthrough, _ = parser.parse_known_args(shlex.split(os.environ.get("NIM_PASSTHROUGH_ARGS", "")))
+    cli, _ = parser.parse_known_args(argv)
+    rank = cli.max_lora_rank or passthrough.max_lora_rank or VLLM_DEFAULT_MAX_LORA_RANK
+    return _int(rank, "--max-lora-rank")
+
+
+def load_adapters(source: str, base_cfg: dict[str, Any], max_rank: int = DEFAULT_MAX_LORA_RANK) -> dict[str, Adapter]:
     """NIM_PEFT_SOURCE: one adapter per sub-directory (its name = the directory name)."""
     root = Path(source)
     if not root.is_dir():
         raise StandinError("FileNotFoundError", f"NIM_PEFT_SOURCE={source}: no such directory")
-    raw = os.environ.get("NIM_MAX_LORA_RANK") or str(DEFAULT_MAX_LORA_RANK)
-    max_rank = _int(raw, "NIM_MAX_LORA_RANK")
     adapters: dict[str, Adapter] = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         error = None
@@ -1675,11 +1712,34 @@ def serve(argv: list[str]) -> int:
 
 
 def serve_v2(argv: list[str]) -> int:
-    """``nim-serve`` (NIM 2.x): serve ``NIM_MODEL_PATH`` (or the bundled model) with vLLM rules."""
-    return _serve("2.x")
+    """``nim-serve`` (NIM 2.x): serve ``NIM_MODEL_PATH`` (or the bundled model) with vLLM rules;
+    ``argv``: vLLM options after ``nim-serve``."""
+    return _serve("2.x", argv)
 
 
-def _serve(nim_api: str) -> int:
+def check_cache_dir(cache: Path) -> None:
+    """NIM's start-up check that it can write ``NIM_CACHE_PATH`` (a container run with ``-u`` on a
+    cache its user cannot write exits here, before anything else: NVIDIA/nim-deploy issue 16)."""
+    probe = cache / f".nim-write-check-{os.getpid()}"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StandinError("RuntimeError", f"Unable to write to NIM_CACHE_PATH ({cache})", CACHE_CHECK_FRAMES) from exc
+
+
+def check_legacy_backend(env: Any) -> None:
+    """Late NIM 1.x serves a custom-built TensorRT-LLM engine or fine-tuned weights only with the
+    legacy backend flags (NIM docs, ft-support.html); the stand-in requires them on every 1.x."""
+    missing = [name for name in LEGACY_BACKEND_ENV if env.get(name) != "1"]
+    if missing:
+        raise StandinError(
+            "RuntimeError", "The default PyTorch TRT-LLM backend does not support fine-tuned models. Set "
+            + " and ".join(f"{name}=1" for name in LEGACY_BACKEND_ENV) + f" (unset or not 1: {', '.join(missing)})")
+
+
+def _serve(nim_api: str, argv: list[str] | None = None) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not break the clean-up
             signal.signal(sig, signal.SIG_IGN)
@@ -1713,6 +1773,7 @@ def _serve(nim_api: str) -> int:
 
     httpd: ThreadingHTTPServer | None = None
     try:
+        check_cache_dir(cache)  # NIM checks its cache before anything else
         # Everything that can be checked quickly is checked before listening, so a bad layout or an
         # engine this machine cannot load exits 1 at once (like NIM's start-up), with no
         # half-alive server. Weights are checked while loading (after listening), as in NIM.
@@ -1764,13 +1825,15 @@ def _serve(nim_api: str) -> int:
             backend = "vllm"
             if nim_api == "1.x" and not ignore:
                 log(f"NIM_MODEL_NAME={model_name} found in the model manifest {lookup_manifest(model_name)}")
+        if nim_api == "1.x" and not ignore and (ft_model or backend == "tensorrt_llm"):
+            check_legacy_backend(env)
         model = Model(served, str(root) if root else model_name, backend, nim_api)
         if root is None:
             model.weights = name_digest(model_name)
         elif backend == "tensorrt_llm" and not ft_model:
             model.weights, model.chat_template = engine_weights_digest(root), has_chat_template(root)
         if env.get("NIM_PEFT_SOURCE"):
-            model.adapters = load_adapters(env["NIM_PEFT_SOURCE"], base_cfg)
+            model.adapters = load_adapters(env["NIM_PEFT_SOURCE"], base_cfg, lora_max_rank(nim_api, argv or []))
         handler = type("BoundHandler", (Handler,), {"model": model})
         try:
             httpd = ThreadingHTTPServer(("0.0.0.0", port), handler)
@@ -1807,6 +1870,9 @@ def _serve(nim_api: str) -> int:
     except StandinError as err:
         log(f"Start-up failed: {err.exc_type}: {err}", "ERROR")
         return fail(err)
+    except PermissionError as exc:  # a file or directory the container's -u user cannot read: Python's own error
+        log(f"Start-up failed: PermissionError: {exc}", "ERROR")
+        return fail(StandinError("PermissionError", str(exc)))
     except BuildError as err:  # NIM start-up exits 1 whatever killed its build
         log(f"Start-up failed: the engine build failed: {err}", "ERROR")
         build_failed(err)

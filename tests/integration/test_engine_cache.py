@@ -303,7 +303,7 @@ def test_deploy_guard_and_forced_engine_fails_like_real_nim(
 
     def start(deploy: Any, container_name: str) -> Any:
         return start_candidate(deploy, parse_spec(spec).rollout, "blue-green", name, container_name, serving,
-                               record["model_path"], None, [], "chat", {}, engine)
+                               record["model_path"], None, [], "chat", {}, engine, custom_weights=True)
 
     on_b = parse_spec({**spec, "deploy": {**spec["deploy"], "env": {**spec["deploy"]["env"], "NIMSTANDIN_GPU": GPU_B}}})
     with pytest.raises(EngineIncompatible, match="built on NVIDIA A100-SXM4-80GB"):

@@ -16,6 +16,7 @@ import pytest
 
 from nimflow.errors import EndpointUnhealthy
 from nimflow.records import Deployment
+from nimflow.rollout import LEGACY_TRTLLM_ENV
 from nimflow.spec import VerifySpec
 from nimflow.testbed.nim_image import standin_weights_digest
 from nimflow.testbed.services import free_port
@@ -79,7 +80,8 @@ def test_container_that_exits_while_starting_fails_at_ready_at_once(
     # A JIT build that fails after the server is live: NIM exits 1 before it is ready.
     model = write_tiny_llama(tmp_path / "tiny")
     dep = start_standin(docker_client, standin_image, f"verify-exit-{unique}", cleanup_containers,
-                        {"NIM_FT_MODEL": MODEL_MOUNT, "NIMSTANDIN_BUILD_FAILURE": "gpu-oom", "NIMSTANDIN_BUILD_SECONDS": "4"},
+                        {"NIM_FT_MODEL": MODEL_MOUNT, "NIMSTANDIN_BUILD_FAILURE": "gpu-oom", "NIMSTANDIN_BUILD_SECONDS": "4",
+                         **LEGACY_TRTLLM_ENV},
                         model_dir=model, restart=None)
     with pytest.raises(EndpointUnhealthy) as caught:
         verify_deployment(docker_client, dep, VerifySpec(deadline_seconds=300), poll_seconds=0.2)
@@ -95,7 +97,8 @@ def test_container_that_restarts_while_starting_fails_at_ready_at_once(
 ) -> None:
     model = write_tiny_llama(tmp_path / "tiny")
     dep = start_standin(docker_client, standin_image, f"verify-restart-{unique}", cleanup_containers,
-                        {"NIM_FT_MODEL": MODEL_MOUNT, "NIMSTANDIN_BUILD_FAILURE": "gpu-oom", "NIMSTANDIN_BUILD_SECONDS": "4"},
+                        {"NIM_FT_MODEL": MODEL_MOUNT, "NIMSTANDIN_BUILD_FAILURE": "gpu-oom", "NIMSTANDIN_BUILD_SECONDS": "4",
+                         **LEGACY_TRTLLM_ENV},
                         model_dir=model, restart="unless-stopped")
     with pytest.raises(EndpointUnhealthy) as caught:
         verify_deployment(docker_client, dep, VerifySpec(deadline_seconds=300), poll_seconds=0.2)

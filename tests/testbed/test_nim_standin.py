@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +28,7 @@ import yaml
 
 from nimflow.testbed import TestbedError, docker_engine
 from nimflow.testbed.nim_image import build_standin_image, source_hash, source_tag
+from nimflow.testbed.tiny_model import write_lora_adapter, write_tiny_llama
 
 STANDIN = Path(__file__).resolve().parents[2] / "deployments" / "nim-standin" / "nim_standin.py"
 NOT_IMPLEMENTED = "NotImplementedError: Only safetensors/pickle/binary directories are supported."
@@ -136,10 +138,19 @@ def wait_for(url: str, status: int = 200, timeout: float = 15.0) -> float:
     raise AssertionError(f"{url} did not answer {status} within {timeout}s")
 
 
+#: A writable NIM_CACHE_PATH for host runs (NIM checks it at start-up; /opt/nim/.cache is the image's).
+HOST_CACHE = tempfile.mkdtemp(prefix="nimflow-standin-cache-")
+#: What nimflow gives a 1.x serving container of a custom engine or fine-tune (NIM ft-support docs).
+LEGACY_BACKEND = {"NIM_USE_TRTLLM_LEGACY_BACKEND": "1", "NIM_DISABLE_TRTLLM_PYTORCH_RT": "1"}
+
+
 def standin_env(**extra: str) -> dict[str, str]:
+    """The host environment without NIM settings, plus the stand-in's test defaults (a writable
+    cache, the legacy backend flags) and ``extra``; an ``extra`` value "" unsets that variable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIM") and k != "PYTHONPATH"}
-    env.update({"NIMSTANDIN_BUILD_SECONDS": "0.2", "NGC_API_KEY": SECRET, "HF_TOKEN": SECRET, **extra})
-    return env
+    env.update({"NIMSTANDIN_BUILD_SECONDS": "0.2", "NGC_API_KEY": SECRET, "HF_TOKEN": SECRET,
+                "NIM_CACHE_PATH": HOST_CACHE, **LEGACY_BACKEND, **extra})
+    return {k: v for k, v in env.items() if v != "" or k not in (*LEGACY_BACKEND, "NIM_CACHE_PATH")}
 
 
 def run_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
@@ -951,7 +962,7 @@ def test_container_convert_trtllm_build_and_serve(engine_client: Any, standin_im
         (out / name).write_bytes((model_dir / name).read_bytes())
 
     serve_env = {"NIM_MODEL_NAME": "/engine", "NIM_SERVED_MODEL_NAME": "trt", "NIMSTANDIN_READY_DELAY": "0",
-                 "NIMSTANDIN_GPU_COUNT": "2"}
+                 "NIMSTANDIN_GPU_COUNT": "2", **LEGACY_BACKEND}
     c = run_container(engine_client, containers, standin_image_id,
                       environment={**serve_env, "NIMSTANDIN_GPU": A100},
                       volumes={str(out): {"bind": "/engine", "mode": "ro"}}, ports={"8000/tcp": ("127.0.0.1", None)})
@@ -979,7 +990,7 @@ def test_container_jit_serve_and_stop(engine_client: Any, standin_image_id: str,
         engine_client, containers, standin_image_id,
         environment={"NIM_FT_MODEL": "/models/ft", "NIM_CUSTOM_MODEL_NAME": "custom_1",
                      "NIM_SERVED_MODEL_NAME": "acme/ft", "NIMSTANDIN_BUILD_SECONDS": "0.3",
-                     "NIMSTANDIN_READY_DELAY": "0.2", "NGC_API_KEY": SECRET},
+                     "NIMSTANDIN_READY_DELAY": "0.2", "NGC_API_KEY": SECRET, **LEGACY_BACKEND},
         volumes={str(cache): {"bind": "/opt/nim/.cache", "mode": "rw"},
                  str(model_dir): {"bind": "/models/ft", "mode": "ro"}},
         ports={"8000/tcp": ("127.0.0.1", None)})
@@ -1030,3 +1041,55 @@ def test_container_nim_optimize_matches_host(engine_client: Any, standin_image_i
                         volumes={str(out): {"bind": "/in/engine", "mode": "ro"}})
     assert bad.wait(timeout=30)["StatusCode"] == 1
     assert NOT_IMPLEMENTED in bad.logs(stdout=False, stderr=True).decode()
+
+
+def test_custom_engine_on_1x_needs_the_legacy_backend_flags(tmp_path: Path, model_dir: Path) -> None:
+    """Late NIM 1.x: "The default PyTorch TRT-LLM backend does not support fine-tuned models" (NIM docs,
+    ft-support.html): without NIM_USE_TRTLLM_LEGACY_BACKEND=1 and NIM_DISABLE_TRTLLM_PYTORCH_RT=1 a built
+    engine (and NIM_FT_MODEL) is refused at start-up; a plain HF directory is not affected.
+
+    On main before this change: the engine was served without them (serve_once timed out waiting for an exit).
+    """
+    out = tmp_path / "engine"
+    assert optimize(model_dir, out, write_build_config(tmp_path / "build.yaml", tp=1)).returncode == 0
+    for unset in LEGACY_BACKEND:
+        refused = serve_once(NIM_MODEL_NAME=str(out), **{unset: ""})
+        assert refused.returncode == 1 and "Listening" not in refused.stdout
+        assert "RuntimeError: The default PyTorch TRT-LLM backend does not support fine-tuned models." in refused.stderr
+        assert f"unset or not 1: {unset}" in refused.stderr
+    ft = serve_once(NIM_FT_MODEL=str(model_dir), NIM_CACHE_PATH=str(tmp_path / "cache"), NIM_USE_TRTLLM_LEGACY_BACKEND="0")
+    assert ft.returncode == 1 and "does not support fine-tuned models" in ft.stderr
+    with server(NIM_MODEL_NAME=str(model_dir), NIMSTANDIN_READY_DELAY="0", **dict.fromkeys(LEGACY_BACKEND, "")) as (base, _):
+        wait_for(f"{base}/v1/health/ready")  # the vLLM backend of an HF directory needs neither
+
+
+def test_standin_exits_when_it_cannot_write_its_cache(tmp_path: Path) -> None:
+    """NIM checks NIM_CACHE_PATH first (``nim-llm-check-cache-env``, NVIDIA/nim-deploy issue 16): a cache
+    that cannot be written (here a path under a regular file) ends start-up with NIM's text.
+
+    On main before this change: the stand-in never checked and served (serve_once timed out).
+    """
+    (tmp_path / "file").write_text("")
+    proc = serve_once(NIM_CACHE_PATH=str(tmp_path / "file" / "cache"))
+    assert proc.returncode == 1 and "Listening" not in proc.stdout
+    assert proc.stderr.rstrip().endswith(f"RuntimeError: Unable to write to NIM_CACHE_PATH ({tmp_path}/file/cache)")
+    assert 'File "/usr/local/bin/nim-llm-check-cache-env", line 8, in <module>' in proc.stderr
+
+
+def test_2x_lora_rank_comes_from_vllm_options(tmp_path: Path) -> None:
+    """NIM 2.x: the LoRA rank is vLLM's ``--max-lora-rank`` (CLI after nim-serve, else NIM_PASSTHROUGH_ARGS,
+    else vLLM's 16); NIM_MAX_LORA_RANK, a 1.x variable, is not read (a warning says so).
+
+    On main before this change: 2.x read NIM_MAX_LORA_RANK (default 32), so the rank-32 adapter answered.
+    """
+    base = write_tiny_llama(tmp_path / "base")
+    write_lora_adapter(tmp_path / "loras" / "sql", base, rank=32)
+    common = {"NIM_MODEL_PATH": str(base), "NIM_PEFT_SOURCE": str(tmp_path / "loras"), "NIMSTANDIN_READY_DELAY": "0"}
+    for env, status in (({"NIM_MAX_LORA_RANK": "32"}, 400), ({"NIM_PASSTHROUGH_ARGS": "--enable-lora --max-lora-rank 32"}, 200)):
+        with server("nim-serve", **common, **env) as (base_url, proc):
+            wait_for(f"{base_url}/v1/health/ready")
+            code, body = http(f"{base_url}/v1/completions", {"model": "sql", "prompt": "hi"})
+            assert code == status, body
+        if status == 400:
+            assert "LoRA rank 32 is greater than max_lora_rank 16." in json.dumps(body)
+            assert "NIM_MAX_LORA_RANK is a NIM 1.x variable" in (proc.stdout.read() if proc.stdout else "")

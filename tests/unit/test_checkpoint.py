@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 import struct
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from nimflow.checkpoint import (
     directory_digest,
     local_checkpoint,
     model_files,
+    open_to_readers,
     read_config,
     resolve_verify_api,
 )
@@ -551,3 +553,29 @@ def test_chat_without_template_is_refused(tmp_path: Path) -> None:
     message = str(info.value)
     assert str(model / "tokenizer_config.json") in message and "no chat_template" in message
     assert "verify.api: completions" in message
+
+
+def test_a_download_is_opened_to_readers(tmp_path: Path) -> None:
+    """What nimflow downloaded is read by NIM as deploy.user (default uid 1000), not as nimflow:
+    huggingface_hub's 0600 ``.cache/huggingface/`` metadata in a snapshot becomes readable, a private
+    directory searchable; links are left alone and nothing gains write.
+
+    On main before this change: no such step; tests/integration/test_finetunes_and_rollouts.py's
+    blue-green rollout was refused by the new permission check, naming
+    ``.cache/huggingface/trees/<sha>.json (... mode -rw------- 0600)`` of the downloaded snapshot.
+    """
+    meta = tmp_path / "snap" / ".cache" / "huggingface" / "trees"
+    meta.mkdir(parents=True)
+    (meta / "sha.json").write_text("{}")
+    (meta / "sha.json").chmod(0o600)
+    meta.chmod(0o700)
+    (tmp_path / "snap" / "config.json").write_text("{}")
+    (tmp_path / "snap" / "config.json").chmod(0o640)
+    (tmp_path / "target").write_text("")
+    (tmp_path / "target").chmod(0o600)
+    (tmp_path / "snap" / "link").symlink_to(tmp_path / "target")
+    open_to_readers(tmp_path / "snap")
+    assert stat.S_IMODE((meta / "sha.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE(meta.stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "snap" / "config.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "target").stat().st_mode) == 0o600  # not followed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from nimflow.rollout import (
     _port_in_use_outside_docker,
     candidate_gpus,
     container_environment,
+    container_volumes,
     deployment_labels,
     model_mount,
     serving_config,
@@ -198,7 +200,8 @@ def test_nothing_to_serve_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_lora_adapters_add_peft_source_and_rank(tmp_path: Path) -> None:
-    """Adapters in the cache dir keep their cache path; elsewhere they get /opt/nim/loras; read-only either way."""
+    """Adapters in the cache dir keep their cache path; elsewhere they get /opt/nim/loras; read-only either way.
+    1.x is given the rank as NIM_MAX_LORA_RANK, 2.x not (see test_nim_2x_lora_is_configured_with_vllm_options)."""
     (tmp_path / "cache" / "m").mkdir(parents=True)
     (tmp_path / "cache" / "loras" / "d").mkdir(parents=True)
     inside = serving_config(_deploy(tmp_path / "cache"), _V1, str(tmp_path / "cache" / "m"), str(tmp_path / "cache" / "loras" / "d"), 64)
@@ -207,7 +210,7 @@ def test_lora_adapters_add_peft_source_and_rank(tmp_path: Path) -> None:
     assert {v["bind"]: v["mode"] for v in inside.volumes.values()} == {"/opt/nim/.cache/m": "ro", "/opt/nim/.cache/loras/d": "ro"}
     (tmp_path / "adapters").mkdir()
     outside = serving_config(_deploy(tmp_path / "cache"), _V2, str(tmp_path / "cache" / "m"), str(tmp_path / "adapters"))
-    assert outside.environment["NIM_PEFT_SOURCE"] == "/opt/nim/loras" and outside.environment["NIM_MAX_LORA_RANK"] == "32"
+    assert outside.environment["NIM_PEFT_SOURCE"] == "/opt/nim/loras" and "NIM_MAX_LORA_RANK" not in outside.environment
     assert outside.volumes[str((tmp_path / "adapters").resolve())] == {"bind": "/opt/nim/loras", "mode": "ro"}
 
 
@@ -317,3 +320,128 @@ def test_docker_daemon_down_is_one_clear_transient_line(monkeypatch: pytest.Monk
         docker_client()
     assert f"the Docker daemon at {socket} does not answer" in str(caught.value)
     assert "systemctl start docker" in str(caught.value) and is_transient(caught.value)
+
+
+def test_nim_2x_lora_is_configured_with_vllm_options(tmp_path: Path) -> None:
+    """NIM 2.x takes LoRA as vLLM options (NIM 2.x docs, advanced-use-cases/finetune-lora.html), given in
+    NIM_PASSTHROUGH_ARGS; NIM_MAX_LORA_RANK stays 1.x's.
+
+    On main before this change: 2.x got NIM_MAX_LORA_RANK and no NIM_PASSTHROUGH_ARGS (KeyError here).
+    """
+    (tmp_path / "cache" / "m").mkdir(parents=True)
+    (tmp_path / "adapters").mkdir()
+    config = serving_config(_deploy(tmp_path / "cache"), _V2, str(tmp_path / "cache" / "m"), str(tmp_path / "adapters"), 64,
+                            adapter_count=3)
+    assert config.environment["NIM_PASSTHROUGH_ARGS"] == "--enable-lora --max-lora-rank 64 --max-loras 3 --max-cpu-loras 3"
+    assert "NIM_MAX_LORA_RANK" not in config.environment
+    v1 = serving_config(_deploy(tmp_path / "cache"), _V1, str(tmp_path / "cache" / "m"), str(tmp_path / "adapters"), 64)
+    assert v1.environment["NIM_MAX_LORA_RANK"] == "64" and "NIM_PASSTHROUGH_ARGS" not in v1.environment
+
+
+def test_the_specs_passthrough_args_come_after_nimflows(tmp_path: Path) -> None:
+    """deploy.env's NIM_PASSTHROUGH_ARGS is kept, after nimflow's LoRA options: NIM takes the last of a
+    repeated argument (reference/advanced-configuration.html), so the spec's choice wins.
+
+    On main before this change: nimflow set no NIM_PASSTHROUGH_ARGS (KeyError on the model env).
+    """
+    (tmp_path / "cache" / "m").mkdir(parents=True)
+    (tmp_path / "adapters").mkdir()
+    deploy = _deploy(tmp_path / "cache", env={"NIM_PASSTHROUGH_ARGS": "--max-lora-rank 128"})
+    config = serving_config(deploy, _V2, str(tmp_path / "cache" / "m"), str(tmp_path / "adapters"), 64)
+    env = container_environment(deploy, config.environment, source=config.source, defaults=config.defaults)
+    assert env["NIM_PASSTHROUGH_ARGS"] == (
+        "--enable-lora --max-lora-rank 64 --max-loras 1 --max-cpu-loras 1 --max-lora-rank 128")
+
+
+@pytest.mark.parametrize(("serving", "custom", "model", "legacy"), [
+    (_V1, True, "m", True),  # an engine nimflow built, or fine-tuned weights, on 1.x
+    (_V1, False, "m", False),  # the base checkpoint as published
+    (_V2, True, "m", False),  # 2.x has no TensorRT-LLM backend
+    (_V1.model_copy(update={"model_name": "org/model"}), True, None, False),  # guide §1: NIM's own profile
+])
+def test_legacy_trtllm_backend_flags_only_for_custom_weights_on_1x(
+    tmp_path: Path, serving: ServingImage, custom: bool, model: str | None, legacy: bool
+) -> None:
+    """Late NIM 1.x: "The default PyTorch TRT-LLM backend does not support fine-tuned models" (ft-support.html):
+    the serving container of custom weights on 1.x gets NIM_USE_TRTLLM_LEGACY_BACKEND=1 and
+    NIM_DISABLE_TRTLLM_PYTORCH_RT=1, as defaults the spec's deploy.env may override.
+
+    On main before this change: only the JIT build container had them (serving_config took no
+    ``custom_weights`` and the environment never held them).
+    """
+    (tmp_path / "m").mkdir()
+    config = serving_config(_deploy(tmp_path), serving, str(tmp_path / model) if model else None, None, custom_weights=custom)
+    env = container_environment(_deploy(tmp_path), config.environment, source=config.source, defaults=config.defaults)
+    flags = {"NIM_USE_TRTLLM_LEGACY_BACKEND": "1", "NIM_DISABLE_TRTLLM_PYTORCH_RT": "1"}
+    assert (flags.items() <= env.items()) is legacy
+    if legacy:
+        overridden = _deploy(tmp_path, env={"NIM_DISABLE_TRTLLM_PYTORCH_RT": "0"})
+        env = container_environment(overridden, config.environment, source=config.source, defaults=config.defaults)
+        assert env["NIM_DISABLE_TRTLLM_PYTORCH_RT"] == "0" and env["NIM_USE_TRTLLM_LEGACY_BACKEND"] == "1"
+
+
+# --- the container's user ---------------------------------------------------------------------------
+
+
+def test_deploy_user_defaults_to_the_operators_and_takes_only_numeric_ids(tmp_path: Path) -> None:
+    """The default is the NIM Operator's uid 1000 / group 2000; `uid`, `uid:gid` and `root` are accepted,
+    a name (which nimflow cannot look up inside the image) is refused.
+
+    On main before this change: the default was None (the image's user: root for NIM and the stand-in).
+    """
+    assert _deploy(tmp_path).user == "1000:2000"
+    for user in ("1000", "1001:1001", "root"):
+        assert _deploy(tmp_path, user=user).user == user
+    with pytest.raises(ValueError, match="numeric `uid` or `uid:gid`"):
+        _deploy(tmp_path, user="nim")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing a directory to another uid needs root")
+def test_own_cache_is_handed_to_the_container_user(tmp_path: Path) -> None:
+    """nimflow running as root chowns the container's own cache (and the mount points in it) to deploy.user.
+
+    On main before this change: the cache stayed root's 0755, which NIM as uid 1000 cannot write.
+    """
+    (tmp_path / "m").mkdir()
+    deploy = _deploy(tmp_path)
+    config = serving_config(deploy, _V1, str(tmp_path / "m"), None)
+    volumes = container_volumes(deploy, "dep", config)
+    own = tmp_path / "nimflow-nim" / "dep"
+    assert volumes[str(own.resolve())] == {"bind": NIM_CACHE_MOUNT, "mode": "rw"}
+    for path in (own, own / "m"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (1000, 2000)
+    bare = _deploy(tmp_path, user="1001")
+    container_volumes(bare, "dep", config)
+    assert (own.stat().st_uid, own.stat().st_gid) == (1001, 2000)  # a bare uid leaves the group as it was
+
+
+@pytest.mark.parametrize(("mode", "owner", "user", "readable"), [
+    (0o644, (0, 0), "1000:2000", True),
+    (0o600, (0, 0), "1000:2000", False),
+    (0o600, (1000, 0), "1000:2000", True),  # its owner
+    (0o640, (0, 2000), "1000:2000", True),  # its group
+    (0o640, (0, 2000), "1000", False),  # a bare uid's group is the image's choice: not counted
+    (0o044, (1000, 0), "1000:2000", False),  # the owner's bits decide for the owner, even when others may
+    (0o600, (0, 0), "root", True),
+])
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of other owners need root to make")
+def test_served_files_must_be_readable_by_the_container_user(
+    tmp_path: Path, mode: int, owner: tuple[int, int], user: str, readable: bool
+) -> None:
+    """What is mounted read-only is checked by the kernel's owner / group / other rule for deploy.user.
+
+    On main before this change: nothing was checked (a 0600 file reached NIM, which failed loading it).
+    """
+    model = tmp_path / "m"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"x")
+    weights.chmod(mode)
+    os.chown(weights, *owner)
+    deploy = _deploy(tmp_path, user=user)
+    config = serving_config(deploy, _V1, str(model), None)
+    if readable:
+        container_volumes(deploy, "dep", config)
+    else:
+        with pytest.raises(DeploymentError, match=r"model\.safetensors \(owner uid .*\), in .* is not readable for the NIM"):
+            container_volumes(deploy, "dep", config)
