@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 from nimflow.flows.host_model import host_model
 
@@ -95,8 +96,8 @@ def test_gpu_probe_is_cached_and_each_key_input_probes_again(
     # Docker cannot give the container a GPU, so the probe fails where a cache hit would have answered.
     try:
         probe(gpus=[0])
-    except NimflowError:
-        pass
+    except (NimflowError, docker.errors.DockerException):
+        pass  # Docker could not give it a GPU: it asked, as it must
     else:
         assert probes() == 6
 
