@@ -1,8 +1,10 @@
 """Benchmark: a no-op ``nimflow host`` and ``nimflow plan`` (everything cached, the deployment healthy).
 
 Starts the local test bed (as ``make demo`` does: Docker engine, NIM stand-in image, S3, hub, a
-Prefect API), runs the demo spec once so everything is in place, then measures, each round with the
-order of the commands rotated:
+Prefect API), runs the demo spec once so everything is in place (as its own deployment
+``tiny-llama-bench`` on a free port, with the stand-in tagged by its source hash, so that it disturbs
+no demo or test bed image of another checkout; removed at the end unless ``--keep``), then
+measures, each round with the order of the commands rotated:
 
 - in fresh processes: ``python -c pass`` and ``import prefect`` (the plain baselines: Python's and
   Prefect's start-up alone), ``nimflow host configs/demo.yaml`` and ``nimflow plan configs/demo.yaml``
@@ -32,17 +34,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from nimflow.testbed import local
+from nimflow.testbed.nim_image import source_tag
+from nimflow.testbed.services import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = REPO / "configs" / "demo.yaml"
+DEMO = REPO / "configs" / "demo.yaml"
+NAME = "tiny-llama-bench"
 CLI = "import sys; from nimflow.cli import main; sys.exit(main({argv!r}))"
-FRESH = {
-    "python -c pass": "pass",
-    "import prefect": "import prefect",
-    "nimflow host (fresh process)": CLI.format(argv=["host", str(SPEC)]),
-    "nimflow plan (fresh process)": CLI.format(argv=["plan", str(SPEC)]),
-}
+
+
+def bench_spec(state_dir: Path, image: str) -> Path:
+    """The demo spec as this benchmark's own deployment: its name, a free port, ``image``, an absolute cache dir."""
+    spec = yaml.safe_load(DEMO.read_text())
+    spec["name"] = NAME
+    spec["build"]["image"] = spec["deploy"]["image"] = image
+    spec["deploy"]["host_port"] = free_port()
+    spec["deploy"]["cache_dir"] = str(state_dir / "nim-cache")
+    path = state_dir / f"{NAME}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
 
 
 def fresh_process_seconds(code: str) -> float:
@@ -61,10 +74,10 @@ def probe_containers(since: float) -> int:
     return len(list(events))
 
 
-def warm_rerun(host_model: Callable[..., dict[str, Any]]) -> dict[str, float]:
+def warm_rerun(host_model: Callable[..., dict[str, Any]], spec: Path) -> dict[str, float]:
     """One rerun in this process: wall, stage time, time outside the stages; refuses one that moved bytes."""
     started = time.perf_counter()
-    record = host_model(spec=str(SPEC))
+    record = host_model(spec=str(spec))
     wall = time.perf_counter() - started
     moved = sum(t["bytes"] for t in record["transfers"]) + record["downloaded_files"] + record["uploaded_files"]
     if moved or not record["unchanged"]:
@@ -86,24 +99,47 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--state-dir", default=str(REPO / ".testbed"))
     parser.add_argument("--profile", type=Path, help="write a cProfile of one warm rerun here")
+    parser.add_argument("--image", default=source_tag(), help="the stand-in's tag (default: its source-hash tag)")
+    parser.add_argument("--keep", action="store_true", help="keep the deployment and the test bed's servers")
     args = parser.parse_args()
-    local.activate(local.up(Path(args.state_dir)))
+    state_dir = Path(args.state_dir).resolve()
+    local.activate(local.up(state_dir, args.image))
     os.chdir(REPO)
+    spec = bench_spec(state_dir, args.image)
+    fresh = {
+        "python -c pass": "pass",
+        "import prefect": "import prefect",
+        "nimflow host (fresh process)": CLI.format(argv=["host", str(spec)]),
+        "nimflow plan (fresh process)": CLI.format(argv=["plan", str(spec)]),
+    }
     from nimflow.flows.host_model import host_model
 
-    host_model(spec=str(SPEC))  # everything in place (a no-op too when the demo ran before)
+    try:
+        host_model(spec=str(spec))  # everything in place (a no-op too when the benchmark ran before)
+        measure(args, host_model, spec, fresh)
+    finally:
+        if not args.keep:
+            from nimflow.containers import docker_client
+            from nimflow.deployments_admin import take_down
+
+            take_down(docker_client(), NAME)
+            local.down(state_dir)
+
+
+def measure(args: argparse.Namespace, host_model: Callable[..., dict[str, Any]], spec: Path, fresh: dict[str, str]) -> None:
+    """The rounds, the medians and (``--profile``) the cProfile of one warm rerun."""
     since = time.time()
     samples: dict[str, list[float]] = {}
     for round_no in range(args.rounds):
-        names = list(FRESH)
+        names = list(fresh)
         shift = round_no % (len(names) + 1)
         order: list[str | None] = [*names, None]  # None: the warm rerun
         for name in order[shift:] + order[:shift]:
             if name is None:
-                for label, seconds in warm_rerun(host_model).items():
+                for label, seconds in warm_rerun(host_model, spec).items():
                     samples.setdefault(label, []).append(seconds)
             else:
-                samples.setdefault(name, []).append(fresh_process_seconds(FRESH[name]))
+                samples.setdefault(name, []).append(fresh_process_seconds(fresh[name]))
         print(f"round {round_no + 1}: " + ", ".join(f"{k.strip()} {v[-1]:.2f}" for k, v in samples.items()), flush=True)
     probes = probe_containers(since - 1)
 
@@ -119,7 +155,7 @@ def main() -> None:
 
     if args.profile:
         profiler = cProfile.Profile()
-        profiler.runcall(warm_rerun, host_model)
+        profiler.runcall(warm_rerun, host_model, spec)
         profiler.dump_stats(str(args.profile))
         print(f"\ncProfile of one warm rerun: {args.profile}; top 30 by cumulative time:")
         pstats.Stats(str(args.profile)).sort_stats("cumulative").print_stats(30)
