@@ -253,7 +253,11 @@ def host_gpu_identity(driver_dir: Path) -> str:
 
 
 def docker_daemon_identity(client: docker.DockerClient) -> dict[str, Any]:
-    """The Docker daemon's ``ID``, version and runtimes (asked once per process and daemon address)."""
+    """The Docker daemon's ``ID``, version and runtimes (asked once per process and daemon address).
+
+    Raises:
+        docker.errors.DockerException: the Docker daemon did not answer.
+    """
     address = str(client.api.base_url)
     with _DAEMONS_LOCK:
         known = _DAEMONS.get(address)
