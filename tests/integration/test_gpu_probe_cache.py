@@ -55,8 +55,9 @@ def test_gpu_probe_is_cached_and_each_key_input_probes_again(
     cache and a repeat call this process's memory, neither starting a container. A changed env, host
     GPU, driver, image or GPU request each probes again (and the answer follows the change).
 
-    Old main: probe_target had no cache (nor cache_dir/driver_dir parameters): run with those removed,
-    every call started a container, and the count after the three identical calls was 3, not 1.
+    Old main (NOT YET RUN: the full CI held the machine past this branch's deadline; expected from its
+    code): probe_target had no cache_dir/driver_dir parameters (TypeError); with them removed, every
+    call started a container and the count after the three identical calls would be 3, not 1.
     """
     gpu_identity.forget_in_process()
     driver = fake_driver_dir(tmp_path / "nvidia", DRIVER_550, H100_INFO)
@@ -110,7 +111,8 @@ def test_compile_and_deploy_guard_share_one_probe_and_a_rerun_probes_nothing(
     (before the new container starts) ask the same question, so the first run starts one GPU probe
     container; a rerun in a new process's view (memory dropped, disk cache kept) starts none.
 
-    Old main: the first run started 2 probe containers (compile's, then the guard's) and the rerun 1.
+    Old main (NOT YET RUN, expected from its code): the first run starts 2 probe containers (compile's,
+    then the guard's) and the rerun 1 more, so the first count assertion fails with 2.
     """
     monkeypatch.setenv("NIMFLOW_IMAGE_PROBE_DIR", str(tmp_path / "probes"))  # nothing cached by other tests
     gpu_identity.forget_in_process()
