@@ -25,7 +25,7 @@ import docker
 from nimflow.build_config import check_against_model, check_against_target, converter_family
 from nimflow.build_lease import BuildLeases, Lease
 from nimflow.checkpoint import read_config
-from nimflow.containers import LABEL_PREFIX
+from nimflow.containers import LABEL_PREFIX, image_id
 from nimflow.engine_build import build_engine, remove_stale_build_containers
 from nimflow.engine_check import check_local_engine, record_verified, set_aside
 from nimflow.engine_key import engine_key, engine_key_inputs
@@ -93,7 +93,7 @@ def plan_engine(
     converter = converter_path(facts, family, image=build.image) if family is not None and not build.convert_script else None
     with translated_errors(f"probing the build GPU with {build.image}"):
         target = probe_target(client, build.image, build.gpus, build.env, field="build.gpus")
-    build_image_id = facts.image_id  # the image probe just resolved the tag: no second lookup
+        build_image_id = image_id(client, build.image)
     check_against_target(build, target)
     inputs = engine_key_inputs(
         weights_identity=weights_identity, build=build, image_id=build_image_id, target=target, allow_patterns=allow_patterns

@@ -26,6 +26,7 @@ from nimflow.checkpoint import (
     source_files,
 )
 from nimflow.errors import InvalidWeights
+from nimflow.pickle_weights import PICKLE_INDEX, convert_pickle_weights
 from nimflow.records import Checkpoint, FinetunedWeights
 from nimflow.spec import FinetuneSpec
 from nimflow.tensor_inventory import compare_to_base, tensor_inventory
@@ -73,9 +74,6 @@ def check_finetune(source: Path, base_dir: Path, location: WeightsLocation, conv
         weight_format = check_weights(source, allow_pickle=allow_pickle)
         origin: dict[str, str] = {}
         if weight_format != "safetensors":
-            # Imported here: only a pickle needs it, and a no-op rerun should not pay for its import.
-            from nimflow.pickle_weights import convert_pickle_weights
-
             origin = convert_pickle_weights(source, converted, weight_format)
         weights_dir = converted if origin else source
         base_config = read_config(base_dir)
@@ -102,8 +100,6 @@ def assemble(source: Path, converted: Path | None, base_dir: Path, staged: Path,
     Raises:
         InvalidWeights: the source or the base holds a link out of it, a FIFO, device or socket.
     """
-    from nimflow.pickle_weights import PICKLE_INDEX
-
     for name, path in source_files(source).items():
         rel = PurePosixPath(name)
         if converted is not None and (rel.name == PICKLE_INDEX or (len(rel.parts) == 1 and rel.suffix in _PICKLE_SUFFIXES)):

@@ -8,36 +8,20 @@ so nimflow asks: one short probe container of the build (or serving) image, with
 runs ``nvidia-smi --query-gpu=name,compute_cap,pci.device_id --format=csv,noheader`` and reads the
 installed ``tensorrt_llm`` version from its package metadata (importing it would need libcuda).
 NIM keys its own prebuilt engines the same way, by GPU SKU and PCI device id.
-
-The answer is cached (:mod:`nimflow.probe_cache`, in this process and on disk under
-``<Settings.image_probe_dir>/gpu``), keyed by everything it depends on (:func:`probe_key_inputs`):
-the image id, the requested GPUs, the env the probe container gets (all of it: an image's
-entrypoint may read any variable; the test bed's stand-in fakes its GPU from one), this host's GPU
-and driver identity (:func:`host_gpu_identity`: ``/proc/driver/nvidia``, else ``nvidia-smi`` on the
-host), its boot id (a reboot is noticed) and the Docker daemon's identity. So a rerun starts no
-probe container, and compile's probe and the deploy guard share one answer; a changed GPU, driver,
-image, env or reboot is probed again. Only answers that found GPUs are cached.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
-import shutil
-import subprocess
-import threading
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 import docker
 from pydantic import BaseModel, ConfigDict, Field
 
-from nimflow.containers import device_requests, image_id, run_to_exit
+from nimflow.containers import device_requests, run_to_exit
 from nimflow.errors import ConfigError, DeploymentError, EngineIncompatible, Problem, translated_errors
-from nimflow.probe_cache import ProbeCache
-from nimflow.settings import get_settings
 from nimflow.spec import DeploySpec
 
 NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=name,compute_cap,pci.device_id", "--format=csv,noheader"]
@@ -175,121 +159,6 @@ def identity_from_probe(answer: dict[str, Any], *, image: str, field: str) -> Ta
     return TargetIdentity(gpus=gpus, trtllm_version=str(version) if version else None)
 
 
-# --- the cached probe ------------------------------------------------------------------------------
-
-#: Where a Linux host names its current boot: a reboot changes it (and may change GPUs or drivers).
-BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
-#: The host's nvidia-smi, asked only where the driver's /proc files are absent.
-HOST_NVIDIA_SMI_QUERY = ["--query-gpu=name,pci.bus_id,uuid,driver_version", "--format=csv,noheader"]
-#: Bytes read of one identity file (the driver's files are a few hundred bytes).
-MAX_IDENTITY_FILE_BYTES = 16 * 1024
-#: At most this many GPU probe answers are kept (keys include the boot id, so old ones pile up).
-MAX_CACHED_PROBES = 256
-#: Changes whenever the probe script does: answers of another script are probed again.
-PROBE_VERSION = hashlib.sha256(PROBE_SCRIPT.encode()).hexdigest()[:16]
-
-
-class GpuProbeAnswer(BaseModel):
-    """One cached answer of the GPU probe (only answers that found GPUs are cached)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    key: str = Field(description="sha256 of the probe's key inputs (:func:`probe_key_inputs`): the cache key.",
-                     max_length=64)
-    image_id: str = Field(description="The image id probed (`sha256:...`).", max_length=200)
-    gpus: str = Field(description="What nvidia-smi printed in the container (csv, one line per GPU).", max_length=64 * 1024)
-    trtllm_version: str | None = Field(description="The image's tensorrt_llm version; None when it has none.",
-                                       max_length=200)
-
-
-_CACHE: ProbeCache[GpuProbeAnswer] = ProbeCache(
-    GpuProbeAnswer, what="GPU probe", recorded_key=lambda answer: answer.key, max_bytes=128 * 1024,
-    max_entries=MAX_CACHED_PROBES)
-_DAEMONS: dict[str, dict[str, Any]] = {}
-_DAEMONS_LOCK = threading.Lock()
-
-
-def forget_in_process() -> None:
-    """Drop this process's cached GPU probe answers and Docker daemon identities (the disk cache stays)."""
-    _CACHE.forget_in_process()
-    with _DAEMONS_LOCK:
-        _DAEMONS.clear()
-
-
-def _read_small(path: Path) -> str | None:
-    """The first bytes of a small text file, or None when it cannot be read."""
-    try:
-        with path.open("rb") as handle:
-            return handle.read(MAX_IDENTITY_FILE_BYTES).decode("utf-8", "replace")
-    except OSError:
-        return None
-
-
-def host_gpu_identity(driver_dir: Path) -> str:
-    """This host's NVIDIA driver and GPUs, as text that changes when either does.
-
-    Read from ``driver_dir`` (``/proc/driver/nvidia``: ``version``, the driver's version, and
-    ``gpus/<bus location>/information``: model, UUID, bus location, per GPU) when it exists, else from
-    the host's ``nvidia-smi`` (name, bus id, UUID, driver version) when it is on the PATH; else
-    ``none`` (a host without NVIDIA GPUs, e.g. the CPU test bed: the other key inputs still apply).
-    """
-    if driver_dir.is_dir():
-        parts = [f"version: {_read_small(driver_dir / 'version')}"]
-        gpus = driver_dir / "gpus"
-        try:
-            buses = sorted(entry.name for entry in gpus.iterdir()) if gpus.is_dir() else []
-        except OSError as exc:
-            buses = [f"unreadable: {exc}"]
-        parts += [f"{bus}: {_read_small(gpus / bus / 'information')}" for bus in buses]
-        return "\n".join(parts)
-    program = shutil.which("nvidia-smi")
-    if program is None:
-        return "none"
-    try:
-        result = subprocess.run([program, *HOST_NVIDIA_SMI_QUERY], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"nvidia-smi failed: {type(exc).__name__}"
-    return f"nvidia-smi exit {result.returncode}: {result.stdout[:MAX_IDENTITY_FILE_BYTES]}"
-
-
-def docker_daemon_identity(client: docker.DockerClient) -> dict[str, Any]:
-    """The Docker daemon's ``ID``, version and runtimes (asked once per process and daemon address).
-
-    Raises:
-        docker.errors.DockerException: the Docker daemon did not answer.
-    """
-    address = str(client.api.base_url)
-    with _DAEMONS_LOCK:
-        known = _DAEMONS.get(address)
-    if known is None:
-        info = client.info()
-        known = {"id": info.get("ID"), "version": info.get("ServerVersion"),
-                 "runtimes": sorted((info.get("Runtimes") or {}).keys()), "default_runtime": info.get("DefaultRuntime")}
-        with _DAEMONS_LOCK:
-            _DAEMONS[address] = known
-    return known
-
-
-def probe_key_inputs(
-    client: docker.DockerClient, image_id: str, gpus: list[int] | Literal["all"] | None, env: dict[str, str],
-    *, driver_dir: Path, boot_id_path: Path = BOOT_ID_PATH,
-) -> dict[str, Any]:
-    """Everything the GPU probe's answer depends on: its cache key is the sha256 of these.
-
-    Raises:
-        docker.errors.DockerException: the Docker daemon did not answer.
-    """
-    return {
-        "probe": PROBE_VERSION,
-        "image_id": image_id,
-        "gpus": gpus,
-        "env": dict(sorted(env.items())),
-        "host_gpus": host_gpu_identity(driver_dir),
-        "boot_id": (_read_small(boot_id_path) or "").strip(),
-        "docker": docker_daemon_identity(client),
-    }
-
-
 def probe_target(
     client: docker.DockerClient,
     image: str,
@@ -298,42 +167,22 @@ def probe_target(
     *,
     field: str,
     labels: dict[str, str] | None = None,
-    cache_dir: Path | None = None,
-    driver_dir: Path | None = None,
 ) -> TargetIdentity:
-    """The GPU identity a container of ``image`` with ``gpus`` and ``env`` sees: cached, else probed.
-
-    A short-lived container runs the probe when no cached answer has the same key inputs
-    (:func:`probe_key_inputs`); an answer that found GPUs is cached.
+    """Run the probe in a short-lived container of ``image`` with ``gpus`` and ``env``.
 
     Args:
         field: the spec field that chose the GPUs (``build.gpus`` / ``deploy.gpus``), for messages.
-        cache_dir: where answers are kept on disk (default ``<Settings.image_probe_dir>/gpu``).
-        driver_dir: where the host's driver describes its GPUs (default ``Settings.gpu_driver_dir``).
 
     Raises:
         ConfigError: no GPU visible, or mixed GPU models.
-        DeploymentError: the image is not on this host, or cannot run the probe (no python3, exits early).
+        DeploymentError: the image cannot run the probe (no python3, exits early).
         ServiceUnavailable: the Docker daemon did not answer.
     """
-    if cache_dir is None or driver_dir is None:
-        settings = get_settings()
-        cache_dir = cache_dir or settings.image_probe_dir / "gpu"
-        driver_dir = driver_dir or settings.gpu_driver_dir
-    identity = image_id(client, image)
-    inputs = probe_key_inputs(client, identity, gpus, env, driver_dir=driver_dir)
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
-    cached = _CACHE.get(cache_dir, key)
-    if cached is not None:
-        return identity_from_probe(cached.model_dump(), image=image, field=field)
     answer = run_probe_script(
-        client, identity, PROBE_SCRIPT, what="the GPU identity", needs="`python3` and `nvidia-smi`",
+        client, image, PROBE_SCRIPT, what="the GPU identity", needs="`python3` and `nvidia-smi`",
         environment=env, device_requests=device_requests(gpus), labels=labels,
     )
-    target = identity_from_probe(answer, image=image, field=field)  # refuses (and so never caches) no GPUs
-    _CACHE.put(cache_dir, key, GpuProbeAnswer(key=key, image_id=identity, gpus=str(answer["gpus"]),
-                                              trtllm_version=target.trtllm_version))
-    return target
+    return identity_from_probe(answer, image=image, field=field)
 
 
 def run_probe_script(

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import filter_repo_objects
 
@@ -53,24 +52,9 @@ def resolve_revision(repo_id: str, revision: str) -> str:
         ServiceUnavailable: the hub did not answer (retried by the task).
     """
     settings = get_settings()
+    api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token_value())
     with translated_errors(f"resolving {repo_id}@{revision} on {redact_url(settings.hf_endpoint, 'huggingface.co')}"):
-        if settings.hf_token is not None:
-            return _resolved_sha(settings.hf_endpoint, settings.hf_token.get_secret_value(), repo_id, revision)
-        # No HF_TOKEN in the environment: ask anonymously first. The Secret block that `nimflow bootstrap`
-        # may have saved is read only when the hub wants a token (a private or gated repo): reading it
-        # means importing Prefect's client and a round trip to its API (seconds for `nimflow plan`, a
-        # no-op rerun's whole budget), which a public repo never needs.
-        try:
-            return _resolved_sha(settings.hf_endpoint, None, repo_id, revision)
-        except (RepositoryNotFoundError, GatedRepoError):  # what the hub answers a request without a token
-            token = settings.hf_token_value()
-            if token is None:
-                raise
-            return _resolved_sha(settings.hf_endpoint, token, repo_id, revision)
-
-
-def _resolved_sha(endpoint: str | None, token: str | None, repo_id: str, revision: str) -> str:
-    return str(HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision).sha)
+        return str(api.model_info(repo_id, revision=revision).sha)
 
 
 def pinned_sha(repo_id: str, revision: str) -> str:

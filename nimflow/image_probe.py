@@ -27,8 +27,12 @@ missing or without ``--max_seq_len``, ``nim-optimize`` missing or without its fl
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import os
+import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,7 +42,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from nimflow.containers import image_id
 from nimflow.errors import ConfigError, DeploymentError, Problem, translated_errors
 from nimflow.gpu_identity import PROBE_MARKER, installed_trtllm_version, run_probe_script
-from nimflow.probe_cache import ProbeCache
 from nimflow.settings import get_settings
 from nimflow.trtllm_families import (
     EXAMPLES_ROOTS,
@@ -223,25 +226,22 @@ def facts_from_answer(answer: dict[str, Any], *, image_id: str, config_user: str
 
 # --- the cache -------------------------------------------------------------------------------------
 
-#: At most this many images' facts are kept (in this process, and files on disk).
-MAX_CACHED_IMAGES = 1000
-_CACHE: ProbeCache[ImageFacts] = ProbeCache(
-    ImageFacts, what="image probe", recorded_key=lambda facts: facts.image_id,
-    max_bytes=MAX_CACHE_BYTES, max_entries=MAX_CACHED_IMAGES)
+_IN_PROCESS: dict[str, ImageFacts] = {}
+_LOCK = threading.Lock()
 
 
 def forget_in_process() -> None:
     """Drop this process's cached facts (the disk cache stays)."""
-    _CACHE.forget_in_process()
+    with _LOCK:
+        _IN_PROCESS.clear()
 
 
 def cache_file(directory: Path, image: str) -> Path:
-    """The cache file of an image id: ``<directory>/<hex of the id>.json``.
-
-    Raises:
-        ValueError: ``image`` is not an image id.
-    """
-    return _CACHE.path(directory, image)
+    """The cache file of an image id: ``<directory>/<hex of the id>.json``."""
+    digest = image.split(":", 1)[-1]
+    if not digest or not all(c in "0123456789abcdef" for c in digest):
+        raise ValueError(f"not an image id: {image!r}")
+    return directory / f"{digest}.json"
 
 
 def read_cached(path: Path, image: str) -> ImageFacts | None:
@@ -250,12 +250,47 @@ def read_cached(path: Path, image: str) -> ImageFacts | None:
     A file that is too large, not UTF-8 JSON, not the facts' shape, of another probe version or of
     another image id is ignored (logged) and the image is probed again.
     """
-    return _CACHE.read(path, image)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CACHE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        logger.warning("Cannot read the image probe cache %s (%s); probing the image again", path, exc)
+        return None
+    problem: str | None = None
+    facts = None
+    if len(data) > MAX_CACHE_BYTES:
+        problem = f"larger than {MAX_CACHE_BYTES} bytes"
+    else:
+        try:
+            facts = ImageFacts.model_validate_json(data)
+        except ValidationError as exc:
+            problem = f"not valid facts ({exc.error_count()} problem(s), first: {exc.errors()[0]['msg']})"
+        else:
+            if facts.image_id != image:
+                problem, facts = f"it records image {facts.image_id}", None
+    if problem:
+        logger.warning("Ignoring the image probe cache %s: %s; probing the image again", path, problem)
+    return facts
 
 
 def write_cached(path: Path, facts: ImageFacts) -> None:
     """Write ``facts`` to ``path`` atomically (a temporary file renamed into place); a failure is only logged."""
-    _CACHE.write(path, facts)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".probe-", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(facts.model_dump_json(indent=1))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+    except OSError as exc:
+        logger.warning("Cannot write the image probe cache %s (%s); the next process probes the image again", path, exc)
 
 
 def probe_image(client: docker.DockerClient, image: str, *, cache_dir: Path | None = None) -> ImageFacts:
@@ -270,8 +305,12 @@ def probe_image(client: docker.DockerClient, image: str, *, cache_dir: Path | No
     """
     with translated_errors(f"probing what {image} has"):
         identity = image_id(client, image)
-        directory = cache_dir or get_settings().image_probe_dir
-        facts = _CACHE.get(directory, identity)
+        with _LOCK:
+            known = _IN_PROCESS.get(identity)
+        if known is not None:
+            return known
+        path = cache_file(cache_dir or get_settings().image_probe_dir, identity)
+        facts = read_cached(path, identity)
         if facts is None:
             config_user = str((client.images.get(identity).attrs.get("Config") or {}).get("User") or "")
             answer = run_probe_script(client, identity, probe_script(), what="what the image has",
@@ -280,8 +319,10 @@ def probe_image(client: docker.DockerClient, image: str, *, cache_dir: Path | No
                 facts = facts_from_answer(answer, image_id=identity, config_user=config_user)
             except ValidationError as exc:
                 raise DeploymentError(f"the image probe of {image} answered something unexpected: {exc}") from None
-            _CACHE.put(directory, identity, facts)
+            write_cached(path, facts)
             logger.info("Probed %s (%s): %s", image, identity[:19], describe(facts))
+    with _LOCK:
+        _IN_PROCESS[identity] = facts
     return facts
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nimflow.checkpoint import directory_digest, model_files
 from nimflow.errors import InvalidWeights
+from nimflow.pickle_weights import convert_pickle_file
 from nimflow.records import Checkpoint, StagedAdapters
 from nimflow.spec import LoraSpec
 from nimflow.tensor_inventory import FLOAT_DTYPES, TensorInfo, safetensors_header, tensor_inventory
@@ -132,8 +133,6 @@ def _adapter_weights(directory: Path, location: WeightsLocation, converted: Path
                 "loaded; convert to safetensors, or set lora.allow_pickle: true to let nimflow convert them without "
                 "executing them"
             )
-        from nimflow.pickle_weights import convert_pickle_file  # only a pickle needs it: not imported on every run
-
         converted.mkdir(parents=True, exist_ok=True)
         convert_pickle_file(directory / ADAPTER_PICKLE, converted / ADAPTER_WEIGHTS)  # in its own bounded process
         return converted / ADAPTER_WEIGHTS

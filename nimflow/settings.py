@@ -88,10 +88,6 @@ class Settings:
     #: Where the facts each image probe found are kept, one JSON per image id (NIMFLOW_IMAGE_PROBE_DIR;
     #: default ``$XDG_CACHE_HOME/nimflow/image-probes``, else ``~/.cache/nimflow/image-probes``).
     image_probe_dir: Path = Path("~/.cache/nimflow/image-probes")
-    #: Where this host's NVIDIA driver describes itself and its GPUs (NIMFLOW_GPU_DRIVER_DIR, default
-    #: ``/proc/driver/nvidia``: ``version`` and ``gpus/<bus>/information``). Part of the GPU probe
-    #: cache's key (nimflow.gpu_identity): a changed driver or GPU is probed again.
-    gpu_driver_dir: Path = Path("/proc/driver/nvidia")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -137,7 +133,6 @@ class Settings:
             slot_wait_timeout_seconds=float(numbers["NIMFLOW_SLOT_WAIT_TIMEOUT_SECONDS"]),
             slot_wait_log_seconds=float(numbers["NIMFLOW_SLOT_WAIT_LOG_SECONDS"]),
             image_probe_dir=_image_probe_dir(env),
-            gpu_driver_dir=Path(env.get("NIMFLOW_GPU_DRIVER_DIR", "").strip() or "/proc/driver/nvidia"),
         )
 
 

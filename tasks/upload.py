@@ -46,11 +46,6 @@ def publish_engine(engine: Engine, cache: CacheSpec) -> PublishedEngine:
     taken_here = False
     try:
         with translated_errors(f"publishing engine {key} to {store.uri(key)}", domain=EngineStoreError):
-            if engine.build_lease is None and store.manifest(key) is not None:
-                # Nothing to write (a rerun's local-cache hit the store already holds): no conformance probe,
-                # whose writes a fresh process would otherwise make on every no-op run.
-                _whole_local_engine(engine)
-                return published
             require_conditional_writes(store)
             lease = leases.adopt(key, engine.build_lease) if engine.build_lease else None
             manifest = _whole_local_engine(engine)  # under the lease: a refusal releases it

@@ -62,16 +62,15 @@ def environment(services: list[Service]) -> dict[str, str]:
     }
 
 
-def up(state_dir: Path, image: str = STANDIN_IMAGE) -> dict[str, str]:
+def up(state_dir: Path) -> dict[str, str]:
     """Start (or reuse) the test bed; return its environment variables.
 
-    Ensures the Docker engine, builds the NIM stand-in image as ``image`` (cached by tag; a benchmark
-    passes its own source-hash tag so that it never retags another checkout's ``:local``), starts S3,
-    the hub and a Prefect server, creates the engine bucket and publishes the demo model.
+    Ensures the Docker engine, builds the NIM stand-in image (cached by tag), starts S3, the hub
+    and a Prefect server, creates the engine bucket and publishes the demo model.
     """
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    build_standin_image(ensure_docker_engine(), image)
+    build_standin_image(ensure_docker_engine(), STANDIN_IMAGE)
 
     services = _load(state_dir)
     if not _healthy(services):
